@@ -1,0 +1,1 @@
+"""ONNX export of the device half, parity checks, graph optimisation, packages."""

@@ -1,0 +1,1 @@
+"""Device runner (numpy + onnxruntime only), link, server, profiles, profiler, cost model."""

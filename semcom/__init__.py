@@ -1,0 +1,1 @@
+"""The semantic-communication system: models, split, JSC codec, channels, tasks, training."""

@@ -1,0 +1,1 @@
+"""Tasks: data and metrics, one module per task."""
