@@ -1,0 +1,95 @@
+"""The device's HTTP client: channel symbols -> (simulated link) -> server -> text.
+
+The body is one `.npy` array (np.save, no pickle), float16 or float32, shape
+[tokens, k] or [batch, tokens, k]. The link (runtime.link.transmit) runs here,
+on the device side, so a client-server run reproduces the in-process numbers.
+Only numpy and httpx.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from semedge.semcom.errors import UserError
+
+NPY_TYPE = "application/x-npy"
+DTYPES = ("float32", "float16")
+
+
+def to_npy(symbols: np.ndarray, dtype: str = "float32") -> bytes:
+    if dtype not in DTYPES:
+        raise UserError(f"wire dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(symbols, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()
+
+
+def apply_link(symbols: np.ndarray, channel: str, snr_db, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One message [tokens, k] (or a batch [B, tokens, k], one message each) through the channel."""
+    from semedge.runtime.link import transmit
+
+    x = np.asarray(symbols, dtype=np.float32)
+    if x.ndim == 2:
+        return transmit(x[None], channel, snr_db, rng)[0]
+    if x.ndim == 3:
+        return transmit(x, channel, snr_db, rng)
+    raise UserError(f"symbols have shape {x.shape}, expected [tokens, k] or [batch, tokens, k]", "pass the runner's output")
+
+
+def send(
+    server_url: str,
+    package_id: str,
+    symbols: np.ndarray,
+    timeout: float = 60.0,
+    *,
+    channel: str | None = None,
+    snr_db: float = math.inf,
+    rng: np.random.Generator | None = None,
+    dtype: str = "float32",
+    client=None,
+) -> dict:
+    """POST symbols to `server_url`/v1/decode?package=ID; returns the server's JSON.
+
+    With `channel` (e.g. "awgn"), the symbols go through runtime.link.transmit at
+    `snr_db` first (the received symbols are what the server gets). `client`: an
+    httpx.Client to reuse connections. Errors from the server raise UserError
+    with its status code and reason.
+    """
+    import httpx
+
+    if channel is not None:
+        symbols = apply_link(symbols, channel, snr_db, rng)
+    body = to_npy(symbols, dtype)
+    url = server_url.rstrip("/") + "/v1/decode"
+    try:
+        if client is None:
+            with httpx.Client(timeout=timeout) as c:
+                r = c.post(url, params={"package": package_id}, content=body, headers={"content-type": NPY_TYPE})
+        else:
+            r = client.post(url, params={"package": package_id}, content=body, headers={"content-type": NPY_TYPE},
+                            timeout=timeout)
+    except httpx.HTTPError as e:
+        raise UserError(f"could not reach the server at {server_url} ({type(e).__name__}: {e})",
+                        "start it with `semedge serve --packages DIR` and check --server") from None
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise ServerError(r.status_code, str(detail))
+    return r.json()
+
+
+class ServerError(UserError):
+    """The server refused a request: `status` is the HTTP code, `detail` its reason."""
+
+    def __init__(self, status: int, detail: str):
+        self.status = status
+        self.detail = detail
+        fix = {404: "check the package id (GET /healthz lists the served packages)",
+               413: "send fewer tokens per request", 422: "send the runner's output for this package",
+               503: "retry later (the server is busy or shutting down)"}.get(status, "see the server's log")
+        super().__init__(f"server answered {status}: {detail}", fix)

@@ -1,0 +1,424 @@
+"""Latency and memory cost model for an ONNX graph on a device profile.
+
+Per node (after shape inference): FLOPs and bytes moved (inputs + outputs +
+weights). Roofline time per node = max(flops / (peak[prec] * eff[class]),
+bytes / (bandwidth * eff[memory])), plus a per-node overhead; a fixed cost per
+run on top. The efficiency factors are fitted by least squares on measured
+variants (`calibrate`). numpy + onnx only: this runs on a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from semedge.runtime.profiles import DeviceProfile, Efficiency
+from semedge.semcom.errors import UserError
+
+# Classes with their own efficiency factor. Compute classes are bounded by a peak,
+# "memory" by bandwidth.
+COMPUTE_CLASSES = ("matmul_fp32", "matmul_fp16", "matmul_int8", "matmul_int4", "attention", "conv")
+CLASSES = COMPUTE_CLASSES + ("memory",)
+
+# Defaults before any calibration (rough CPU figures).
+DEFAULT_EFFICIENCY = {
+    "matmul_fp32": 0.7, "matmul_fp16": 0.5, "matmul_int8": 0.5, "matmul_int4": 0.4,
+    "attention": 0.4, "conv": 0.5, "memory": 0.5,
+    "overhead_us_per_node": 5.0, "fixed_ms": 0.1,
+    "runtime_mb": 60.0, "arena_factor": 1.5, "weights_factor": 1.0,
+}
+
+# FLOPs per output element for common non-matmul ops (rough).
+_ELEM_FLOPS = {
+    "Softmax": 5, "LayerNormalization": 8, "SkipLayerNormalization": 9, "Gelu": 8, "BiasGelu": 9,
+    "FastGelu": 8, "Erf": 8, "Tanh": 6, "Sigmoid": 4, "Exp": 4, "Pow": 4, "Sqrt": 2,
+    "ReduceMean": 1, "DynamicQuantizeLinear": 4, "QuantizeLinear": 2, "DequantizeLinear": 2,
+}
+# Nodes that move no data in ORT (views, shape arithmetic).
+_VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Constant", "Size"}
+
+_DTYPE_BYTES = {
+    TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8,
+    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
+    TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
+    TensorProto.BOOL: 1, TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5,
+}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op_type: str
+    cls: str                # one of COMPUTE_CLASSES, or "memory", or "free" (folded/view)
+    flops: float
+    bytes: float
+    weight_bytes: float
+
+
+@dataclass
+class GraphCost:
+    nodes: list[NodeCost]
+    weight_bytes: float
+    peak_activation_bytes: float
+    unresolved: list[str] = field(default_factory=list)  # nodes whose shapes stayed unknown
+
+    @property
+    def flops(self) -> float:
+        return float(sum(n.flops for n in self.nodes))
+
+    @property
+    def n_nodes(self) -> int:
+        return sum(1 for n in self.nodes if n.cls != "free")
+
+    def by_class(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for n in self.nodes:
+            d = out.setdefault(n.cls, {"flops": 0.0, "bytes": 0.0, "nodes": 0})
+            d["flops"] += n.flops
+            d["bytes"] += n.bytes
+            d["nodes"] += 1
+        return out
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _load(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    p = Path(model)
+    if not p.is_file():
+        raise UserError(f"{p}: no such ONNX file", "give the path to a .onnx model")
+    try:
+        return onnx.load(str(p))
+    except Exception as e:
+        raise UserError(f"{p}: not a readable ONNX model ({e.__class__.__name__})", "re-export the model")
+
+
+def concrete_input_shapes(model: onnx.ModelProto, length: int | None = None, batch: int = 1,
+                          shapes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Input name -> concrete shape: fixed dims kept; a symbolic first dim -> batch; others -> length."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if shapes and inp.name in shapes:
+            out[inp.name] = list(shapes[inp.name])
+            continue
+        dims = []
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif i == 0:
+                dims.append(batch)
+            else:
+                if length is None:
+                    raise UserError(f"input '{inp.name}' has a symbolic dim '{d.dim_param}'",
+                                    "give an input length (--length N)")
+                dims.append(length)
+        out[inp.name] = dims
+    return out
+
+
+def _contrib_out_shape(node, shapes: dict[str, list[int]]) -> list[int] | None:
+    """Output shape of com.microsoft ops that onnx's shape inference does not know."""
+    ins = [shapes.get(n) for n in node.input]
+    a = ins[0] if ins else None
+    if a is None:
+        return None
+    attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+    op = node.op_type
+    if op == "MatMulNBits":
+        return a[:-1] + [int(attrs["N"])]
+    if op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
+        b = ins[1]
+        return None if b is None else a[:-1] + [b[-1]]
+    if op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
+              "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        return list(a)
+    if op in ("Attention",):
+        return a[:-1] + [int(attrs.get("qkv_hidden_sizes", [0, 0, a[-1]])[2] or a[-1])]
+    if op in ("MultiHeadAttention", "GroupQueryAttention"):
+        return list(a)
+    return None
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]
+                 ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Concrete shapes and element types of every tensor (name -> dims, name -> onnx dtype)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        if inp.name in input_shapes:
+            tt = inp.type.tensor_type
+            del tt.shape.dim[:]
+            for v in input_shapes[inp.name]:
+                tt.shape.dim.add().dim_value = int(v)
+    del m.graph.value_info[:]
+    shapes: dict[str, list[int]] = {}
+    types: dict[str, int] = {}
+    for _ in range(8):  # alternate onnx inference and our contrib-op rules until fixed
+        try:
+            m = shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:
+            pass
+        for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                types[vi.name] = tt.elem_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
+        for init in m.graph.initializer:
+            shapes[init.name] = list(init.dims)
+            types[init.name] = init.data_type
+        added = 0
+        for node in m.graph.node:
+            for o_i, o in enumerate(node.output):
+                if o and o not in shapes and o_i == 0:
+                    s = _contrib_out_shape(node, shapes)
+                    if s is not None:
+                        shapes[o] = s
+                        t = types.get(node.input[0], TensorProto.FLOAT)
+                        if node.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+                            t = TensorProto.FLOAT
+                        types[o] = t
+                        m.graph.value_info.append(helper.make_tensor_value_info(o, t, s))
+                        added += 1
+        if not added:
+            break
+    return shapes, types
+
+
+# ---------------------------------------------------------------- per-node cost
+
+
+def _numel(s) -> float:
+    return float(np.prod(s)) if s is not None else 0.0
+
+
+def _nbytes(name, shapes, types) -> float:
+    s = shapes.get(name)
+    return _numel(s) * _DTYPE_BYTES.get(types.get(name, TensorProto.FLOAT), 4) if s is not None else 0.0
+
+
+def _matmul_class(dtype: int) -> str:
+    return {TensorProto.FLOAT16: "matmul_fp16", TensorProto.BFLOAT16: "matmul_fp16"}.get(dtype, "matmul_fp32")
+
+
+def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
+    op = node.op_type
+    ins = [i for i in node.input if i]
+    outs = [o for o in node.output if o]
+    out_shape = shapes.get(outs[0]) if outs else None
+    w_bytes = sum(_nbytes(i, shapes, types) for i in ins if i in consts)
+    io_bytes = sum(_nbytes(i, shapes, types) for i in ins) + sum(_nbytes(o, shapes, types) for o in outs)
+    if all(i in consts for i in ins) or op in _VIEW_OPS:
+        return NodeCost(node.name, op, "free", 0.0, 0.0, 0.0)
+    attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+    flops, cls = 0.0, "memory"
+    a = shapes.get(ins[0]) if ins else None
+    if op in ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+              "MatMulNBits", "Gemm") and a is not None and out_shape is not None:
+        k = int(attrs["K"]) if op == "MatMulNBits" else (a[-2] if op == "Gemm" and attrs.get("transA") else a[-1])
+        flops = 2.0 * _numel(out_shape) * k
+        weight_in = len(ins) > 1 and ins[1] in consts
+        if op == "MatMulNBits":
+            cls = "matmul_int8" if int(attrs.get("accuracy_level", 0)) == 4 else "matmul_int4"
+        elif op in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+            cls = "matmul_int8"
+        elif not weight_in:
+            cls = "attention"  # activation x activation (QK^T, AV)
+        else:
+            cls = _matmul_class(types.get(ins[0], TensorProto.FLOAT))
+    elif op in ("Attention", "MultiHeadAttention") and a is not None:
+        b, s, h = a[0], a[1], a[-1]
+        flops = (2.0 * b * s * h * 3 * h if op == "Attention" else 0.0) + 4.0 * b * s * s * h
+        cls = "attention"
+    elif op in ("Conv", "ConvInteger") and out_shape is not None and len(ins) > 1 and ins[1] in shapes:
+        w = shapes[ins[1]]
+        flops = 2.0 * _numel(out_shape) * _numel(w[1:])
+        cls = "conv"
+    else:
+        flops = _numel(out_shape) * _ELEM_FLOPS.get(op, 1)
+    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes)
+
+
+def _const_names(model: onnx.ModelProto) -> set[str]:
+    """Initializers plus outputs of nodes computable from them alone (ORT folds those)."""
+    consts = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" or (ins and all(i in consts for i in ins) and node.op_type not in (
+                "MatMulNBits",)):
+            consts.update(o for o in node.output if o)
+    return consts
+
+
+def _peak_activation(model, shapes, types, consts) -> float:
+    """Largest sum of live intermediate tensors along the node order (liveness scan)."""
+    last_use: dict[str, int] = {}
+    for idx, node in enumerate(model.graph.node):
+        for i in node.input:
+            if i and i not in consts:
+                last_use[i] = idx
+    keep = {o.name for o in model.graph.output}
+    live = {i.name: _nbytes(i.name, shapes, types) for i in model.graph.input if i.name not in consts}
+    peak = sum(live.values())
+    for idx, node in enumerate(model.graph.node):
+        for o in node.output:
+            if o and o not in consts and node.op_type not in _VIEW_OPS:
+                live[o] = _nbytes(o, shapes, types)
+        peak = max(peak, sum(live.values()))
+        for i in node.input:
+            if i in live and last_use.get(i) == idx and i not in keep:
+                del live[i]
+    return peak
+
+
+def analyze(model, length: int | None = None, batch: int = 1,
+            shapes: dict[str, list[int]] | None = None) -> GraphCost:
+    """Cost of every node of `model` (path or ModelProto) for one input length."""
+    m = _load(model)
+    inputs = concrete_input_shapes(m, length, batch, shapes)
+    all_shapes, types = infer_shapes(m, inputs)
+    consts = _const_names(m)
+    nodes, unresolved = [], []
+    for node in m.graph.node:
+        nc = _node_cost(node, all_shapes, types, consts)
+        if nc.cls != "free" and any(o and o not in all_shapes for o in node.output[:1]):
+            unresolved.append(node.name or node.op_type)
+        nodes.append(nc)
+    weight_bytes = sum(_nbytes(i.name, all_shapes, types) for i in m.graph.initializer)
+    return GraphCost(nodes, weight_bytes, _peak_activation(m, all_shapes, types, consts), unresolved)
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def _eff(profile: DeviceProfile) -> dict[str, float]:
+    e = dict(DEFAULT_EFFICIENCY)
+    e.update({k: v for k, v in profile.efficiency.model_dump().items() if isinstance(v, (int, float))})
+    return e
+
+
+def _peak(profile: DeviceProfile, cls: str) -> float:
+    """Peak in FLOP/s for a compute class."""
+    p = profile.peak_gflops
+    g = {"matmul_fp16": p.fp16, "matmul_int8": p.int8}.get(cls, p.fp32)
+    return g * 1e9
+
+
+def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | None = None
+               ) -> list[tuple[str, float]]:
+    """(bound class, seconds) per non-free node: the roofline max of compute and memory time."""
+    e = eff or _eff(profile)
+    bw = profile.mem_bandwidth_gbs * 1e9
+    out = []
+    for n in cost.nodes:
+        if n.cls == "free":
+            continue
+        t_mem = n.bytes / (bw * e["memory"])
+        if n.cls == "memory":
+            out.append(("memory", t_mem))
+            continue
+        t_comp = n.flops / (_peak(profile, n.cls) * e[n.cls])
+        out.append((n.cls, t_comp) if t_comp >= t_mem else ("memory", t_mem))
+    return out
+
+
+def predict_latency_ms(cost: GraphCost, profile: DeviceProfile) -> float:
+    e = _eff(profile)
+    t = sum(s for _, s in node_times(cost, profile, e))
+    return 1e3 * t + cost.n_nodes * e["overhead_us_per_node"] * 1e-3 + e["fixed_ms"]
+
+
+def predict_memory_mb(cost: GraphCost, profile: DeviceProfile) -> float:
+    """Predicted peak RSS of a process that runs the model once (MB)."""
+    e = _eff(profile)
+    return e["runtime_mb"] + (e["weights_factor"] * cost.weight_bytes + e["arena_factor"] * cost.peak_activation_bytes) / 1e6
+
+
+def predict(model, profile: DeviceProfile, length: int | None = None) -> dict:
+    cost = analyze(model, length)
+    by = {k: round(v["flops"] / 1e9, 4) for k, v in cost.by_class().items() if v["flops"]}
+    return {
+        "device": profile.name, "length": length,
+        "predicted_ms": round(predict_latency_ms(cost, profile), 3),
+        "predicted_peak_mb": round(predict_memory_mb(cost, profile), 1),
+        "weights_mb": round(cost.weight_bytes / 1e6, 2),
+        "activations_mb": round(cost.peak_activation_bytes / 1e6, 2),
+        "gflops": round(cost.flops / 1e9, 4), "gflops_by_class": by,
+        "nodes": cost.n_nodes, "fits_memory": predict_memory_mb(cost, profile) <= profile.memory_budget_mb,
+        "unresolved_nodes": len(cost.unresolved),
+    }
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares by dropping negative coefficients and refitting."""
+    active = np.ones(a.shape[1], bool)
+    x = np.zeros(a.shape[1])
+    for _ in range(a.shape[1]):
+        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        x[:] = 0
+        x[active] = sol
+        if (sol >= 0).all():
+            return x
+        idx = np.flatnonzero(active)[np.argmin(sol)]
+        active[idx] = False
+    return x
+
+
+def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, iters: int = 4,
+              label: str = "") -> Efficiency:
+    """Fit efficiency factors, per-node overhead and fixed cost from (cost, measured_ms) pairs.
+
+    Minimises the relative error. Classes with no time in the samples keep their
+    current value. The roofline bound of each node is re-chosen with the fitted factors.
+    """
+    if not samples:
+        raise UserError("no calibration samples", "measure at least a few model variants first")
+    e = _eff(profile)
+    meas = np.array([m for _, m in samples], float)
+    for _ in range(iters):
+        cols = CLASSES + ("overhead", "fixed")
+        a = np.zeros((len(samples), len(cols)))
+        for r, (cost, _) in enumerate(samples):
+            for cls, s in node_times(cost, profile, e):
+                # s * eff = nominal time at the peak; coefficient to fit is 1/eff
+                a[r, cols.index(cls)] += 1e3 * s * e[cls]
+            a[r, cols.index("overhead")] = cost.n_nodes * 1e-3
+            a[r, cols.index("fixed")] = 1.0
+        used = a.any(axis=0)
+        w = 1.0 / meas
+        x = np.zeros(len(cols))
+        x[used] = _nnls(a[:, used] * w[:, None], meas * w)
+        for j, c in enumerate(cols[: len(CLASSES)]):
+            if used[j] and x[j] > 0:
+                e[c] = float(min(1.5, 1.0 / x[j]))
+        e["overhead_us_per_node"] = float(x[cols.index("overhead")])
+        e["fixed_ms"] = float(x[cols.index("fixed")])
+    cur = profile.efficiency.model_dump()
+    fitted = {c: round(e[c], 4) for c in CLASSES}
+    fitted.update(overhead_us_per_node=round(e["overhead_us_per_node"], 3), fixed_ms=round(e["fixed_ms"], 4))
+    keep = {k: cur[k] for k in ("runtime_mb", "arena_factor", "weights_factor") if cur.get(k) is not None}
+    return Efficiency(**fitted, **keep, calibrated_on=label or f"{len(samples)} samples")
+
+
+def calibrate_memory(samples: list[tuple[GraphCost, float]], eff: Efficiency) -> Efficiency:
+    """Fit runtime_mb, weights_factor and arena_factor from (cost, measured peak RSS MB) pairs."""
+    a = np.array([[1.0, c.weight_bytes / 1e6, c.peak_activation_bytes / 1e6] for c, _ in samples])
+    b = np.array([m for _, m in samples], float)
+    w = 1.0 / b
+    x = _nnls(a * w[:, None], b * w)
+    d = eff.model_dump()
+    d.update(runtime_mb=round(float(x[0]), 2), weights_factor=round(float(x[1]), 4),
+             arena_factor=round(float(x[2]), 4))
+    return Efficiency(**d)

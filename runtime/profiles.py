@@ -1,0 +1,275 @@
+"""Device profiles: the schema, loading and validation.
+
+A profile is one YAML file per device under `device_profiles/` at the repo root
+(override the folder with the env var `SEMEDGE_PROFILES`). Units are in the
+field names. Only numpy/pydantic/yaml here: this runs on a device.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semedge.semcom.errors import UserError
+
+EXECUTION_PROVIDERS = ("CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT")
+DEVICE_CLASSES = ("phone", "jetson", "watch", "sbc", "server", "host")
+CHANNELS = ("awgn", "rayleigh", "rician")
+# Cost-model classes whose efficiency (achieved / peak) a profile may carry.
+EFFICIENCY_KEYS = (
+    "matmul_fp32", "matmul_fp16", "matmul_int8", "matmul_int4", "attention", "conv", "memory",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PeakGflops(_Strict):
+    """Peak throughput in GFLOP/s (GOP/s for int8) over the cores/accelerator ORT runs on."""
+
+    fp32: float = Field(gt=0)
+    fp16: float = Field(gt=0)
+    int8: float = Field(gt=0)
+
+
+class Link(_Strict):
+    uplink_mbps: float = Field(gt=0)
+    snr_db: tuple[float, float]
+    channel: Literal["awgn", "rayleigh", "rician"]
+
+    @field_validator("snr_db")
+    @classmethod
+    def _ordered(cls, v):
+        if v[0] > v[1]:
+            raise ValueError("snr_db must be [min, max] with min <= max")
+        if v[0] < -20 or v[1] > 60:
+            raise ValueError("snr_db outside -20..60 dB")
+        return v
+
+
+class Efficiency(_Strict):
+    """Fitted factors (achieved / peak) per cost-model class, plus fixed costs.
+
+    Unset factors fall back to the cost model's defaults.
+    """
+
+    matmul_fp32: float | None = Field(default=None, gt=0, le=1.5)
+    matmul_fp16: float | None = Field(default=None, gt=0, le=1.5)
+    matmul_int8: float | None = Field(default=None, gt=0, le=1.5)
+    matmul_int4: float | None = Field(default=None, gt=0, le=1.5)
+    attention: float | None = Field(default=None, gt=0, le=1.5)
+    conv: float | None = Field(default=None, gt=0, le=1.5)
+    memory: float | None = Field(default=None, gt=0, le=1.5)
+    overhead_us_per_node: float | None = Field(default=None, ge=0)
+    fixed_ms: float | None = Field(default=None, ge=0)
+    runtime_mb: float | None = Field(default=None, ge=0)
+    arena_factor: float | None = Field(default=None, ge=0)
+    weights_factor: float | None = Field(default=None, ge=0)
+    calibrated_on: str | None = None
+
+
+class DeviceProfile(_Strict):
+    name: str = Field(min_length=1)
+    device_class: Literal["phone", "jetson", "watch", "sbc", "server", "host"]
+    description: str = ""
+    memory_budget_mb: float = Field(gt=0)
+    peak_gflops: PeakGflops
+    mem_bandwidth_gbs: float = Field(gt=0)
+    cores: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    execution_providers: list[Literal["CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT"]] = Field(
+        min_length=1
+    )
+    latency_budget_ms: float = Field(gt=0)
+    link: Link
+    efficiency: Efficiency = Field(default_factory=Efficiency)
+    sources: list[str] = Field(min_length=1)
+    measured_on: str | None = None
+
+    @model_validator(mode="after")
+    def _threads_le_cores(self):
+        if self.threads > self.cores:
+            raise ValueError(f"threads ({self.threads}) > cores ({self.cores})")
+        return self
+
+    def ort_providers(self) -> list[str]:
+        """ORT provider names for this profile's EPs (as passed to InferenceSession)."""
+        return [f"{ep}ExecutionProvider" for ep in self.execution_providers]
+
+
+# ---------------------------------------------------------------- locations
+
+
+def profiles_dir() -> Path:
+    """The profiles folder: $SEMEDGE_PROFILES, else `device_profiles/` at the repo root."""
+    env = os.environ.get("SEMEDGE_PROFILES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+def profile_names(directory: str | Path | None = None) -> list[str]:
+    d = Path(directory) if directory else profiles_dir()
+    return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- errors
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Names of the fields allowed at the schema level of `loc` (minus its last part)."""
+    model: type[BaseModel] | None = DeviceProfile
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def _allowed(err: dict) -> str:
+    t = err["type"]
+    ctx = err.get("ctx") or {}
+    if t == "extra_forbidden":
+        return "fields: " + ", ".join(_fields_at(tuple(err["loc"])))
+    if t == "literal_error":
+        return str(ctx.get("expected", ""))
+    if t == "missing":
+        return "see docs/profiles.md"
+    if t in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[t]
+        bound = next(iter(ctx.values()), "")
+        return f"a number {op} {bound}"
+    if t in ("float_parsing", "float_type", "int_parsing", "int_type", "int_from_float"):
+        loc = ".".join(str(p) for p in err["loc"])
+        unit = _unit_of(loc)
+        kind = "an integer" if t.startswith("int") else "a plain number"
+        return f"{kind}{' in ' + unit if unit else ''}, no unit suffix"
+    if t in ("too_short", "too_long", "tuple_type", "list_type"):
+        return "a list" + (f" of at least {ctx['min_length']} item(s)" if "min_length" in ctx else "")
+    return "see docs/profiles.md"
+
+
+def _unit_of(loc: str) -> str:
+    for suffix, unit in (("_mb", "MB"), ("_gbs", "GB/s"), ("_ms", "ms"), ("_mbps", "Mb/s"), ("snr_db", "dB")):
+        if loc.split(".")[0].endswith(suffix) or loc.endswith(suffix) or suffix in loc:
+            return unit
+    if loc.startswith("peak_gflops"):
+        return "GFLOP/s"
+    return ""
+
+
+def format_errors(path: str | Path, exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(file)"
+        msg = err["msg"]
+        out.append(f"{path}: {field}: {msg} (allowed: {_allowed(err)})")
+    return out
+
+
+# ---------------------------------------------------------------- load / validate
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such profile file", "check the path or run `semedge profiles list`")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e.__class__.__name__})", "fix the YAML syntax")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: (file): a profile must be a YAML mapping", "see docs/profiles.md")
+    return data
+
+
+def validate_file(path: str | Path) -> list[str]:
+    """One line per error (`file: field: message (allowed: ...)`); [] when the file is valid."""
+    p = Path(path)
+    try:
+        data = _read_yaml(p)
+    except UserError as e:
+        return [e.problem]
+    try:
+        prof = DeviceProfile.model_validate(data)
+    except ValidationError as e:
+        return format_errors(p, e)
+    if prof.name != p.stem:
+        return [f"{p}: name: '{prof.name}' differs from the file name (allowed: '{p.stem}')"]
+    return []
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load by name (from profiles_dir()) or by path to a .yaml file; UserError if invalid."""
+    s = str(name_or_path)
+    p = Path(s)
+    if not (s.endswith((".yaml", ".yml")) or p.is_file()):
+        p = profiles_dir() / f"{s}.yaml"
+        if not p.is_file():
+            names = ", ".join(profile_names()) or "(none)"
+            raise UserError(f"unknown device profile '{s}'", f"use one of: {names}, or a path to a .yaml file")
+    errs = validate_file(p)
+    if errs:
+        raise UserError(errs[0] + (f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""),
+                        f"run `semedge profiles validate {p}`")
+    return DeviceProfile.model_validate(_read_yaml(p))
+
+
+def load_profiles(directory: str | Path | None = None) -> dict[str, DeviceProfile]:
+    d = Path(directory) if directory else profiles_dir()
+    return {n: load_profile(d / f"{n}.yaml") for n in profile_names(d)}
+
+
+def dump_profile(prof: DeviceProfile, path: str | Path, header: str = "") -> Path:
+    """Write a profile as YAML atomically; `header` becomes leading comment lines."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = prof.model_dump(mode="json", exclude_none=True)
+    if not data.get("efficiency"):
+        data.pop("efficiency", None)
+    text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    text += yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def update_efficiency(path: str | Path, efficiency: Efficiency) -> Path:
+    """Replace the `efficiency:` block of a profile file, keeping its source comments."""
+    p = Path(path)
+    lines = p.read_text().splitlines(keepends=True)
+    out, skip = [], False
+    for line in lines:
+        if line.startswith("efficiency:"):
+            skip = True
+            continue
+        if skip and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        skip = False
+        out.append(line)
+    if out and not out[-1].endswith("\n"):
+        out[-1] += "\n"
+    block = yaml.safe_dump({"efficiency": efficiency.model_dump(mode="json", exclude_none=True)},
+                           sort_keys=False)
+    text = "".join(out) + block
+    DeviceProfile.model_validate(yaml.safe_load(text))  # never write an invalid file
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p

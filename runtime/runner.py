@@ -1,0 +1,146 @@
+"""The device half on the device: ONNX Runtime over a verified package (numpy + onnxruntime only).
+
+    runner = DeviceRunner(Package.load("pkg"), providers=load_profile("jetson-orin-nano"))
+    symbols = runner.encode_audio(audio)           # [n_frames, k] float32, the channel input
+    symbols = runner.encode_text("hello", k_keep=32)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from semedge.runtime.features import content_frames, log_mel
+from semedge.runtime.package import Package
+from semedge.semcom.errors import UserError
+
+# Profile names -> ONNX Runtime provider names.
+PROVIDER_NAMES = {
+    "CPU": "CPUExecutionProvider",
+    "XNNPACK": "XnnpackExecutionProvider",
+    "NNAPI": "NnapiExecutionProvider",
+    "QNN": "QNNExecutionProvider",
+    "CoreML": "CoreMLExecutionProvider",
+    "CUDA": "CUDAExecutionProvider",
+    "TensorRT": "TensorrtExecutionProvider",
+}
+
+
+def normalize_power(x: np.ndarray, k_keep: int | None = None, eps: float = 1e-8) -> np.ndarray:
+    """numpy twin of semcom.jsc.normalize_power: each token's first k_keep symbols to unit mean power, rest zero."""
+    k = x.shape[-1]
+    k_keep = k if k_keep is None else int(k_keep)
+    if not 1 <= k_keep <= k:
+        raise UserError(f"k_keep={k_keep} is out of range", f"choose 1 <= k_keep <= {k}")
+    kept = x[..., :k_keep].astype(np.float32, copy=False)
+    kept = kept / np.sqrt(np.mean(np.square(kept), axis=-1, keepdims=True) + np.float32(eps))
+    out = np.zeros_like(x, dtype=np.float32)
+    out[..., :k_keep] = kept
+    return out
+
+
+def truncate(symbols: np.ndarray, k_keep: int | None) -> np.ndarray:
+    """Rate adaptation: keep the first k_keep symbols per token, renormalised to unit power ([n, k_keep])."""
+    if k_keep is None or k_keep == symbols.shape[-1]:
+        return symbols
+    return normalize_power(symbols, k_keep)[..., :k_keep]
+
+
+def resolve_providers(wanted=None) -> list[str]:
+    """ORT providers to use: the wanted ones (profile names or ORT names) this machine has, then CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if wanted is None:
+        return ["CPUExecutionProvider"]
+    names = []
+    for w in wanted:
+        name = PROVIDER_NAMES.get(w, w)
+        if name not in PROVIDER_NAMES.values():
+            raise UserError(f"execution provider {w!r} is not known", f"use one of {', '.join(PROVIDER_NAMES)}")
+        names.append(name)
+    chosen = [n for n in names if n in have]
+    missing = [n for n in names if n not in have]
+    if missing:
+        warnings.warn(f"execution providers {missing} are not available in this onnxruntime build "
+                      f"(it has {have}); {'using ' + str(chosen) if chosen else 'falling back to CPU'}", stacklevel=3)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class DeviceRunner:
+    """Runs a package's device.onnx: audio or text in, channel symbols [n, k] out."""
+
+    def __init__(self, package: Package | str | Path, providers=None, threads: int | None = None):
+        import onnxruntime as ort
+
+        if not isinstance(package, Package):
+            package = Package.load(package)
+        self.package = package
+        wanted = providers
+        if providers is not None and hasattr(providers, "execution_providers"):  # a DeviceProfile
+            wanted = list(providers.execution_providers)
+            threads = threads if threads is not None else getattr(providers, "threads", None)
+        elif isinstance(providers, str):
+            wanted = [providers]
+        self.providers = resolve_providers(wanted)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(package.onnx_path), sess_options=opts, providers=self.providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+        self._tokenizer = None
+
+    @property
+    def k(self) -> int:
+        return self.package.k
+
+    @property
+    def kind(self) -> str:
+        return self.package.kind
+
+    def _run(self, feeds: dict) -> np.ndarray:
+        return self.session.run([self.output_name], feeds)[0]
+
+    def encode_audio(self, audio, k_keep: int | None = None) -> np.ndarray:
+        """16 kHz mono samples -> symbols [content_frames, k or k_keep] float32."""
+        if self.kind != "speech":
+            raise UserError(f"package {self.package.package_id} is a text model", "use encode_text (--text) with this package")
+        audio = np.asarray(audio)
+        if audio.ndim != 1 or audio.size == 0:
+            raise UserError(f"audio has shape {audio.shape}, expected non-empty 1-D samples", "pass mono 16 kHz audio")
+        feats = log_mel(audio)[None]  # [1, 80, 3000]
+        x = self._run({self.input_names[0]: feats})[0]
+        n = max(1, content_frames(int(audio.shape[0])))
+        return truncate(np.ascontiguousarray(x[:n], dtype=np.float32), k_keep)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            rel = self.package.frontend.get("tokenizer", "tokenizer.json")
+            tok = Tokenizer.from_file(str(self.package.file(rel)))
+            max_len = self.package.frontend.get("max_length")
+            if max_len:
+                tok.enable_truncation(int(max_len))
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def encode_text(self, text: str, k_keep: int | None = None) -> np.ndarray:
+        """A sentence -> symbols [tokens, k or k_keep] float32."""
+        if self.kind != "text":
+            raise UserError(f"package {self.package.package_id} is a speech model", "use encode_audio (--wav) with this package")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError("text is empty", "pass a non-empty sentence")
+        ids = np.asarray(self.tokenizer().encode(text).ids, dtype=np.int64)[None]
+        mask = [n for n in self.input_names if "mask" in n]
+        ids_name = next(n for n in self.input_names if n not in mask)
+        feeds = {ids_name: ids, **{n: np.ones_like(ids) for n in mask}}
+        x = self._run(feeds)[0]
+        return truncate(np.ascontiguousarray(x, dtype=np.float32), k_keep)

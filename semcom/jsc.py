@@ -1,0 +1,115 @@
+"""Joint source-channel (JSC) codec: per-token features <-> k real channel symbols.
+
+Conventions
+- Encoder: h [B, T, d] -> standardise per feature dimension (fixed mean/std, shared by
+  both ends) -> x [B, T, k] -> power normalisation per token, so every token's sent
+  symbols have unit mean power (hence every message too, whatever tokens are sent).
+- Rate adaptation: only the first `k_keep` <= k symbols of each token are sent; the
+  power is normalised over those, and the receiver sees zeros in the rest.
+- Identity mode (k = d, no learned layer): x = standardised h, not power-normalised
+  per token, so the decoder inverts it exactly; used to check the split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from semedge.semcom.errors import UserError
+
+
+@dataclass(frozen=True)
+class JSCConfig:
+    d_model: int
+    k: int
+    hidden: int = 1024  # decoder MLP width
+    identity: bool = False
+
+    def __post_init__(self):
+        if self.identity and self.k != self.d_model:
+            raise UserError(f"identity JSC needs k == d_model ({self.d_model}), got k={self.k}", "drop --k or set it to d_model")
+        if not 1 <= self.k <= 4 * self.d_model:
+            raise UserError(f"k={self.k} symbols per token is out of range", f"choose 1 <= k <= {4 * self.d_model}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JSCConfig":
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - allowed
+        if unknown:
+            raise UserError(f"JSC config has unknown fields {sorted(unknown)}", f"allowed: {sorted(allowed)}")
+        return cls(**d)
+
+
+def normalize_power(x: torch.Tensor, k_keep: int | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Scale each token's first k_keep symbols to unit mean power; zero the rest."""
+    k = x.shape[-1]
+    k_keep = k if k_keep is None else int(k_keep)
+    if not 1 <= k_keep <= k:
+        raise UserError(f"k_keep={k_keep} is out of range", f"choose 1 <= k_keep <= {k}")
+    kept = x[..., :k_keep]
+    kept = kept * torch.rsqrt(kept.pow(2).mean(-1, keepdim=True) + eps)
+    if k_keep == k:
+        return kept
+    return torch.cat([kept, torch.zeros_like(x[..., k_keep:])], dim=-1)
+
+
+class JSCEncoder(nn.Module):
+    def __init__(self, cfg: JSCConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.zeros(cfg.d_model))
+        self.register_buffer("std", torch.ones(cfg.d_model))
+        self.proj = None if cfg.identity else nn.Linear(cfg.d_model, cfg.k)
+
+    def forward(self, h: torch.Tensor, k_keep: int | None = None) -> torch.Tensor:
+        z = (h - self.mean) / self.std
+        if self.proj is None:
+            return z
+        return normalize_power(self.proj(z), k_keep)
+
+
+class JSCDecoder(nn.Module):
+    def __init__(self, cfg: JSCConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.zeros(cfg.d_model))
+        self.register_buffer("std", torch.ones(cfg.d_model))
+        if cfg.identity:
+            self.net = None
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(cfg.k, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+                nn.Linear(cfg.hidden, cfg.d_model),
+            )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.shape[-1] < self.cfg.k:  # fewer symbols sent (rate adaptation): the rest are zero
+            y = torch.nn.functional.pad(y, (0, self.cfg.k - y.shape[-1]))
+        z = y if self.net is None else self.net(y)
+        return z * self.std + self.mean
+
+
+class JSCCodec(nn.Module):
+    """Encoder and decoder of one codec, sharing the feature statistics."""
+
+    def __init__(self, cfg: JSCConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = JSCEncoder(cfg)
+        self.decoder = JSCDecoder(cfg)
+
+    @torch.no_grad()
+    def set_stats(self, h: torch.Tensor) -> None:
+        """Fix the per-dimension statistics from calibration features h [..., d]."""
+        flat = h.reshape(-1, h.shape[-1]).float()
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-4)
+        for m in (self.encoder, self.decoder):
+            m.mean.copy_(mean)
+            m.std.copy_(std)

@@ -1,0 +1,192 @@
+"""The model split at the radio link: DeviceHalf (ONNX-exportable) and ServerHalf.
+
+Speech (Whisper): the device encodes a 30 s log-mel window and sends only the
+utterance's frames (`n_frames`, see runtime.features.content_frames); the server
+fills frames n..1500 with the encoder's output for silence, computed once from
+silent audio (knowledge both ends share), then decodes.
+Text (BART, T5, Marian): the device encodes the tokens; the server decodes from
+the received token features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from semedge.semcom.jsc import JSCCodec, JSCConfig
+from semedge.semcom.models import LoadedModel
+
+ENC_FRAMES = 1500  # Whisper encoder frames per 30 s window (20 ms each)
+
+
+class SpeechDeviceHalf(nn.Module):
+    """input_features [B, 80, 3000] -> channel symbols [B, 1500, k]."""
+
+    def __init__(self, encoder: nn.Module, jsc_encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.jsc = jsc_encoder
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        return self.jsc(self.encoder(input_features).last_hidden_state)
+
+
+class TextDeviceHalf(nn.Module):
+    """(input_ids, attention_mask) [B, T] -> channel symbols [B, T, k]."""
+
+    def __init__(self, encoder: nn.Module, jsc_encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.jsc = jsc_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.jsc(h)
+
+
+class ServerHalf(nn.Module):
+    """JSC decoder + the model's decoder and generation."""
+
+    def __init__(self, loaded: LoadedModel, jsc_decoder: nn.Module, silence: torch.Tensor | None):
+        super().__init__()
+        self.loaded = loaded
+        self.model = loaded.model
+        self.jsc = jsc_decoder
+        if silence is not None:
+            self.register_buffer("silence", silence)  # [1500, d]
+        else:
+            self.silence = None
+
+    def encoder_states(self, messages: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Received symbols, one [n_i, k] tensor per message -> (states [B, N, d], mask [B, N])."""
+        feats = [self.jsc(y.float()) for y in messages]
+        if self.silence is not None:  # speech: every message becomes a full window
+            states = []
+            for f in feats:
+                n = min(f.shape[0], ENC_FRAMES)
+                states.append(torch.cat([f[:n], self.silence[n:]], 0))
+            h = torch.stack(states)
+            return h, torch.ones(h.shape[:2], dtype=torch.long)
+        n_max = max(f.shape[0] for f in feats)
+        h = torch.zeros(len(feats), n_max, feats[0].shape[-1])
+        mask = torch.zeros(len(feats), n_max, dtype=torch.long)
+        for i, f in enumerate(feats):
+            h[i, : f.shape[0]] = f
+            mask[i, : f.shape[0]] = 1
+        return h, mask
+
+    @torch.no_grad()
+    def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96) -> torch.Tensor:
+        h, mask = self.encoder_states(messages)
+        kwargs = generate_kwargs(self.loaded)
+        if self.silence is None:
+            kwargs["attention_mask"] = mask
+        return self.model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_new_tokens, **kwargs
+        )
+
+    def transcribe(self, messages: list[torch.Tensor], max_new_tokens: int = 96) -> list[str]:
+        ids = self.generate(messages, max_new_tokens)
+        return [t.strip() for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@dataclass
+class SplitModel:
+    loaded: LoadedModel
+    codec: JSCCodec
+    device: nn.Module
+    server: ServerHalf
+
+    @property
+    def k(self) -> int:
+        return self.codec.cfg.k
+
+    @property
+    def kind(self) -> str:
+        return self.loaded.kind
+
+
+def generate_kwargs(loaded: LoadedModel) -> dict:
+    """Greedy decoding; Whisper: English transcription without timestamps."""
+    kw = {"do_sample": False, "num_beams": 1}
+    if loaded.kind == "speech":
+        if getattr(loaded.model.generation_config, "is_multilingual", False):
+            kw.update(language="en", task="transcribe")
+        kw["return_timestamps"] = False
+    return kw
+
+
+def silence_features(loaded: LoadedModel) -> np.ndarray:
+    """Log-mel features of one second of digital silence, padded to the 30 s window."""
+    fe = loaded.feature_extractor
+    return fe(np.zeros(16000, dtype=np.float32), sampling_rate=16000, return_tensors="np").input_features
+
+
+@torch.no_grad()
+def silence_encoding(loaded: LoadedModel) -> torch.Tensor:
+    """The encoder's output for silence [1500, d]: computed once, known to both ends."""
+    feats = torch.from_numpy(silence_features(loaded))
+    return loaded.model.get_encoder()(feats).last_hidden_state[0]
+
+
+@torch.no_grad()
+def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
+    """Identity codec (k = d_model) standardised with per-dimension statistics of the
+    encoder's output on training utterances (cached per model weights)."""
+    from safetensors.torch import load_file, save_file
+
+    from semedge.semcom.tasks.speech import cache_dir
+
+    codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=loaded.d_model, identity=True))
+    path = cache_dir().parent / "stats" / f"{loaded.weight_hash[:16]}-{n_calib}.safetensors"
+    if path.exists():
+        st = load_file(str(path))
+        for m in (codec.encoder, codec.decoder):
+            m.mean.copy_(st["mean"])
+            m.std.copy_(st["std"])
+        return codec
+    from semedge.semcom.tasks.speech import load_split, sentences
+
+    encoder = loaded.model.get_encoder()
+    if loaded.kind == "speech":
+        from semedge.semcom.system import content_frames
+
+        utts = load_split("train", n_calib, progress=False)
+        feats = loaded.feature_extractor([u.audio for u in utts], sampling_rate=16000, return_tensors="pt").input_features
+        h = encoder(feats).last_hidden_state
+        h = torch.cat([h[i, : content_frames(len(u.audio))] for i, u in enumerate(utts)])
+    else:
+        enc = loaded.tokenizer(sentences("train")[:n_calib], return_tensors="pt", padding=True)
+        h = encoder(**enc).last_hidden_state[enc["attention_mask"].bool()]
+    codec.set_stats(h)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(h)}")
+    save_file({"mean": codec.encoder.mean.contiguous(), "std": codec.encoder.std.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return codec
+
+
+def build_split(loaded: LoadedModel, codec: JSCCodec | None = None) -> SplitModel:
+    """Split `loaded` around `codec` (the calibrated identity codec when None)."""
+    if codec is None:
+        codec = identity_codec(loaded)
+    if codec.cfg.d_model != loaded.d_model:
+        from semedge.semcom.errors import UserError
+
+        raise UserError(
+            f"the JSC codec expects d_model={codec.cfg.d_model} but {loaded.source} has d_model={loaded.d_model}",
+            "use a codec trained for this model (semedge train --model ...)",
+        )
+    codec.eval()
+    encoder = loaded.model.get_encoder()
+    if loaded.kind == "speech":
+        device = SpeechDeviceHalf(encoder, codec.encoder)
+        server = ServerHalf(loaded, codec.decoder, silence_encoding(loaded))
+    else:
+        device = TextDeviceHalf(encoder, codec.encoder)
+        server = ServerHalf(loaded, codec.decoder, None)
+    return SplitModel(loaded, codec, device.eval(), server.eval())

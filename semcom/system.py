@@ -1,0 +1,106 @@
+"""One message end to end, in process: device half -> channel -> server half.
+
+The client-server path (runtime/) reproduces these numbers over a socket; this
+module is the reference the rest is checked against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from semedge.semcom.channels import make_channel
+from semedge.semcom.jsc import normalize_power
+from semedge.semcom.split import ENC_FRAMES, SplitModel
+
+SAMPLES_PER_FRAME = 320  # one Whisper encoder frame = 20 ms at 16 kHz
+
+
+def content_frames(n_samples: int) -> int:
+    """Encoder frames that cover an utterance of n_samples (16 kHz), at most 1500."""
+    return max(1, min(ENC_FRAMES, math.ceil(n_samples / SAMPLES_PER_FRAME)))
+
+
+@dataclass
+class LinkResult:
+    hyps: list[str]
+    symbols_sent: list[int]  # real channel symbols per message
+    tokens_sent: list[int]  # tokens (encoder frames) per message
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_keep: int | None = None) -> list[torch.Tensor]:
+    """Run the device half (PyTorch) on a batch; one [n_i, k_keep] tensor per message."""
+    loaded = split.loaded
+    if split.kind == "speech":
+        feats = loaded.feature_extractor(
+            [np.asarray(a, dtype=np.float32) for a in inputs], sampling_rate=16000, return_tensors="pt"
+        ).input_features
+        x = split.device(feats)
+        ns = [ENC_FRAMES if frames == "all" else content_frames(len(a)) for a in inputs]
+    else:
+        enc = loaded.tokenizer(list(inputs), return_tensors="pt", padding=True, truncation=True)
+        x = split.device(enc["input_ids"], enc["attention_mask"])
+        ns = enc["attention_mask"].sum(1).tolist()
+    out = []
+    for i, n in enumerate(ns):
+        xi = x[i, :n]
+        if k_keep is not None and k_keep < xi.shape[-1]:
+            xi = normalize_power(xi, k_keep)[:, :k_keep]
+        out.append(xi)
+    return out
+
+
+def run_link(
+    split: SplitModel,
+    inputs: list,
+    channel: str = "awgn",
+    snr_db: float = math.inf,
+    k_keep: int | None = None,
+    frames: str = "content",
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 96,
+    progress: bool = False,
+) -> LinkResult:
+    """Transmit every input through `channel` at `snr_db`; return the server's outputs."""
+    ch = make_channel(channel)
+    gen = torch.Generator().manual_seed(seed)
+    hyps, sent, toks = [], [], []
+    batches = range(0, len(inputs), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"{channel} {snr_db:g} dB", unit="batch", leave=False)
+    for b in batches:
+        msgs = device_encode(split, inputs[b : b + batch_size], frames=frames, k_keep=k_keep)
+        rx = [ch(m.unsqueeze(0), snr_db, generator=gen)[0] for m in msgs]
+        hyps += split.server.transcribe(rx, max_new_tokens=max_new_tokens)
+        sent += [m.numel() for m in msgs]
+        toks += [m.shape[0] for m in msgs]
+    return LinkResult(hyps, sent, toks)
+
+
+@torch.no_grad()
+def unsplit_outputs(split: SplitModel, inputs: list, batch_size: int = 8, max_new_tokens: int = 96) -> list[str]:
+    """The unsplit model's own greedy outputs (the reference for the split)."""
+    from semedge.semcom.split import generate_kwargs
+
+    loaded = split.loaded
+    out = []
+    for b in range(0, len(inputs), batch_size):
+        chunk = inputs[b : b + batch_size]
+        if split.kind == "speech":
+            feats = loaded.feature_extractor(
+                [np.asarray(a, dtype=np.float32) for a in chunk], sampling_rate=16000, return_tensors="pt"
+            ).input_features
+            ids = loaded.model.generate(input_features=feats, max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
+        else:
+            enc = loaded.tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True)
+            ids = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
+        out += [t.strip() for t in loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out

@@ -1,0 +1,75 @@
+"""The split model: identity codec at infinite SNR reproduces the unsplit model."""
+
+import math
+
+import pytest
+import torch
+
+from semedge.semcom.jsc import JSCCodec, JSCConfig, normalize_power
+from semedge.semcom.models import load_model, tiny_model
+from semedge.semcom.split import build_split
+from semedge.semcom.system import run_link, unsplit_outputs
+
+N_UTT = 50
+
+
+@pytest.fixture(scope="module")
+def test_utts():
+    from semedge.semcom.tasks.speech import load_split
+
+    return load_split("test", N_UTT, progress=False)
+
+
+def test_identity_split_equals_unsplit_whisper_tiny_en(test_utts):
+    """≥ 50 real test utterances: identity JSC, infinite SNR, full window sent."""
+    split = build_split(load_model("whisper-tiny.en"))
+    audio = [u.audio for u in test_utts]
+    ref = unsplit_outputs(split, audio, batch_size=10)
+    got = run_link(split, audio, channel="awgn", snr_db=math.inf, frames="all", batch_size=10).hyps
+    assert len(ref) == N_UTT
+    assert sum(bool(r) for r in ref) >= N_UTT - 2  # real transcripts, not empty strings
+    assert got == ref
+
+
+@pytest.mark.slow
+def test_identity_split_equals_unsplit_whisper_base(test_utts):
+    split = build_split(load_model("whisper-base"))
+    audio = [u.audio for u in test_utts]
+    ref = unsplit_outputs(split, audio, batch_size=10)
+    got = run_link(split, audio, channel="awgn", snr_db=math.inf, frames="all", batch_size=10).hyps
+    assert got == ref
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5", "marian"])
+def test_identity_split_equals_unsplit_text(arch):
+    split = build_split(tiny_model(arch))
+    texts = ["the boy threw the ball", "a stitch in time saves nine", "hello"]
+    assert run_link(split, texts, channel="none", max_new_tokens=8).hyps == unsplit_outputs(split, texts, max_new_tokens=8)
+
+
+def test_content_frames_plus_silence_fill_shape():
+    loaded = tiny_model("whisper")
+    split = build_split(loaded)
+    y = torch.randn(37, split.k)
+    h, mask = split.server.encoder_states([y])
+    assert h.shape == (1, 1500, loaded.d_model)
+    assert torch.equal(h[0, 37:], split.server.silence[37:])
+    assert mask.all()
+
+
+def test_learned_codec_power_and_rate_mask():
+    codec = JSCCodec(JSCConfig(d_model=64, k=16))
+    x = codec.encoder(torch.randn(2, 30, 64) * 5 + 3)
+    assert x.shape == (2, 30, 16)
+    assert torch.allclose(x.pow(2).mean(-1), torch.ones(2, 30), atol=1e-4)  # unit power per token
+    xk = normalize_power(x, 4)
+    assert torch.allclose(xk[..., :4].pow(2).mean(-1), torch.ones(2, 30), atol=1e-4)
+    assert (xk[..., 4:] == 0).all()
+    assert codec.decoder(xk[..., :4]).shape == (2, 30, 64)  # decoder zero-pads what was not sent
+
+
+def test_codec_wrong_model_is_clear_error():
+    from semedge.semcom.errors import UserError
+
+    with pytest.raises(UserError, match="d_model"):
+        build_split(tiny_model("whisper"), JSCCodec(JSCConfig(d_model=999, k=8)))
