@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tempfile
+
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, shape_inference
 
 from semedge.runtime.profiles import DeviceProfile, Efficiency
 from semedge.semcom.errors import UserError
@@ -125,34 +127,85 @@ def concrete_input_shapes(model: onnx.ModelProto, length: int | None = None, bat
     return out
 
 
-def _contrib_out_shape(node, shapes: dict[str, list[int]]) -> list[int] | None:
-    """Output shape of com.microsoft ops that onnx's shape inference does not know."""
-    ins = [shapes.get(n) for n in node.input]
-    a = ins[0] if ins else None
-    if a is None:
+_UNARY_CONTRIB = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
+                  "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "MultiHeadAttention"}
+
+
+def _standardize(m: onnx.ModelProto, shapes_of_inits: dict[str, list[int]]) -> None:
+    """Swap com.microsoft ops for standard ops with the same output shape (shape inference only)."""
+    extra = []
+    for node in m.graph.node:
+        if node.domain not in ("com.microsoft",):
+            continue
+        attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        op = node.op_type
+        if op in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
+            a = node.input[0]
+            if op == "MatMulNBits":
+                b = f"__shape_{node.output[0]}"
+                extra.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, [int(attrs["K"]), int(attrs["N"])]))
+            elif op == "FusedMatMul":
+                b = node.input[1]
+            else:
+                b = f"__shape_{node.output[0]}"
+                extra.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, shapes_of_inits.get(
+                    node.input[1], [1, 1])))
+            new = helper.make_node("MatMul", [a, b], [node.output[0]], name=node.name)
+        elif op in _UNARY_CONTRIB:
+            new = helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+        else:
+            continue
+        node.CopyFrom(new)
+    m.graph.input.extend(extra)
+
+
+def ort_folded(model, input_shapes: dict[str, list[int]]) -> onnx.ModelProto | None:
+    """The graph ONNX Runtime runs before fusions: constants folded with the input dims fixed.
+
+    None when onnxruntime cannot load the model (then the raw graph is analysed).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
         return None
-    attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
-    op = node.op_type
-    if op == "MatMulNBits":
-        return a[:-1] + [int(attrs["N"])]
-    if op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
-        b = ins[1]
-        return None if b is None else a[:-1] + [b[-1]]
-    if op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
-              "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
-        return list(a)
-    if op in ("Attention",):
-        return a[:-1] + [int(attrs.get("qkv_hidden_sizes", [0, 0, a[-1]])[2] or a[-1])]
-    if op in ("MultiHeadAttention", "GroupQueryAttention"):
-        return list(a)
-    return None
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "in.onnx"
+        if isinstance(model, onnx.ModelProto):
+            onnx.save(model, str(src))
+        else:
+            src = Path(model)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(d) / "folded.onnx")
+        so.log_severity_level = 3
+        m = onnx.load(str(src), load_external_data=False)
+        for inp in m.graph.input:
+            for d_i, dim in enumerate(inp.type.tensor_type.shape.dim):
+                if dim.HasField("dim_param") and inp.name in input_shapes:
+                    so.add_free_dimension_override_by_name(dim.dim_param, int(input_shapes[inp.name][d_i]))
+        try:
+            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+            return onnx.load(str(Path(d) / "folded.onnx"))
+        except Exception:
+            return None
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]
                  ) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Concrete shapes and element types of every tensor (name -> dims, name -> onnx dtype)."""
+    # a copy without large weights (only their shapes matter): fast inference
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    g = m.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if np.prod(init.dims) > 64:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            g.initializer.append(init)
     for inp in m.graph.input:
         if inp.name in input_shapes:
             tt = inp.type.tensor_type
@@ -160,37 +213,22 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]
             for v in input_shapes[inp.name]:
                 tt.shape.dim.add().dim_value = int(v)
     del m.graph.value_info[:]
+    _standardize(m, {i.name: list(i.dims) for i in m.graph.initializer})
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        pass
     shapes: dict[str, list[int]] = {}
     types: dict[str, int] = {}
-    for _ in range(8):  # alternate onnx inference and our contrib-op rules until fixed
-        try:
-            m = shape_inference.infer_shapes(m, data_prop=True)
-        except Exception:
-            pass
-        for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-            tt = vi.type.tensor_type
-            if tt.elem_type:
-                types[vi.name] = tt.elem_type
-            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-                shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
-        for init in m.graph.initializer:
-            shapes[init.name] = list(init.dims)
-            types[init.name] = init.data_type
-        added = 0
-        for node in m.graph.node:
-            for o_i, o in enumerate(node.output):
-                if o and o not in shapes and o_i == 0:
-                    s = _contrib_out_shape(node, shapes)
-                    if s is not None:
-                        shapes[o] = s
-                        t = types.get(node.input[0], TensorProto.FLOAT)
-                        if node.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
-                            t = TensorProto.FLOAT
-                        types[o] = t
-                        m.graph.value_info.append(helper.make_tensor_value_info(o, t, s))
-                        added += 1
-        if not added:
-            break
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+        types[init.name] = init.data_type
     return shapes, types
 
 
@@ -281,10 +319,16 @@ def _peak_activation(model, shapes, types, consts) -> float:
 
 
 def analyze(model, length: int | None = None, batch: int = 1,
-            shapes: dict[str, list[int]] | None = None) -> GraphCost:
-    """Cost of every node of `model` (path or ModelProto) for one input length."""
+            shapes: dict[str, list[int]] | None = None, fold: bool = True) -> GraphCost:
+    """Cost of every node of `model` (path or ModelProto) for one input length.
+
+    With `fold` (and onnxruntime installed) the graph analysed is the one ORT runs
+    after its basic optimisations (constant folding), not the file's raw nodes.
+    """
     m = _load(model)
     inputs = concrete_input_shapes(m, length, batch, shapes)
+    if fold:
+        m = ort_folded(model, inputs) or m
     all_shapes, types = infer_shapes(m, inputs)
     consts = _const_names(m)
     nodes, unresolved = [], []
@@ -377,16 +421,25 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, iters: int = 4,
-              label: str = "") -> Efficiency:
+              label: str = "", min_full: int = 8) -> Efficiency:
     """Fit efficiency factors, per-node overhead and fixed cost from (cost, measured_ms) pairs.
 
     Minimises the relative error. Classes with no time in the samples keep their
-    current value. The roofline bound of each node is re-chosen with the fitted factors.
+    current value. With fewer than `min_full` samples only one common scale is fitted. The roofline bound of each node is re-chosen with the fitted factors.
     """
     if not samples:
         raise UserError("no calibration samples", "measure at least a few model variants first")
     e = _eff(profile)
     meas = np.array([m for _, m in samples], float)
+    if len(samples) < min_full:
+        # too few samples for one factor per class: scale all compute/memory factors at once
+        pred = np.array([predict_latency_ms(c, profile) for c, _ in samples])
+        ratio = float(np.exp(np.mean(np.log(pred / meas))))  # >1: device faster than predicted
+        for c in CLASSES:
+            e[c] = float(e[c] * ratio)
+        e["overhead_us_per_node"] /= ratio
+        e["fixed_ms"] /= ratio
+        iters = 0
     for _ in range(iters):
         cols = CLASSES + ("overhead", "fixed")
         a = np.zeros((len(samples), len(cols)))
@@ -402,7 +455,7 @@ def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, it
         x[used] = _nnls(a[:, used] * w[:, None], meas * w)
         for j, c in enumerate(cols[: len(CLASSES)]):
             if used[j] and x[j] > 0:
-                e[c] = float(min(1.5, 1.0 / x[j]))
+                e[c] = float(1.0 / x[j])
         e["overhead_us_per_node"] = float(x[cols.index("overhead")])
         e["fixed_ms"] = float(x[cols.index("fixed")])
     cur = profile.efficiency.model_dump()

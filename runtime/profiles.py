@@ -59,13 +59,13 @@ class Efficiency(_Strict):
     Unset factors fall back to the cost model's defaults.
     """
 
-    matmul_fp32: float | None = Field(default=None, gt=0, le=1.5)
-    matmul_fp16: float | None = Field(default=None, gt=0, le=1.5)
-    matmul_int8: float | None = Field(default=None, gt=0, le=1.5)
-    matmul_int4: float | None = Field(default=None, gt=0, le=1.5)
-    attention: float | None = Field(default=None, gt=0, le=1.5)
-    conv: float | None = Field(default=None, gt=0, le=1.5)
-    memory: float | None = Field(default=None, gt=0, le=1.5)
+    matmul_fp32: float | None = Field(default=None, gt=0)
+    matmul_fp16: float | None = Field(default=None, gt=0)
+    matmul_int8: float | None = Field(default=None, gt=0)
+    matmul_int4: float | None = Field(default=None, gt=0)
+    attention: float | None = Field(default=None, gt=0)
+    conv: float | None = Field(default=None, gt=0)
+    memory: float | None = Field(default=None, gt=0)
     overhead_us_per_node: float | None = Field(default=None, ge=0)
     fixed_ms: float | None = Field(default=None, ge=0)
     runtime_mb: float | None = Field(default=None, ge=0)

@@ -6,12 +6,12 @@ each call: copy it (`copy.deepcopy(loaded.model)`) before changing weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from semedge.semcom.errors import UserError
 BUILTIN_NAMES = tuple(ct2.BUILTINS)
 TINY_ARCHS = ("whisper", "bart", "t5", "marian")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_HOST = "huggingface.co"
+_HUB_URL = "https://huggingface.co/api/models"
 _PROBE_TIMEOUT_S = 2.0
 
 _cache: dict[str, "LoadedModel"] = {}
@@ -68,7 +68,7 @@ def _local_key(source: str) -> str:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") != 1
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") >= 2
 
 
 def _load_uncached(source: str) -> LoadedModel:
@@ -172,20 +172,23 @@ def _from_pretrained(ref: str, model_type: str | None, source: str, digest: str,
 
 
 def _hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
-    """TCP connect to the hub within `timeout` s (DNS included, which has no timeout of its own)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    """An HTTPS answer from the hub within `timeout` s (a bare TCP connect is not enough:
+    sandboxes and proxies accept connections they never serve)."""
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(f, "0").lower() in ("1", "true", "yes") for f in flags):
         return False
-
     result: list[bool] = []
 
     def probe() -> None:
         try:
-            with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
-                result.append(True)
-        except OSError:
+            import httpx
+
+            r = httpx.head(_HUB_URL, timeout=timeout, follow_redirects=False)
+            result.append(r.status_code < 500)
+        except Exception:
             result.append(False)
 
-    # A daemon thread: a hung DNS lookup neither blocks us nor interpreter exit.
+    # A daemon thread: a hung DNS lookup or handshake blocks neither us nor interpreter exit.
     t = threading.Thread(target=probe, daemon=True)
     t.start()
     t.join(timeout)
@@ -217,6 +220,7 @@ def _whisper_files() -> ct2.BuiltinFiles:
     return ct2.builtin_files("whisper-base")
 
 
+@functools.lru_cache(maxsize=None)
 def _text_tokenizer():
     """Fast tokenizer over Whisper's BPE: `text <|endoftext|>`, with an added `<pad>`."""
     from tokenizers import Tokenizer
@@ -226,12 +230,23 @@ def _text_tokenizer():
     raw = Tokenizer.from_file(str(_whisper_files().files_dir / "tokenizer.json"))
     eot = "<|endoftext|>"
     raw.post_processor = TemplateProcessing(single=f"$A {eot}", pair=f"$A $B {eot}", special_tokens=[(eot, raw.token_to_id(eot))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=eot, eos_token=eot, unk_token=eot, pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=eot, eos_token=eot, unk_token=eot, pad_token="<pad>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
     return tok
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny_whisper_tokenizer():
+    return ct2.whisper_tokenizer(_whisper_files().files_dir / "tokenizer.json", multilingual=True)
+
+
 def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
-    """Random-init tiny encoder-decoder (d_model 64, 2+2 layers, 4 heads) for tests; no download."""
+    """Random-init tiny encoder-decoder (d_model 64, 2+2 layers, 4 heads) for tests; no download.
+
+    Same `seed` -> same weights. Tokenizers are shared between tiny models (treat as read-only).
+    """
     import torch
 
     if arch not in TINY_ARCHS:
@@ -244,7 +259,7 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
         files = _whisper_files()
         special = ct2._token_ids(files.files_dir / "tokenizer.json")
         ct2_cfg = json.loads((files.files_dir / "config.json").read_text())
-        tok = ct2.whisper_tokenizer(files.files_dir / "tokenizer.json", multilingual=True)
+        tok = _tiny_whisper_tokenizer()
         from transformers import WhisperConfig
 
         eot = special["<|endoftext|>"]

@@ -105,7 +105,8 @@ class TrainConfig:
     n_val: int = 20
     split: str = "train"
     seed: int = 0
-    eval_every: int = 0  # steps between checkpoints/validation; 0 = only at the end
+    eval_every: int = 0  # steps between checkpoints; 0 = only at the end
+    max_minutes: float | None = None  # stop (and save) after this much training time
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -292,3 +293,462 @@ def quantize_nf4(model, prefixes: tuple[str, ...] = ("model.decoder", "model.enc
             setattr(mod, cname, q)
             count += 1
     return count
+
+
+def add_lora(model, spec: LoRASpec) -> list[str]:
+    """Inject LoRA adapters (peft) into `model` in place; freeze everything else. Returns the target names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = lora_target_modules(model, spec)
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names, bias="none")
+    inject_adapter_in_model(cfg, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return names
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    res = set_peft_model_state_dict(model, state)
+    unexpected = getattr(res, "unexpected_keys", []) or []
+    if unexpected:
+        raise UserError(f"the checkpoint's LoRA weights do not fit this model ({len(unexpected)} unknown keys, e.g. {unexpected[0]})",
+                        "load it into the model it was trained on")
+
+
+def prepare_model(loaded, lora: LoRASpec | None, qlora: bool):
+    """A private copy of the model, frozen, optionally nf4-quantized and with LoRA adapters."""
+    model = copy.deepcopy(loaded.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if qlora:
+        quantize_nf4(model)
+    if lora is not None:
+        add_lora(model, lora)
+    model.eval()  # no dropout in the base model
+    return model
+
+
+def _is_whisper(model) -> bool:
+    return getattr(model.config, "model_type", "") == "whisper"
+
+
+def _proj(lin, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """lin(x); for a peft LoRA layer with `base` = base_layer(x) precomputed, only the low-rank part is run."""
+    if base is None or not hasattr(lin, "lora_A"):
+        return lin(x) if base is None else base
+    out = base
+    for name in lin.active_adapters:
+        if name in lin.lora_A:
+            out = out + lin.lora_B[name](lin.lora_A[name](lin.lora_dropout[name](x))) * lin.scaling[name]
+    return out
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b = t.shape[0]
+    return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+
+def _kv(att, x: torch.Tensor, heads: int, base=None) -> tuple[torch.Tensor, torch.Tensor]:
+    kb, vb = base if base is not None else (None, None)
+    return _heads(_proj(att.k_proj, x, kb), heads), _heads(_proj(att.v_proj, x, vb), heads)
+
+
+def whisper_cross_kv(model, head: torch.Tensor, silence: torch.Tensor, sil_base: list | None = None):
+    """Cross-attention keys/values for states = [head (B, m, d) ; silence[m:]] in every decoder layer.
+
+    k_proj / v_proj act per frame, so the silence part is projected once per step and
+    shared by the batch; `sil_base` (frozen projections of the silence, per layer)
+    leaves only LoRA's low-rank part to run. Returns an EncoderDecoderCache whose
+    cross-attention part is filled.
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    b, m, _ = head.shape
+    heads = model.config.decoder_attention_heads
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    sil = silence[m:].unsqueeze(0)
+    for i, layer in enumerate(model.model.decoder.layers):
+        att = layer.encoder_attn
+        kc, vc = _kv(att, head, heads)
+        base = None if sil_base is None else tuple(t[:, m:] for t in sil_base[i])
+        ks, vs = _kv(att, sil, heads, base)
+        k = torch.cat([kc, ks.expand(b, -1, -1, -1)], 2)
+        v = torch.cat([vc, vs.expand(b, -1, -1, -1)], 2)
+        cache.cross_attention_cache.update(k, v, i)
+        cache.is_updated[i] = True
+    return cache
+
+
+@torch.no_grad()
+def frozen_silence_kv(model, silence: torch.Tensor) -> list:
+    """Per decoder layer, the frozen (base) k/v projections of the silence [1, 1500, d]."""
+    out = []
+    for layer in model.model.decoder.layers:
+        att = layer.encoder_attn
+        out.append(tuple(getattr(lin, "base_layer", lin)(silence.unsqueeze(0)) for lin in (att.k_proj, att.v_proj)))
+    return out
+
+
+def decoder_logits(model, states: torch.Tensor, dec_in: torch.Tensor, enc_mask: torch.Tensor | None,
+                   silence: torch.Tensor | None, sil_kv=None, fast: bool = True,
+                   select: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, L, V] of the decoder on encoder states.
+
+    Speech: `states` [B, m, d] are the first m frames (content, silence-filled past
+    each message's end); frames m..1500 are `silence`. Text: states + enc_mask.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if silence is None:
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=enc_mask,
+                    decoder_input_ids=dec_in, use_cache=False)
+        return out.logits
+    if fast and _is_whisper(model):
+        cache = whisper_cross_kv(model, states, silence, sil_kv)
+        out = model.model.decoder(input_ids=dec_in, encoder_hidden_states=states[:, :1], past_key_values=cache,
+                                  use_cache=True)
+        hid = out.last_hidden_state
+        return model.proj_out(hid[select] if select is not None else hid)
+    b, m, _ = states.shape
+    full = torch.cat([states, silence[m:].unsqueeze(0).expand(b, -1, -1)], 1)
+    return model(encoder_outputs=BaseModelOutput(last_hidden_state=full), decoder_input_ids=dec_in, use_cache=False).logits
+
+
+def collate(examples: list[Example], pad_id: int, prefix_len: int) -> dict:
+    """Pad a batch: h [B, m, d], mask [B, m], decoder inputs / targets [B, L] (-100 = ignored)."""
+    m = max(e.h.shape[0] for e in examples)
+    d = examples[0].h.shape[-1]
+    L = max(len(e.ids) for e in examples) - 1
+    h = torch.zeros(len(examples), m, d)
+    mask = torch.zeros(len(examples), m, dtype=torch.bool)
+    dec_in = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    tgt = torch.full((len(examples), L), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = e.h.shape[0]
+        h[i, :n] = e.h.float()
+        mask[i, :n] = True
+        ids = torch.tensor(e.ids)
+        dec_in[i, : len(ids) - 1] = ids[:-1]
+        tgt[i, : len(ids) - 1] = ids[1:]
+        tgt[i, : max(0, prefix_len - 1)] = -100  # the forced prefix (language, task, ...) is not learned
+    return {"h": h, "mask": mask, "dec_in": dec_in, "tgt": tgt}
+
+
+def prefix_length(loaded) -> int:
+    """Forced tokens at the start of every target (Whisper: SOT, language, task, notimestamps)."""
+    if loaded.kind != "speech":
+        return 1
+    ids = target_ids(loaded, "a")
+    tail = len(loaded.tokenizer(" a", add_special_tokens=False).input_ids) + 1
+    return len(ids) - tail
+
+
+def channel_pass(codec, h: torch.Tensor, mask: torch.Tensor, channel, snr_db: torch.Tensor,
+                 k_keep: torch.Tensor | None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [B, m, d] -> (rebuilt features [B, m, d], symbols x [B, m, k]) through the JSC codec and the channel.
+
+    k_keep [B] (or None): per-message kept symbols; the rest are not sent (zero at the receiver).
+    """
+    from semedge.semcom.jsc import normalize_power
+
+    x = codec.encoder.proj((h - codec.encoder.mean) / codec.encoder.std)
+    k = x.shape[-1]
+    if k_keep is None:
+        x = normalize_power(x)
+        keep = None
+    else:
+        keep = (torch.arange(k).view(1, 1, k) < k_keep.view(-1, 1, 1)).to(x.dtype)
+        x = x * keep
+        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / k_keep.view(-1, 1, 1).to(x.dtype) + 1e-8)
+    x = x * mask.unsqueeze(-1).to(x.dtype)
+    y = channel(x, snr_db, generator=generator)
+    if keep is not None:
+        y = y * keep
+    return codec.decoder(y), x
+
+
+# ------------------------------------------------------------------ trainer
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    steps: int
+    losses: list[float]
+    seconds: float
+    sec_per_step: float
+    peak_rss_mb: float
+    metrics: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _schedule(step: int, total: int, warm: int = 20) -> float:
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _opt_state(opt) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (p, st) in enumerate(((p, opt.state[p]) for g in opt.param_groups for p in g["params"])):
+        for key, val in st.items():
+            out[f"{i}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    return out
+
+
+def _load_opt_state(opt, state: dict[str, torch.Tensor]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for name, val in state.items():
+        i, key = name.split(".", 1)
+        opt.state[params[int(i)]][key] = val.clone()
+
+
+class Trainer:
+    """Holds the model copy, codec, data and optimizer for one `semedge train` run."""
+
+    def __init__(self, cfg: TrainConfig, loaded=None, examples: list[Example] | None = None,
+                 val_examples: list[Example] | None = None, progress: bool = True):
+        from semedge.semcom.channels import make_channel
+        from semedge.semcom.jsc import JSCCodec, JSCConfig
+
+        cfg.validate()
+        self.cfg = cfg
+        self.progress = progress
+        if loaded is None:
+            from semedge.semcom.models import load_model
+
+            loaded = load_model(cfg.model)
+        self.loaded = loaded
+        self.channels = [make_channel(c) for c in cfg.channels]
+        if cfg.lora is not None and cfg.lora.touches_encoder:
+            raise UserError("LoRA on the encoder is not supported by this trainer yet (encoder outputs are cached)",
+                            "use targets on the decoder, e.g. targets=decoder.self_attn+decoder.encoder_attn")
+        self.model = prepare_model(loaded, cfg.lora, cfg.qlora)
+        if examples is None:
+            if loaded.kind != "speech":
+                raise UserError(f"{loaded.source} is a text model: pass training texts", "train speech models from the CLI")
+            examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress)
+        if val_examples is None and loaded.kind == "speech" and cfg.n_val:
+            val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress)
+        self.examples, self.val_examples = examples, val_examples or []
+        torch.manual_seed(cfg.seed)
+        self.codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden))
+        self.codec.set_stats(torch.cat([e.h.float() for e in examples[:200]], 0))
+        self.silence = None
+        if loaded.kind == "speech":
+            from semedge.semcom.split import silence_encoding
+
+            self.silence = silence_encoding(loaded)
+        self.sil_kv = frozen_silence_kv(self.model, self.silence) if self.silence is not None and _is_whisper(self.model) else None
+        self.prefix_len = prefix_length(loaded)
+        self.pad_id = loaded.model.config.pad_token_id if loaded.model.config.pad_token_id is not None else 0
+        codec_params = [p for p in self.codec.parameters() if p.requires_grad]
+        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": codec_params, "lr": cfg.lr, "base_lr": cfg.lr}]
+        if self.lora_params:
+            groups.append({"params": self.lora_params, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # one optimisation step -------------------------------------------------
+    def batch(self, step: int) -> tuple[dict, torch.Generator]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(self.examples), (min(self.cfg.batch_size, len(self.examples)),), generator=g).tolist()
+        return collate([self.examples[i] for i in idx], self.pad_id, self.prefix_len), g
+
+    def loss(self, b: dict, g: torch.Generator, mse_only: bool = False) -> torch.Tensor:
+        from semedge.semcom.channels import sample_snr
+
+        cfg = self.cfg
+        n = b["h"].shape[0]
+        ch = self.channels[int(torch.randint(len(self.channels), (1,), generator=g))]
+        snr = sample_snr(n, cfg.snr_low, cfg.snr_high, generator=g)
+        k_keep = None
+        if cfg.rate_min is not None and cfg.rate_min < cfg.k:
+            kk = torch.randint(cfg.rate_min, cfg.k + 1, (n,), generator=g)
+            full = torch.rand(n, generator=g) >= cfg.rate_prob
+            k_keep = torch.where(full, torch.full_like(kk, cfg.k), kk)
+        h_hat, _ = channel_pass(self.codec, b["h"], b["mask"], ch, snr, k_keep, generator=g)
+        m = b["mask"].unsqueeze(-1).float()
+        std = self.codec.encoder.std
+        mse = (((h_hat - b["h"]) / std) ** 2 * m).sum() / (m.sum() * b["h"].shape[-1])
+        if mse_only:
+            return mse
+        if self.silence is not None:
+            states = torch.where(b["mask"].unsqueeze(-1), h_hat, self.silence[: h_hat.shape[1]].unsqueeze(0))
+            sel = b["tgt"] != -100
+            logits = decoder_logits(self.model, states, b["dec_in"], None, self.silence, self.sil_kv, select=sel)
+            ce = nn.functional.cross_entropy(logits, b["tgt"][sel])
+        else:
+            logits = decoder_logits(self.model, h_hat, b["dec_in"], b["mask"].long(), None)
+            ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["tgt"].reshape(-1), ignore_index=-100)
+        return ce + cfg.feature_loss * mse if cfg.feature_loss else ce
+
+    def train_step(self, step: int) -> float:
+        cfg = self.cfg
+        mse_only = step < cfg.mse_warmup_steps
+        self.codec.train()
+        for grp in self.opt.param_groups:
+            grp["lr"] = grp["base_lr"] * _schedule(step, cfg.steps)
+        b, g = self.batch(step)
+        loss = self.loss(b, g, mse_only=mse_only)
+        if not torch.isfinite(loss):
+            return float("nan")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for grp in self.opt.param_groups for p in grp["params"]]
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(gn):
+            return float("nan")
+        self.opt.step()
+        return loss.item()
+
+    # checkpoints -----------------------------------------------------------
+    def info(self, metrics: dict | None = None) -> dict:
+        cfg = self.cfg
+        return {
+            "channels": list(cfg.channels), "snr_range_db": [cfg.snr_low, cfg.snr_high],
+            "data": {"task": "speech" if self.loaded.kind == "speech" else "text", "split": cfg.split,
+                     "n_train": len(self.examples), "n_val": len(self.val_examples)},
+            "seed": cfg.seed, "step": self.step,
+            "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora), "qlora": cfg.qlora,
+            "rate_training": None if cfg.rate_min is None else {"rate_min": cfg.rate_min, "rate_prob": cfg.rate_prob},
+            "train_config": cfg.to_dict(),
+            "loss_last": self.losses[-1] if self.losses else None,
+            "metrics": metrics or {},
+        }
+
+    def save(self, path, metrics: dict | None = None, with_trainer: bool = True, dtype: str = "float32",
+             extra: dict | None = None) -> Path:
+        from semedge.semcom.checkpoint import save_checkpoint
+
+        state = None
+        if with_trainer:
+            state = _opt_state(self.opt)
+            state["__step"] = torch.tensor(self.step)
+            state["__losses"] = torch.tensor(self.losses or [0.0], dtype=torch.float64)
+        adapters = adapter_state(self.model) if self.lora_params else None
+        info = self.info(metrics)
+        info.update(extra or {})
+        return save_checkpoint(path, self.loaded, self.codec, adapters=adapters, trainer_state=state, info=info, dtype=dtype)
+
+    def resume(self, path) -> bool:
+        """Continue from a checkpoint folder written by the same configuration. False if there is none."""
+        from safetensors.torch import load_file
+
+        from semedge.semcom.checkpoint import TRAINER_FILE, load_checkpoint, read_manifest
+
+        path = Path(path)
+        if not (path / "manifest.json").exists():
+            return False
+        man = read_manifest(path)
+        old = TrainConfig.from_dict(man.get("train_config", {})).to_dict()
+        new = self.cfg.to_dict()
+        diff = [k for k in new if k not in ("steps", "eval_every", "max_minutes") and old.get(k) != new.get(k)]
+        if diff:
+            raise UserError(f"{path} was trained with different settings ({', '.join(diff)})",
+                            "use a new --out folder, or the same settings to resume")
+        ck = load_checkpoint(path, self.loaded, k=self.cfg.k)
+        self.codec.load_state_dict(ck.codec.state_dict())
+        if ck.adapters:
+            load_adapter_state(self.model, ck.adapters)
+        if (path / TRAINER_FILE).exists():
+            st = load_file(str(path / TRAINER_FILE))
+            self.step = int(st.pop("__step"))
+            self.losses = [float(x) for x in st.pop("__losses")][: self.step]
+            _load_opt_state(self.opt, st)
+        else:
+            self.step = int(man.get("step", 0))
+        return True
+
+    # the loop --------------------------------------------------------------
+    def fit(self, out=None, log=print) -> TrainResult:
+        cfg = self.cfg
+        start = self.step
+        t0 = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        last_good = None
+        timed = []
+        for step in range(start, cfg.steps):
+            ts = time.perf_counter()
+            loss = self.train_step(step)
+            if not math.isfinite(loss):
+                if bar is not None:
+                    bar.close()
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise UserError(f"training loss became NaN/inf at step {step} ({where})",
+                                "lower --lr (e.g. by 3x) and resume with --resume, or narrow --snr-range")
+            if step >= cfg.mse_warmup_steps:
+                timed.append(time.perf_counter() - ts)
+            self.losses.append(loss)
+            self.step = step + 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{np.mean(self.losses[-20:]):.3f}", phase="mse" if step < cfg.mse_warmup_steps else "ce")
+                bar.update(1)
+            if out is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                last_good = self.save(out)
+            if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                log(f"time limit of {cfg.max_minutes:g} min reached at step {self.step}/{cfg.steps}; saving")
+                break
+        if bar is not None:
+            bar.close()
+        secs = time.perf_counter() - t0
+        path = self.save(out) if out is not None else None
+        return TrainResult(path, self.step, self.losses, secs, float(np.mean(timed)) if timed else float("nan"), peak_rss_mb())
+
+    def receiver(self):
+        """(LoadedModel with the trained adapters, codec) for evaluation."""
+        self.codec.eval()
+        return dataclasses.replace(self.loaded, model=self.model), self.codec
+
+
+# ------------------------------------------------------------------ evaluation on cached features
+
+
+@torch.no_grad()
+def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_db: float, k_keep: int | None = None,
+                      seed: int = 0, batch_size: int = 8, max_new_tokens: int = 96, silence=None) -> tuple[list[str], list[int]]:
+    """Send each example's encoder output through codec + channel; return (hypotheses, real symbols sent per message).
+
+    Equal to `system.run_link` on the same audio except that the encoder output
+    comes from the cache (fp16-rounded).
+    """
+    from semedge.semcom.channels import make_channel
+    from semedge.semcom.split import ServerHalf, silence_encoding
+
+    if silence is None and loaded.kind == "speech":
+        silence = silence_encoding(loaded)
+    server = ServerHalf(loaded, codec.decoder, silence).eval()
+    ch = make_channel(channel)
+    gen = torch.Generator().manual_seed(seed)
+    hyps, sent = [], []
+    for b in range(0, len(examples), batch_size):
+        msgs = []
+        for e in examples[b : b + batch_size]:
+            x = codec.encoder(e.h.float().unsqueeze(0), k_keep=k_keep)[0]
+            if k_keep is not None:
+                x = x[:, :k_keep]
+            msgs.append(x)
+        rx = [ch(m.unsqueeze(0), snr_db, generator=gen)[0] for m in msgs]
+        hyps += server.transcribe(rx, max_new_tokens=max_new_tokens)
+        sent += [m.numel() for m in msgs]
+    return hyps, sent

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "semedge.cli_train",      # train
     "semedge.cli_profiles",   # profiles ..., profile
     "semedge.cli_export",     # export, device ..., serve
+    "semedge.cli_runtime",    # device run, serve
     "semedge.cli_compress",   # plan
     "semedge.cli_build",      # build, demo
 ]

@@ -10,34 +10,28 @@ from semedge.semcom.models import load_model, tiny_model
 from semedge.semcom.split import build_split
 from semedge.semcom.system import run_link, unsplit_outputs
 
-N_UTT = 50
 
-
-@pytest.fixture(scope="module")
-def test_utts():
+def _identity_matches_unsplit(source: str, n: int) -> None:
+    """Identity JSC, infinite SNR, full window sent: the split gives the unsplit model's transcripts."""
     from semedge.semcom.tasks.speech import load_split
 
-    return load_split("test", N_UTT, progress=False)
-
-
-def test_identity_split_equals_unsplit_whisper_tiny_en(test_utts):
-    """≥ 50 real test utterances: identity JSC, infinite SNR, full window sent."""
-    split = build_split(load_model("whisper-tiny.en"))
-    audio = [u.audio for u in test_utts]
+    audio = [u.audio for u in load_split("test", n, progress=False)]
+    split = build_split(load_model(source))
     ref = unsplit_outputs(split, audio, batch_size=10)
     got = run_link(split, audio, channel="awgn", snr_db=math.inf, frames="all", batch_size=10).hyps
-    assert len(ref) == N_UTT
-    assert sum(bool(r) for r in ref) >= N_UTT - 2  # real transcripts, not empty strings
+    assert len(ref) == n
+    assert sum(bool(r) for r in ref) >= n - 2  # real transcripts, not empty strings
     assert got == ref
+
+
+def test_identity_split_equals_unsplit_quick():
+    _identity_matches_unsplit("whisper-tiny.en", 12)
 
 
 @pytest.mark.slow
-def test_identity_split_equals_unsplit_whisper_base(test_utts):
-    split = build_split(load_model("whisper-base"))
-    audio = [u.audio for u in test_utts]
-    ref = unsplit_outputs(split, audio, batch_size=10)
-    got = run_link(split, audio, channel="awgn", snr_db=math.inf, frames="all", batch_size=10).hyps
-    assert got == ref
+@pytest.mark.parametrize("source", ["whisper-tiny.en", "whisper-base"])
+def test_identity_split_equals_unsplit_50(source):
+    _identity_matches_unsplit(source, 50)
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5", "marian"])

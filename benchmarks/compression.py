@@ -1,0 +1,258 @@
+"""Compression of the whisper-base device half (ONNX) and server half (PyTorch), measured.
+
+For each device-half setting: bytes on disk, peak RSS, ORT latency p50 (a 5 s
+utterance's trimmed input and the 30 s window), WER clean and at 10 dB AWGN, beside
+the fp32 ONNX baseline. For the server half: decoder bytes, time for a 20-token
+transcript, WER. Writes benchmarks/results/compression.json.
+
+    python benchmarks/compression.py [--quick] [--n N] [--threads 1]
+
+Timings on a shared host are noisy: cpu_p50_ms (the calling thread's CPU time,
+1 thread) is printed beside the wall-clock p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRIM_FRAMES = 500  # log-mel frames of 5 s (100 per second)
+
+
+class TrimmableDevice(nn.Module):
+    """The speech device half with the positions sliced to the input length, so the
+    exported graph also takes a trimmed (shorter than 30 s) input. Same output as
+    split.device on the full 3000-frame window."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.encoder = device.encoder
+        self.jsc = device.jsc
+
+    def forward(self, input_features):
+        e = self.encoder
+        h = nn.functional.gelu(e.conv1(input_features))
+        h = nn.functional.gelu(e.conv2(h)).permute(0, 2, 1)
+        h = h + e.embed_positions.weight[: h.shape[1]]
+        for lay in e.layers:
+            h = lay(h, None, layer_head_mask=None)[0]
+        return self.jsc(e.layer_norm(h))
+
+
+def export(split, path: Path) -> Path:
+    x = torch.zeros(1, 80, 3000)
+    with torch.no_grad():
+        torch.onnx.export(TrimmableDevice(split.device).eval(), (x,), str(path), input_names=["input_features"],
+                          output_names=["symbols"], opset_version=17, dynamo=False, do_constant_folding=True,
+                          dynamic_axes={"input_features": {0: "batch", 2: "frames"}, "symbols": {0: "batch", 1: "tokens"}})
+    return path
+
+
+def onnx_wer(onnx_path, split, feats, utts, snrs, threads, batch=4) -> dict:
+    """Device half in ORT -> content frames -> AWGN -> server half in torch; WER per SNR."""
+    from semedge.runtime.profiler import session
+    from semedge.semcom.channels import make_channel
+    from semedge.semcom.metrics import wer
+    from semedge.semcom.system import content_frames
+
+    sess = session(onnx_path, threads)
+    msgs = []
+    for b in range(0, len(utts), batch):
+        y = sess.run(None, {"input_features": feats[b : b + batch]})[0]
+        for i, u in enumerate(utts[b : b + batch]):
+            msgs.append(torch.from_numpy(np.ascontiguousarray(y[i, : content_frames(len(u.audio))])))
+    ch = make_channel("awgn")
+    refs = [u.text for u in utts]
+    out = {}
+    for snr in snrs:
+        gen = torch.Generator().manual_seed(0)
+        rx = [ch(m.unsqueeze(0), snr, generator=gen)[0] for m in msgs]
+        hyps = []
+        for b in range(0, len(rx), 8):
+            hyps += split.server.transcribe(rx[b : b + 8])
+        out["clean" if math.isinf(snr) else f"{snr:g}dB"] = round(wer(refs, hyps), 4)
+    return out
+
+
+def features(split, utts) -> np.ndarray:
+    fe = split.loaded.feature_extractor
+    return fe([u.audio for u in utts], sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer utterances, runs and distillation steps (<= 10 min)")
+    ap.add_argument("--n", type=int, default=None, help="test utterances for WER (default 8 quick, 50 full)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 300 full")
+    ap.add_argument("--only", default="", help="comma-separated setting names to run (debug)")
+    ap.add_argument("--out", default=str(RESULTS / "compression.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    quick = args.quick
+    n = args.n or (8 if quick else 50)
+    runs = 3 if quick else 10
+    d_steps = args.distill_steps or (16 if quick else 300)
+    n_train = 8 if quick else 128
+
+    from semedge.compress import plan as P
+    from semedge.compress import quantize_onnx as QO
+    from semedge.compress import quantize_torch as QT
+    from semedge.runtime.profiler import peak_rss, time_onnx
+    from semedge.semcom.models import load_model
+    from semedge.semcom.split import build_split
+    from semedge.semcom.tasks.speech import load_split
+
+    t_start = time.time()
+    loaded = load_model("whisper-base")
+    split = build_split(loaded)
+    test = load_split("test", n, progress=False)
+    train = load_split("train", max(n_train, 8), progress=False)
+    feats = features(split, test)
+    tfeats = features(split, train)
+    calib = torch.from_numpy(tfeats[:8])
+    with torch.no_grad():  # identity JSC standardised on training features: unit power on the channel
+        h = torch.cat([split.device.encoder(calib[i : i + 1]).last_hidden_state for i in range(4)])
+    split.codec.set_stats(h)
+    snrs = [math.inf, 10.0]
+
+    settings = [
+        ("fp32", []),
+        ("int8", [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}]),
+        ("int8-matmul-only", [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic"}}]),
+        ("int8-qdq-static", [{"op": "quantize_onnx", "config": {"mode": "int8_static", "calib_size": 4}}]),
+        ("fp16", [{"op": "quantize_onnx", "config": {"mode": "fp16"}}]),
+        ("int4", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 128, "other_weights": "int8"}}]),
+        ("int4-mixed-critical", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 64, "keep_fp32": ["critical"]}}]),
+        ("int4-mixed-jsc-frontend", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 64, "keep_fp32": ["jsc", "frontend"]}}]),
+        ("prune-h25-f25", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}}]),
+        ("prune-h25-f25+int8", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}},
+                                {"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}]),
+        ("distill-4L", [{"op": "distill", "config": {"layers": 4, "steps": d_steps, "save_every": 25}}]),
+    ]
+    if quick:  # the extra variants only in the full run
+        settings = [s for s in settings if s[0] not in ("int8-matmul-only", "prune-h25-f25+int8", "int4-mixed-jsc-frontend")]
+    only = [s for s in args.only.split(",") if s]
+    if only:
+        settings = [s for s in settings if s[0] in only or s[0] == "fp32"]
+
+    rows = []
+    torch_cache: dict[str, object] = {}
+    work = Path(tempfile.mkdtemp(prefix="semedge-compress-"))
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "semedge" / "distill"
+    for name, steps in settings:
+        t0 = time.time()
+        plan = P.Plan.make(steps, name)
+        torch_steps = [s.to_dict() for s in plan.ops(P.TORCH_OPS)]
+        key = json.dumps(torch_steps, sort_keys=True)
+        if key not in torch_cache:
+            dcal = {"features": torch.from_numpy(tfeats[:n_train]),
+                    "n_frames": [math.ceil(len(u.audio) / 320) for u in train[:n_train]]}
+            cal = dcal if any(s["op"] == "distill" for s in torch_steps) else calib
+            wd = cache / (plan.hash()[:16] + f"-n{n_train}")
+            sp = P.apply_torch_steps(split, P.Plan.make(torch_steps), cal, progress=True, workdir=wd)
+            base = work / f"{len(torch_cache)}.onnx"
+            export(sp, base)
+            torch_cache[key] = (sp, base)
+        sp, base = torch_cache[key]
+        out = work / f"{name}.onnx"
+        P.apply_onnx_steps(base, out, plan, calib=tfeats[:8])
+        lat5 = time_onnx(out, length=TRIM_FRAMES, threads=args.threads, runs=runs, warmup=1)
+        lat30 = time_onnx(out, length=3000, threads=args.threads, runs=max(2, runs // 2), warmup=1)
+        rss = peak_rss(out, lengths=[3000], threads=args.threads)
+        w = onnx_wer(out, sp, feats, test, snrs, args.threads)
+        row = {"setting": name, "plan": P.describe(plan), "plan_hash": plan.hash()[:12], "bytes": out.stat().st_size,
+               "peak_rss_mb": rss.get("peak_mb"), "p50_ms_5s": lat5["p50_ms"], "cpu_p50_ms_5s": lat5["cpu_p50_ms"],
+               "p50_ms_30s": lat30["p50_ms"], "cpu_p50_ms_30s": lat30["cpu_p50_ms"], "wer_clean": w["clean"],
+               "wer_10dB": w["10dB"], "quant_ops": QO.quantized_nodes(out), "seconds": round(time.time() - t0, 1)}
+        if hasattr(sp, "prune_info"):
+            row["encoder_shapes"] = {k: sp.prune_info[k] for k in ("heads", "ffn")}
+        if any(s["op"] == "distill" for s in torch_steps):
+            row["label"] = f"quick distillation: {d_steps} steps on {n_train} train utterances (cached teacher features)"
+            row["final_loss"] = round(float(np.mean(sp.distill_losses[-5:])), 5) if getattr(sp, "distill_losses", None) else None
+        rows.append(row)
+        print(f"[{time.time() - t_start:6.0f}s] {name}: {row['bytes'] / 1e6:.1f} MB  5s {row['cpu_p50_ms_5s']:.0f} ms  "
+              f"30s {row['cpu_p50_ms_30s']:.0f} ms  WER {row['wer_clean']:.3f} / {row['wer_10dB']:.3f}", flush=True)
+
+    base = rows[0]
+    for r in rows:
+        r["smaller_x"] = round(base["bytes"] / r["bytes"], 2)
+        r["size_cut_pct"] = round(100 * (1 - r["bytes"] / base["bytes"]), 1)
+        r["faster_x_5s"] = round(base["cpu_p50_ms_5s"] / r["cpu_p50_ms_5s"], 2)
+        r["faster_x_30s"] = round(base["cpu_p50_ms_30s"] / r["cpu_p50_ms_30s"], 2)
+        r["wer_points_lost"] = round(100 * (r["wer_clean"] - base["wer_clean"]), 2)
+
+    # server half
+    from semedge.semcom.metrics import wer
+    from semedge.semcom.system import device_encode
+
+    server_rows = []
+    msgs = []
+    with torch.no_grad():
+        for b in range(0, len(test), 4):
+            msgs += device_encode(split, [u.audio for u in test[b : b + 4]])
+    refs = [u.text for u in test]
+    for mode in ("fp32", "torch_int8", "bnb_int8", "bnb_nf4"):
+        t0 = time.time()
+        sp = split if mode == "fp32" else QT.apply(split, {"mode": mode})
+        nbytes = QT.decoder_bytes(sp.loaded.model)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        from semedge.semcom.split import generate_kwargs
+
+        h, _ = sp.server.encoder_states(msgs[:1])
+        times = []
+        for _ in range(2 if quick else 5):
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                sp.loaded.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=20,
+                                         min_new_tokens=20, **generate_kwargs(sp.loaded))
+            times.append((time.perf_counter() - t1) * 1e3)
+        hyps = []
+        for b in range(0, len(msgs), 8):
+            hyps += sp.server.transcribe(msgs[b : b + 8])
+        server_rows.append({"mode": mode, "decoder_bytes": nbytes, "ms_20_tokens": round(float(np.median(times)), 1),
+                            "wer_clean": round(wer(refs, hyps), 4), "seconds": round(time.time() - t0, 1)})
+        print(f"server {mode}: {nbytes / 1e6:.1f} MB  20 tokens {server_rows[-1]['ms_20_tokens']:.0f} ms  WER {server_rows[-1]['wer_clean']:.3f}", flush=True)
+
+    result = {"model": "whisper-base", "quick": quick, "n_test": n, "threads": args.threads, "trim_frames": TRIM_FRAMES,
+              "runs": runs, "host_note": "shared 2-core host: wall p50 noisy; cpu_p50 (1 thread) used for speed-ups",
+              "device_half": rows, "server_half": server_rows, "seconds": round(time.time() - t_start, 1)}
+    from semedge.compress.plan import write_atomic
+
+    write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
+    print_table(result)
+    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+    return 0
+
+
+def print_table(res: dict) -> None:
+    hdr = f"{'setting':26} {'MB':>6} {'x small':>7} {'RSS MB':>7} {'5s ms':>7} {'x':>5} {'30s ms':>7} {'x':>5} {'WER':>6} {'WER10dB':>7}"
+    print(hdr)
+    for r in res["device_half"]:
+        print(f"{r['setting']:26} {r['bytes'] / 1e6:6.1f} {r['smaller_x']:7.2f} {r['peak_rss_mb'] or 0:7.0f} "
+              f"{r['cpu_p50_ms_5s']:7.0f} {r['faster_x_5s']:5.2f} {r['cpu_p50_ms_30s']:7.0f} {r['faster_x_30s']:5.2f} "
+              f"{r['wer_clean']:6.3f} {r['wer_10dB']:7.3f}")
+    print(f"{'server':12} {'dec MB':>7} {'20 tok ms':>9} {'WER':>6}")
+    for r in res["server_half"]:
+        print(f"{r['mode']:12} {r['decoder_bytes'] / 1e6:7.1f} {r['ms_20_tokens']:9.0f} {r['wer_clean']:6.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Load test of `semedge serve` over loopback, and the client-server WER check.
+
+    python benchmarks/server_load.py [--quick] [--wer-check N] [--messages M] [--in-thread]
+
+1. Builds a whisper-base package (identity JSC) under a temp dir.
+2. Encodes test-split utterances once with the ONNX device runner (numpy + ORT),
+   sends them through the numpy link (AWGN, 10 dB) and keeps the .npy bodies.
+3. Starts `semedge serve` (a real subprocess; --in-thread: uvicorn in this process)
+   and sends M messages with 1, 4 and 8 concurrent clients: messages/s, p50/p95
+   latency, errors. Goal: >= 3x the throughput at 8 clients vs 1 (dynamic batching).
+4. WER check: the same utterances through semcom.system.run_link in process vs
+   device runner -> link -> HTTP -> server, at 10 dB AWGN (and noiseless, where
+   the two paths should give the same text).
+
+Writes benchmarks/results/server_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "server_load.json"
+SNR_DB = 10.0
+CHANNEL = "awgn"
+
+
+def build_package(split, out_dir: Path) -> Path:
+    """export.package.build_package when it exists; else a minimal export in the same format."""
+    try:
+        from semedge.export.package import build_package as export_build
+    except ImportError:
+        export_build = None
+    if export_build is not None:
+        res = export_build(split, out_dir)
+        return Path(getattr(res, "path", res) or out_dir)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from runtime_pkg import make_package  # the tests' stand-in until export lands
+
+    return make_package(split, out_dir, name="whisper-base")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Subprocess:
+    """`semedge serve` in a child process, stopped on exit."""
+
+    def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        cmd = [sys.executable, "-m", "semedge.cli", "serve", "--packages", str(pkgs_dir), "--port", str(self.port),
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        import httpx
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 300:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError("semedge serve exited:\n" + self.log.read().decode(errors="replace")[-3000:])
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("semedge serve did not answer /healthz within 300 s")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages: int) -> dict:
+    """`clients` threads, each with its own connection, send n_messages in all (one at a time each)."""
+    import httpx
+
+    lat, errors, lock = [], [], threading.Lock()
+    counter = iter(range(n_messages))
+
+    def worker():
+        with httpx.Client(timeout=300) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t = time.perf_counter()
+                try:
+                    r = c.post(f"{url}/v1/decode", params={"package": pid}, content=bodies[i % len(bodies)],
+                               headers={"content-type": "application/x-npy"})
+                    ok = r.status_code == 200
+                except httpx.HTTPError as e:
+                    ok, r = False, e
+                dt = time.perf_counter() - t
+                with lock:
+                    (lat.append(dt) if ok else errors.append(str(getattr(r, "status_code", r))))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000 if lat else np.array([math.nan])
+    return {"clients": clients, "messages": n_messages, "ok": len(lat), "errors": len(errors),
+            "error_samples": errors[:3], "wall_s": round(wall, 3), "messages_per_s": round(len(lat) / wall, 3),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
+
+
+def batch_hist(url: str) -> dict:
+    import httpx
+
+    out = {}
+    for ln in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if ln.startswith("semedge_batch_size_total{"):
+            size = int(ln.split('size="')[1].split('"')[0])
+            out[size] = int(float(ln.split()[-1]))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer messages (16 per level)")
+    ap.add_argument("--messages", type=int, default=None, help="messages per concurrency level (default 50, quick 16)")
+    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--wer-check", type=int, default=None, help="utterances for the WER check (default 20; 0 skips)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-wait-ms", type=float, default=8.0)
+    ap.add_argument("--in-thread", action="store_true", help="run the server in this process instead of `semedge serve`")
+    ap.add_argument("--model", default="whisper-base")
+    args = ap.parse_args(argv)
+    n_msgs = args.messages or (16 if args.quick else 50)
+    n_wer = 20 if args.wer_check is None else args.wer_check
+    levels = [int(c) for c in args.clients.split(",")]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from semedge.runtime.client import apply_link, send, to_npy
+    from semedge.runtime.package import Package
+    from semedge.runtime.runner import DeviceRunner
+    from semedge.semcom.metrics import wer
+    from semedge.semcom.models import load_model
+    from semedge.semcom.split import build_split
+    from semedge.semcom.system import run_link
+    from semedge.semcom.tasks.speech import load_split
+
+    t_start = time.time()
+    loaded = load_model(args.model)
+    split = build_split(loaded)  # identity JSC
+    n_utts = max(n_wer, 8)
+    utts = load_split("test", n_utts, progress=False)
+    tmp = tempfile.TemporaryDirectory(prefix="semedge-load-")
+    pkgs_dir = Path(tmp.name) / "packages"
+    t = time.perf_counter()
+    pkg = Package.load(build_package(split, pkgs_dir / "whisper-base"))
+    t_export = time.perf_counter() - t
+    print(f"package {pkg.package_id} built in {t_export:.1f} s", flush=True)
+    runner = DeviceRunner(pkg)
+    t = time.perf_counter()
+    symbols = [runner.encode_audio(u.audio) for u in utts]
+    t_dev = (time.perf_counter() - t) / len(utts)
+    rng = np.random.default_rng(0)
+    bodies = [to_npy(apply_link(s, CHANNEL, SNR_DB, rng)) for s in symbols]
+    print(f"device runner: {1000 * t_dev:.0f} ms/utterance; {np.mean([s.shape[0] for s in symbols]):.0f} frames avg",
+          flush=True)
+
+    result = {
+        "benchmark": "server_load", "model": args.model, "package": pkg.package_id, "jsc": "identity",
+        "channel": CHANNEL, "snr_db": SNR_DB, "server": "in-thread" if args.in_thread else "semedge serve (subprocess)",
+        "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "quick": args.quick,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_avg_at_start": os.getloadavg()},
+        "device_runner_ms_per_utt": round(1000 * t_dev, 1), "levels": [],
+    }
+
+    if args.in_thread:
+        from semedge.runtime.server import ServerConfig, create_app, serve_in_thread
+
+        app = create_app([pkg], loader=lambda s: loaded, config=ServerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms))
+        server = serve_in_thread(app)
+    else:
+        server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms)
+    try:
+        with server as url:
+            send(url, pkg.package_id, symbols[0])  # warm up
+            for c in levels:
+                before = batch_hist(url)
+                lv = load_level(url, pkg.package_id, bodies, c, n_msgs)
+                after = batch_hist(url)
+                lv["batches"] = {s: after.get(s, 0) - before.get(s, 0) for s in after if after.get(s, 0) - before.get(s, 0)}
+                result["levels"].append(lv)
+                print(f"{c} clients: {lv['messages_per_s']:.2f} msg/s, p50 {lv['p50_ms']:.0f} ms, p95 {lv['p95_ms']:.0f} ms, "
+                      f"errors {lv['errors']}, batches {lv['batches']}", flush=True)
+            if n_wer:
+                utt = utts[:n_wer]
+                refs = [u.text for u in utt]
+                wer_res = {"utterances": n_wer}
+                for label, snr in (("awgn_10db", SNR_DB), ("noiseless", math.inf)):
+                    t = time.perf_counter()
+                    hyp_in = run_link(split, [u.audio for u in utt], CHANNEL, snr, seed=0).hyps
+                    t_in = time.perf_counter() - t
+                    rng = np.random.default_rng(0)
+                    t = time.perf_counter()
+                    hyp_net = [send(url, pkg.package_id, s, channel=CHANNEL, snr_db=snr, rng=rng)["text"][0]
+                               for s in symbols[:n_wer]]
+                    t_net = time.perf_counter() - t
+                    w_in, w_net = 100 * wer(refs, hyp_in), 100 * wer(refs, hyp_net)
+                    same = sum(a == b for a, b in zip(hyp_in, hyp_net))
+                    wer_res[label] = {"wer_in_process": round(w_in, 2), "wer_over_loopback": round(w_net, 2),
+                                      "diff_points": round(w_net - w_in, 2), "identical_texts": same,
+                                      "within_0_5_points": abs(w_net - w_in) <= 0.5,
+                                      "seconds_in_process": round(t_in, 1), "seconds_over_loopback": round(t_net, 1)}
+                    print(f"WER {label}: in-process {w_in:.2f} vs loopback {w_net:.2f} "
+                          f"({same}/{n_wer} identical texts)", flush=True)
+                result["wer_check"] = wer_res
+    finally:
+        tmp.cleanup()
+
+    lv = {x["clients"]: x for x in result["levels"]}
+    if 1 in lv and max(lv) > 1:
+        top = max(lv)
+        result["speedup"] = {f"{top}_vs_1": round(lv[top]["messages_per_s"] / lv[1]["messages_per_s"], 2), "goal": 3.0}
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
+    result["seconds"] = round(time.time() - t_start, 1)
+
+    print()
+    print(f"{'clients':>7} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}  batches")
+    for x in result["levels"]:
+        print(f"{x['clients']:>7} {x['messages_per_s']:>8.2f} {x['p50_ms']:>8.0f} {x['p95_ms']:>8.0f} {x['errors']:>6}  {x['batches']}")
+    if "speedup" in result:
+        print(f"throughput {max(lv)} clients / 1 client: {list(result['speedup'].values())[0]:.2f}x (goal >= 3x)")
+    if "wer_check" in result:
+        for k in ("awgn_10db", "noiseless"):
+            w = result["wer_check"][k]
+            print(f"WER {k}: in-process {w['wer_in_process']:.2f}, over loopback {w['wer_over_loopback']:.2f} "
+                  f"(diff {w['diff_points']:+.2f} points, {w['identical_texts']}/{n_wer} identical)")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = RESULTS.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp_out, RESULTS)
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    errors = sum(x["errors"] for x in result["levels"])
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

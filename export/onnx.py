@@ -1,0 +1,315 @@
+"""ONNX export of the device half, with graph optimisation and a parity check.
+
+`export_device_half(split, out_path)` writes one .onnx file:
+  speech: input_features [batch, 80, 3000] float32 -> symbols [batch, 1500, k]
+  text:   input_ids, attention_mask [batch, tokens] int64 -> symbols [batch, tokens, k]
+then fuses GELU / LayerNorm / attention (export/optimize.py) and checks the ONNX
+Runtime output against PyTorch on calibration inputs (`check_parity`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+TWO_GB = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity limits: max |onnx - torch| / max |torch| and the minimum cosine similarity."""
+
+    max_abs_rel: float
+    cosine: float
+
+
+# Per precision of the exported graph. fp32 is the export itself; the others are
+# for compressed graphs (compress/ passes the precision it produced).
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs_rel=1e-3, cosine=0.9999),
+    "fp16": Tolerance(max_abs_rel=1e-2, cosine=0.999),
+    "int8": Tolerance(max_abs_rel=0.15, cosine=0.99),
+    "int4": Tolerance(max_abs_rel=0.30, cosine=0.97),
+}
+
+
+class ExportParityError(RuntimeError):
+    """The exported graph disagrees with PyTorch beyond the tolerance."""
+
+    def __init__(self, parity: "ParityReport"):
+        self.parity = parity
+        t = parity.tolerance
+        super().__init__(
+            f"ONNX output differs from PyTorch ({parity.precision}): max abs diff {parity.max_abs:.3g} "
+            f"= {parity.max_abs_rel:.3g} of the output scale {parity.scale:.3g} (limit {t['max_abs_rel']:g}), "
+            f"min cosine {parity.cosine:.6f} (limit {t['cosine']:g}) over {parity.n_inputs} inputs"
+        )
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    max_abs: float
+    scale: float  # max |torch output|
+    max_abs_rel: float
+    cosine: float  # minimum over messages of the cosine similarity of the flattened outputs
+    n_inputs: int
+    tolerance: dict
+    ok: bool
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    bytes: int
+    opset: int
+    inputs: list[dict]  # {"name", "shape" (ints and symbolic dim names), "dtype"}
+    outputs: list[dict]
+    parity: ParityReport | None
+    export_seconds: float
+    optimized: bool
+    fused: dict = field(default_factory=dict)  # {"gelu", "layernorm", "attention"} node counts
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def describe_io(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Graph inputs and outputs as [{"name", "shape", "dtype"}]; symbolic dims are their names."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+
+    def one(v) -> dict:
+        tt = v.type.tensor_type
+        shape = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+                 for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        return {"name": v.name, "shape": shape, "dtype": dtype}
+
+    return [one(v) for v in m.graph.input if v.name not in inits], [one(v) for v in m.graph.output]
+
+
+def input_names(kind: str) -> list[str]:
+    return ["input_features"] if kind == "speech" else ["input_ids", "attention_mask"]
+
+
+def calibration_inputs(split, n: int = 2) -> dict[str, np.ndarray]:
+    """Deterministic inputs for the parity check: speech = log-mel of tones + noise of
+    different lengths; text = sentences of different lengths, padded."""
+    loaded = split.loaded
+    rng = np.random.default_rng(0)
+    if split.kind == "speech":
+        audios = []
+        for i in range(n):
+            t = np.arange(int(16000 * (1.5 + 2.0 * i))) / 16000
+            a = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t * (1 + t)) + 0.05 * rng.standard_normal(t.size)
+            audios.append(a.astype(np.float32))
+        feats = loaded.feature_extractor(audios, sampling_rate=16000, return_tensors="np").input_features
+        return {"input_features": feats.astype(np.float32)}
+    base = ["the radio link carries only the symbols", "a short one",
+            "semantic communication sends meaning rather than bits over a noisy channel", "hello"]
+    texts = [base[i % len(base)] for i in range(n)]
+    enc = loaded.tokenizer(texts, return_tensors="np", padding=True)
+    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def _as_batches(calib) -> list[dict[str, np.ndarray]]:
+    if isinstance(calib, dict):
+        return [calib]
+    return list(calib)
+
+
+def _resolve_tol(tol, precision: str) -> Tolerance:
+    if tol is None:
+        tol = precision
+    if isinstance(tol, Tolerance):
+        return tol
+    if isinstance(tol, str):
+        if tol not in TOLERANCES:
+            from semedge.semcom.errors import UserError
+
+            raise UserError(f"unknown precision {tol!r} for the parity tolerance", f"use one of {', '.join(TOLERANCES)}")
+        return TOLERANCES[tol]
+    if isinstance(tol, dict):
+        return Tolerance(**tol)
+    raise TypeError(f"tol must be a Tolerance, a precision name or a dict, not {type(tol).__name__}")
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def check_parity(onnx_path, module, calib_inputs, *, precision: str = "fp32", tol=None, raise_on_fail: bool = True) -> ParityReport:
+    """Run `onnx_path` (ORT, CPU) and `module` (PyTorch) on the same inputs; compare.
+
+    `module` is the device half (or any nn.Module taking the graph inputs in order);
+    `calib_inputs` is a dict name -> array, or a list of such dicts.
+    """
+    import torch
+
+    t = _resolve_tol(tol, precision)
+    sess = ort_session(onnx_path)
+    names = [i.name for i in sess.get_inputs()]
+    max_abs, scale, cos_min, n = 0.0, 0.0, 1.0, 0
+    for feeds in _as_batches(calib_inputs):
+        missing = [k for k in names if k not in feeds]
+        if missing:
+            raise ValueError(f"calibration inputs lack {missing}; the graph takes {names}")
+        got = sess.run(None, {k: feeds[k] for k in names})[0].astype(np.float64)
+        with torch.no_grad():
+            ref = module(*[torch.from_numpy(np.asarray(feeds[k])) for k in names]).double().numpy()
+        if got.shape != ref.shape:
+            raise ExportParityError(ParityReport(precision, float("inf"), float(np.abs(ref).max()), float("inf"), -1.0, 1, asdict(t), False))
+        max_abs = max(max_abs, float(np.abs(got - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+        for g, r in zip(got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1)):
+            den = np.linalg.norm(g) * np.linalg.norm(r)
+            c = float(g @ r / den) if den > 0 else float(np.array_equal(g, r))
+            cos_min = min(cos_min, c)
+            n += 1
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    ok = bool(np.isfinite(rel) and rel <= t.max_abs_rel and cos_min >= t.cosine)
+    rep = ParityReport(precision, max_abs, scale, rel, cos_min, n, asdict(t), ok)
+    if not ok and raise_on_fail:
+        raise ExportParityError(rep)
+    return rep
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def merge_lora(module):
+    """A copy of `module` with every peft LoRA layer merged into its base weights (or `module` if none)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return module
+    if not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for name, m in list(module.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, m.get_base_layer())
+    return module
+
+
+def _model_shape(split) -> tuple[int, int]:
+    cfg = split.loaded.model.config
+    heads = getattr(cfg, "encoder_attention_heads", None) or getattr(cfg, "num_heads", None) or cfg.num_attention_heads
+    return int(heads), int(split.loaded.d_model)
+
+
+def _torch_export(module, kind: str, out: Path, opset: int, sample: dict[str, np.ndarray]) -> None:
+    import warnings
+
+    import torch
+
+    names = input_names(kind)
+    args = tuple(torch.from_numpy(np.asarray(sample[k][:1])) for k in names)
+    if kind == "speech":
+        dyn = {"input_features": {0: "batch"}, "symbols": {0: "batch"}}
+    else:
+        dyn = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+               "symbols": {0: "batch", 1: "tokens"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks in HF code
+        # TorchScript exporter: its graphs match ORT's fusion patterns (the dynamo exporter's did not).
+        torch.onnx.export(module, args, str(out), input_names=names, output_names=["symbols"], dynamic_axes=dyn,
+                          opset_version=opset, dynamo=False, do_constant_folding=True, external_data=False)
+
+
+def _set_output_shape(path: Path, kind: str, k: int) -> None:
+    """Name the output dims: [batch, 1500, k] (speech) or [batch, tokens, k] (text)."""
+    import onnx
+
+    from semedge.export.optimize import save_model
+
+    m = onnx.load(str(path))
+    dims = m.graph.output[0].type.tensor_type.shape.dim
+    want = ["batch", 1500 if kind == "speech" else "tokens", int(k)]
+    for d, w in zip(dims, want):
+        d.Clear()
+        if isinstance(w, str):
+            d.dim_param = w
+        else:
+            d.dim_value = w
+    save_model(m, path)
+
+
+def export_device_half(
+    split,
+    out_path: str | Path,
+    opset: int = 17,
+    optimize: bool = True,
+    calib_inputs=None,
+    tol=None,
+    *,
+    precision: str = "fp32",
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Export `split.device` to `out_path` (single .onnx file), optimise it, check parity.
+
+    Raises ExportParityError when ORT's output is out of tolerance (the file is not written).
+    """
+    from semedge.semcom.errors import UserError
+
+    say = progress or (lambda msg: None)
+    out_path = Path(out_path)
+    if not 13 <= int(opset) <= 21:
+        raise UserError(f"opset {opset} is not supported", "use an opset between 13 and 21 (default 17)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    module = merge_lora(split.device).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if n_bytes >= TWO_GB:
+        raise UserError(f"the device half holds {n_bytes / 1e9:.1f} GB of weights; single-file ONNX is limited to 2 GB",
+                        "compress the device half first (semedge plan / --plan) or use a smaller model")
+    calib = calib_inputs if calib_inputs is not None else calibration_inputs(split)
+    first = _as_batches(calib)[0]
+    heads, hidden = _model_shape(split)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        say(f"exporting the {split.kind} device half to ONNX (opset {opset})")
+        _torch_export(module, split.kind, raw, int(opset), first)
+        _set_output_shape(raw, split.kind, split.k)
+        final, fused = raw, {}
+        if optimize:
+            from semedge.export.optimize import optimize_graph
+
+            say("fusing attention, GELU and LayerNorm")
+            opt = Path(tmp) / "opt.onnx"
+            rep = optimize_graph(raw, opt, num_heads=heads, hidden_size=hidden)
+            final, fused = opt, rep.fused_counts()
+        export_s = time.perf_counter() - t0
+        say(f"checking parity against PyTorch ({precision})")
+        parity = check_parity(final, module, calib, precision=precision, tol=tol)
+        os.replace(final, out_path)
+    ins, outs = describe_io(out_path)
+    return ExportReport(out_path, out_path.stat().st_size, int(opset), ins, outs, parity, export_s, optimize, fused, precision)

@@ -1,0 +1,256 @@
+"""Device packages: a folder (and a .zip of it) holding everything one device needs.
+
+Layout (see docs/export.md for the manifest, field by field):
+    device.onnx                the device half (encoder + JSC encoder)
+    frontend.json, mel_filters.npy            speech: log-mel parameters + filterbank
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   text
+    server/jsc.safetensors, server/jsc.json   the JSC decoder (the server's; the device ignores server/)
+    manifest.json              sha256 of every other file, io, plan, profile, measured figures
+
+The loader/verifier lives in runtime/package.py (device side); this module only writes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+FORMAT = "semedge-package/1"
+MANIFEST = "manifest.json"
+ONNX_FILE = "device.onnx"
+JSC_WEIGHTS = "server/jsc.safetensors"
+JSC_CONFIG = "server/jsc.json"
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(chunk), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def graph_precision(path: str | Path) -> str:
+    """fp32 | fp16 | int8 | int4, read from the graph's ops and weight types."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in m.graph.node}
+    if "MatMulNBits" in ops:
+        return "int4"
+    if ops & {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def speech_frontend(loaded) -> tuple[dict, "object"]:
+    """(frontend dict, mel filterbank [n_mels, n_fft//2+1] float32) from the Whisper feature extractor."""
+    import numpy as np
+
+    fe = loaded.feature_extractor
+    fb = np.ascontiguousarray(np.asarray(fe.mel_filters, dtype=np.float32).T)  # [80, 201]
+    n_frames = fe.n_samples // fe.hop_length
+    front = {
+        "type": "whisper-log-mel",
+        "sample_rate": int(fe.sampling_rate),
+        "n_fft": int(fe.n_fft),
+        "hop_length": int(fe.hop_length),
+        "n_mels": int(fb.shape[0]),
+        "chunk_seconds": int(fe.chunk_length),
+        "n_samples": int(fe.n_samples),
+        "n_frames": int(n_frames),
+        "samples_per_frame": int(2 * fe.hop_length),  # one encoder frame = 2 mel frames (conv stride 2)
+        "max_frames": int(n_frames // 2),
+        "mel_filters": "mel_filters.npy",
+        "mel_filters_shape": list(fb.shape),
+    }
+    return front, fb
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_frontend(split, root: Path) -> dict:
+    """Write the front-end files; return the manifest's `frontend` section."""
+    import numpy as np
+
+    from semedge.semcom.errors import UserError
+
+    loaded = split.loaded
+    if split.kind == "speech":
+        front, fb = speech_frontend(loaded)
+        with open(root / "mel_filters.npy", "wb") as f:
+            np.save(f, fb, allow_pickle=False)
+        _write_json(root / "frontend.json", front)
+        return front
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded.tokenizer.save_pretrained(tmp)
+        if not (Path(tmp) / "tokenizer.json").is_file():
+            raise UserError(f"the tokenizer of {loaded.source} has no fast (tokenizer.json) form",
+                            "use a model with a fast tokenizer; the device reads tokenizer.json with the `tokenizers` library")
+        names = [n for n in TEXT_TOKENIZER_FILES if (Path(tmp) / n).is_file()]
+        for n in names:
+            shutil.copyfile(Path(tmp) / n, root / n)
+    max_len = getattr(loaded.tokenizer, "model_max_length", None)
+    cfg = loaded.model.config
+    pos = getattr(cfg, "max_position_embeddings", None)
+    limits = [int(x) for x in (max_len, pos) if isinstance(x, int) and 0 < x < 1_000_000]
+    return {"type": "tokenizer", "tokenizer": "tokenizer.json",
+            "tokenizer_config": "tokenizer_config.json" if "tokenizer_config.json" in names else None,
+            "max_length": min(limits) if limits else None}
+
+
+def _write_jsc(split, root: Path) -> dict:
+    """server/jsc.safetensors (decoder state, keys without prefix) + server/jsc.json."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    codec = split.codec
+    (root / "server").mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in codec.decoder.state_dict().items()}
+    save_file(state, str(root / JSC_WEIGHTS))
+    _write_json(root / JSC_CONFIG, {"format": "semedge-jsc-decoder/1", "config": dataclasses.asdict(codec.cfg)})
+    return dataclasses.asdict(codec.cfg)
+
+
+def _zip_dir(src: Path, zip_path: Path, arc_root: str) -> None:
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                z.write(p, f"{arc_root}/{p.relative_to(src).as_posix()}")
+
+
+def _name_of(x) -> str | None:
+    if x is None:
+        return None
+    return x if isinstance(x, str) else getattr(x, "name", str(x))
+
+
+def _plan_dict(plan) -> dict | None:
+    if plan is None:
+        return None
+    if isinstance(plan, dict):
+        return plan
+    return plan.to_dict()
+
+
+def build_package(
+    split,
+    out_dir: str | Path,
+    *,
+    onnx_path: str | Path | None = None,
+    plan=None,
+    profile=None,
+    measured: dict | None = None,
+    jsc_ckpt: str | Path | None = None,
+    export_report=None,
+    opset: int = 17,
+    optimize: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the package folder `out_dir` and `<out_dir>.zip` atomically; return `out_dir`.
+
+    onnx_path: an already exported (e.g. quantized) device graph to ship; None exports
+    `split` here (fp32, optimised, parity-checked). export_report: the ExportReport of
+    that graph, recorded in the manifest when given.
+    """
+    from semedge import __version__
+    from semedge.export.onnx import describe_io, export_device_half
+    from semedge.semcom.errors import UserError
+
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.name in ("", ".", ".."):
+        raise UserError(f"package folder {out_dir} has no name", "give --out a folder name, e.g. dist/android-mid")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"package path {out_dir} exists and is not a folder", "choose another --out")
+    if onnx_path is not None and not Path(onnx_path).is_file():
+        raise UserError(f"ONNX file {onnx_path} does not exist", "export it first, or leave onnx_path out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{pid}")
+    zip_final = out_dir.with_name(out_dir.name + ".zip")
+    zip_tmp = out_dir.with_name(f"{out_dir.name}.zip.tmp-{pid}")
+    old = out_dir.with_name(f"{out_dir.name}.old-{pid}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        if onnx_path is None:
+            export_report = export_device_half(split, tmp / ONNX_FILE, opset=opset, optimize=optimize, progress=say)
+        else:
+            say(f"copying {onnx_path}")
+            shutil.copyfile(onnx_path, tmp / ONNX_FILE)
+        say("writing front end and JSC decoder")
+        frontend = _write_frontend(split, tmp)
+        jsc_cfg = _write_jsc(split, tmp)
+        say("hashing files")
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+        ins, outs = describe_io(tmp / ONNX_FILE)
+        onnx_sec = {"file": ONNX_FILE, "opset": _opset_of(tmp / ONNX_FILE), "inputs": ins, "outputs": outs,
+                    "precision": export_report.precision if export_report is not None and onnx_path is None else graph_precision(tmp / ONNX_FILE)}
+        if export_report is not None:
+            onnx_sec["optimized"] = bool(export_report.optimized)
+            onnx_sec["fused"] = dict(export_report.fused)
+            onnx_sec["export_seconds"] = round(float(export_report.export_seconds), 3)
+            if export_report.parity is not None:
+                from dataclasses import asdict
+
+                onnx_sec["parity"] = asdict(export_report.parity)
+        loaded = split.loaded
+        manifest = {
+            "format": FORMAT,
+            "package_id": f"{out_dir.name}-{content[:8]}",
+            "semedge_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "kind": loaded.kind, "d_model": int(loaded.d_model)},
+            "jsc": {"k": int(jsc_cfg["k"]), "identity": bool(jsc_cfg["identity"]), "hidden": int(jsc_cfg["hidden"]),
+                    "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None},
+            "plan": _plan_dict(plan),
+            "profile": _name_of(profile),
+            "onnx": onnx_sec,
+            "frontend": frontend,
+            "files": files,
+            "measured": dict(measured or {}),
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        say("zipping")
+        _zip_dir(tmp, zip_tmp, out_dir.name)
+        # Swap in: old folder aside, new folder in, old deleted; then the zip.
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        os.replace(zip_tmp, zip_final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        zip_tmp.unlink(missing_ok=True)
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
+
+
+def package_bytes(out_dir: str | Path) -> int:
+    """Total size of the package's files."""
+    return sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())

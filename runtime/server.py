@@ -1,0 +1,552 @@
+"""The edge server: JSC decoder + the model's decoder behind HTTP (FastAPI + uvicorn).
+
+One model object per model source is shared by every package built on it; each
+package brings its own JSC decoder (server/jsc.safetensors + server/jsc.json).
+Requests for one package are batched dynamically: an asyncio queue per package,
+up to `max_batch` messages or `max_wait_ms` after the first, decoded in one
+`ServerHalf.transcribe` call on the model's decode thread.
+
+API (docs/runtime.md): POST /v1/decode?package=ID with a .npy body
+([tokens, k] or [batch, tokens, k], float16/float32) -> JSON; GET /healthz;
+GET /metrics (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import Request  # module level: endpoint annotations are resolved by name
+
+from semedge.runtime.package import Package
+from semedge.semcom.errors import UserError
+
+log = logging.getLogger("semedge.server")
+
+NPY_MAGIC = b"\x93NUMPY"
+_LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class ServerConfig:
+    max_body_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
+    max_batch: int = 8  # messages decoded together
+    max_wait_ms: float = 8.0  # how long the first message of a batch waits for company
+    max_messages_per_request: int = 32
+    max_queue: int = 512  # queued messages per package before 503
+    max_new_tokens: int = 96
+    max_text_tokens: int = 1024
+    cache_silence_kv: bool = True  # speech: project the shared silence frames' cross-attention K/V once
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail: str):
+        self.status = status
+        self.detail = detail
+        super().__init__(detail)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Counters and histograms, rendered in the Prometheus text format (thread-safe)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.hist: dict[str, dict] = {}
+        self.batch_sizes: dict[int, int] = {}
+
+    def count(self, package: str, status: int) -> None:
+        with self._lock:
+            key = (package, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe(self, name: str, package: str, seconds: float) -> None:
+        with self._lock:
+            h = self.hist.setdefault(name, {}).setdefault(package, {"buckets": [0] * len(_LAT_BUCKETS), "sum": 0.0, "count": 0})
+            for i, b in enumerate(_LAT_BUCKETS):
+                if seconds <= b:
+                    h["buckets"][i] += 1
+            h["sum"] += seconds
+            h["count"] += 1
+
+    def batch(self, size: int) -> None:
+        with self._lock:
+            self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+    def render(self) -> str:
+        with self._lock:
+            out = ["# HELP semedge_requests_total Decode requests by package and HTTP status.",
+                   "# TYPE semedge_requests_total counter"]
+            for (pkg, status), n in sorted(self.requests.items()):
+                out.append(f'semedge_requests_total{{package="{pkg}",status="{status}"}} {n}')
+            helps = {"semedge_decode_seconds": "Time to decode one batch (JSC decoder + generation).",
+                     "semedge_queue_seconds": "Time a message waited before its batch started.",
+                     "semedge_request_seconds": "Time from a request's arrival to its answer."}
+            for name in sorted(self.hist):
+                out += [f"# HELP {name} {helps.get(name, name)}", f"# TYPE {name} histogram"]
+                for pkg, h in sorted(self.hist[name].items()):
+                    for b, c in zip(_LAT_BUCKETS, h["buckets"]):
+                        out.append(f'{name}_bucket{{package="{pkg}",le="{b}"}} {c}')
+                    out.append(f'{name}_bucket{{package="{pkg}",le="+Inf"}} {h["count"]}')
+                    out.append(f'{name}_sum{{package="{pkg}"}} {h["sum"]:.6f}')
+                    out.append(f'{name}_count{{package="{pkg}"}} {h["count"]}')
+            out += ["# HELP semedge_batch_size_total Decoded batches by size (messages per batch).",
+                    "# TYPE semedge_batch_size_total counter"]
+            for size, n in sorted(self.batch_sizes.items()):
+                out.append(f'semedge_batch_size_total{{size="{size}"}} {n}')
+            out.append("# HELP semedge_batch_size_max Largest batch decoded so far.")
+            out.append("# TYPE semedge_batch_size_max gauge")
+            out.append(f"semedge_batch_size_max {max(self.batch_sizes, default=0)}")
+            return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_jsc_decoder(pkg: Package):
+    """The package's JSC decoder (torch) from server/jsc.json + server/jsc.safetensors."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from semedge.semcom.jsc import JSCConfig, JSCDecoder
+
+    fix = "re-export the package (semedge export ...)"
+    cfg_d = {"d_model": pkg.d_model, "k": pkg.k, "identity": pkg.identity}
+    if "hidden" in pkg.manifest["jsc"]:
+        cfg_d["hidden"] = pkg.manifest["jsc"]["hidden"]
+    if pkg.has("server/jsc.json"):
+        try:
+            raw = json.loads(pkg.file("server/jsc.json").read_text())
+        except ValueError as e:
+            raise UserError(f"package {pkg.path}: server/jsc.json is not valid JSON ({e})", fix) from None
+        raw = raw.get("config", raw) if isinstance(raw, dict) else {}
+        names = {f.name for f in dataclasses.fields(JSCConfig)}
+        cfg_d.update({k: v for k, v in raw.items() if k in names})
+    cfg = JSCConfig(**cfg_d)
+    if cfg.k != pkg.k or cfg.d_model != pkg.d_model:
+        raise UserError(f"package {pkg.path}: server/jsc.json (k={cfg.k}, d_model={cfg.d_model}) disagrees with "
+                        f"manifest.json (k={pkg.k}, d_model={pkg.d_model})", fix)
+    dec = JSCDecoder(cfg)
+    if pkg.has("server/jsc.safetensors"):
+        state = load_file(str(pkg.file("server/jsc.safetensors")))
+        if any(k.startswith("decoder.") for k in state):
+            state = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+        try:
+            dec.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"package {pkg.path}: server/jsc.safetensors does not fit the JSC decoder ({e})", fix) from None
+    elif not cfg.identity:
+        raise UserError(f"package {pkg.path} has no server/jsc.safetensors (needed for a learned JSC)", fix)
+    return dec.eval()
+
+
+@dataclass
+class _Model:
+    loaded: object
+    silence: object  # torch [1500, d] or None
+    executor: ThreadPoolExecutor  # one decode thread per model: the big model runs one batch at a time
+    silence_kv: list | None = None  # per decoder layer: cross-attention (K, V) of the silence frames
+
+
+def silence_cross_kv(loaded, silence) -> list | None:
+    """Each decoder layer's cross-attention K and V projections of the silence encoding ([1500, d] each).
+
+    Every speech message's encoder states end in the same silence frames, so their
+    K/V rows are computed once here instead of per message (most of the per-message
+    cost at 1500 frames). None when the model's layout is not Whisper's.
+    """
+    import torch
+
+    try:
+        layers = loaded.model.model.decoder.layers
+        attns = [layer.encoder_attn for layer in layers]
+        with torch.inference_mode():
+            return [(a.k_proj(silence), a.v_proj(silence)) for a in attns]
+    except AttributeError:
+        return None
+
+
+def transcribe_speech(half, silence_kv: list, messages: list, max_new_tokens: int) -> list[str]:
+    """ServerHalf.transcribe for speech with the silence K/V precomputed (same math, less work).
+
+    The cross-attention cache is filled before generation: rows 0..n of each message
+    from its own frames, rows n..1500 from `silence_kv`; the decoder then reads K/V
+    from the cache and never projects the encoder states itself.
+    """
+    import torch
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from semedge.semcom.split import ENC_FRAMES, generate_kwargs
+
+    loaded = half.loaded
+    feats = [half.jsc(m.float()) for m in messages]
+    b = len(feats)
+    cross = DynamicCache()
+    cache = EncoderDecoderCache(DynamicCache(), cross)
+    for i, layer in enumerate(loaded.model.model.decoder.layers):
+        a = layer.encoder_attn
+        ks, vs = [], []
+        for f in feats:
+            n = min(f.shape[0], ENC_FRAMES)
+            ks.append(torch.cat([a.k_proj(f[:n]), silence_kv[i][0][n:]], 0))
+            vs.append(torch.cat([a.v_proj(f[:n]), silence_kv[i][1][n:]], 0))
+        k = torch.stack(ks).view(b, -1, a.num_heads, a.head_dim).transpose(1, 2)
+        v = torch.stack(vs).view(b, -1, a.num_heads, a.head_dim).transpose(1, 2)
+        cross.update(k, v, i)
+        cache.is_updated[i] = True
+    h = half.silence.expand(b, -1, -1)  # shape only: cross K/V come from the cache
+    ids = loaded.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), past_key_values=cache,
+                                max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
+    return [t.strip() for t in loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@dataclass
+class _Served:
+    package: Package
+    half: object  # ServerHalf
+    max_tokens: int
+    model: _Model
+    queue: asyncio.Queue | None = None
+    worker: asyncio.Task | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class Registry:
+    """Packages being served, with one shared model per model source."""
+
+    def __init__(self, packages: list[Package], loader=None, config: ServerConfig | None = None):
+        from semedge.semcom.split import ENC_FRAMES, ServerHalf, silence_encoding
+
+        loader = loader or default_loader
+        self.config = config or ServerConfig()
+        self.models: dict[str, _Model] = {}
+        self.served: dict[str, _Served] = {}
+        if not packages:
+            raise UserError("no packages to serve", "give a folder holding package folders (each with manifest.json)")
+        for pkg in packages:
+            pid = pkg.package_id
+            if pid in self.served:
+                raise UserError(f"package id {pid} appears twice ({self.served[pid].package.path} and {pkg.path})",
+                                "serve each package once")
+            src = pkg.model_source
+            if src not in self.models:
+                loaded = loader(src)
+                silence = silence_encoding(loaded) if loaded.kind == "speech" else None
+                kv = silence_cross_kv(loaded, silence) if silence is not None and self.config.cache_silence_kv else None
+                self.models[src] = _Model(loaded, silence, ThreadPoolExecutor(1, thread_name_prefix="decode"), kv)
+            m = self.models[src]
+            want = pkg.manifest["model"].get("weight_hash")
+            if want and want != m.loaded.weight_hash:
+                raise UserError(f"package {pid} was built for {src} with weights {want[:12]}…, but the server's "
+                                f"{src} has weights {m.loaded.weight_hash[:12]}…",
+                                "serve the model the package was exported from, or re-export the package")
+            if m.loaded.kind != pkg.kind or m.loaded.d_model != pkg.d_model:
+                raise UserError(f"package {pid} is a {pkg.kind} package with d_model={pkg.d_model}, but {src} is "
+                                f"{m.loaded.kind} with d_model={m.loaded.d_model}", "re-export the package")
+            half = ServerHalf(m.loaded, load_jsc_decoder(pkg), m.silence).eval()
+            if pkg.kind == "speech":
+                max_tokens = ENC_FRAMES
+            else:
+                pos = getattr(m.loaded.model.config, "max_position_embeddings", None)
+                max_tokens = int(min(self.config.max_text_tokens, pos or self.config.max_text_tokens))
+            self.served[pid] = _Served(pkg, half, max_tokens, m)
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def default_loader(source: str):
+    """load_model(source); `tiny:ARCH:SEED` (packages of test models) rebuilds that tiny model."""
+    from semedge.semcom import models
+
+    if source.startswith("tiny:"):
+        parts = source.split(":")
+        if len(parts) == 3 and parts[2].isdigit():
+            return models.tiny_model(parts[1], seed=int(parts[2]))
+    return models.load_model(source)
+
+
+def find_packages(directory) -> list[Package]:
+    """Every package under `directory` (itself, or its subfolders holding manifest.json), verified."""
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise UserError(f"packages folder {d} does not exist", "give the folder that holds your exported packages")
+    if (d / "manifest.json").is_file():
+        return [Package.load(d)]
+    pkgs = [Package.load(p.parent) for p in sorted(d.glob("*/manifest.json"))]
+    if not pkgs:
+        raise UserError(f"no packages under {d} (no */manifest.json)", "export one with `semedge export` into that folder")
+    return pkgs
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int) -> np.ndarray:
+    """A .npy body -> float32 [batch, tokens, k'] (1 <= k' <= k); HTTPError(422) with the reason."""
+    if not body.startswith(NPY_MAGIC):
+        raise HTTPError(422, "body is not a .npy array (np.save, no pickle)")
+    fp = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"npy version {version}")
+    except Exception as e:  # noqa: BLE001 - any malformed header
+        raise HTTPError(422, f"body is not a valid .npy array ({e})") from None
+    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4):
+        raise HTTPError(422, f"dtype {dtype} is not accepted: send float16 or float32")
+    if len(shape) not in (2, 3):
+        raise HTTPError(422, f"shape {shape} is not accepted: send [tokens, k] or [batch, tokens, k]")
+    if len(shape) == 2:
+        shape = (1, *shape)
+    b, t, kk = shape
+    if b < 1 or b > max_messages:
+        raise HTTPError(422, f"batch of {b} messages: send 1 to {max_messages} per request")
+    if t < 1 or t > max_tokens:
+        raise HTTPError(422, f"{t} tokens per message: this package takes 1 to {max_tokens}")
+    if kk < 1 or kk > k:
+        raise HTTPError(422, f"{kk} symbols per token: this package has k={k} (send 1 to {k})")
+    expect = b * t * kk * dtype.itemsize
+    data = body[fp.tell():]
+    if len(data) != expect:
+        raise HTTPError(422, f"body holds {len(data)} data bytes, the header's shape needs {expect}")
+    arr = np.frombuffer(data, dtype=dtype)
+    arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise HTTPError(422, "symbols contain NaN or inf")
+    return arr
+
+
+# ----------------------------------------------------------------------------- app
+
+
+@dataclass
+class _Item:
+    symbols: np.ndarray  # [tokens, k']
+    future: asyncio.Future
+    t_enqueued: float
+
+
+def create_app(packages: list[Package], loader=None, config: ServerConfig | None = None):
+    """The FastAPI app serving `packages` (Package objects, verified); `loader(source)` -> LoadedModel."""
+    from fastapi import FastAPI, Query
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    reg = Registry(packages, loader, config)
+    cfg = reg.config
+    metrics = Metrics()
+
+    async def batch_worker(s: _Served) -> None:
+        import torch
+
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await s.queue.get()
+            items = [first]
+            deadline = loop.time() + cfg.max_wait_ms / 1000.0
+            while len(items) < cfg.max_batch:
+                try:
+                    items.append(s.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(s.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            items = [it for it in items if not it.future.done()]  # client gone
+            if not items:
+                continue
+            t0 = time.perf_counter()
+            msgs = [torch.from_numpy(it.symbols) for it in items]
+
+            def run():
+                with torch.inference_mode():
+                    if s.model.silence_kv is not None:
+                        return transcribe_speech(s.half, s.model.silence_kv, msgs, cfg.max_new_tokens)
+                    return s.half.transcribe(msgs, max_new_tokens=cfg.max_new_tokens)
+
+            try:
+                texts = await loop.run_in_executor(s.model.executor, run)
+                err = None
+            except Exception as e:  # noqa: BLE001 - reported to every waiting request
+                log.exception("decode failed")
+                texts, err = None, e
+            t1 = time.perf_counter()
+            metrics.batch(len(items))
+            metrics.observe("semedge_decode_seconds", s.package.package_id, t1 - t0)
+            for i, it in enumerate(items):
+                metrics.observe("semedge_queue_seconds", s.package.package_id, t0 - it.t_enqueued)
+                if it.future.done():
+                    continue
+                if err is not None:
+                    it.future.set_exception(err)
+                else:
+                    it.future.set_result((texts[i], t0 - it.t_enqueued, t1 - t0, len(items)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for s in reg.served.values():
+            s.queue = asyncio.Queue()
+            s.worker = asyncio.create_task(batch_worker(s))
+        try:
+            yield
+        finally:
+            for s in reg.served.values():
+                s.worker.cancel()
+            await asyncio.gather(*(s.worker for s in reg.served.values()), return_exceptions=True)
+            reg.close()
+
+    app = FastAPI(title="semedge server", lifespan=lifespan)
+    app.state.registry = reg
+    app.state.metrics = metrics
+
+    def fail(pkg_label: str, status: int, detail: str):
+        metrics.count(pkg_label, status)
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @app.post("/v1/decode")
+    async def decode(request: Request, package: str = Query(..., max_length=200)):
+        t_start = time.perf_counter()
+        s = reg.served.get(package)
+        if s is None:
+            return fail("", 404, f"unknown package {package!r}; served: {sorted(reg.served)}")
+        pid = s.package.package_id
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            try:
+                n = int(cl)
+            except ValueError:
+                return fail(pid, 400, "Content-Length is not a number")
+            if n > cfg.max_body_bytes:
+                return fail(pid, 413, f"body of {n} bytes is over the limit of {cfg.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                return fail(pid, 413, f"body is over the limit of {cfg.max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            arr = parse_npy(b"".join(chunks), s.package.k, s.max_tokens, cfg.max_messages_per_request)
+        except HTTPError as e:
+            return fail(pid, e.status, e.detail)
+        if s.queue.qsize() + arr.shape[0] > cfg.max_queue:
+            return fail(pid, 503, f"the queue for {pid} is full ({cfg.max_queue} messages)")
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now) for m in arr]
+        for it in items:
+            s.queue.put_nowait(it)
+        try:
+            results = await asyncio.gather(*(it.future for it in items))
+        except asyncio.CancelledError:
+            for it in items:
+                it.future.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001
+            return fail(pid, 500, f"decode failed: {type(e).__name__}: {e}")
+        total = time.perf_counter() - t_start
+        metrics.count(pid, 200)
+        metrics.observe("semedge_request_seconds", pid, total)
+        return {
+            "text": [r[0] for r in results],
+            "timings_ms": {"queue": round(1000 * max(r[1] for r in results), 3),
+                           "decode": round(1000 * max(r[2] for r in results), 3),
+                           "total": round(1000 * total, 3)},
+            "batch": max(r[3] for r in results),
+            "package": pid,
+            "tokens": int(arr.shape[1]),
+        }
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "packages": {pid: {"model": s.package.model_source, "kind": s.package.kind,
+                                                   "k": s.package.k, "max_tokens": s.max_tokens}
+                                             for pid, s in reg.served.items()}}
+
+    @app.get("/metrics")
+    async def prom():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e})", "choose another --port (or 0 for a free one)") from None
+    return sock
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 120.0):
+    """Run `app` with uvicorn on a background thread; yields the base URL; stops cleanly on exit."""
+    import uvicorn
+
+    sock = _bind(host, port)
+    real_port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="semedge-server", daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started:
+        if not thread.is_alive():
+            sock.close()
+            raise RuntimeError("the server thread stopped during startup (see the log above)")
+        if time.monotonic() - t0 > startup_timeout:
+            server.should_exit = True
+            thread.join(10)
+            sock.close()
+            raise RuntimeError(f"the server did not start within {startup_timeout} s")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{real_port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def serve(packages_dir, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
+          log_level: str = "info") -> None:
+    """Serve every package under `packages_dir` until interrupted (the `semedge serve` command)."""
+    import uvicorn
+
+    app = create_app(find_packages(packages_dir), config=config)
+    sock = _bind(host, port)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False)).run(sockets=[sock])
+
+
+__all__ = ["ServerConfig", "Metrics", "Registry", "create_app", "find_packages", "load_jsc_decoder", "parse_npy",
+           "serve", "serve_in_thread"]

@@ -1,0 +1,267 @@
+"""JSC codec checkpoints: a folder of safetensors files plus a JSON manifest.
+
+    CKPT/manifest.json          format, model (source, weight_hash, d_model, kind), jsc config,
+                                channels, SNR range, data, seed, git commit, LoRA spec, metrics,
+                                rate policy, sha256 of every file
+    CKPT/codec.safetensors      JSC encoder + decoder state
+    CKPT/adapters.safetensors   LoRA weights (peft naming), when trained with LoRA
+    CKPT/trainer.safetensors    optimizer state (resume only; not shipped)
+
+Nothing here unpickles. Every file is written to a temporary name, then renamed;
+the manifest goes last, so a folder with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from semedge.semcom.errors import UserError
+from semedge.semcom.jsc import JSCCodec, JSCConfig
+
+FORMAT = "semedge-jsc/1"
+MANIFEST = "manifest.json"
+CODEC_FILE = "codec.safetensors"
+ADAPTER_FILE = "adapters.safetensors"
+TRAINER_FILE = "trainer.safetensors"
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Shipped default codecs, by built-in model name (folder under semcom/assets/).
+DEFAULTS = {"whisper-base": "whisper-base-jsc"}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    manifest: dict
+    codec: JSCCodec
+    adapters: dict | None = None  # LoRA state (peft names), or None
+
+    @property
+    def k(self) -> int:
+        return self.codec.cfg.k
+
+    @property
+    def lora(self):
+        from semedge.semcom.train import LoRASpec
+
+        lo = self.manifest.get("lora")
+        if not lo:
+            return None
+        return LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo.get("dropout", 0.0),
+                        targets=tuple(lo["targets"]), projections=tuple(lo["projections"]))
+
+    @property
+    def rate_policy(self):
+        from semedge.semcom.rate import RatePolicy
+
+        rp = self.manifest.get("rate_policy")
+        return RatePolicy.from_dict(rp) if rp else None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_tensors(tensors: dict, path: Path, dtype: torch.dtype | None = None) -> None:
+    from safetensors.torch import save_file
+
+    def conv(t):
+        t = t.detach().cpu().contiguous()
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    _write_atomic(path, lambda tmp: save_file({k: conv(v) for k, v in tensors.items()}, str(tmp)))
+
+
+def save_checkpoint(path, loaded, codec: JSCCodec, *, adapters: dict | None = None, trainer_state: dict | None = None,
+                    info: dict | None = None, dtype: str = "float32") -> Path:
+    """Write a checkpoint folder for `codec` (+ LoRA `adapters`) trained on `loaded`. Returns the folder."""
+    if dtype not in ("float32", "float16"):
+        raise UserError(f"checkpoint dtype {dtype!r} is unsupported", "use float32 or float16")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tdtype = torch.float16 if dtype == "float16" else None
+    old = path / MANIFEST
+    if old.exists():  # the folder is being rewritten: it is incomplete until the new manifest lands
+        old.unlink()
+    _save_tensors(codec.state_dict(), path / CODEC_FILE, tdtype)
+    files = [CODEC_FILE]
+    if adapters:
+        _save_tensors(adapters, path / ADAPTER_FILE, tdtype)
+        files.append(ADAPTER_FILE)
+    elif (path / ADAPTER_FILE).exists():
+        (path / ADAPTER_FILE).unlink()
+    if trainer_state:
+        _save_tensors(trainer_state, path / TRAINER_FILE)
+    manifest = {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "d_model": loaded.d_model,
+                  "kind": loaded.kind},
+        "jsc": dataclasses.asdict(codec.cfg),
+        "dtype": dtype,
+        "git_commit": git_commit(),
+        **(info or {}),
+        "files": {f: _sha256(path / f) for f in files},
+    }
+    body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
+    _write_atomic(path / MANIFEST, lambda tmp: tmp.write_text(body + "\n"))
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    if path.is_file() and path.name == MANIFEST:
+        path = path.parent
+    m = path / MANIFEST
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist", "give the folder `semedge train --out` wrote")
+    if not m.exists():
+        raise UserError(f"{str(path)!r} has no {MANIFEST}: not a checkpoint, or an interrupted write",
+                        "give the folder `semedge train --out` wrote (retrain if it was interrupted)")
+    try:
+        man = json.loads(m.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{m} is not valid JSON: {e}", "restore the checkpoint or retrain") from e
+    if man.get("format") != FORMAT:
+        raise UserError(f"{str(path)!r} has format {man.get('format')!r}, expected {FORMAT!r}",
+                        "retrain with this version of semedge")
+    return man
+
+
+def load_checkpoint(path, loaded=None, k: int | None = None, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint; with `loaded`, refuse one trained on other weights; with `k`, refuse another k."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file() and path.name == MANIFEST:
+        path = path.parent
+    man = read_manifest(path)
+    if verify:
+        for f, digest in man.get("files", {}).items():
+            if not (path / f).exists():
+                raise UserError(f"checkpoint file {f} is missing from {str(path)!r}", "restore the folder or retrain")
+            if _sha256(path / f) != digest:
+                raise UserError(f"checkpoint file {path / f} does not match its manifest hash (damaged or edited)",
+                                "restore the folder or retrain")
+    if loaded is not None:
+        check_compatible(man, loaded, path)
+    cfg = JSCConfig.from_dict(man["jsc"])
+    if k is not None and cfg.k != k:
+        raise UserError(f"checkpoint {str(path)!r} has k={cfg.k} symbols per token, but k={k} was asked for",
+                        f"drop --k, pass --k {cfg.k}, or train a codec with --k {k}")
+    codec = JSCCodec(cfg)
+    state = {kk: v.float() for kk, v in load_file(str(path / CODEC_FILE)).items()}
+    try:
+        codec.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"codec weights in {str(path)!r} do not match its manifest: {str(e).splitlines()[0]}",
+                        "restore the folder or retrain") from e
+    codec.eval()
+    adapters = None
+    if ADAPTER_FILE in man.get("files", {}):
+        adapters = {kk: v.float() for kk, v in load_file(str(path / ADAPTER_FILE)).items()}
+    return Checkpoint(path, man, codec, adapters)
+
+
+def check_compatible(man: dict, loaded, path) -> None:
+    mm = man.get("model", {})
+    if mm.get("d_model") != loaded.d_model:
+        raise UserError(f"checkpoint {str(path)!r} was trained for d_model={mm.get('d_model')} ({mm.get('source')}), "
+                        f"but {loaded.source} has d_model={loaded.d_model}",
+                        f"use --model {mm.get('source')}, or train a codec for {loaded.source}")
+    if mm.get("weight_hash") != loaded.weight_hash:
+        raise UserError(f"checkpoint {str(path)!r} was trained on {mm.get('source')} (weights {str(mm.get('weight_hash'))[:12]}), "
+                        f"not on {loaded.source} (weights {loaded.weight_hash[:12]})",
+                        f"use --model {mm.get('source')}, or train a codec for {loaded.source} with semedge train")
+
+
+def apply_checkpoint(loaded, ckpt: Checkpoint):
+    """The LoadedModel the checkpoint's receiver runs: `loaded` itself, or a copy with its LoRA adapters
+    (on an nf4 base when it was trained with --qlora)."""
+    if not ckpt.adapters:
+        return loaded
+    from semedge.semcom.train import load_adapter_state, prepare_model
+
+    model = prepare_model(loaded, ckpt.lora, bool(ckpt.manifest.get("qlora")))
+    load_adapter_state(model, ckpt.adapters)
+    model.eval()
+    return dataclasses.replace(loaded, model=model)
+
+
+def default_codec_path(loaded) -> Path | None:
+    """The shipped codec folder for this model, or None."""
+    for name, folder in DEFAULTS.items():
+        p = ASSETS / folder
+        if (p / MANIFEST).exists():
+            try:
+                man = json.loads((p / MANIFEST).read_text())
+            except json.JSONDecodeError:
+                continue
+            if man.get("model", {}).get("weight_hash") == loaded.weight_hash:
+                return p
+    return None
+
+
+def load_default_codec(loaded) -> Checkpoint | None:
+    """The shipped default codec for `loaded` (matched by weight hash), or None if it has none."""
+    p = default_codec_path(loaded)
+    return None if p is None else load_checkpoint(p, loaded)
+
+
+def load_for_inference(loaded, jsc: str | None = None, k: int | None = None):
+    """(receiver LoadedModel, Checkpoint | None): `jsc` a folder, 'default' / None (shipped default) or 'identity'."""
+    if jsc == "identity":
+        return loaded, None
+    if jsc in (None, "default"):
+        ck = load_default_codec(loaded)
+        if ck is None:
+            if jsc == "default":
+                raise UserError(f"{loaded.source} has no shipped default codec", "train one: semedge train --model ... --out CKPT")
+            return loaded, None
+        if k is not None and ck.k != k:
+            raise UserError(f"the default codec has k={ck.k}, not {k}", f"drop --k, or train a codec with --k {k}")
+    else:
+        ck = load_checkpoint(jsc, loaded, k=k)
+    return apply_checkpoint(loaded, ck), ck

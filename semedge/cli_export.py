@@ -1,0 +1,73 @@
+"""`semedge export`: the device half of a model -> a device package (folder + zip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export_cmd(
+        model: str = typer.Option("whisper-base", "--model", help="built-in name or local checkpoint directory"),
+        jsc: Optional[str] = typer.Option(None, "--jsc", help="JSC checkpoint folder ('identity' or none: the shipped default / identity)"),
+        plan: Optional[Path] = typer.Option(None, "--plan", help="compression plan JSON (semedge plan)"),
+        device: str = typer.Option(..., "--device", help="device profile name (device_profiles/NAME.yaml) or YAML path"),
+        out: Path = typer.Option(..., "--out", help="package folder to write; <out>.zip is written beside it"),
+        opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+        no_optimize: bool = typer.Option(False, "--no-optimize", help="skip the attention/GELU/LayerNorm fusions"),
+    ) -> None:
+        """Export the device half to ONNX, check parity, and write a device package."""
+        import tempfile
+
+        from rich.console import Console
+
+        from semedge.export.package import build_package, package_bytes
+        from semedge.runtime.profiles import load_profile
+        from semedge.semcom.errors import UserError
+
+        con = Console(stderr=True)
+
+        def say(msg: str) -> None:
+            con.print(f"[dim]…[/dim] {msg}")
+
+        prof = load_profile(device)
+        say(f"profile {prof.name}")
+        from semedge.semcom.checkpoint import load_for_inference
+        from semedge.semcom.models import load_model
+        from semedge.semcom.split import build_split
+
+        say(f"loading {model}")
+        loaded = load_model(model)
+        loaded, ckpt = load_for_inference(loaded, jsc)
+        split = build_split(loaded, ckpt.codec if ckpt is not None else None)
+        plan_obj, onnx_path, report = None, None, None
+        with tempfile.TemporaryDirectory(prefix="semedge-export-") as tmp:
+            if plan is not None:
+                try:
+                    from semedge.compress.plan import Plan, apply_onnx_steps, apply_torch_steps
+                except ImportError as e:
+                    raise UserError(f"--plan needs semedge.compress.plan, which is not available ({e})", "export without --plan") from None
+                plan_obj = Plan.from_json(plan)
+                say(f"applying plan {plan_obj.name or plan}")
+                split = apply_torch_steps(split, plan_obj, progress=True, workdir=tmp)
+                from semedge.export.onnx import export_device_half
+
+                report = export_device_half(split, Path(tmp) / "fp32.onnx", opset=opset, optimize=not no_optimize, progress=say)
+                onnx_path = apply_onnx_steps(report.path, Path(tmp) / "device.onnx", plan_obj)
+                if Path(onnx_path) == report.path or not plan_obj.ops(("quantize_onnx",)):
+                    pass  # fp32 graph: the export's parity stands
+                else:
+                    report = None  # quantized: its parity is compress/'s to record
+            pkg = build_package(split, out, onnx_path=onnx_path, plan=plan_obj, profile=prof.name,
+                                jsc_ckpt=ckpt.path if ckpt is not None else None, export_report=report,
+                                opset=opset, optimize=not no_optimize, progress=say)
+        import json
+
+        man = json.loads((pkg / "manifest.json").read_text())
+        par = man["onnx"].get("parity")
+        par_s = f"max|Δ| {par['max_abs']:.2e} ({par['max_abs_rel']:.1e} of scale), cos {par['cosine']:.6f}" if par else "parity: n/a"
+        con.print(f"[green]package[/green] {man['package_id']} ({man['onnx']['precision']})")
+        typer.echo(f"{pkg}  {package_bytes(pkg)} bytes  {par_s}")

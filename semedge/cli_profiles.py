@@ -1,0 +1,248 @@
+"""CLI: `semedge profiles list|show|validate|measure-host|calibrate`, `semedge profile`, `semedge bench-device`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from semedge.semcom.errors import UserError
+
+profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: list, show, validate, measure, calibrate.")
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=1))
+
+
+def _parse_lengths(s: str | None) -> list[int] | None:
+    if not s:
+        return None
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths '{s}' is not a list of integers", "write e.g. --lengths 16,64,256")
+    if any(v <= 0 for v in out):
+        raise UserError(f"--lengths '{s}' has a non-positive length", "use lengths >= 1")
+    return out
+
+
+def _resolve_model(pkg: Path) -> Path:
+    """An .onnx file, or a package folder holding device.onnx."""
+    if pkg.is_dir():
+        m = pkg / "device.onnx"
+        if not m.is_file():
+            raise UserError(f"{pkg}: no device.onnx in this folder", "give an .onnx file or a package folder")
+        return m
+    if not pkg.is_file():
+        raise UserError(f"{pkg}: no such file or folder", "give an .onnx file or a package folder")
+    return pkg
+
+
+@profiles_app.command("list")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """List the device profiles."""
+    from semedge.runtime.profiles import load_profiles, profiles_dir
+
+    profs = load_profiles()
+    if as_json:
+        _echo_json([p.model_dump(mode="json") for p in profs.values()])
+        return
+    typer.echo(f"profiles in {profiles_dir()}")
+    typer.echo(f"{'name':18s} {'class':7s} {'mem MB':>7s} {'fp32 GF/s':>10s} {'int8 GOP/s':>10s} {'BW GB/s':>8s}"
+               f" {'thr':>3s} {'budget ms':>9s}  EPs")
+    for p in profs.values():
+        typer.echo(f"{p.name:18s} {p.device_class:7s} {p.memory_budget_mb:7.0f} {p.peak_gflops.fp32:10.1f} "
+                   f"{p.peak_gflops.int8:10.1f} {p.mem_bandwidth_gbs:8.1f} {p.threads:3d} {p.latency_budget_ms:9.0f}"
+                   f"  {','.join(p.execution_providers)}")
+
+
+@profiles_app.command("show")
+def show_cmd(name: str, as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Show one profile (by name or path)."""
+    import yaml
+
+    from semedge.runtime.profiles import load_profile
+
+    p = load_profile(name)
+    d = p.model_dump(mode="json", exclude_none=True)
+    typer.echo(json.dumps(d, indent=1) if as_json else yaml.safe_dump(d, sort_keys=False).rstrip())
+
+
+@profiles_app.command("validate")
+def validate_cmd(files: List[Path] = typer.Argument(..., help="profile YAML files")):
+    """Validate profile files: one line per error; exit code 2 if any is invalid."""
+    from semedge.runtime.profiles import validate_file
+
+    bad = 0
+    for f in files:
+        errs = validate_file(f)
+        for e in errs:
+            typer.echo(e, err=True)
+        if errs:
+            bad += 1
+        else:
+            typer.echo(f"{f}: ok")
+    if bad:
+        raise typer.Exit(2)
+
+
+@profiles_app.command("measure-host")
+def measure_host_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="write the profile here (e.g. device_profiles/host.yaml)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ORT threads (default: all cores)"),
+    seconds: float = typer.Option(1.0, "--seconds", help="time per GEMM measurement"),
+):
+    """Measure this machine (GEMM peaks, memory bandwidth, cores, EPs) into a `host` profile."""
+    import yaml
+
+    from semedge.runtime.profiler import measure_host
+    from semedge.runtime.profiles import dump_profile
+
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads} is not >= 1", "use --threads 1 or more")
+    prof = measure_host(threads, seconds)
+    header = (f"Measured by `semedge profiles measure-host` ({prof.measured_on}).\n"
+              "peak_gflops: best ORT MatMul 256x1024x1024 (fp32, fp16; int8 = MatMulInteger) with `threads`.\n"
+              "mem_bandwidth_gbs: numpy copy of 256 MiB (read + write). memory_budget_mb: 25% of RAM.")
+    if out:
+        dump_profile(prof, out, header)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(yaml.safe_dump(prof.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip())
+
+
+@profiles_app.command("calibrate")
+def calibrate_cmd(
+    name: str = typer.Argument(..., help="profile name or path"),
+    bench: Path = typer.Argument(..., help="JSON written by `semedge bench-device --json`"),
+    model: Optional[Path] = typer.Option(None, "--model", help="the benched model here, if its path differs"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the calibrated profile here instead"),
+):
+    """Fit a profile's efficiency factors from a bench run on that device."""
+    import shutil
+
+    from semedge.runtime import costmodel
+    from semedge.runtime.profiles import load_profile, profiles_dir, update_efficiency
+
+    prof = load_profile(name)
+    src = Path(name) if name.endswith((".yaml", ".yml")) else profiles_dir() / f"{name}.yaml"
+    try:
+        data = json.loads(bench.read_text())
+        rows = data["results"]
+        mpath = _resolve_model(model or Path(data["model"]))
+    except FileNotFoundError:
+        raise UserError(f"{bench}: no such file", "run `semedge bench-device PKG --json > bench.json` first")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{bench}: not a bench JSON (needs 'model' and 'results')",
+                        "use the output of `semedge bench-device --json`")
+    lat, mem = [], []
+    for r in rows:
+        cost = costmodel.analyze(mpath, r.get("length"))
+        lat.append((cost, float(r["p50_ms"])))
+        if r.get("peak_rss_mb"):
+            mem.append((cost, float(r["peak_rss_mb"])))
+    if not lat:
+        raise UserError(f"{bench}: no results", "bench at least one input length")
+    before = [costmodel.predict_latency_ms(c, prof) for c, _ in lat]
+    eff = costmodel.calibrate(lat, prof, label=f"{bench.name} ({len(lat)} lengths, {mpath.name})")
+    if len(mem) >= 3:
+        eff = costmodel.calibrate_memory(mem, eff)
+    cal = prof.model_copy(update={"efficiency": eff})
+    after = [costmodel.predict_latency_ms(c, cal) for c, _ in lat]
+    target = out or src
+    if out:
+        shutil.copyfile(src, out)
+    update_efficiency(target, eff)
+    for (c, m), b, a in zip(lat, before, after):
+        typer.echo(f"measured {m:9.2f} ms   predicted before {b:9.2f} ms   after {a:9.2f} ms")
+    typer.echo(f"wrote efficiency to {target}")
+
+
+def profile_cmd(
+    model: Path = typer.Argument(..., help="an .onnx model (or a package folder with device.onnx)"),
+    device: str = typer.Option(..., "--device", help="profile name or path"),
+    length: Optional[str] = typer.Option(None, "--lengths", help="input lengths for symbolic dims, e.g. 64,256"),
+    runs: int = typer.Option(20, "--runs", help="timed runs (host only)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Predicted latency and memory of MODEL on a device; on `host` also the measured figures."""
+    from semedge.runtime import costmodel
+    from semedge.runtime.profiles import load_profile
+
+    mpath = _resolve_model(model)
+    prof = load_profile(device)
+    lengths = _parse_lengths(length) or [None]
+    rows = []
+    for ln in lengths:
+        r = costmodel.predict(mpath, prof, ln)
+        r["latency_budget_ms"] = prof.latency_budget_ms
+        r["memory_budget_mb"] = prof.memory_budget_mb
+        rows.append(r)
+    if prof.device_class == "host":
+        from semedge.runtime import profiler
+
+        b = profiler.bench_onnx(mpath, [ln for ln in lengths], runs=runs, threads=prof.threads)
+        by_len = {r["length"]: r for r in b["results"]}
+        for r in rows:
+            m = by_len.get(r["length"]) or b["results"][0]
+            r.update(measured_ms=m["p50_ms"], measured_p95_ms=m["p95_ms"], measured_peak_mb=m.get("peak_rss_mb"))
+        rows[0]["ops"] = profiler.op_profile(mpath, lengths[0], prof.threads, runs=3, top=8)
+    if as_json:
+        _echo_json({"model": str(mpath), "device": prof.name, "results": rows})
+        return
+    typer.echo(f"{mpath} on {prof.name} ({prof.threads} threads; predictions calibrated on: "
+               f"{prof.efficiency.calibrated_on or 'defaults, uncalibrated'})")
+    for r in rows:
+        line = (f"  length {str(r['length']):>5s}: predicted {r['predicted_ms']:9.2f} ms, {r['predicted_peak_mb']:7.1f} MB"
+                f"  (budget {r['latency_budget_ms']:.0f} ms, {r['memory_budget_mb']:.0f} MB; {r['gflops']:.2f} GFLOP)")
+        if "measured_ms" in r:
+            line += f"\n{'':17s}measured {r['measured_ms']:9.2f} ms, {r['measured_peak_mb'] or float('nan'):7.1f} MB"
+        typer.echo(line)
+    if rows and "ops" in rows[0]:
+        typer.echo("  top ops (ORT profile): " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in rows[0]["ops"]))
+
+
+def bench_device_cmd(
+    pkg: Path = typer.Argument(..., help="an .onnx file or a package folder with device.onnx"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="input lengths, e.g. 16,64,256"),
+    runs: int = typer.Option(20, "--runs", help="timed runs per length"),
+    warmup: int = typer.Option(3, "--warmup", help="untimed runs first"),
+    threads: int = typer.Option(1, "--threads", help="ORT intra-op threads"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (input of `profiles calibrate`)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON here"),
+):
+    """Run on the target: latency (p50/p95/p99) and peak RSS per input length."""
+    import os
+    import tempfile
+
+    from semedge.runtime.profiler import bench_onnx
+
+    if runs < 1 or threads < 1 or warmup < 0:
+        raise UserError("--runs and --threads must be >= 1, --warmup >= 0", "e.g. --runs 20 --threads 4")
+    mpath = _resolve_model(pkg)
+    res = bench_onnx(mpath, _parse_lengths(lengths), runs=runs, warmup=warmup, threads=threads)
+    if pkg.is_dir() and (pkg / "manifest.json").is_file():
+        res["package"] = str(pkg)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, out)
+    if as_json:
+        _echo_json(res)
+        return
+    typer.echo(f"{mpath} ({threads} threads, {runs} runs; baseline RSS {res['baseline_rss_mb']} MB)")
+    for r in res["results"]:
+        typer.echo(f"  length {str(r['length']):>5s}: p50 {r['p50_ms']:9.2f} ms  p95 {r['p95_ms']:9.2f}  "
+                   f"p99 {r['p99_ms']:9.2f}  peak RSS {r.get('peak_rss_mb', float('nan')):7.1f} MB")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(profiles_app, name="profiles")
+    app.command("profile")(profile_cmd)
+    # TODO(lead): move under the `device` group as `device bench` once semedge/cli_export.py has it
+    app.command("bench-device")(bench_device_cmd)

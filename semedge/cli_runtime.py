@@ -1,0 +1,125 @@
+"""`semedge device run` (the device side: runner -> link -> server) and `semedge serve`.
+
+`device run` imports no torch: it runs on the device with `pip install semedge[device]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from semedge.semcom.errors import UserError
+
+device_app = typer.Typer(no_args_is_help=True, help="Run a package on this device and talk to a server.")
+
+
+@device_app.command("run")
+def device_run(
+    package: Path = typer.Argument(..., help="the package folder (holds manifest.json)"),
+    wav: Optional[Path] = typer.Option(None, help="an audio file to send (speech packages)"),
+    text: Optional[str] = typer.Option(None, help="a sentence to send (text packages)"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
+    channel: str = typer.Option("awgn", help="link simulated on the device: none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
+    snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
+    k_keep: Optional[int] = typer.Option(None, "--k-keep", help="send only the first K symbols per token (renormalised)"),
+    profile: Optional[str] = typer.Option(None, help="device profile whose execution providers and threads to use"),
+    seed: Optional[int] = typer.Option(None, help="channel noise seed (default: random)"),
+    dtype: str = typer.Option("float32", help="wire format of the symbols: float32 or float16"),
+    timeout: float = typer.Option(60.0, help="seconds to wait for the server"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Encode one message with the package's ONNX device half, send it through the link to the server, print the text."""
+    import time
+
+    import numpy as np
+
+    from semedge.runtime.client import send
+    from semedge.runtime.link import channel_uses
+    from semedge.runtime.package import Package
+    from semedge.runtime.runner import DeviceRunner
+    from semedge.semcom.channel_spec import parse_channel, parse_snr
+
+    if (wav is None) == (text is None):
+        raise UserError("give exactly one of --wav and --text", "e.g. --wav hello.wav (speech) or --text 'hello' (text)")
+    snr_db = parse_snr(snr)
+    parse_channel(channel)
+    prof = None
+    if profile is not None:
+        from semedge.runtime.profiles import load_profile
+
+        prof = load_profile(profile)
+    pkg = Package.load(package)
+    runner = DeviceRunner(pkg, providers=prof)
+    if k_keep is not None and not 1 <= k_keep <= pkg.k:
+        raise UserError(f"--k-keep {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
+    t0 = time.perf_counter()
+    if wav is not None:
+        if pkg.kind != "speech":
+            raise UserError(f"package {pkg.package_id} is a text model", "use --text")
+        from semedge.semcom.tasks.speech import read_wav
+
+        symbols = runner.encode_audio(read_wav(wav), k_keep=k_keep)
+    else:
+        if pkg.kind != "text":
+            raise UserError(f"package {pkg.package_id} is a speech model", "use --wav")
+        symbols = runner.encode_text(text, k_keep=k_keep)
+    t_dev = time.perf_counter() - t0
+    out = send(server, pkg.package_id, symbols, timeout=timeout, channel=channel, snr_db=snr_db,
+               rng=np.random.default_rng(seed), dtype=dtype)
+    t_all = time.perf_counter() - t0
+    result = {
+        "text": out["text"][0],
+        "package": pkg.package_id,
+        "channel": channel,
+        "snr_db": snr_db if math.isfinite(snr_db) else "inf",
+        "tokens": int(symbols.shape[0]),
+        "symbols_per_token": int(symbols.shape[1]),
+        "channel_uses": channel_uses(symbols.size),
+        "providers": runner.providers,
+        "timings_ms": {"device": round(1000 * t_dev, 2), "server": out["timings_ms"],
+                       "round_trip": round(1000 * (t_all - t_dev), 2), "total": round(1000 * t_all, 2)},
+    }
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(result["text"])
+    typer.echo(f"[{result['tokens']} tokens x {result['symbols_per_token']} symbols = {result['channel_uses']} channel uses, "
+               f"{channel} {snr} dB; device {result['timings_ms']['device']:.0f} ms, "
+               f"round trip {result['timings_ms']['round_trip']:.0f} ms]", err=True)
+
+
+def serve(
+    packages: Path = typer.Option(..., "--packages", help="a folder of package folders (each with manifest.json), or one package"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port (0: a free one)"),
+    max_batch: int = typer.Option(8, help="most messages decoded together"),
+    max_wait_ms: float = typer.Option(8.0, help="how long a message waits for others to batch with"),
+    max_body_mb: float = typer.Option(8.0, help="largest request body (MiB); larger gets 413"),
+    max_new_tokens: int = typer.Option(96, help="longest output (tokens)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads for decoding (default: torch's)"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+):
+    """Serve every package under --packages: POST /v1/decode?package=ID, GET /healthz, GET /metrics."""
+    from semedge.runtime.server import ServerConfig
+    from semedge.runtime.server import serve as run_server
+
+    if max_batch < 1 or max_wait_ms < 0 or max_body_mb <= 0 or max_new_tokens < 1:
+        raise UserError("--max-batch, --max-new-tokens and --max-body-mb must be positive, --max-wait-ms >= 0",
+                        "e.g. --max-batch 8 --max-wait-ms 8 --max-body-mb 8")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                       max_new_tokens=max_new_tokens)
+    typer.echo(f"serving {packages} on http://{host}:{port}", err=True)
+    run_server(packages, host=host, port=port, config=cfg, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(device_app, name="device")
+    app.command("serve")(serve)

@@ -1,0 +1,103 @@
+"""Cost model: FLOPs/bytes per node, roofline prediction, calibration on measured variants."""
+
+import numpy as np
+import pytest
+
+from _tinyonnx import tiny_encoder
+from semedge.runtime import costmodel
+from semedge.runtime.profiles import load_profile
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_encoder(tmp_path_factory.mktemp("cm") / "tiny.onnx", d=64, ffn=256, layers=2)
+
+
+def test_flops_exact(tiny):
+    t, d, f, layers = 32, 64, 256, 2
+    c = costmodel.analyze(tiny, length=t)
+    by = c.by_class()
+    assert by["matmul_fp32"]["flops"] == pytest.approx(layers * 2 * t * (d * f + f * d))
+    assert by["attention"]["flops"] == pytest.approx(layers * 2 * (2 * t * t * d))
+    assert c.weight_bytes == pytest.approx(4 * layers * (d * f + f + f * d + 2 * d), rel=1e-3)
+    assert not c.unresolved
+    # attention grows quadratically, weights do not change
+    c2 = costmodel.analyze(tiny, length=2 * t)
+    assert c2.by_class()["attention"]["flops"] == pytest.approx(4 * by["attention"]["flops"])
+    assert c2.weight_bytes == c.weight_bytes
+    assert c2.peak_activation_bytes > c.peak_activation_bytes
+
+
+def test_symbolic_length_required(tiny):
+    from semedge.semcom.errors import UserError
+
+    with pytest.raises(UserError, match="length"):
+        costmodel.analyze(tiny)
+
+
+def test_quantized_classes(tiny, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    import onnx
+
+    q8 = tmp_path / "q8.onnx"
+    quantize_dynamic(str(tiny), str(q8), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    c8 = costmodel.analyze(q8, length=16)
+    assert c8.by_class()["matmul_int8"]["flops"] == pytest.approx(2 * 2 * 16 * 2 * 64 * 256)
+    q = MatMulNBitsQuantizer(onnx.load(str(tiny)), block_size=32, is_symmetric=True)
+    q.process()
+    q4 = tmp_path / "q4.onnx"
+    q.model.save_model_to_file(str(q4))
+    c4 = costmodel.analyze(q4, length=16)
+    assert c4.by_class()["matmul_int4"]["flops"] == pytest.approx(2 * 2 * 16 * 2 * 64 * 256)
+    assert not c4.unresolved
+    c32 = costmodel.analyze(tiny, length=16)
+    assert c4.weight_bytes < 0.3 * c32.weight_bytes and c8.weight_bytes < 0.4 * c32.weight_bytes
+
+
+def test_prediction_scales_with_device(tiny):
+    c = costmodel.analyze(tiny, length=64)
+    watch = costmodel.predict_latency_ms(c, load_profile("watch"))
+    orin = costmodel.predict_latency_ms(c, load_profile("jetson-agx-orin"))
+    assert watch > orin > 0
+    r = costmodel.predict(tiny, load_profile("watch"), 64)
+    assert r["predicted_peak_mb"] > r["weights_mb"] and r["nodes"] > 0
+
+
+def test_calibration_recovers_factors(tiny):
+    """Synthetic 'measurements' from known factors: the fit must recover them."""
+    prof = load_profile("raspberry-pi-5")
+    truth = prof.efficiency.model_copy(update=dict(matmul_fp32=0.3, attention=0.1, memory=0.4,
+                                                   overhead_us_per_node=20.0, fixed_ms=0.5))
+    true_prof = prof.model_copy(update={"efficiency": truth})
+    costs = []
+    for seed, (d, f) in enumerate([(64, 256), (128, 512), (96, 128)]):
+        from pathlib import Path
+        import tempfile
+
+        p = tiny_encoder(Path(tempfile.mkdtemp()) / "m.onnx", d=d, ffn=f, layers=2, seed=seed)
+        costs += [costmodel.analyze(p, length=t) for t in (8, 64, 256, 512)]
+    samples = [(c, costmodel.predict_latency_ms(c, true_prof)) for c in costs]
+    eff = costmodel.calibrate(samples, prof)
+    fitted = prof.model_copy(update={"efficiency": eff})
+    err = [costmodel.predict_latency_ms(c, fitted) / m - 1 for c, m in samples]
+    assert max(abs(e) for e in err) < 0.02
+    before = [costmodel.predict_latency_ms(c, prof) / m - 1 for c, m in samples]
+    assert max(abs(e) for e in before) > 0.2  # the test can fail: defaults are far off
+
+
+def test_few_samples_fit_one_scale(tiny):
+    prof = load_profile("raspberry-pi-5")
+    c = costmodel.analyze(tiny, length=64)
+    pred = costmodel.predict_latency_ms(c, prof)
+    eff = costmodel.calibrate([(c, pred * 2.0)], prof)
+    got = costmodel.predict_latency_ms(c, prof.model_copy(update={"efficiency": eff}))
+    assert got == pytest.approx(pred * 2.0, rel=0.02)
+
+
+def test_nnls_nonnegative():
+    rng = np.random.default_rng(0)
+    a = rng.random((20, 3))
+    b = a @ np.array([1.0, 0.0, 2.0]) - 0.3 * a[:, 1]
+    x = costmodel._nnls(a, b)
+    assert (x >= 0).all() and x[0] > 0.5

@@ -1,0 +1,211 @@
+"""Device runtime: package verification, the ONNX runner vs the torch device half, no-torch import."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime_pkg import make_package
+from semedge.runtime.package import Package
+from semedge.runtime.runner import DeviceRunner, normalize_power, resolve_providers, truncate
+from semedge.semcom.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _split(arch: str, k: int = 16):
+    from semedge.semcom.jsc import JSCCodec, JSCConfig
+    from semedge.semcom.models import tiny_model
+    from semedge.semcom.split import build_split
+
+    loaded = tiny_model(arch)
+    torch.manual_seed(1)
+    codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=k, hidden=64))
+    return build_split(loaded, codec)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    split = _split("whisper")
+    pkg = make_package(split, tmp_path_factory.mktemp("pkg") / "tiny-speech", name="tiny-speech")
+    return split, pkg
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    split = _split("bart")
+    pkg = make_package(split, tmp_path_factory.mktemp("pkg") / "tiny-text", name="tiny-text")
+    return split, pkg
+
+
+def _audio(seconds: float = 1.3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _copy(pkg: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(pkg, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- package
+
+
+def test_package_loads_and_reads_fields(speech):
+    split, path = speech
+    pkg = Package.load(path)
+    assert pkg.kind == "speech" and pkg.k == 16 and pkg.d_model == 64
+    assert pkg.package_id.startswith("tiny-speech-")
+    assert pkg.onnx_path.is_file()
+
+
+def test_tampered_byte_is_refused(speech, tmp_path):
+    p = _copy(speech[1], tmp_path)
+    onnx = p / "device.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(UserError) as e:
+        Package.load(p)
+    assert "device.onnx" in str(e.value) and "re-export the package" in str(e.value)
+
+
+def test_missing_file_is_refused(speech, tmp_path):
+    p = _copy(speech[1], tmp_path)
+    (p / "server" / "jsc.safetensors").unlink()
+    with pytest.raises(UserError, match="server/jsc.safetensors is missing"):
+        Package.load(p)
+
+
+def test_extra_file_is_refused(speech, tmp_path):
+    p = _copy(speech[1], tmp_path)
+    (p / "server" / "evil.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="server/evil.bin is not listed"):
+        Package.load(p)
+
+
+def test_bad_manifest_is_refused(speech, tmp_path):
+    p = _copy(speech[1], tmp_path)
+    m = json.loads((p / "manifest.json").read_text())
+    m["format"] = "semedge-package/99"
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="format"):
+        Package.load(p)
+    m["format"] = "semedge-package/1"
+    m["files"]["../outside"] = "0" * 64
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="unsafe"):
+        Package.load(p)
+    (p / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Package.load(p)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def test_runner_matches_torch_device_half(speech):
+    from semedge.semcom.system import device_encode
+
+    split, path = speech
+    runner = DeviceRunner(path)
+    audio = _audio()
+    got = runner.encode_audio(audio)
+    ref = device_encode(split, [audio])[0].numpy()
+    assert got.shape == ref.shape == (65, 16)  # ceil(1.3 s / 20 ms) frames
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
+    # rate adaptation: the same symbols the torch path sends
+    got8 = runner.encode_audio(audio, k_keep=8)
+    ref8 = device_encode(split, [audio], k_keep=8)[0].numpy()
+    assert got8.shape == (65, 8)
+    np.testing.assert_allclose(got8, ref8, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(np.mean(got8**2, axis=-1), 1.0, atol=1e-4)
+
+
+def test_runner_text_matches_torch(text):
+    from semedge.semcom.system import device_encode
+
+    split, path = text
+    runner = DeviceRunner(path)
+    got = runner.encode_text("the quick brown fox jumps")
+    ref = device_encode(split, ["the quick brown fox jumps"])[0].numpy()
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="text model"):
+        runner.encode_audio(_audio())
+
+
+def test_k_keep_renormalisation_matches_torch():
+    from semedge.semcom.jsc import normalize_power as torch_np
+
+    x = np.random.default_rng(0).standard_normal((3, 7, 12)).astype(np.float32) * 3
+    for k_keep in (None, 1, 5, 12):
+        ref = torch_np(torch.from_numpy(x), k_keep).numpy()
+        np.testing.assert_allclose(normalize_power(x, k_keep), ref, rtol=1e-5, atol=1e-6)
+    assert truncate(x, 5).shape == (3, 7, 5)
+    with pytest.raises(UserError, match="k_keep"):
+        normalize_power(x, 13)
+
+
+def test_providers_fall_back_to_cpu():
+    from semedge.runtime.profiles import load_profile
+
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert resolve_providers(["TensorRT", "CUDA"]) == ["CPUExecutionProvider"]
+    assert any("falling back to CPU" in str(x.message) for x in w)
+    with pytest.raises(UserError, match="not known"):
+        resolve_providers(["TPU"])
+    prof = load_profile("jetson-orin-nano")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert resolve_providers(prof.execution_providers)[-1] == "CPUExecutionProvider"
+
+
+def test_runner_takes_a_profile(speech):
+    from semedge.runtime.profiles import load_profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = DeviceRunner(speech[1], providers=load_profile("raspberry-pi-5"))
+    assert runner.providers[-1] == "CPUExecutionProvider"
+    assert runner.encode_audio(_audio(0.5)).shape == (25, 16)
+
+
+def test_device_runtime_imports_without_torch(speech, text):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None
+        sys.modules["transformers"] = None
+        import numpy as np
+        from semedge.runtime import client, features, link, package, runner
+        r = runner.DeviceRunner(package.Package.load({str(speech[1])!r}))
+        t = np.arange(16000) / 16000
+        x = r.encode_audio((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), k_keep=8)
+        assert x.shape == (50, 8), x.shape
+        y = client.apply_link(x, "awgn", 10.0, np.random.default_rng(0))
+        assert y.shape == x.shape and not np.allclose(x, y)
+        assert client.to_npy(y, "float16")[:6] == b"\\x93NUMPY"
+        tr = runner.DeviceRunner({str(text[1])!r})
+        assert tr.encode_text("hello there").shape[1] == 16
+        bad = [m for m in ("torch", "transformers") if sys.modules.get(m) is not None]
+        assert not bad, bad
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok")
