@@ -205,7 +205,7 @@ def fuse_sdpa_attention(model: onnx.ModelProto, num_heads: int) -> int:
     gr = _Graph(model)
     graph_inputs = {i.name for i in model.graph.input}
     mask_inputs = {n for n in graph_inputs if "mask" in n}
-    new_nodes, drop, mask_casts = [], set(), {}
+    new_nodes, drop, mask_casts, typed = [], set(), {}, []
     for sm in [n for n in gr.g.node if n.op_type == "Softmax"]:
         mask = None
         src = gr.prod.get(sm.input[0])
@@ -247,8 +247,15 @@ def fuse_sdpa_attention(model: onnx.ModelProto, num_heads: int) -> int:
             name=f"{sm.name or 'softmax'}_mha", num_heads=int(num_heads), scale=float(scale),
         ))
         drop.add(id(rs[0]))
+        typed.append(rs[0].output[0])
     if not new_nodes:
         return 0
+    # ONNX shape inference skips contrib ops: give their outputs a type so tools
+    # downstream (quantize_dynamic) still know the tensors are float.
+    old_vi = {v.name for v in gr.g.value_info}
+    for name in typed:
+        if name not in old_vi:
+            gr.g.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     kept = [n for n in gr.g.node if id(n) not in drop]
     del gr.g.node[:]
     gr.g.node.extend(kept + new_nodes)

@@ -24,21 +24,6 @@ def _parse_k(k: Optional[str]) -> Optional[str | int]:
     return v
 
 
-def load_codec_for(loaded, jsc: Optional[Path], k):
-    """The codec to use: --jsc, else the shipped default (if any), else identity."""
-    from semedge.semcom import checkpoint
-
-    if jsc is not None:
-        return checkpoint.load_codec(jsc, loaded)
-    codec = checkpoint.load_default_codec(loaded)
-    if codec is None and isinstance(k, int) and k != loaded.d_model:
-        raise UserError(
-            f"no trained codec with k={k} ships for {loaded.source}",
-            f"train one (semedge train --model {loaded.source} --k {k}) and pass --jsc, or drop --k",
-        )
-    return codec
-
-
 def transmit(
     model: str = typer.Option("whisper-base", help="model source: whisper-base, whisper-tiny.en, a local HF checkpoint dir, or a hub id"),
     channel: str = typer.Option("awgn", help="none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
@@ -79,17 +64,22 @@ def transmit(
     from semedge.semcom.split import build_split
     from semedge.semcom.system import run_link, unsplit_outputs
 
-    codec = load_codec_for(loaded, jsc, k_opt)
-    split = build_split(loaded, codec)
+    from semedge.semcom.checkpoint import load_for_inference
+
+    # --k N with no --jsc: the shipped codec if its k is N, else a clear error; --k auto: rate policy.
+    k_ckpt = k_opt if isinstance(k_opt, int) and k_opt != loaded.d_model else None
+    receiver, ckpt = load_for_inference(loaded, None if jsc is None else str(jsc), k=k_ckpt)
+    if ckpt is None and k_ckpt is not None:
+        raise UserError(
+            f"no trained codec with k={k_opt} ships for {loaded.source}",
+            f"train one (semedge train --model {loaded.source} --k {k_opt}) and pass --jsc, or drop --k",
+        )
+    split = build_split(receiver, None if ckpt is None else ckpt.codec)
     k_keep = None
     if k_opt == "auto":
         from semedge.semcom.rate import pick_k
 
         k_keep = pick_k(split.codec, snr_db)
-    elif isinstance(k_opt, int) and k_opt != split.k:
-        if k_opt > split.k:
-            raise UserError(f"--k {k_opt} exceeds the codec's k={split.k}", f"choose --k <= {split.k}")
-        k_keep = k_opt
     res = run_link(split, inputs, channel=channel, snr_db=snr_db, k_keep=k_keep, frames=frames, seed=seed)
     hyp = res.hyps[0]
     if text is not None:
