@@ -86,8 +86,22 @@ def optimize_graph(
             lg.setLevel(lv)
     model = opt.model
     n_att = fuse_sdpa_attention(model, num_heads) if fuse_attention else 0
+    type_contrib_outputs(model)
     save_model(model, out_path)
     return OptimizeReport(out_path, before, op_counts(model), n_att)
+
+
+def type_contrib_outputs(model: onnx.ModelProto) -> None:
+    """ONNX shape inference skips com.microsoft ops: declare their (float) outputs so tools
+    downstream (onnxruntime.quantization) still know each tensor's type."""
+    known = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        if n.domain != MS_DOMAIN:
+            continue
+        for o in n.output:
+            if o and o not in known:
+                model.graph.value_info.append(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+                known.add(o)
 
 
 def save_model(model: onnx.ModelProto, out_path: str | Path) -> None:
@@ -205,7 +219,7 @@ def fuse_sdpa_attention(model: onnx.ModelProto, num_heads: int) -> int:
     gr = _Graph(model)
     graph_inputs = {i.name for i in model.graph.input}
     mask_inputs = {n for n in graph_inputs if "mask" in n}
-    new_nodes, drop, mask_casts, typed = [], set(), {}, []
+    new_nodes, drop, mask_casts = [], set(), {}
     for sm in [n for n in gr.g.node if n.op_type == "Softmax"]:
         mask = None
         src = gr.prod.get(sm.input[0])
@@ -247,15 +261,8 @@ def fuse_sdpa_attention(model: onnx.ModelProto, num_heads: int) -> int:
             name=f"{sm.name or 'softmax'}_mha", num_heads=int(num_heads), scale=float(scale),
         ))
         drop.add(id(rs[0]))
-        typed.append(rs[0].output[0])
     if not new_nodes:
         return 0
-    # ONNX shape inference skips contrib ops: give their outputs a type so tools
-    # downstream (quantize_dynamic) still know the tensors are float.
-    old_vi = {v.name for v in gr.g.value_info}
-    for name in typed:
-        if name not in old_vi:
-            gr.g.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     kept = [n for n in gr.g.node if id(n) not in drop]
     del gr.g.node[:]
     gr.g.node.extend(kept + new_nodes)

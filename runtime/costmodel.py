@@ -454,8 +454,8 @@ def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, it
         x = np.zeros(len(cols))
         x[used] = _nnls(a[:, used] * w[:, None], meas * w)
         for j, c in enumerate(cols[: len(CLASSES)]):
-            if used[j] and x[j] > 0:
-                e[c] = float(1.0 / x[j])
+            if used[j]:  # a zero coefficient means "no measurable time": a very high factor
+                e[c] = float(1.0 / max(x[j], 1e-3))
         e["overhead_us_per_node"] = float(x[cols.index("overhead")])
         e["fixed_ms"] = float(x[cols.index("fixed")])
     cur = profile.efficiency.model_dump()

@@ -41,7 +41,7 @@ _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
     max_batch: int = 8  # messages decoded together
-    max_wait_ms: float = 8.0  # how long the first message of a batch waits for company
+    max_wait_ms: float = 20.0  # how long the first message of a batch waits for company
     max_messages_per_request: int = 32
     max_queue: int = 512  # queued messages per package before 503
     max_new_tokens: int = 96

@@ -97,7 +97,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port (0: a free one)"),
     max_batch: int = typer.Option(8, help="most messages decoded together"),
-    max_wait_ms: float = typer.Option(8.0, help="how long a message waits for others to batch with"),
+    max_wait_ms: float = typer.Option(20.0, help="how long a message waits for others to batch with"),
     max_body_mb: float = typer.Option(8.0, help="largest request body (MiB); larger gets 413"),
     max_new_tokens: int = typer.Option(96, help="longest output (tokens)"),
     threads: Optional[int] = typer.Option(None, help="torch threads for decoding (default: torch's)"),
