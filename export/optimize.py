@@ -94,6 +94,8 @@ def optimize_graph(
 def type_contrib_outputs(model: onnx.ModelProto) -> None:
     """ONNX shape inference skips com.microsoft ops: declare their (float) outputs so tools
     downstream (onnxruntime.quantization) still know each tensor's type."""
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     known = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output}
     for n in model.graph.node:
         if n.domain != MS_DOMAIN:

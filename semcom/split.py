@@ -16,11 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import logging as hf_logging
 
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 from semedge.semcom.models import LoadedModel
 
 ENC_FRAMES = 1500  # Whisper encoder frames per 30 s window (20 ms each)
+
+# generate() warns on every call about logits processors and pad == eos; our calls are
+# deliberate (greedy, the model's own suppress lists), so keep the CLI output readable.
+hf_logging.set_verbosity_error()
 
 
 class SpeechDeviceHalf(nn.Module):
@@ -161,7 +166,8 @@ def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
         h = torch.cat([h[i, : content_frames(len(u.audio))] for i, u in enumerate(utts)])
     else:
         enc = loaded.tokenizer(sentences("train")[:n_calib], return_tensors="pt", padding=True)
-        h = encoder(**enc).last_hidden_state[enc["attention_mask"].bool()]
+        h = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        h = h[enc["attention_mask"].bool()]
     codec.set_stats(h)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{id(h)}")

@@ -752,3 +752,128 @@ def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_
         hyps += server.transcribe(rx, max_new_tokens=max_new_tokens)
         sent += [m.numel() for m in msgs]
     return hyps, sent
+
+
+def validate(tr: "Trainer", snrs=(10.0,), channel: str = "awgn") -> dict:
+    """WER of the trained receiver on the validation examples, clean and at each SNR."""
+    from semedge.semcom.metrics import wer
+
+    loaded, codec = tr.receiver()
+    refs = [e.text for e in tr.val_examples]
+    out = {"n": len(refs), "channel": channel}
+    for s in [math.inf, *snrs]:
+        hyps, _ = transmit_examples(loaded, codec, tr.val_examples, channel if math.isfinite(s) else "none", s,
+                                    seed=tr.cfg.seed, silence=tr.silence)
+        out["wer_clean" if not math.isfinite(s) else f"wer_{s:g}dB"] = round(wer(refs, hyps), 4)
+    return out
+
+
+def measure_rate_table(loaded, codec, examples: list[Example], snrs, candidates, channel: str = "awgn",
+                       seed: int = 0, silence=None, progress: bool = True) -> dict[float, dict[int, float]]:
+    """WER for each SNR x kept-symbol count k' (the data `rate.fit_policy` fits)."""
+    from semedge.semcom.metrics import wer
+
+    refs = [e.text for e in examples]
+    table: dict[float, dict[int, float]] = {}
+    grid = [(float(s), int(kk)) for s in snrs for kk in candidates]
+    it = grid
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(grid, desc="rate table", unit="point")
+    for s, kk in it:
+        hyps, _ = transmit_examples(loaded, codec, examples, channel, s, k_keep=None if kk >= codec.cfg.k else kk,
+                                    seed=seed, silence=silence)
+        table.setdefault(s, {})[kk] = wer(refs, hyps)
+    return table
+
+
+def write_json(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def score_row(refs, hyps, with_similarity: bool = True) -> dict:
+    from semedge.semcom import metrics
+
+    out = {"wer": metrics.wer(refs, hyps), "bleu": metrics.bleu(refs, hyps)}
+    if with_similarity:
+        out["similarity"] = metrics.similarity(refs, hyps)
+    return out
+
+
+def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, split: str = "test", seed: int = 0,
+                    with_similarity: bool = True, progress: bool = True, system: str | None = None) -> list[dict]:
+    """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint.
+
+    `k`: None (the codec's k), an int k' <= k, or 'auto' (the checkpoint's rate policy per SNR).
+    Encoder outputs come from the feature cache (fp16-rounded), the rest runs as on the link.
+    """
+    from semedge.semcom.channel_spec import parse_snr
+    from semedge.semcom.checkpoint import load_for_inference
+    from semedge.semcom.models import load_model
+    from semedge.semcom.rate import choose_k
+
+    base = load_model(model)
+    rx, ck = load_for_inference(base, jsc)
+    if ck is None:
+        raise UserError(f"no JSC codec to evaluate for {model} (--jsc {jsc})", "pass --jsc CKPT (a folder semedge train wrote)")
+    codec = ck.codec
+    examples = speech_examples(base, split, n, progress=progress)
+    refs = [e.text for e in examples]
+    from semedge.semcom.split import silence_encoding
+
+    silence = silence_encoding(base)
+    name = system or (f"jsc-k{codec.cfg.k}" + ("-auto" if k == "auto" else f"-k{k}" if k else ""))
+    rows = []
+    for ch in channels:
+        for s in snrs:
+            s = parse_snr(s)
+            if k == "auto":
+                kk = choose_k(ck, s)
+            else:
+                kk = int(k) if k is not None else codec.cfg.k
+                if not 1 <= kk <= codec.cfg.k:
+                    raise UserError(f"--k {kk} is outside [1, {codec.cfg.k}] for this codec", f"give 1..{codec.cfg.k} or auto")
+            hyps, sent = transmit_examples(rx, codec, examples, ch, s, k_keep=None if kk == codec.cfg.k else kk,
+                                           seed=seed, silence=silence)
+            row = {"system": name, "channel": ch, "snr_db": s, "k_sent": kk, "n": len(refs),
+                   "channel_uses": float(np.mean([(x + 1) // 2 for x in sent])), **score_row(refs, hyps, with_similarity)}
+            rows.append(row)
+            if progress:
+                print(f"  {name} {ch} {s:g} dB: WER {row['wer']:.3f}  uses {row['channel_uses']:.0f}", flush=True)
+    return rows
+
+
+def plot_results(rows: list[dict], path, metrics_to_plot=("wer", "bleu", "similarity")) -> None:
+    """One panel per metric vs SNR, one line per (system, channel). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mets = [m for m in metrics_to_plot if any(m in r for r in rows)]
+    fig, axes = plt.subplots(1, len(mets), figsize=(5 * len(mets), 4), squeeze=False)
+    series: dict[tuple, list] = {}
+    for r in rows:
+        series.setdefault((r["system"], r["channel"]), []).append(r)
+    for ax, m in zip(axes[0], mets):
+        for (sysname, ch), rs in sorted(series.items()):
+            rs = sorted((r for r in rs if m in r and math.isfinite(r["snr_db"])), key=lambda r: r["snr_db"])
+            if rs:
+                ax.plot([r["snr_db"] for r in rs], [r[m] for r in rs], marker="o",
+                        linestyle="-" if ch == "awgn" else "--", label=f"{sysname} / {ch}")
+        ax.set_xlabel("SNR (dB)")
+        ax.set_ylabel(m.upper() if m != "similarity" else "similarity")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -218,3 +218,37 @@ def test_device_run_cli(served, tmp_path, capsys):
     assert rc == 0 and json.loads(capsys.readouterr().out)["symbols_per_token"] == 4
     assert main(["device", "run", str(path), "--text", "hi", "--server", url]) == 2  # speech package
     assert main(["device", "run", str(path), "--wav", str(tmp_path / "a.wav"), "--server", "http://127.0.0.1:9"]) == 2
+
+
+@pytest.mark.slow
+def test_semedge_serve_subprocess(served, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    split, pid, _url, symbols, path = served
+    pkgs = tmp_path / "pkgs"
+    shutil.copytree(path, pkgs / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "semedge.cli", "serve", "--packages", str(pkgs), "--port", str(port),
+                             "--max-new-tokens", str(MAX_NEW), "--log-level", "warning"],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.monotonic() - t0 < 120
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        _ok(split, pid, url, symbols)
+    finally:
+        proc.terminate()
+        proc.wait(30)

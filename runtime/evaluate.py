@@ -1,0 +1,186 @@
+"""Accuracy through the link: ONNX device half (ONNX Runtime) -> numpy channel -> PyTorch server half.
+
+    msgs = device_messages(onnx_path, loaded, utts)            # once per device half
+    acc = link_accuracy(split.server, msgs, refs, "rayleigh", 5.0)   # per SNR: {"wer", "bleu", ...}
+
+This is the host-side evaluator (it needs torch for the server half); the
+compression benchmark and the planner both call it. `AccuracyCache` stores
+results in one JSON file keyed by a content hash (`cache_key`) of whatever
+determines them (plan, codec, weights, channel, SNR, utterance ids).
+Noise is drawn per message from a seed derived from (seed, channel, SNR, message
+index), so every device half sees the same channel realisation at a given SNR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from semedge.semcom.errors import UserError
+
+METRICS_VERSION = 1  # bump when the way accuracy is computed changes (invalidates caches)
+
+
+def cache_key(**parts) -> str:
+    """sha256 hex of the canonical JSON of `parts` (numbers, strings, lists)."""
+    canon = json.dumps({"v": METRICS_VERSION, **parts}, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isinf(o):
+        return "inf"
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class AccuracyCache:
+    """A JSON file of {key: result}; reads once, writes atomically after each put."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.data: dict[str, dict] = {}
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        if self.path and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, OSError):
+                self.data = {}  # a damaged cache is only a cache: start again
+
+    def get(self, key: str) -> dict | None:
+        r = self.data.get(key)
+        if r is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return r
+
+    def put(self, key: str, value: dict) -> None:
+        with self._lock:
+            self.data[key] = value
+            if self.path:
+                _write(self.path, json.dumps(self.data, sort_keys=True, indent=0).encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write (runtime/ cannot import compress/plan.write_atomic)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def speech_features(loaded, utts) -> np.ndarray:
+    """Log-mel features [N, 80, 3000] float32 of the utterances (the model's feature extractor)."""
+    fe = loaded.feature_extractor
+    return fe([np.asarray(u.audio, dtype=np.float32) for u in utts], sampling_rate=16000,
+              return_tensors="np").input_features.astype(np.float32)
+
+
+def device_messages(onnx_path, loaded, utts, threads: int = 1, batch: int = 4, sess=None) -> list[np.ndarray]:
+    """Run the device half in ONNX Runtime; one [content_frames, k] float32 array per utterance."""
+    from semedge.runtime.features import content_frames
+    from semedge.runtime.profiler import session
+
+    if loaded.kind != "speech":
+        raise UserError(f"{loaded.source} is a {loaded.kind} model; link evaluation supports speech models",
+                        "use a Whisper model (e.g. whisper-base)")
+    s = sess or session(onnx_path, threads)
+    name = s.get_inputs()[0].name
+    out: list[np.ndarray] = []
+    for b in range(0, len(utts), batch):
+        chunk = utts[b : b + batch]
+        y = s.run(None, {name: speech_features(loaded, chunk)})[0]
+        for i, u in enumerate(chunk):
+            out.append(np.ascontiguousarray(y[i, : content_frames(len(u.audio))], dtype=np.float32))
+    return out
+
+
+def _noise_seed(seed: int, channel: str, snr_db: float, i: int) -> int:
+    h = hashlib.sha256(f"{seed}|{channel}|{snr_db:g}|{i}".encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def receive(messages: Sequence[np.ndarray], channel: str, snr_db: float, seed: int = 0) -> list[np.ndarray]:
+    """Each message through runtime.link.transmit (numpy), with a per-message seed."""
+    from semedge.runtime.link import transmit
+
+    out = []
+    for i, m in enumerate(messages):
+        rng = np.random.default_rng(_noise_seed(seed, channel, float(snr_db), i))
+        out.append(np.asarray(transmit(m[None], channel, snr_db, rng)[0], dtype=np.float32))
+    return out
+
+
+def link_accuracy(server, messages: Sequence[np.ndarray], refs: Sequence[str], channel: str, snr_db: float,
+                  seed: int = 0, batch: int = 8, similarity: bool = False, max_new_tokens: int | None = None) -> dict:
+    """WER, BLEU (and sentence similarity) of the server's transcripts of the received messages.
+
+    max_new_tokens defaults to 2 tokens per reference word + 8 (at most 96): a noisy
+    message can make the decoder run on, and a transcript that long is wrong anyway."""
+    import torch
+
+    from semedge.semcom.metrics import bleu, similarity as sim, wer
+
+    rx = receive(messages, channel, snr_db, seed)
+    refs = list(refs)
+    if max_new_tokens is None:
+        max_new_tokens = min(96, 8 + 2 * max((len(r.split()) for r in refs), default=0))
+    hyps: list[str] = []
+    with torch.no_grad():
+        for b in range(0, len(rx), batch):
+            hyps += server.transcribe([torch.from_numpy(x) for x in rx[b : b + batch]], max_new_tokens=max_new_tokens)
+    return {"wer": round(float(wer(refs, hyps)), 5), "bleu": round(float(bleu(refs, hyps)), 3),
+            "similarity": round(float(sim(refs, hyps)), 5) if similarity else None, "n": len(refs)}
+
+
+def evaluate_onnx(onnx_path, split, utts, channel: str, snrs: Sequence[float], *, threads: int = 1,
+                  cache: AccuracyCache | None = None, key_parts: dict | None = None, messages=None,
+                  similarity: bool = False, seed: int = 0) -> dict[float, dict]:
+    """Accuracy per SNR of the ONNX device half `onnx_path` with `split`'s server half.
+
+    With `cache` and `key_parts` (what identifies the device half: plan hash, codec hash,
+    weight hash ...), results are looked up and stored by content hash; the device half
+    only runs when some SNR is missing. `messages` may pass the device outputs, or a
+    function returning them (called only on a cache miss).
+    """
+    ids = [u.id for u in utts]
+    out: dict[float, dict] = {}
+    todo = []
+    for snr in snrs:
+        key = cache_key(**(key_parts or {}), channel=channel, snr=float(snr), ids=ids, seed=seed,
+                        similarity=similarity) if cache is not None and key_parts is not None else None
+        hit = cache.get(key) if key else None
+        if hit is not None:
+            out[float(snr)] = dict(hit, cached=True)
+        else:
+            todo.append((float(snr), key))
+    if todo:
+        if messages is None:
+            messages = device_messages(onnx_path, split.loaded, utts, threads)
+        elif callable(messages):
+            messages = messages()
+        refs = [u.text for u in utts]
+        for snr, key in todo:
+            r = link_accuracy(split.server, messages, refs, channel, snr, seed=seed, similarity=similarity)
+            if key:
+                cache.put(key, r)
+            out[snr] = dict(r, cached=False)
+    return out

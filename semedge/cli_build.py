@@ -1,0 +1,95 @@
+"""CLI: `semedge build` (plan → package → profile → evaluate → report) and `semedge demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from semedge.semcom.errors import UserError
+
+DEMO_MODEL = "whisper-base"
+DEMO_OUT = "build"
+
+
+def _shipped_profiles() -> Path:
+    from semedge.runtime.profiles import profiles_dir
+
+    return profiles_dir()
+
+
+def _devices(values: Optional[List[str]]) -> list[str] | None:
+    if not values:
+        return None
+    out = [v.strip() for s in values for v in s.split(",") if v.strip()]
+    if not out:
+        raise UserError("--devices is empty", "name devices, e.g. --devices watch,android-mid")
+    return out
+
+
+def _summary(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"semedge build: {record['model']}", show_lines=False)
+    for col in ("device", "fits", "plan", "package", "pred. latency", "host p50", "peak RSS", "WER at device SNRs"):
+        t.add_column(col)
+    for name, d in record["devices"].items():
+        pkg = d.get("package") or {}
+        host = d.get("host") or {}
+        pred = d.get("predicted") or {}
+        wer = "; ".join(f"{s} dB {a['wer']:.3f}" for s, a in (d.get("accuracy") or {}).items() if a.get("wer") is not None)
+        t.add_row(name, "yes" if d["fits"] else f"no ({d.get('failing_budget') or 'budget'})", d.get("describe") or "–",
+                  f"{pkg['bytes'] / 1e6:.1f} MB" if pkg else "–",
+                  f"{pred['latency_ms']:.0f} ms" if pred.get("latency_ms") is not None else "–",
+                  f"{host['latency_ms_p50']:.0f} ms" if host.get("latency_ms_p50") is not None else "–",
+                  f"{host['peak_rss_mb']:.0f} MB" if host.get("peak_rss_mb") is not None else "–", wer or "–")
+    c = Console()
+    c.print(t)
+    skipped = [k for k, v in (record.get("stages") or {}).items() if v.get("skipped")]
+    if skipped:
+        c.print(f"up to date (skipped): {', '.join(skipped)}")
+    c.print(f"build took {record['timing']['seconds']:.0f} s")
+
+
+def _run(model, profiles, out, devices, quick, plans, jsc, n_eval, progress, strict: bool = True) -> dict:
+    from semedge.pipeline import build as run_build
+
+    record = run_build(model, profiles, out, devices=_devices(devices), quick=quick, progress=progress, plans=plans,
+                       jsc=jsc, n_eval=n_eval)
+    _summary(record)
+    typer.echo(f"Report: {Path(out) / record['report']}")
+    if record.get("exit_code"):
+        typer.echo(f"no plan fits: {', '.join(record['unfit'])} (packages built for the others)", err=True)
+        if strict:  # build: exit 3; the demo still succeeds, the report marks those devices
+            raise typer.Exit(record["exit_code"])
+    return record
+
+
+def build(
+    model: str = typer.Option(DEMO_MODEL, help="model source: whisper-base, whisper-tiny.en or a local checkpoint"),
+    profiles: Path = typer.Option(None, help="device profiles folder (default: the shipped device_profiles/)"),
+    out: Path = typer.Option(Path(DEMO_OUT), help="output folder (plans.json, packages/, report/, build.json)"),
+    devices: Optional[List[str]] = typer.Option(None, help="devices to build for (comma-separated or repeated; default all)"),
+    quick: bool = typer.Option(False, help="fewer candidates, utterances, SNRs and timing runs"),
+    plans: Optional[Path] = typer.Option(None, help="use this plans.json instead of running the planner"),
+    jsc: Optional[str] = typer.Option(None, help="JSC codec: a checkpoint folder, 'default' or 'identity' (default: shipped, else identity)"),
+    n_eval: Optional[int] = typer.Option(None, help="test utterances for accuracy (default 16, --quick 4)"),
+    progress: bool = typer.Option(True, help="progress bars"),
+):
+    """Plan, compress, export, package, profile and evaluate per device; write a report. Exit 3 if some device has no plan that fits."""
+    _run(model, profiles or _shipped_profiles(), out, devices, quick, plans, jsc, n_eval, progress)
+
+
+def demo(
+    out: Path = typer.Option(Path(DEMO_OUT), help="output folder"),
+    progress: bool = typer.Option(True, help="progress bars"),
+):
+    """`semedge build` on whisper-base and the shipped device profiles; prints where the report is."""
+    _run(DEMO_MODEL, _shipped_profiles(), out, None, False, None, None, None, progress, strict=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build")(build)
+    app.command("demo")(demo)

@@ -1,0 +1,103 @@
+"""CLI: `semedge plan` — per device, the most accurate compression plan that fits its budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from semedge.semcom.errors import UserError
+
+
+def _select_profiles(profiles_dir: Optional[Path], devices: Optional[str]):
+    from semedge.runtime.profiles import load_profile, load_profiles, profile_names
+
+    if profiles_dir is not None and not profiles_dir.is_dir():
+        raise UserError(f"--profiles {profiles_dir}: no such folder", "give the folder holding the device .yaml files")
+    if devices:
+        wanted = [d.strip() for d in devices.split(",") if d.strip()]
+        if not wanted:
+            raise UserError(f"--devices '{devices}' names no device", "write e.g. --devices watch,jetson-agx-orin")
+        have = profile_names(profiles_dir) if profiles_dir else profile_names()
+        out = []
+        for d in wanted:
+            if d.endswith((".yaml", ".yml")) or Path(d).is_file():
+                out.append(load_profile(d))
+            elif d in have:
+                out.append(load_profile((profiles_dir / f"{d}.yaml") if profiles_dir else d))
+            else:
+                raise UserError(f"--devices: unknown device profile '{d}'", f"use one of: {', '.join(have) or '(none)'}")
+        return out
+    profs = list(load_profiles(profiles_dir).values())
+    if not profs:
+        raise UserError(f"no device profiles in {profiles_dir}", "add .yaml profiles or pass --devices")
+    return profs
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        model: str = typer.Option("whisper-base", "--model", help="model name, local checkpoint folder or hub id"),
+        profiles: Optional[Path] = typer.Option(None, "--profiles", help="folder of device profiles (default: the shipped ones)"),
+        devices: Optional[str] = typer.Option(None, "--devices", help="comma-separated profile names (default: every profile in --profiles)"),
+        out: Path = typer.Option(Path("build/plans.json"), "--out", help="plans.json to write"),
+        quick: bool = typer.Option(False, "--quick", help="smaller candidate space, fewer utterances, low-end SNR only"),
+        memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for every selected device (MB)"),
+        latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="latency budget for every selected device (ms)"),
+        max_wer: Optional[float] = typer.Option(None, "--max-wer", help="accuracy budget: mean WER at the device's SNRs"),
+        jsc: Optional[str] = typer.Option(None, "--jsc", help="JSC codec checkpoint folder, 'default' or 'identity'"),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", help="cache of built candidates and measurements (default: OUT's folder/planner)"),
+        n_cheap: Optional[int] = typer.Option(None, "--n-cheap", help="utterances for the cheap pass (default 8; quick 4)"),
+        n_full: Optional[int] = typer.Option(None, "--n-full", help="utterances for the full pass (default 40; quick 12)"),
+        candidates: Optional[Path] = typer.Option(None, "--candidates", help="JSON list of plans to search instead of the built-in space"),
+        no_realise: bool = typer.Option(False, "--no-realise", help="skip measuring the chosen plans on this host"),
+    ):
+        """Choose a compression plan per device: predicted bytes/memory/latency, accuracy measured through the channel."""
+        import json
+
+        from rich.console import Console
+
+        from semedge.compress.planner import NoPlanFits, plan_devices
+
+        con = Console(stderr=True)
+        for name, v in (("--n-cheap", n_cheap), ("--n-full", n_full)):
+            if v is not None and v < 1:
+                raise UserError(f"{name} {v} must be at least 1", f"e.g. {name} 8")
+        profs = _select_profiles(profiles, devices)
+        plans = None
+        if candidates is not None:
+            from semedge.compress.plan import Plan
+
+            if not candidates.is_file():
+                raise UserError(f"--candidates {candidates}: no such file", "give a JSON file with a list of plans")
+            try:
+                items = json.loads(candidates.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"--candidates {candidates} is not valid JSON: {e}", "fix the file's syntax") from None
+            if not isinstance(items, list) or not items:
+                raise UserError(f"--candidates {candidates} must hold a non-empty JSON list of plans",
+                                '[{"name": "int8", "steps": [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic"}}]}]')
+            plans = [Plan.from_json(json.dumps(p)) for p in items]
+        con.print(f"planning {model} for {len(profs)} device(s): {', '.join(p.name for p in profs)}")
+        try:
+            res = plan_devices(model, profs, quick=quick, out=out, n_cheap=n_cheap, n_full=n_full, candidates=plans,
+                               realise=not no_realise, workdir=workdir or out.parent / "planner",
+                               progress=lambda msg: con.print(msg, markup=False, highlight=False),
+                               jsc=jsc, memory_mb=memory_mb, latency_ms=latency_ms, max_wer=max_wer)
+        except NoPlanFits as e:
+            _summary(e.result)
+            raise
+        _summary(res)
+        typer.echo(f"wrote {out}")
+
+
+def _summary(res: dict) -> None:
+    typer.echo(f"{'device':18} {'mem MB':>7} {'ms':>6}  {'plan':22} {'WER':>6}  {'pred MB':>7} {'pred ms':>7}  note")
+    for d, info in res["devices"].items():
+        cid = info["chosen"] or info["closest"]
+        p = info.get("predicted") or {}
+        w = info.get("wer")
+        note = "" if info["fits"] else f"NO PLAN FITS ({info['failing_budget']}); closest shown"
+        typer.echo(f"{d:18} {info['budgets']['memory_mb']:7.0f} {info['budgets']['latency_ms']:6.0f}  {cid:22} "
+                   f"{'-' if w is None else f'{w:.3f}':>6}  {p.get('memory_mb', 0):7.0f} {p.get('latency_ms', 0):7.0f}  {note}")

@@ -1,0 +1,199 @@
+"""`semedge build` end to end on a tiny random Whisper: packages, profile, evaluation, report, resumability.
+
+The plans come from a synthetic plans.json (format semedge-plans/1) so the test does
+not depend on the planner's search; every later stage runs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from semedge.runtime.package import Package
+from semedge.semcom.errors import UserError
+
+warnings.filterwarnings("ignore")
+MODEL = "tiny:whisper:0"
+
+
+def _profile(name: str, mem: float, channel: str, snr: tuple[float, float]) -> str:
+    return (f"name: {name}\ndevice_class: phone\nmemory_budget_mb: {mem}\n"
+            "peak_gflops: {fp32: 50.0, fp16: 100.0, int8: 200.0}\nmem_bandwidth_gbs: 10.0\ncores: 2\nthreads: 1\n"
+            "execution_providers: [CPU]\nlatency_budget_ms: 2000\n"
+            f"link: {{uplink_mbps: 10, snr_db: [{snr[0]}, {snr[1]}], channel: {channel}}}\nsources: [synthetic test profile]\n")
+
+
+def _plans(devices: dict) -> dict:
+    cands = {
+        "fp32": {"plan": {"name": "fp32", "steps": []}, "describe": "fp32", "k": 64, "bytes": 900_000},
+        "int8": {"plan": {"name": "int8", "steps": [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic"}}]},
+                 "describe": "int8", "k": 64, "bytes": 400_000},
+        "prune": {"plan": {"name": "prune", "steps": [{"op": "prune", "config": {"heads": 0.5, "ffn": 0.5}}]},
+                  "describe": "prune(h=0.5,f=0.5)", "k": 64, "bytes": 600_000},
+    }
+    for i, c in enumerate(cands.values()):
+        c["predicted"] = {d: {"latency_ms": 10.0 + i, "memory_mb": 70.0 + 5 * i} for d in devices}
+        c["accuracy"] = {s: {"wer": 0.9 - 0.1 * i, "bleu": 1.0, "similarity": 0.1, "n": 2, "level": "cheap"}
+                         for s in ("0", "10", "20")}
+    devs = {}
+    for d, (chosen, snrs, channel) in devices.items():
+        devs[d] = {"profile": d, "device_class": "phone", "budgets": {"memory_mb": 100, "latency_ms": 2000},
+                   "snr_db": snrs, "eval_snrs": snrs, "channel": channel, "fits": chosen is not None, "chosen": chosen,
+                   "closest": chosen or "int8", "failing_budget": None if chosen else "memory",
+                   "pareto": ["int8", "fp32"], "rejected": {} if chosen else {"fp32": "memory 80 MB > budget 1 MB"}}
+    return {"format": "semedge-plans/1", "model": MODEL, "weight_hash": "x", "task": "speech", "created": "now",
+            "calibration": {"split": "val", "n_cheap": 2, "n_full": 2}, "candidates": cands, "devices": devs,
+            "timing": {"seconds": 0}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    prof = root / "profiles"
+    prof.mkdir()
+    (prof / "phone-a.yaml").write_text(_profile("phone-a", 200, "awgn", (0, 20)))
+    (prof / "phone-b.yaml").write_text(_profile("phone-b", 200, "rayleigh", (10, 20)))
+    (prof / "tiny-watch.yaml").write_text(_profile("tiny-watch", 1, "awgn", (0, 10)))
+    plans = root / "plans.json"
+    plans.write_text(json.dumps(_plans({"phone-a": ("int8", [0.0, 20.0], "awgn"),
+                                         "phone-b": ("prune", [10.0, 20.0], "rayleigh"),
+                                         "tiny-watch": (None, [0.0, 10.0], "awgn")})))
+    return root, prof, plans
+
+
+@pytest.fixture(scope="module", autouse=True)
+def short_decodes():
+    from semedge import pipeline
+
+    old = dict(pipeline.QUICK)
+    pipeline.QUICK["max_new_tokens"] = 8  # a random tiny model never stops on its own
+    yield
+    pipeline.QUICK.clear()
+    pipeline.QUICK.update(old)
+
+
+@pytest.fixture(scope="module")
+def first(setup):
+    from semedge.pipeline import build
+
+    root, prof, plans = setup
+    out = root / "out"
+    rec = build(MODEL, prof, out, quick=True, progress=False, plans=plans, n_eval=2, sweep=[0, 20], runs=2)
+    return out, rec
+
+
+def test_build_writes_packages_and_report(first):
+    out, rec = first
+    assert rec["exit_code"] == 3 and rec["unfit"] == ["tiny-watch"]
+    for d in ("phone-a", "phone-b"):
+        pkg = Package.load(out / "packages" / d)  # verifies every file's sha256
+        assert (out / "packages" / f"{d}.zip").stat().st_size > 0
+        dev = rec["devices"][d]
+        assert dev["package"]["bytes"] > dev["package"]["onnx_bytes"] > 0
+        assert pkg.manifest["profile"] == d and pkg.manifest["plan"]["name"] == dev["chosen"]
+        assert dev["host"]["latency_ms_p50"] > 0 and dev["host"]["peak_rss_mb"] > 10
+        assert dev["predicted"]["latency_ms"] > 0 and dev["predicted"]["memory_mb"] > 0
+        assert set(dev["accuracy"]) == {f"{s:g}" for s in dev["eval_snrs"]}
+        for a in dev["accuracy"].values():
+            assert 0 <= a["wer"] and 0 <= a["bleu"] <= 100 and -1 <= a["similarity"] <= 1 and a["n"] == 2
+        lat = dev["latency"]
+        assert lat["link_ms_predicted"] > 0 and lat["server_ms_host"] > 0 and lat["channel_uses"] > 0
+    assert rec["devices"]["phone-a"]["package"]["precision"] == "int8"
+    assert rec["devices"]["phone-b"]["package"]["precision"] == "fp32"
+    assert rec["devices"]["phone-b"]["curve"]["channel"] == "rayleigh"
+    watch = rec["devices"]["tiny-watch"]
+    assert watch["package"] is None and not (out / "packages" / "tiny-watch").exists() and "no plan fits" in watch["note"]
+    # the record on disk is the one returned
+    assert json.loads((out / "build.json").read_text())["devices"].keys() == rec["devices"].keys()
+
+
+def test_report_references_existing_plots(first):
+    out, rec = first
+    index = out / rec["report"]
+    html = index.read_text()
+    imgs = re.findall(r"<img src='([^']+)'", html)
+    assert len(imgs) == 5
+    for src in imgs:
+        p = index.parent / src
+        assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    for d in ("phone-a", "phone-b", "tiny-watch"):
+        assert d in html
+    assert (index.parent / "report.md").is_file()
+    rep = json.loads((index.parent / "report.json").read_text())
+    assert {h["device"] for h in rep["headline"]} == {"phone-a", "phone-b", "tiny-watch"}
+
+
+def test_second_run_skips_every_stage(first, setup):
+    from semedge.pipeline import build
+
+    out, rec1 = first
+    _, prof, plans = setup
+    rec2 = build(MODEL, prof, out, quick=True, progress=False, plans=plans, n_eval=2, sweep=[0, 20], runs=2)
+    assert all(s["skipped"] for s in rec2["stages"].values()), rec2["stages"]
+    assert rec2["devices"]["phone-a"]["accuracy"] == rec1["devices"]["phone-a"]["accuracy"]
+    assert "up to date, skipped" in (out / "build.log").read_text()
+    # a changed output is noticed: that device's package is rebuilt, the others stay skipped
+    (out / "packages" / "phone-b" / "manifest.json").write_text("{}")
+    rec3 = build(MODEL, prof, out, quick=True, progress=False, plans=plans, n_eval=2, sweep=[0, 20], runs=2,
+                 devices=["phone-b"])
+    assert rec3["stages"]["package"]["skipped"] is False
+    Package.load(out / "packages" / "phone-b")
+
+
+def test_bad_inputs_raise_user_errors(setup, tmp_path):
+    from semedge.pipeline import build
+
+    _, prof, plans = setup
+    with pytest.raises(UserError, match="no profile"):
+        build(MODEL, prof, tmp_path / "o", devices=["nope"], progress=False, plans=plans)
+    with pytest.raises(UserError, match="does not exist"):
+        build(MODEL, tmp_path / "missing", tmp_path / "o", progress=False, plans=plans)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "other"}')
+    with pytest.raises(UserError, match="not a plans file"):
+        build(MODEL, prof, tmp_path / "o2", progress=False, plans=bad)
+
+
+def test_cli_build_exit_3_and_summary(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from semedge.cli import app
+
+    _, prof, plans = setup
+    r = CliRunner().invoke(app, ["build", "--model", MODEL, "--profiles", str(prof), "--out", str(tmp_path / "o"),
+                                 "--devices", "tiny-watch", "--plans", str(plans), "--quick", "--n-eval", "1", "--no-progress"])
+    assert r.exit_code == 3, r.output
+    assert "Report:" in r.output and "tiny-watch" in r.output
+    assert (tmp_path / "o" / "report" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_index_html_loads_every_plot_in_chromium(first, tmp_path):
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian `chromium` is not installed (apt-get install -y chromium)")
+    out, rec = first
+    index = out / rec["report"]
+    # a copy of the page whose script records each image's naturalWidth once the page has loaded
+    probe = index.parent / "_probe.html"
+    probe.write_text(index.read_text().replace(
+        "</body>", "<script>window.addEventListener('load',()=>{document.body.setAttribute('data-imgs',"
+        "Array.from(document.images).map(i=>i.complete&&i.naturalWidth>0?1:0).join(''));});</script></body>"))
+    try:
+        r = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            "--allow-file-access-from-files", f"--user-data-dir={tmp_path / 'chrome'}",
+                            "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    m = re.search(r'data-imgs="([01]*)"', r.stdout)
+    assert m, f"chromium printed no DOM with the probe: {r.stderr[-500:]}"
+    assert m.group(1) == "1" * 5, f"images that failed to load: {m.group(1)}"

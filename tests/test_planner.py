@@ -1,0 +1,133 @@
+"""The planner on a tiny random Whisper and two synthetic profiles: plans fit, an impossible budget
+gives exit 3 with the closest plan recorded, a second run is served from the caches."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import yaml
+
+from semedge.compress.plan import Plan
+from semedge.compress.planner import NoPlanFits, candidate_space, eval_snrs, plan_devices
+from semedge.runtime.profiles import DeviceProfile
+from semedge.semcom.models import tiny_model
+
+warnings.filterwarnings("ignore")
+
+
+def _profile(name, memory_mb, latency_ms, snr=(5, 15), channel="awgn") -> dict:
+    # runtime and arena terms off: predicted memory is the weights, so budgets separate the plans
+    return {"name": name, "device_class": "phone", "memory_budget_mb": memory_mb,
+            "peak_gflops": {"fp32": 50.0, "fp16": 100.0, "int8": 200.0}, "mem_bandwidth_gbs": 10.0,
+            "cores": 4, "threads": 2, "execution_providers": ["CPU"], "latency_budget_ms": latency_ms,
+            "link": {"uplink_mbps": 10, "snr_db": list(snr), "channel": channel},
+            "efficiency": {"runtime_mb": 0.0, "arena_factor": 0.0, "weights_factor": 1.0},
+            "sources": ["synthetic test profile"]}
+
+
+BIG = _profile("big", 4096, 5000, snr=(10, 25), channel="rician")
+SMALL = _profile("small", 0.4, 5000, snr=(0, 10), channel="rayleigh")
+
+PLANS = [
+    Plan.make([], "dense.fp32"),
+    Plan.make([{"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}], "dense.int8"),
+    Plan.make([{"op": "prune", "config": {"heads": 0.5, "ffn": 0.5}},
+               {"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 32, "other_weights": "int8"}}],
+              "h50f50.int4-b32"),
+    Plan.make([{"op": "prune", "config": {"heads": 0.5, "ffn": 0.5}}], "h50f50.fp32"),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_model("whisper", seed=0)
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return [DeviceProfile.model_validate(BIG), DeviceProfile.model_validate(SMALL)]
+
+
+@pytest.fixture(scope="module")
+def first(loaded, profiles, tmp_path_factory):
+    work = tmp_path_factory.mktemp("planner")
+    out = work / "plans.json"
+    res = plan_devices(loaded, profiles, candidates=PLANS, n_cheap=2, n_full=3, workdir=work / "cache", out=out,
+                       progress=False, realise=True, realise_runs=2, full_share=0.5)
+    return res, work, out
+
+
+def test_plans_fit_and_differ(first):
+    res, _, out = first
+    on_disk = json.loads(out.read_text())
+    assert on_disk["format"] == "semedge-plans/1" and set(on_disk["devices"]) == {"big", "small"}
+    for d, info in res["devices"].items():
+        assert info["fits"] and info["chosen"] in res["candidates"]
+        pred = res["candidates"][info["chosen"]]["predicted"][d]
+        assert pred["memory_mb"] <= info["budgets"]["memory_mb"]
+        assert pred["latency_ms"] <= info["budgets"]["latency_ms"]
+        assert info["pareto"] and set(info["pareto"]) <= set(res["candidates"])
+        r = info["realised"]
+        assert r["bytes"] == res["candidates"][info["chosen"]]["bytes"] > 0
+        assert r["host_latency_ms_p50"] > 0 and r["peak_rss_mb"] > 0 and set(r["wer"]) == {f"{s:g}" for s in info["eval_snrs"]}
+    small, big = res["devices"]["small"], res["devices"]["big"]
+    # 0.4 MB fits only the int8/int4 files of this model: the fp32 plans are rejected on memory
+    assert not res["candidates"][small["chosen"]]["describe"].endswith("fp32")
+    assert "memory" in small["rejected"]["dense.fp32"] and "budget 0.4 MB" in small["rejected"]["dense.fp32"]
+    assert big["eval_snrs"] == [10.0, 15.0] and small["eval_snrs"] == [0.0, 5.0]
+    c = res["candidates"][big["chosen"]]
+    assert all(c["accuracy_by_channel"][f"rician@{s:g}"]["level"] == "full" for s in big["eval_snrs"])
+    t = res["timing"]
+    assert t["fully_evaluated"] <= 0.5 * len(PLANS) and t["built"] == len(PLANS)
+
+
+def test_second_run_hits_the_caches(first, loaded, profiles):
+    res, work, _ = first
+    again = plan_devices(loaded, profiles, candidates=PLANS, n_cheap=2, n_full=3, workdir=work / "cache",
+                         progress=False, realise=False, full_share=0.5)
+    t = again["timing"]
+    assert t["built"] == 0 and t["accuracy_cache_misses"] == 0 and t["accuracy_cache_hits"] > 0
+    assert {d: i["chosen"] for d, i in again["devices"].items()} == {d: i["chosen"] for d, i in res["devices"].items()}
+
+
+def test_impossible_budget_exits_3_with_closest(first, loaded, profiles, tmp_path):
+    _, work, _ = first
+    out = tmp_path / "plans.json"
+    with pytest.raises(NoPlanFits) as ei:
+        plan_devices(loaded, profiles[1:], candidates=PLANS, n_cheap=2, n_full=3, workdir=work / "cache", out=out,
+                     progress=False, realise=False, memory_mb=0.01)
+    assert ei.value.exit_code == 3 and "memory" in ei.value.problem
+    info = json.loads(out.read_text())["devices"]["small"]  # written before the error
+    assert info["fits"] is False and info["chosen"] is None and info["failing_budget"] == "memory"
+    assert info["closest"] == "h50f50.int4-b32"  # the smallest file is nearest a memory budget
+
+
+def test_cli_plan_exit_code_3(first, loaded, tmp_path, monkeypatch):
+    from semedge import cli
+    from semedge.semcom import models
+
+    _, work, _ = first
+    monkeypatch.setattr(models, "load_model", lambda source: loaded)
+    pdir = tmp_path / "profiles"
+    pdir.mkdir()
+    for p in (BIG, SMALL):
+        (pdir / f"{p['name']}.yaml").write_text(yaml.safe_dump(p))
+    cands = tmp_path / "cands.json"
+    cands.write_text(json.dumps([p.to_dict() for p in PLANS]))
+    out = tmp_path / "plans.json"
+    args = ["plan", "--model", "tiny", "--profiles", str(pdir), "--devices", "small", "--out", str(out),
+            "--candidates", str(cands), "--workdir", str(work / "cache"), "--n-cheap", "2", "--n-full", "3",
+            "--no-realise"]
+    assert cli.main(args + ["--latency-ms", "1e-6"]) == 3
+    assert json.loads(out.read_text())["devices"]["small"]["failing_budget"] == "latency"
+    assert cli.main(args) == 0
+    assert cli.main(args[:4] + ["--devices", "nope"] + args[6:]) == 2
+
+
+def test_candidate_space_and_snrs(loaded):
+    space = candidate_space(loaded)
+    assert len(space) == 18 and len({p.hash() for p in space}) == 18  # 2-layer encoder: no layer drop
+    assert len(candidate_space(loaded, quick=True)) == 15
+    assert eval_snrs((5, 20)) == [5.0, 10.0] and eval_snrs((20, 30)) == [20.0, 25.0] and eval_snrs((0, 10), quick=True) == [0.0]

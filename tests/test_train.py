@@ -1,0 +1,188 @@
+"""Trainer, checkpoints, rate policy and the conventional baseline, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from semedge.semcom import train as T
+from semedge.semcom.checkpoint import apply_checkpoint, load_checkpoint, load_default_codec
+from semedge.semcom.errors import UserError
+from semedge.semcom.models import tiny_model
+from semedge.semcom.rate import RatePolicy, fit_policy
+
+TEXTS = ["the cat sat on the mat", "a quick brown fox", "hello world again", "one two three four"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("whisper", seed=0)
+
+
+def _examples(loaded, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [T.Example(f"e{i}", torch.randn(12 + 3 * i, loaded.d_model, generator=g), T.target_ids(loaded, t), t)
+            for i, t in enumerate(TEXTS)]
+
+
+def _cfg(**kw):
+    base = dict(model="tiny", k=8, hidden=64, steps=24, batch_size=4, lr=3e-3, lora_lr=1e-2, mse_warmup_steps=0,
+                n_val=0, lora=T.LoRASpec(r=4), snr_low=10, snr_high=20)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def test_training_lowers_loss(tiny, tmp_path):
+    tr = T.Trainer(_cfg(), loaded=tiny, examples=_examples(tiny), progress=False)
+    res = tr.fit(out=tmp_path / "ck")
+    first, last = np.mean(res.losses[:4]), np.mean(res.losses[-4:])
+    assert math.isfinite(last)
+    assert last < first - 0.3, (first, last)
+    assert (tmp_path / "ck" / "manifest.json").exists()
+
+
+def test_fast_cross_attention_matches_full_window(tiny):
+    tr = T.Trainer(_cfg(steps=3), loaded=tiny, examples=_examples(tiny), progress=False)
+    tr.fit()  # LoRA weights move away from zero
+    b, _ = tr.batch(0)
+    states = torch.where(b["mask"].unsqueeze(-1), b["h"], tr.silence[: b["h"].shape[1]].unsqueeze(0))
+    with torch.no_grad():
+        fast = T.decoder_logits(tr.model, states, b["dec_in"], None, tr.silence, tr.sil_kv, fast=True)
+        full = T.decoder_logits(tr.model, states, b["dec_in"], None, tr.silence, None, fast=False)
+    assert torch.allclose(fast, full, atol=1e-4)
+
+
+def test_checkpoint_roundtrip_identical_outputs(tiny, tmp_path):
+    ex = _examples(tiny)
+    tr = T.Trainer(_cfg(steps=4, rate_min=2), loaded=tiny, examples=ex, progress=False)
+    tr.fit()
+    path = tr.save(tmp_path / "ck", metrics={"note": 1})
+    ck = load_checkpoint(path, tiny, k=8)
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["model"]["weight_hash"] == tiny.weight_hash and man["jsc"]["k"] == 8
+    assert man["snr_range_db"] == [10, 20] and man["metrics"] == {"note": 1} and "git_commit" in man
+    rx = apply_checkpoint(tiny, ck)
+    lt, ct = tr.receiver()
+    h = ex[0].h.unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(ct.encoder(h), ck.codec.encoder(h))
+        assert torch.equal(ct.encoder(h, k_keep=3), ck.codec.encoder(h, k_keep=3))
+        y = ct.encoder(h)
+        assert torch.equal(ct.decoder(y), ck.codec.decoder(y))
+        b, _ = tr.batch(0)
+        states = torch.where(b["mask"].unsqueeze(-1), b["h"], tr.silence[: b["h"].shape[1]].unsqueeze(0))
+        a = T.decoder_logits(lt.model, states, b["dec_in"], None, tr.silence, None, fast=False)
+        c = T.decoder_logits(rx.model, states, b["dec_in"], None, tr.silence, None, fast=False)
+    assert torch.equal(a, c)
+    h1, _ = T.transmit_examples(lt, ct, ex[:2], "awgn", 5.0, seed=3, max_new_tokens=4)
+    h2, _ = T.transmit_examples(rx, ck.codec, ex[:2], "awgn", 5.0, seed=3, max_new_tokens=4)
+    assert h1 == h2
+
+
+def test_resume_continues_from_checkpoint(tiny, tmp_path):
+    ex = _examples(tiny)
+    tr = T.Trainer(_cfg(steps=3), loaded=tiny, examples=ex, progress=False)
+    tr.fit(out=tmp_path / "ck")
+    tr2 = T.Trainer(_cfg(steps=5), loaded=tiny, examples=ex, progress=False)
+    assert tr2.resume(tmp_path / "ck") and tr2.step == 3
+    assert torch.equal(tr2.codec.encoder.proj.weight, tr.codec.encoder.proj.weight)
+    tr2.fit(out=tmp_path / "ck")
+    assert tr2.step == 5
+    tr3 = T.Trainer(_cfg(steps=5, k=16), loaded=tiny, examples=ex, progress=False)
+    with pytest.raises(UserError, match="different settings"):
+        tr3.resume(tmp_path / "ck")
+
+
+def test_wrong_checkpoint_is_a_clear_error(tiny, tmp_path):
+    tr = T.Trainer(_cfg(steps=1, lora=None), loaded=tiny, examples=_examples(tiny), progress=False)
+    path = tr.save(tmp_path / "ck")
+    other = tiny_model("whisper", seed=1)
+    with pytest.raises(UserError, match="was trained on"):
+        load_checkpoint(path, other)
+    with pytest.raises(UserError, match="k=8"):
+        load_checkpoint(path, tiny, k=16)
+    bart = tiny_model("bart")
+    bart_like = type(bart)(**{**bart.__dict__, "d_model": 128})
+    with pytest.raises(UserError, match="d_model"):
+        load_checkpoint(path, bart_like)
+    with pytest.raises(UserError, match="no manifest.json"):
+        load_checkpoint(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    data = bytearray((bad / "codec.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "codec.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="hash"):
+        load_checkpoint(bad, tiny)
+    assert load_default_codec(tiny) is None  # no shipped codec for a random model
+
+
+def test_nan_stops_with_message_and_keeps_last_good(tiny, tmp_path, monkeypatch):
+    tr = T.Trainer(_cfg(steps=6, eval_every=2, lora=None), loaded=tiny, examples=_examples(tiny), progress=False)
+    real = tr.train_step
+    monkeypatch.setattr(tr, "train_step", lambda s: float("nan") if s == 3 else real(s))
+    with pytest.raises(UserError, match="NaN") as e:
+        tr.fit(out=tmp_path / "ck")
+    assert "last good checkpoint" in str(e.value)
+    assert load_checkpoint(tmp_path / "ck", tiny).manifest["step"] == 2
+
+
+def test_text_model_trains(tmp_path):
+    bart = tiny_model("bart")
+    ex = T.text_examples(bart, TEXTS)
+    tr = T.Trainer(_cfg(steps=3, lora=None), loaded=bart, examples=ex, progress=False)
+    res = tr.fit()
+    assert all(math.isfinite(x) for x in res.losses)
+
+
+def test_lora_spec_parsing_and_errors():
+    s = T.LoRASpec.parse("r=4,alpha=8,targets=decoder.encoder_attn,proj=q_proj")
+    assert (s.r, s.alpha, s.targets, s.projections) == (4, 8, ("decoder.encoder_attn",), ("q_proj",))
+    with pytest.raises(UserError):
+        T.LoRASpec.parse("r=x")
+    with pytest.raises(UserError):
+        T.LoRASpec.parse("targets=middle.attn")
+    with pytest.raises(UserError):
+        _cfg(qlora=True, lora=None).validate()
+
+
+def test_rate_policy_fit_and_choose():
+    table = {0.0: {16: 0.9, 32: 0.6, 64: 0.5}, 10.0: {16: 0.5, 32: 0.31, 64: 0.30}, 20.0: {16: 0.29, 32: 0.3, 64: 0.3}}
+    pol = fit_policy(64, table, tolerance=0.02)
+    assert pol.table == [(0.0, 64), (10.0, 32), (20.0, 16)]
+    assert pol.choose(-5) == 64 and pol.choose(5) == 64 and pol.choose(12) == 32 and pol.choose(math.inf) == 16
+    assert RatePolicy.from_dict(pol.to_dict()).table == pol.table
+    # monotone: a low SNR never sends fewer symbols than a higher one
+    pol2 = fit_policy(64, {0.0: {16: 0.1, 64: 0.1}, 10.0: {16: 0.9, 64: 0.1}})
+    assert pol2.choose(0) == 64
+
+
+def test_conventional_link_bits():
+    pytest.importorskip("sionna.phy")
+    from semedge.semcom.baseline import BaselineConfig, transmit_bits
+
+    cfg = BaselineConfig(block_bits=256)
+    bits = np.random.default_rng(0).integers(0, 2, 600).astype(np.uint8)
+    g = torch.Generator().manual_seed(0)
+    rx, uses = transmit_bits(bits, cfg, "awgn", 10.0, g)
+    assert np.array_equal(rx, bits) and uses == cfg.channel_uses(600) == 3 * 512 // 2
+    rx, _ = transmit_bits(bits, cfg, "awgn", -5.0, g)
+    assert (rx != bits).mean() > 0.05
+
+
+def test_codec2_roundtrip():
+    if shutil.which("c2enc") is None:
+        pytest.skip("codec2 not installed")
+    from semedge.semcom.baseline import codec2_decode, codec2_encode
+
+    t = np.arange(16000) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    bits = codec2_encode(audio, "1600")
+    assert len(bits) == 200  # 1600 b/s for 1 s
+    out = codec2_decode(bits, "1600")
+    assert abs(len(out) - 16000) <= 640 and np.abs(out).max() > 0.01
