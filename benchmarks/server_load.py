@@ -51,7 +51,7 @@ def build_package(split, out_dir: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from runtime_pkg import make_package  # the tests' stand-in until export lands
 
-    return make_package(split, out_dir, name="whisper-base")  # noqa: the stand-in names it
+    return make_package(split, out_dir, name="whisper-base")
 
 
 def free_port() -> int:

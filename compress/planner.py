@@ -553,7 +553,7 @@ def _fits(c: Cand, d: str, b: dict) -> bool:
 
 
 def _pred_str(p: dict) -> str:
-    return f"predicted {p['memory_mb']:.0f} MB, {p['latency_ms']:.0f} ms"
+    return f"predicted {p['memory_mb']:.3g} MB, {p['latency_ms']:.3g} ms"
 
 
 def _cand_dict(c: Cand, k: int) -> dict:

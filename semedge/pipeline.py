@@ -78,6 +78,7 @@ def write_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -458,30 +459,35 @@ def _snr_key(s) -> str:
     return "inf" if math.isinf(f) else f"{f:g}"
 
 
-def _baseline(channels: list[str], snrs: list[float], n: int, log) -> dict:
-    """The conventional baseline's curves (benchmarks/snr_sweep.py), when that module offers them."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "snr_sweep.py"
-    if not path.is_file():
-        return {"curves": {}, "note": "benchmarks/snr_sweep.py is not in this tree"}
+def _baseline(ws, channels: list[str], snrs: list[float], log) -> dict:
+    """The conventional link (semcom.baseline: Codec 2 + LDPC + QAM, then the unmodified model) per channel."""
     try:
-        spec = importlib.util.spec_from_file_location("semedge_snr_sweep", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    except Exception as e:  # a script still being written: report it, do not fail the build
-        log(f"baseline: cannot import {path.name}: {e}")
-        return {"curves": {}, "note": f"could not import benchmarks/snr_sweep.py ({type(e).__name__})"}
-    fn = getattr(mod, "baseline_curve", None)
-    if fn is None:
-        return {"curves": {}, "note": "benchmarks/snr_sweep.py has no baseline_curve(channel, snrs, n)"}
-    curves, name = {}, getattr(mod, "BASELINE_NAME", "conventional baseline")
-    for ch in channels:
-        rows = fn(ch, snrs, n)  # {snr: {"wer", "bleu", "similarity"}}
-        keys = sorted(rows, key=float)
-        curves[ch] = {"snrs": [float(s) for s in keys], "n": n,
-                      **{m: [rows[s].get(m) for s in keys] for m in ("wer", "bleu", "similarity")}}
-    return {"name": name, "curves": curves}
+        from semedge.semcom.baseline import BaselineConfig, ConventionalLink
+    except ModuleNotFoundError as e:
+        return {"curves": {}, "note": f"semedge.semcom.baseline is not available ({e.name})"}
+    from semedge.semcom.metrics import score
+
+    utts = ws.test_utts()
+    refs = [u.text for u in utts]
+    cfg = BaselineConfig()
+    try:
+        link = ConventionalLink(ws.loaded, cfg)
+        curves = {}
+        for ch in channels:
+            rows = {m: [] for m in ("wer", "bleu", "similarity")}
+            uses = []
+            for snr in snrs:
+                hyps, u, _ = link.run(utts, ch, snr)
+                sc = score(refs, hyps)
+                for m in rows:
+                    rows[m].append(round(float(sc[m]), 5))
+                uses += u
+            curves[ch] = {"snrs": list(snrs), "n": len(utts), **rows, "channel_uses_mean": float(sum(uses) / len(uses))}
+    except UserError as e:  # e.g. c2enc missing: the build goes on without the baseline
+        log(f"baseline: {e}")
+        return {"curves": {}, "note": str(e)}
+    return {"name": cfg.name, "config": {"mode": cfg.mode, "rate": cfg.rate, "bits_per_symbol": cfg.bits_per_symbol},
+            "curves": curves}
 
 
 # ---------------------------------------------------------------- build
@@ -614,9 +620,14 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
                 eval_res[d] = dict(r, channel=channel, snrs=snrs, eval_snrs=dev_snrs)
                 step()
             channels = sorted({eval_res[d]["channel"] for d in fitting})
-            base_inputs = {"channels": channels, "snrs": settings["sweep"], "n": settings["n_eval"],
-                           "script": sha256_file(_sweep_script()) if _sweep_script().is_file() else None}
-            baseline = st.run("baseline", base_inputs, lambda: _baseline(channels, settings["sweep"], settings["n_eval"], ui.log))
+            baseline = {"curves": {}}
+            for ch in channels:  # one stamp per channel
+                base_inputs = {"channel": ch, "snrs": settings["sweep"], "n": settings["n_eval"],
+                               "weights": _stamped_weights(st, model, ws), "baseline": _baseline_version()}
+                b = st.run(f"baseline-{ch}", base_inputs, lambda ch=ch: _baseline(ws, [ch], settings["sweep"], ui.log))
+                baseline["curves"].update(b.get("curves") or {})
+                baseline.update({k: v for k, v in b.items() if k != "curves"})
+            _group(st, "baseline", channels)
         _group(st, "evaluate", fitting)
         ui.advance()
 
@@ -695,8 +706,10 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
     return record
 
 
-def _sweep_script() -> Path:
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "snr_sweep.py"
+def _baseline_version() -> str | None:
+    """Hash of semcom/baseline.py: a changed baseline re-runs the baseline stage."""
+    p = Path(__file__).resolve().parent.parent / "semcom" / "baseline.py"
+    return sha256_file(p) if p.is_file() else None
 
 
 def _stamped_weights(st: Stamps, model: str, ws: _Workspace) -> str:

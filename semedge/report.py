@@ -34,6 +34,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is for reading
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -49,6 +50,7 @@ def _save_fig(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -187,9 +189,17 @@ def candidate_points(build: dict, device: str) -> dict:
         pts.append({"cid": cid, "x": float(x), "wer": wer, "snr": at, "bytes": c.get("bytes"),
                     "describe": c.get("describe") or cid, "rejected": rejected.get(cid), "pareto": cid in pareto,
                     "level": (acc.get(at) or {}).get("level")})
+    bdev = (build.get("devices") or {}).get(device) or {}
+    realised = None
+    ch = next((p for p in pts if p["cid"] == dev.get("chosen")), None)
+    if ch is not None and bdev.get("package"):  # the built package's own test-set WER at the same SNR
+        w = _num(((bdev.get("accuracy") or {}).get(ch["snr"]) or {}).get("wer"))
+        x = _num((bdev.get("predicted") or {}).get("memory_mb")) if use_mem else (_num((bdev.get("package") or {}).get("onnx_bytes")) or 0) / 1e6
+        if w is not None and x is not None:
+            realised = {"x": x, "wer": w, "snr": ch["snr"]}
     return {"x_label": "predicted peak memory on the device (MB)" if use_mem else "device graph size (MB)",
-            "x_is_memory": bool(use_mem), "points": pts, "chosen": dev.get("chosen"),
-            "budget_mb": (dev.get("budgets") or {}).get("memory_mb")}
+            "x_is_memory": bool(use_mem), "points": pts, "chosen": dev.get("chosen"), "closest": dev.get("closest"),
+            "realised": realised, "budget_mb": (dev.get("budgets") or {}).get("memory_mb")}
 
 
 def plot_footprint(build: dict, path: Path) -> dict:
@@ -218,6 +228,14 @@ def plot_footprint(build: dict, path: Path) -> dict:
         if ch:
             ax.scatter([ch[0]["x"]], [ch[0]["wer"]], s=140, facecolors="none", edgecolors="tab:red", lw=2,
                        label=f"chosen: {ch[0]['describe']}", zorder=3)
+            real = cp.get("realised")
+            if real:
+                ax.scatter([real["x"]], [real["wer"]], s=90, marker="*", c="tab:red", zorder=4,
+                           label=f"this build's package (test set, {real['snr']} dB)")
+        closest = [p for p in pts if p["cid"] == cp.get("closest")] if not ch else []
+        if closest:
+            ax.scatter([closest[0]["x"]], [closest[0]["wer"]], s=140, facecolors="none", edgecolors="tab:gray", lw=2,
+                       label=f"closest (does not fit): {closest[0]['describe']}", zorder=3)
         if cp["x_is_memory"] and _num(cp["budget_mb"]) is not None:
             ax.axvline(float(cp["budget_mb"]), ls="--", c="tab:red", lw=1, label="memory budget")
         ax.set_title(f"{name}" + ("" if (build["devices"][name].get("fits")) else "  (no plan fits)"), fontsize=10)

@@ -105,6 +105,9 @@ def test_build_writes_packages_and_report(first):
     assert rec["devices"]["phone-a"]["package"]["precision"] == "int8"
     assert rec["devices"]["phone-b"]["package"]["precision"] == "fp32"
     assert rec["devices"]["phone-b"]["curve"]["channel"] == "rayleigh"
+    base = rec["baseline"]  # the conventional link (Codec 2 + LDPC + QAM) on both channels
+    assert sorted(base["curves"]) == ["awgn", "rayleigh"] and base["name"].startswith("codec2")
+    assert all(0 <= w for c in base["curves"].values() for w in c["wer"])
     watch = rec["devices"]["tiny-watch"]
     assert watch["package"] is None and not (out / "packages" / "tiny-watch").exists() and "no plan fits" in watch["note"]
     # the record on disk is the one returned

@@ -123,7 +123,7 @@ def test_cli_plan_exit_code_3(first, loaded, tmp_path, monkeypatch):
     assert cli.main(args + ["--latency-ms", "1e-6"]) == 3
     assert json.loads(out.read_text())["devices"]["small"]["failing_budget"] == "latency"
     assert cli.main(args) == 0
-    assert cli.main(args[:4] + ["--devices", "nope"] + args[6:]) == 2
+    assert cli.main(args[:5] + ["--devices", "nope"] + args[7:]) == 2
 
 
 def test_candidate_space_and_snrs(loaded):
