@@ -459,8 +459,9 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                 rejected[cid] = f"accuracy: WER {w:.3f} > chosen {ok[0][0]:.3f} (full, mean over {info['eval_snrs']} dB)"
             info.update(fits=True, chosen=chosen, closest=None, failing_budget=None, wer=round(ok[0][0], 5))
         else:
-            if all(c.cid in rejected and "accuracy" in rejected[c.cid] for c in cands):
-                closest = min(cands, key=lambda c: full_wer(c) if full_wer(c) is not None else 9e9)
+            feasible = [c for c in cands if _fits(c, d, b)]
+            if feasible:  # memory and latency are met, the accuracy budget is not
+                closest = min(feasible, key=lambda c: (full_wer(c) if full_wer(c) is not None else 9e9, c.bytes))
                 failing = "accuracy"
             else:
                 closest, failing = _closest(cands, d, b)
@@ -623,5 +624,6 @@ def _host_prediction(ws, c: Cand) -> dict | None:
         host = load_profile("host")
     except UserError:
         return None
-    ws.predict(c, [host])
-    return dict(c.predicted.pop("host"))
+    probe = Cand(c.cid, c.plan, c.path, c.bytes)  # a copy: a device may itself be named "host"
+    ws.predict(probe, [host])
+    return probe.predicted["host"]

@@ -538,6 +538,10 @@ class Trainer:
             raise UserError("LoRA on the encoder is not supported by this trainer yet (encoder outputs are cached)",
                             "use targets on the decoder, e.g. targets=decoder.self_attn+decoder.encoder_attn")
         self.model = prepare_model(loaded, cfg.lora, cfg.qlora)
+        if cfg.qlora:  # bitsandbytes repacks nf4 weights for inference-only kernels in eval mode on CPU
+            for m in self.model.modules():
+                if type(m).__name__ == "Linear4bit":
+                    m.train()
         if examples is None:
             if loaded.kind != "speech":
                 raise UserError(f"{loaded.source} is a text model: pass training texts", "train speech models from the CLI")
@@ -877,3 +881,19 @@ def plot_results(rows: list[dict], path, metrics_to_plot=("wer", "bleu", "simila
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def fit_rate_policy(tr: "Trainer", snrs, candidates=None, channel: str = "awgn", tolerance: float = 0.02):
+    """Measure WER per SNR x k' on the validation examples and fit the rate policy (see semcom.rate)."""
+    from semedge.semcom.rate import fit_policy
+
+    if not tr.val_examples:
+        raise UserError("--fit-rate needs validation utterances", "give --n-val 16 or more")
+    k = tr.cfg.k
+    if candidates is None:
+        lo = tr.cfg.rate_min or k
+        candidates = sorted({kk for kk in (lo, k // 4, k // 2, k) if lo <= kk <= k})
+    loaded, codec = tr.receiver()
+    table = measure_rate_table(loaded, codec, tr.val_examples, snrs, candidates, channel, seed=tr.cfg.seed,
+                               silence=tr.silence, progress=tr.progress)
+    return fit_policy(k, table, tolerance)

@@ -46,11 +46,14 @@ def register(app: typer.Typer) -> None:
         val_snr: List[float] = typer.Option([10.0], "--val-snr", help="SNRs (dB, AWGN) for the final validation WER"),
         fp16: bool = typer.Option(False, "--fp16", help="store weights as float16 (shipped assets)"),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy machine)"),
+        fit_rate: bool = typer.Option(False, "--fit-rate", help="measure WER per SNR x k' on the validation set and store a rate policy (--k auto)"),
+        rate_snr: List[float] = typer.Option([0.0, 5.0, 10.0, 20.0], "--rate-snr", help="SNRs (dB, AWGN) for --fit-rate"),
+        ship: Optional[Path] = typer.Option(None, "--ship", help="also write a float16 copy without optimizer state here (e.g. semcom/assets/whisper-base-jsc)"),
     ):
         """Train a JSC codec with the channel in the loop (decoder cross-entropy), optionally with LoRA/QLoRA."""
         _threads(threads)
         from semedge.semcom.channel_spec import parse_channels
-        from semedge.semcom.train import LoRASpec, TrainConfig, Trainer, validate
+        from semedge.semcom.train import LoRASpec, TrainConfig, Trainer, fit_rate_policy, validate
 
         chans = tuple(str(c) for c in parse_channels(channel))
         cfg = TrainConfig(model=model, k=k, hidden=hidden, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
@@ -65,11 +68,22 @@ def register(app: typer.Typer) -> None:
         res = tr.fit(out, log=typer.echo)
         metrics = {"sec_per_step": round(res.sec_per_step, 3), "peak_rss_mb": round(res.peak_rss_mb, 1),
                    "train_seconds": round(res.seconds, 1), "steps_done": res.steps,
+                   "model_mb": round(sum(t.numel() * t.element_size() for t in list(tr.model.parameters()) + list(tr.model.buffers())) / 2**20, 1),
                    "loss_first20": float(sum(res.losses[:20]) / max(1, len(res.losses[:20]))),
                    "loss_last20": float(sum(res.losses[-20:]) / max(1, len(res.losses[-20:])))}
         if tr.val_examples:
             metrics["val"] = validate(tr, val_snr)
-        tr.save(out, metrics=metrics, dtype="float16" if fp16 else "float32")
+        extra = {}
+        if fit_rate:
+            extra["rate_policy"] = fit_rate_policy(tr, rate_snr).to_dict()
+        import shlex
+        import sys
+
+        extra["command"] = "semedge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        tr.save(out, metrics=metrics, dtype="float16" if fp16 else "float32", extra=extra)
+        if ship is not None:
+            tr.save(ship, metrics=metrics, dtype="float16", with_trainer=False, extra=extra)
+            typer.echo(f"shipped copy (float16) in {ship}")
         typer.echo(f"saved {out}  " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
 
     @app.command("eval")

@@ -198,7 +198,7 @@ def candidate_points(build: dict, device: str) -> dict:
         if w is not None and x is not None:
             realised = {"x": x, "wer": w, "snr": ch["snr"]}
     return {"x_label": "predicted peak memory on the device (MB)" if use_mem else "device graph size (MB)",
-            "x_is_memory": bool(use_mem), "points": pts, "chosen": dev.get("chosen"), "closest": dev.get("closest"),
+            "x_is_memory": bool(use_mem), "points": pts, "chosen": dev.get("chosen"), "closest": dev.get("closest") or bdev.get("closest"),
             "realised": realised, "budget_mb": (dev.get("budgets") or {}).get("memory_mb")}
 
 

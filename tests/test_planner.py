@@ -131,3 +131,13 @@ def test_candidate_space_and_snrs(loaded):
     assert len(space) == 18 and len({p.hash() for p in space}) == 18  # 2-layer encoder: no layer drop
     assert len(candidate_space(loaded, quick=True)) == 15
     assert eval_snrs((5, 20)) == [5.0, 10.0] and eval_snrs((20, 30)) == [20.0, 25.0] and eval_snrs((0, 10), quick=True) == [0.0]
+
+
+def test_accuracy_budget_fails_as_accuracy(first, loaded, profiles):
+    _, work, _ = first
+    with pytest.raises(NoPlanFits) as ei:
+        plan_devices(loaded, profiles[1:], candidates=PLANS, n_cheap=2, n_full=3, workdir=work / "cache",
+                     progress=False, realise=False, max_wer=0.5)  # a random model's WER is far above 0.5
+    info = ei.value.result["devices"]["small"]
+    assert info["failing_budget"] == "accuracy" and info["closest"] in ("dense.int8", "h50f50.int4-b32")
+    assert "accuracy" in ei.value.problem

@@ -146,6 +146,14 @@ def test_text_model_trains(tmp_path):
     assert all(math.isfinite(x) for x in res.losses)
 
 
+def test_qlora_trains_on_nf4_base(tiny):
+    pytest.importorskip("bitsandbytes")
+    tr = T.Trainer(_cfg(steps=2, qlora=True), loaded=tiny, examples=_examples(tiny), progress=False)
+    assert any(type(m).__name__ == "Linear4bit" for m in tr.model.modules())
+    res = tr.fit()
+    assert all(math.isfinite(x) for x in res.losses)
+
+
 def test_lora_spec_parsing_and_errors():
     s = T.LoRASpec.parse("r=4,alpha=8,targets=decoder.encoder_attn,proj=q_proj")
     assert (s.r, s.alpha, s.targets, s.projections) == (4, 8, ("decoder.encoder_attn",), ("q_proj",))
