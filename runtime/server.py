@@ -46,7 +46,6 @@ class ServerConfig:
     max_queue: int = 512  # queued messages per package before 503
     max_new_tokens: int = 96
     max_text_tokens: int = 1024
-    cache_silence_kv: bool = True  # speech: project the shared silence frames' cross-attention K/V once
 
 
 class HTTPError(Exception):
@@ -159,60 +158,6 @@ class _Model:
     loaded: object
     silence: object  # torch [1500, d] or None
     executor: ThreadPoolExecutor  # one decode thread per model: the big model runs one batch at a time
-    silence_kv: list | None = None  # per decoder layer: cross-attention (K, V) of the silence frames
-
-
-def silence_cross_kv(loaded, silence) -> list | None:
-    """Each decoder layer's cross-attention K and V projections of the silence encoding ([1500, d] each).
-
-    Every speech message's encoder states end in the same silence frames, so their
-    K/V rows are computed once here instead of per message (most of the per-message
-    cost at 1500 frames). None when the model's layout is not Whisper's.
-    """
-    import torch
-
-    try:
-        layers = loaded.model.model.decoder.layers
-        attns = [layer.encoder_attn for layer in layers]
-        with torch.inference_mode():
-            return [(a.k_proj(silence), a.v_proj(silence)) for a in attns]
-    except AttributeError:
-        return None
-
-
-def transcribe_speech(half, silence_kv: list, messages: list, max_new_tokens: int) -> list[str]:
-    """ServerHalf.transcribe for speech with the silence K/V precomputed (same math, less work).
-
-    The cross-attention cache is filled before generation: rows 0..n of each message
-    from its own frames, rows n..1500 from `silence_kv`; the decoder then reads K/V
-    from the cache and never projects the encoder states itself.
-    """
-    import torch
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-    from transformers.modeling_outputs import BaseModelOutput
-
-    from semedge.semcom.split import ENC_FRAMES, generate_kwargs
-
-    loaded = half.loaded
-    feats = [half.jsc(m.float()) for m in messages]
-    b = len(feats)
-    cross = DynamicCache()
-    cache = EncoderDecoderCache(DynamicCache(), cross)
-    for i, layer in enumerate(loaded.model.model.decoder.layers):
-        a = layer.encoder_attn
-        ks, vs = [], []
-        for f in feats:
-            n = min(f.shape[0], ENC_FRAMES)
-            ks.append(torch.cat([a.k_proj(f[:n]), silence_kv[i][0][n:]], 0))
-            vs.append(torch.cat([a.v_proj(f[:n]), silence_kv[i][1][n:]], 0))
-        k = torch.stack(ks).view(b, -1, a.num_heads, a.head_dim).transpose(1, 2)
-        v = torch.stack(vs).view(b, -1, a.num_heads, a.head_dim).transpose(1, 2)
-        cross.update(k, v, i)
-        cache.is_updated[i] = True
-    h = half.silence.expand(b, -1, -1)  # shape only: cross K/V come from the cache
-    ids = loaded.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), past_key_values=cache,
-                                max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
-    return [t.strip() for t in loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 @dataclass
@@ -247,8 +192,7 @@ class Registry:
             if src not in self.models:
                 loaded = loader(src)
                 silence = silence_encoding(loaded) if loaded.kind == "speech" else None
-                kv = silence_cross_kv(loaded, silence) if silence is not None and self.config.cache_silence_kv else None
-                self.models[src] = _Model(loaded, silence, ThreadPoolExecutor(1, thread_name_prefix="decode"), kv)
+                self.models[src] = _Model(loaded, silence, ThreadPoolExecutor(1, thread_name_prefix="decode"))
             m = self.models[src]
             want = pkg.manifest["model"].get("weight_hash")
             if want and want != m.loaded.weight_hash:
@@ -386,8 +330,6 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
 
             def run():
                 with torch.inference_mode():
-                    if s.model.silence_kv is not None:
-                        return transcribe_speech(s.half, s.model.silence_kv, msgs, cfg.max_new_tokens)
                     return s.half.transcribe(msgs, max_new_tokens=cfg.max_new_tokens)
 
             try:

@@ -84,12 +84,50 @@ class ServerHalf(nn.Module):
             mask[i, : f.shape[0]] = 1
         return h, mask
 
+    def _silence_cross_kv(self) -> list | None:
+        """Each Whisper decoder layer's cross-attention K, V of the silence frames, computed
+        once (every speech message ends in the same frames). None for other layouts."""
+        try:
+            attns = [layer.encoder_attn for layer in self.model.model.decoder.layers]
+            key = tuple((id(a.k_proj), id(a.v_proj), getattr(getattr(a.k_proj, "weight", None), "_version", 0)) for a in attns)
+        except AttributeError:
+            return None
+        if getattr(self, "_sil_key", None) != key:
+            self._sil_kv = [(a.k_proj(self.silence), a.v_proj(self.silence)) for a in attns]
+            self._sil_key = key
+        return self._sil_kv
+
+    def _speech_cache(self, feats: list[torch.Tensor], sil_kv: list):
+        """A cross-attention cache filled from each message's frames plus the silence rows."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        cross = DynamicCache()
+        cache = EncoderDecoderCache(DynamicCache(), cross)
+        b = len(feats)
+        for i, layer in enumerate(self.model.model.decoder.layers):
+            a = layer.encoder_attn
+            ks, vs = [], []
+            for f in feats:
+                n = min(f.shape[0], ENC_FRAMES)
+                ks.append(torch.cat([a.k_proj(f[:n]), sil_kv[i][0][n:]], 0))
+                vs.append(torch.cat([a.v_proj(f[:n]), sil_kv[i][1][n:]], 0))
+            cross.update(torch.stack(ks).view(b, ENC_FRAMES, -1, a.head_dim).transpose(1, 2),
+                         torch.stack(vs).view(b, ENC_FRAMES, -1, a.head_dim).transpose(1, 2), i)
+            cache.is_updated[i] = True
+        return cache
+
     @torch.no_grad()
     def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96) -> torch.Tensor:
-        h, mask = self.encoder_states(messages)
         kwargs = generate_kwargs(self.loaded)
-        if self.silence is None:
-            kwargs["attention_mask"] = mask
+        sil_kv = self._silence_cross_kv() if self.silence is not None else None
+        if sil_kv is not None:  # speech: cross K/V from the cache, the states only give the shape
+            feats = [self.jsc(y.float()) for y in messages]
+            h = self.silence.expand(len(feats), -1, -1)
+            kwargs["past_key_values"] = self._speech_cache(feats, sil_kv)
+        else:
+            h, mask = self.encoder_states(messages)
+            if self.silence is None:
+                kwargs["attention_mask"] = mask
         return self.model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_new_tokens, **kwargs
         )

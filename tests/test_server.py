@@ -184,19 +184,6 @@ def test_concurrent_requests_are_batched(served):
     assert int(line.split()[1]) > 1
 
 
-def test_cached_silence_kv_matches_transcribe(served):
-    from semedge.runtime.server import silence_cross_kv, transcribe_speech
-
-    split, _pid, _url, _symbols, _ = served
-    half = split.server
-    kv = silence_cross_kv(split.loaded, half.silence)
-    g = torch.Generator().manual_seed(3)
-    msgs = [torch.randn(n, 16, generator=g) for n in (1, 40, 1500, 7)]
-    with torch.inference_mode():
-        assert transcribe_speech(half, kv, msgs, MAX_NEW) == half.transcribe(msgs, max_new_tokens=MAX_NEW)
-
-
-
 def test_device_run_cli(served, tmp_path, capsys):
     import json
     import wave

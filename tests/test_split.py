@@ -67,3 +67,16 @@ def test_codec_wrong_model_is_clear_error():
 
     with pytest.raises(UserError, match="d_model"):
         build_split(tiny_model("whisper"), JSCCodec(JSCConfig(d_model=999, k=8)))
+
+
+def test_cached_silence_kv_equals_plain_decoding():
+    """The cross-attention cache built from message frames + precomputed silence rows
+    decodes exactly as the plain path (full encoder states through the decoder)."""
+    split = build_split(tiny_model("whisper"))
+    half = split.server
+    g = torch.Generator().manual_seed(3)
+    msgs = [torch.randn(n, split.k, generator=g) for n in (1, 40, 1500, 7)]
+    fast = half.generate(msgs, max_new_tokens=8)
+    assert half._silence_cross_kv() is not None
+    half._silence_cross_kv = lambda: None  # force the plain path
+    assert torch.equal(half.generate(msgs, max_new_tokens=8), fast)
