@@ -1,4 +1,4 @@
-"""CLI: `semedge profiles list|show|validate|measure-host|calibrate`, `semedge profile`, `semedge bench-device`."""
+"""CLI: `semedge profiles list|show|validate|measure-host|calibrate`, `semedge profile`, `semedge device bench`."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def measure_host_cmd(
 @profiles_app.command("calibrate")
 def calibrate_cmd(
     name: str = typer.Argument(..., help="profile name or path"),
-    bench: Path = typer.Argument(..., help="JSON written by `semedge bench-device --json`"),
+    bench: Path = typer.Argument(..., help="JSON written by `semedge device bench --json`"),
     model: Optional[Path] = typer.Option(None, "--model", help="the benched model here, if its path differs"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the calibrated profile here instead"),
 ):
@@ -134,10 +134,10 @@ def calibrate_cmd(
         rows = data["results"]
         mpath = _resolve_model(model or Path(data["model"]))
     except FileNotFoundError:
-        raise UserError(f"{bench}: no such file", "run `semedge bench-device PKG --json > bench.json` first")
+        raise UserError(f"{bench}: no such file", "run `semedge device bench PKG --json > bench.json` first")
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{bench}: not a bench JSON (needs 'model' and 'results')",
-                        "use the output of `semedge bench-device --json`")
+                        "use the output of `semedge device bench --json`")
     lat, mem = [], []
     for r in rows:
         cost = costmodel.analyze(mpath, r.get("length"))
@@ -244,5 +244,3 @@ def bench_device_cmd(
 def register(app: typer.Typer) -> None:
     app.add_typer(profiles_app, name="profiles")
     app.command("profile")(profile_cmd)
-    # TODO(lead): move under the `device` group as `device bench` once semedge/cli_export.py has it
-    app.command("bench-device")(bench_device_cmd)

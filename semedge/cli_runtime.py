@@ -121,5 +121,8 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
+    from semedge.cli_profiles import bench_device_cmd
+
+    device_app.command("bench")(bench_device_cmd)
     app.add_typer(device_app, name="device")
     app.command("serve")(serve)

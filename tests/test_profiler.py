@@ -60,7 +60,7 @@ def test_profile_torch_block():
 
 
 def test_bench_then_calibrate_host_as_target(tiny, tmp_path, monkeypatch):
-    """`bench-device` on the host, then `profiles calibrate` fits the profile to it."""
+    """`device bench` on the host, then `profiles calibrate` fits the profile to it."""
     from semedge.cli import app
 
     for n in ("raspberry-pi-5",):
@@ -71,7 +71,7 @@ def test_bench_then_calibrate_host_as_target(tiny, tmp_path, monkeypatch):
     (pkg / "device.onnx").write_bytes(tiny.read_bytes())
     (pkg / "manifest.json").write_text("{}")
     bench = tmp_path / "bench.json"
-    r = CliRunner().invoke(app, ["bench-device", str(pkg), "--lengths", "32,128,512", "--runs", "5",
+    r = CliRunner().invoke(app, ["device", "bench", str(pkg), "--lengths", "32,128,512", "--runs", "5",
                                  "--json", "--out", str(bench)])
     assert r.exit_code == 0, r.output
     data = json.loads(bench.read_text())
@@ -108,7 +108,7 @@ def test_cli_user_errors(tmp_path):
     from semedge.cli import main
 
     assert main(["profile", str(tmp_path / "nope.onnx"), "--device", "watch"]) == 2
-    assert main(["bench-device", str(tmp_path)]) == 2  # folder without device.onnx
+    assert main(["device", "bench", str(tmp_path)]) == 2  # folder without device.onnx
     assert main(["profile", str(tmp_path / "nope.onnx"), "--device", "no-such"]) == 2
 
 
