@@ -25,6 +25,7 @@ Steps (docs/planner.md):
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import hashlib
 import json
 import math
@@ -165,6 +166,8 @@ class _Workspace:
         tplan = Plan.make(plan.ops(TORCH_OPS))
         th = tplan.hash()
         if th not in self.splits:
+            self.splits.clear()  # one pruned copy at a time: each is a whole model
+            gc.collect()
             self.splits[th] = apply_torch_steps(self.split, tplan, self.calib) if tplan.steps else self.split
         return self.splits[th]
 
@@ -206,11 +209,13 @@ class _Workspace:
         cost = None
         changed = False
         for prof in profiles:
-            k = _sha(self.mkey, cand.plan.hash(), cand.bytes, prof.model_dump_json())
+            k = _sha(self.mkey, "model-memory", cand.plan.hash(), cand.bytes, prof.model_dump_json())
             if k not in self.costs:
                 cost = cost or costmodel.analyze(cand.path)
                 self.costs[k] = {"latency_ms": round(costmodel.predict_latency_ms(cost, prof), 2),
-                                 "memory_mb": round(costmodel.predict_memory_mb(cost, prof), 2),
+                                 # the budget is for the model, measured as peak RSS minus the runtime's own
+                                 "memory_mb": round(costmodel.predict_model_memory_mb(cost, prof), 2),
+                                 "process_memory_mb": round(costmodel.predict_memory_mb(cost, prof), 2),
                                  "weights_mb": round(cost.weight_bytes / 1e6, 2),
                                  "activations_mb": round(cost.peak_activation_bytes / 1e6, 2)}
                 changed = True

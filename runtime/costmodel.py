@@ -381,10 +381,16 @@ def predict_latency_ms(cost: GraphCost, profile: DeviceProfile) -> float:
     return 1e3 * t + cost.n_nodes * e["overhead_us_per_node"] * 1e-3 + e["fixed_ms"]
 
 
-def predict_memory_mb(cost: GraphCost, profile: DeviceProfile) -> float:
-    """Predicted peak RSS of a process that runs the model once (MB)."""
+def predict_model_memory_mb(cost: GraphCost, profile: DeviceProfile) -> float:
+    """Predicted memory the model adds to a process that already runs ONNX Runtime (MB):
+    what a device's memory budget for the device half is compared with."""
     e = _eff(profile)
-    return e["runtime_mb"] + (e["weights_factor"] * cost.weight_bytes + e["arena_factor"] * cost.peak_activation_bytes) / 1e6
+    return (e["weights_factor"] * cost.weight_bytes + e["arena_factor"] * cost.peak_activation_bytes) / 1e6
+
+
+def predict_memory_mb(cost: GraphCost, profile: DeviceProfile) -> float:
+    """Predicted peak RSS of a process that runs the model once (MB): runtime + model."""
+    return _eff(profile)["runtime_mb"] + predict_model_memory_mb(cost, profile)
 
 
 def predict(model, profile: DeviceProfile, length: int | None = None) -> dict:

@@ -803,7 +803,10 @@ def write_json(obj, path) -> None:
 def score_row(refs, hyps, with_similarity: bool = True) -> dict:
     from semedge.semcom import metrics
 
-    out = {"wer": metrics.wer(refs, hyps), "bleu": metrics.bleu(refs, hyps)}
+    per = metrics.wer_per_utt(refs, hyps)
+    out = {"wer": metrics.wer(refs, hyps), "bleu": metrics.bleu(refs, hyps),
+           "wer_median": float(np.median(per)) if per else float("nan"),
+           "runaway_rate": float(np.mean([w > 1.0 for w in per])) if per else float("nan")}  # share of utterances with WER > 1 (repetition loops)
     if with_similarity:
         out["similarity"] = metrics.similarity(refs, hyps)
     return out

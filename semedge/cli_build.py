@@ -53,11 +53,12 @@ def _summary(record: dict) -> None:
     c.print(f"build took {record['timing']['seconds']:.0f} s")
 
 
-def _run(model, profiles, out, devices, quick, plans, jsc, n_eval, progress, strict: bool = True) -> dict:
+def _run(model, profiles, out, devices, quick, plans, jsc, n_eval, progress, strict: bool = True,
+         plan_quick: bool | None = None) -> dict:
     from semedge.pipeline import build as run_build
 
     record = run_build(model, profiles, out, devices=_devices(devices), quick=quick, progress=progress, plans=plans,
-                       jsc=jsc, n_eval=n_eval)
+                       jsc=jsc, n_eval=n_eval, plan_quick=plan_quick)
     _summary(record)
     typer.echo(f"Report: {Path(out) / record['report']}")
     if record.get("exit_code"):
@@ -86,8 +87,11 @@ def demo(
     out: Path = typer.Option(Path(DEMO_OUT), help="output folder"),
     progress: bool = typer.Option(True, help="progress bars"),
 ):
-    """`semedge build` on whisper-base and the shipped device profiles; prints where the report is."""
-    _run(DEMO_MODEL, _shipped_profiles(), out, None, False, None, None, None, progress, strict=False)
+    """`semedge build` on whisper-base and the shipped device profiles; prints where the report is.
+
+    The planner runs its quick candidate space (15 plans, small samples) so the demo fits in
+    about half an hour on 2 cores; evaluation of the chosen packages uses the full settings."""
+    _run(DEMO_MODEL, _shipped_profiles(), out, None, False, None, None, None, progress, strict=False, plan_quick=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -502,10 +502,12 @@ def _baseline(ws, channels: list[str], snrs: list[float], log) -> dict:
 
 
 def build(model: str, profiles_dir, out, devices=None, quick: bool = False, progress: bool = True, *,
-          plans=None, jsc: str | None = None, n_eval: int | None = None, sweep=None, runs: int | None = None) -> dict:
+          plans=None, jsc: str | None = None, n_eval: int | None = None, sweep=None, runs: int | None = None,
+          plan_quick: bool | None = None) -> dict:
     """Run every stage into `out`; returns (and writes to out/build.json) the build record.
 
-    plans: a plans.json to use instead of running the planner. The record's `exit_code`
+    plans: a plans.json to use instead of running the planner. plan_quick: the planner's
+    quick candidate space and sample sizes (default: `quick`). The record's `exit_code`
     is 3 when some device has no plan that fits (its package is not built), else 0.
     """
     t_start = time.perf_counter()
@@ -540,9 +542,11 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
                 _read_plans(plans_in)
                 write_atomic(out / "plans.json", plans_in.read_bytes())
                 return {"exit": 0, "source": str(plans_in)}
-            return {"exit": _run_planner(ws, profs, out, quick, progress), "source": "planner"}
+            return {"exit": _run_planner(ws, profs, out, quick if plan_quick is None else plan_quick, progress),
+                    "source": "planner"}
 
         plan_inputs = {"model": model, "profiles": prof_files, "devices": sorted(profs), "quick": quick,
+                       "plan_quick": plan_quick,
                        "plans_in": sha256_file(plans_in) if plans_in else None}
         plan_res = st.run("plan", plan_inputs, do_plan, lambda r: [out / "plans.json"])
         plans_doc = _read_plans(out / "plans.json")

@@ -243,7 +243,8 @@ def plot_footprint(build: dict, path: Path) -> dict:
         snr_txt = ", ".join(sorted({p["snr"] for p in pts if p["snr"]}, key=float)) or "?"
         ax.set_ylabel(f"WER at {snr_txt} dB [measured]", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
     fig.suptitle("Footprint vs accuracy per device (WER measured through the channel; memory predicted by the cost model)",
                  fontsize=10)
     fig.tight_layout()
