@@ -69,6 +69,7 @@ class Efficiency(_Strict):
     overhead_us_per_node: float | None = Field(default=None, ge=0)
     fixed_ms: float | None = Field(default=None, ge=0)
     runtime_mb: float | None = Field(default=None, ge=0)
+    session_mb: float | None = Field(default=None, ge=0)
     arena_factor: float | None = Field(default=None, ge=0)
     weights_factor: float | None = Field(default=None, ge=0)
     calibrated_on: str | None = None

@@ -18,12 +18,12 @@ warnings.filterwarnings("ignore")
 
 
 def _profile(name, memory_mb, latency_ms, snr=(5, 15), channel="awgn") -> dict:
-    # runtime and arena terms off: predicted memory is the weights, so budgets separate the plans
+    # runtime, session and arena terms off: predicted memory is the weights, so budgets separate the plans
     return {"name": name, "device_class": "phone", "memory_budget_mb": memory_mb,
             "peak_gflops": {"fp32": 50.0, "fp16": 100.0, "int8": 200.0}, "mem_bandwidth_gbs": 10.0,
             "cores": 4, "threads": 2, "execution_providers": ["CPU"], "latency_budget_ms": latency_ms,
             "link": {"uplink_mbps": 10, "snr_db": list(snr), "channel": channel},
-            "efficiency": {"runtime_mb": 0.0, "arena_factor": 0.0, "weights_factor": 1.0},
+            "efficiency": {"runtime_mb": 0.0, "session_mb": 0.0, "arena_factor": 0.0, "weights_factor": 1.0},
             "sources": ["synthetic test profile"]}
 
 
