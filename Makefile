@@ -15,7 +15,8 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -x --timeout=900
 
-test-slow: venv
+test-slow:
+	@SEMEDGE_SLOW=1 bash scripts/bootstrap.sh
 	$(PY) -m pytest -q -m slow --timeout=3600
 
 bench: venv

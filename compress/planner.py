@@ -272,7 +272,7 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
     """
     import torch
 
-    from semedge.runtime.evaluate import AccuracyCache, device_messages, evaluate_onnx, speech_features
+    from semedge.runtime.evaluate import AccuracyCache, device_messages, evaluate_onnx, speech_features, trim_memory
     from semedge.semcom.checkpoint import load_for_inference
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
@@ -388,6 +388,7 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
         tc = time.time()
         for ch in sorted({ch for ch, _ in cheap_need[cid]}):
             evaluate(c, ch, sorted({s for cc, s in cheap_need[cid] if cc == ch}), n_cheap, "cheap")
+        trim_memory()
         conds = ", ".join(f"{k} WER {v['wer']:.3f}" for k, v in sorted(c.accuracy.items()))
         say(f"  [{i}/{len(cheap_need)}] {cid}: {conds}  ({time.time() - tc:.0f} s)")
         if on_candidate:
@@ -418,6 +419,7 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                 conds.setdefault(info["channel"], set()).update(info["eval_snrs"])
         for ch, snrs in sorted(conds.items()):
             evaluate(c, ch, sorted(snrs), n_full, "full")
+        trim_memory()
         say(f"  [{i}/{len(full_cids)}] {cid}: " + ", ".join(
             f"{k} WER {v['wer']:.3f}" for k, v in sorted(c.accuracy.items()) if v["level"] == "full")
             + f"  ({time.time() - tc:.0f} s)")

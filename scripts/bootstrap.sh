@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(espeak-ng wordnet-base fortunes-min codec2 sox)
+# Only for `make test-slow` (SEMEDGE_SLOW=1): headless check of the build report.
+[ "${SEMEDGE_SLOW:-0}" = 1 ] && APT_PKGS+=(chromium)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
