@@ -26,6 +26,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
 THREADS = 2
+SERVER_THREADS = int(os.environ.get("SEMEDGE_SERVER_THREADS", "1"))
 TEXT_TOKENS = 128
 
 
@@ -213,8 +214,91 @@ def text(runs: int, warmup: int, work: Path, log) -> dict:
 
 
 def server(quick: bool, log) -> dict:
-    """Server half (JSC decoder + decoder): filled by the runtime's server benchmark."""
-    return {"status": "not measured here", "note": "server-half timing goes here (runtime/server.py)"}
+    """Server half on real speech: ms per generated token and per utterance, ours (PyTorch fp32
+    and torch dynamic int8) vs CTranslate2 (int8, fp32) decoding the same encoder states.
+
+    Identity JSC (so CT2's stock weights are the same model), content frames + silence fill,
+    greedy, one utterance at a time. Each backend is timed in its own block."""
+    import numpy as np
+    import torch
+
+    import ctranslate2
+    from semedge.compress import quantize_torch
+    from semedge.semcom.ct2 import ct2_model_dir
+    from semedge.semcom.metrics import wer
+    from semedge.semcom.models import load_model
+    from semedge.semcom.split import build_split
+    from semedge.semcom.system import device_encode
+    from semedge.semcom.tasks.speech import load_split
+
+    n = 8 if quick else 30
+    # One intra-op thread for both backends: on a busy 2-core host two PyTorch threads
+    # spin against the other load (measured: 10x slower per token), CT2's pool does not.
+    threads = SERVER_THREADS
+    torch.set_num_threads(threads)
+    utts = load_split("test", n, progress=False)
+    refs = [u.text for u in utts]
+    split = build_split(load_model("whisper-base"))
+    tok = split.loaded.tokenizer
+    log(f"server: encoding {n} test utterances")
+    msgs = [device_encode(split, [u.audio])[0] for u in utts]
+    with torch.no_grad():
+        states = [split.server.encoder_states([m])[0][0].numpy() for m in msgs]
+
+    def summary(times, ntoks, hyps):
+        per_tok = [t / k for t, k in zip(times, ntoks)]
+        return {"ms_per_token_median": round(1e3 * float(np.median(per_tok)), 2),
+                "ms_per_utterance_median": round(1e3 * float(np.median(times)), 1),
+                "tokens_mean": round(float(np.mean(ntoks)), 1), "wer": round(wer(refs, hyps), 4), "n": n}
+
+    def ours(sp):
+        sp.server.generate([msgs[0]], max_new_tokens=96)  # warm-up
+        times, ntoks, hyps = [], [], []
+        for m in msgs:
+            t0 = time.perf_counter()
+            ids = sp.server.generate([m], max_new_tokens=96)
+            times.append(time.perf_counter() - t0)
+            body = [i for i in ids[0].tolist() if i not in tok.all_special_ids]
+            ntoks.append(len(body) + 1)  # + end of text
+            hyps.append(tok.decode(body).strip())
+        return summary(times, ntoks, hyps)
+
+    out = {"setup": f"whisper-base decoder, {n} test utterances, identity JSC, greedy, batch 1, {threads} thread(s)"}
+    log("server: ours fp32")
+    out["ours_fp32"] = ours(split)
+    log("server: ours torch int8")
+    out["ours_torch_int8"] = ours(quantize_torch.apply(split, {"mode": "torch_int8"}))
+    prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    for ct in ("int8", "float32"):
+        log(f"server: CTranslate2 {ct}")
+        model = ctranslate2.models.Whisper(str(ct2_model_dir("whisper-base")), compute_type=ct, intra_threads=threads)
+        model.generate(ctranslate2.StorageView.from_array(states[0][None]), [prompt], max_length=96, beam_size=1)
+        times, ntoks, hyps = [], [], []
+        for st in states:
+            t0 = time.perf_counter()
+            r = model.generate(ctranslate2.StorageView.from_array(st[None]), [prompt], max_length=96, beam_size=1)[0]
+            times.append(time.perf_counter() - t0)
+            ids = [i for i in r.sequences_ids[0] if i not in tok.all_special_ids]
+            ntoks.append(len(ids) + 1)
+            hyps.append(tok.decode(ids).strip())
+        out[f"ct2_{ct}"] = summary(times, ntoks, hyps)
+        del model
+    out["ratios"] = {"ours_torch_int8_vs_ct2_int8_per_token": round(
+        out["ours_torch_int8"]["ms_per_token_median"] / out["ct2_int8"]["ms_per_token_median"], 3),
+        "ours_fp32_vs_ct2_int8_per_token": round(
+        out["ours_fp32"]["ms_per_token_median"] / out["ct2_int8"]["ms_per_token_median"], 3)}
+    return out
+
+
+def print_server(r: dict) -> None:
+    if "setup" not in r:
+        return
+    print(f"\nserver: {r['setup']}")
+    print(f"{'backend':18} {'ms/token':>9} {'ms/utt':>8} {'tokens':>7} {'WER':>6}")
+    for k in ("ours_fp32", "ours_torch_int8", "ct2_int8", "ct2_float32"):
+        x = r[k]
+        print(f"{k:18} {x['ms_per_token_median']:9.1f} {x['ms_per_utterance_median']:8.0f} {x['tokens_mean']:7.1f} {x['wer']:6.3f}")
+    print("ratios:", r["ratios"])
 
 
 # ----------------------------------------------------------------------------- output
@@ -257,7 +341,7 @@ def print_table(results: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer runs (finishes in a few minutes)")
-    ap.add_argument("--sections", default="speech,text", help="comma list of speech,text")
+    ap.add_argument("--sections", default="speech,text,server", help="comma list of speech,text,server")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -282,9 +366,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="semedge-latency-") as tmp:
         for sec in a.sections.split(","):
+            if sec == "server":
+                continue
             runs, warm = plan[sec]
             results[sec] = {"speech": speech, "text": text}[sec](runs, warm, Path(tmp), log)
-    results["server"] = server(a.quick, log)
+    if "server" in a.sections.split(","):
+        results["server"] = server(a.quick, log)
     results["host"]["load_avg_end"] = os.getloadavg()
     results["seconds"] = round(time.time() - t0, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +379,7 @@ def main(argv=None) -> int:
     tmp_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     os.replace(tmp_out, RESULTS)
     print_table(results)
+    print_server(results.get("server", {}))
     print(f"wrote {RESULTS} ({results['seconds']} s)")
     return 0
 
