@@ -63,12 +63,14 @@ def free_port() -> int:
 class Subprocess:
     """`semedge serve` in a child process, stopped on exit."""
 
-    def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float):
+    def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float, threads: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         cmd = [sys.executable, "-m", "semedge.cli", "serve", "--packages", str(pkgs_dir), "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
+        if threads:
+            cmd += ["--threads", str(threads)]
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
     ap.add_argument("--in-thread", action="store_true", help="run the server in this process instead of `semedge serve`")
+    ap.add_argument("--server-threads", type=int, default=None, help="torch threads of `semedge serve` (default: torch's)")
     ap.add_argument("--model", default="whisper-base")
     args = ap.parse_args(argv)
     n_msgs = args.messages or (16 if args.quick else 50)
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
         "benchmark": "server_load", "model": args.model, "package": pkg.package_id, "jsc": "identity",
         "channel": CHANNEL, "snr_db": SNR_DB, "server": "in-thread" if args.in_thread else "semedge serve (subprocess)",
         "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "quick": args.quick,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "server_threads": args.server_threads,
                     "load_avg_at_start": os.getloadavg()},
         "device_runner_ms_per_utt": round(1000 * t_dev, 1), "levels": [],
     }
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
         app = create_app([pkg], loader=lambda s: loaded, config=ServerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms))
         server = serve_in_thread(app)
     else:
-        server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms)
+        server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms, args.server_threads)
     try:
         with server as url:
             send(url, pkg.package_id, symbols[0])  # warm up
