@@ -406,10 +406,11 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
     for d, info in devs.items():
         lo = f"{info['channel']}@{_key(info['eval_snrs'][0])}"
         feas = [c for c in cands if _fits(c, d, info["budgets"])]
-        # cheap WER on a few utterances is noisy: within CHEAP_TIE of each other, rank the less
-        # compressed plan first (a priori no less accurate)
-        ranked[d] = sorted(feas, key=lambda c: (round(c.accuracy[lo]["wer"] / CHEAP_TIE), -c.bytes,
-                                                c.predicted[d]["latency_ms"]))
+        # cheap WER on a few utterances is noisy: the plans within CHEAP_TIE of the best come
+        # first, less compressed (a priori no less accurate) first; then the rest by WER
+        best = min((c.accuracy[lo]["wer"] for c in feas), default=0.0)
+        ranked[d] = sorted(feas, key=lambda c: (0, -c.bytes, 0.0) if c.accuracy[lo]["wer"] <= best + CHEAP_TIE
+                           else (1, c.accuracy[lo]["wer"], c.predicted[d]["latency_ms"]))
     short: dict[str, list[str]] = {d: [] for d in devs}
     for r in range(max(1, shortlist)):
         for d in devs:
