@@ -16,12 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semedge.semcom.atomic import write_atomic  # noqa: F401 (re-exported)
 from semedge.semcom.errors import UserError
 
 TORCH_OPS = ("prune", "distill")
@@ -89,22 +88,6 @@ def check_choice(name: str, value, allowed) -> str:
     if value not in allowed:
         raise UserError(f"{name}={value!r} is not allowed", f"use one of {', '.join(map(str, allowed))}")
     return value
-
-
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write bytes to path through a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------- plans

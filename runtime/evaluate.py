@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from semedge.semcom.atomic import write_atomic
 from semedge.semcom.errors import UserError
 
 METRICS_VERSION = 1  # bump when the way accuracy is computed changes (invalidates caches)
@@ -69,22 +69,7 @@ class AccuracyCache:
         with self._lock:
             self.data[key] = value
             if self.path:
-                _write(self.path, json.dumps(self.data, sort_keys=True, indent=0).encode())
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Atomic write (runtime/ cannot import compress/plan.write_atomic)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                write_atomic(self.path, json.dumps(self.data, sort_keys=True, indent=0).encode())
 
 
 def trim_memory() -> None:

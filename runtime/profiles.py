@@ -8,13 +8,13 @@ field names. Only numpy/pydantic/yaml here: this runs on a device.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from semedge.semcom.atomic import write_atomic
 from semedge.semcom.errors import UserError
 
 EXECUTION_PROVIDERS = ("CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT")
@@ -235,15 +235,7 @@ def dump_profile(prof: DeviceProfile, path: str | Path, header: str = "") -> Pat
         data.pop("efficiency", None)
     text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     text += yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_atomic(p, text)
 
 
 def update_efficiency(path: str | Path, efficiency: Efficiency) -> Path:
@@ -265,12 +257,4 @@ def update_efficiency(path: str | Path, efficiency: Efficiency) -> Path:
                            sort_keys=False)
     text = "".join(out) + block
     DeviceProfile.model_validate(yaml.safe_load(text))  # never write an invalid file
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_atomic(p, text)

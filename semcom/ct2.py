@@ -24,6 +24,7 @@ from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 
+from semedge.semcom.atomic import write_atomic
 from semedge.semcom.errors import UserError
 
 # CTranslate2 DataType enum order.
@@ -229,21 +230,8 @@ def weights_sha256(paths: Sequence[Path]) -> str:
     except (OSError, ValueError):
         pass
     digest = _sha256_files(paths)
-    _write_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}).encode())
+    write_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}).encode())
     return digest
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def ct2_model_dir(name: str) -> Path:

@@ -24,12 +24,11 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from semedge.semcom.atomic import write_atomic
 from semedge.semcom.errors import UserError
 
 FORMAT = "semedge-build/1"
@@ -71,21 +70,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _json_bytes(obj) -> bytes:

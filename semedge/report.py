@@ -22,25 +22,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from semedge.semcom.atomic import write_atomic
+
 METRICS = (("wer", "WER", "lower is better"), ("bleu", "BLEU", "higher is better"),
            ("similarity", "semantic similarity", "higher is better"))
 PLOTS = ("footprint_accuracy.png", "snr_wer.png", "snr_bleu.png", "snr_similarity.png", "latency_breakdown.png")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is for reading
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -533,8 +522,8 @@ def write_report(build_json: dict | str | Path, out_dir: str | Path) -> Path:
                                             "wer_at_snr")} for r in rows],
             "devices": rows, "footprint_accuracy": foot, "snr_curves": lines, "latency_breakdown": lat,
             "assumptions": _assumptions(build_json), "plots": plots}
-    _atomic_write(rep / "report.json", (json.dumps(data, indent=1, default=str) + "\n").encode())
-    _atomic_write(rep / "report.md", render_md(build_json, rows, plots).encode())
+    write_atomic(rep / "report.json", (json.dumps(data, indent=1, default=str) + "\n").encode())
+    write_atomic(rep / "report.md", render_md(build_json, rows, plots).encode())
     index = rep / "index.html"
-    _atomic_write(index, render_html(build_json, rows, plots).encode())
+    write_atomic(index, render_html(build_json, rows, plots).encode())
     return index
