@@ -484,7 +484,8 @@ def calibrate_memory(samples: list[tuple[GraphCost, float]], eff: Efficiency) ->
     w = 1.0 / b
     x = _nnls(a * w[:, None], b * w)
     d = eff.model_dump()
-    session = eff.session_mb if eff.session_mb is not None else DEFAULT_EFFICIENCY["session_mb"]
-    d.update(runtime_mb=round(max(0.0, float(x[0]) - session), 2), weights_factor=round(float(x[1]), 4),
+    # the intercept is runtime + session: keep the session's share, at most the intercept
+    session = min(eff.session_mb if eff.session_mb is not None else DEFAULT_EFFICIENCY["session_mb"], float(x[0]))
+    d.update(runtime_mb=round(float(x[0]) - session, 2), session_mb=round(session, 2), weights_factor=round(float(x[1]), 4),
              arena_factor=round(float(x[2]), 4))
     return Efficiency(**d)
