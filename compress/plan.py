@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from semedge.semcom.atomic import write_atomic  # noqa: F401 (re-exported)
+from semedge.semcom.files import write_atomic  # noqa: F401 (re-exported)
 from semedge.semcom.errors import UserError
 
 TORCH_OPS = ("prune", "distill")

@@ -173,6 +173,18 @@ def _run(enc: nn.Module, calib) -> None:
             enc(calib[i : i + 1])
 
 
+def _run_hooked(enc: nn.Module, calib, hooks: list) -> None:
+    """Run the calibration data through `enc` in eval mode, then remove `hooks`."""
+    try:
+        was = enc.training
+        enc.eval()
+        _run(enc, calib)
+        enc.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def layer_importance(model, calib) -> list[float]:
     enc = find_encoder(model)
@@ -187,14 +199,7 @@ def layer_importance(model, calib) -> list[float]:
             sums[i] += float(r.mean())
             counts[i] += 1
         hooks.append(lay.register_forward_hook(hook))
-    try:
-        was = enc.training
-        enc.eval()
-        _run(enc, calib)
-        enc.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(enc, calib, hooks)
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
@@ -221,14 +226,7 @@ def unit_importance(model, calib) -> tuple[list[torch.Tensor], list[torch.Tensor
 
         hooks.append(attn.out_proj.register_forward_pre_hook(head_hook))
         hooks.append(lay.fc2.register_forward_pre_hook(ffn_hook))
-    try:
-        was = enc.training
-        enc.eval()
-        _run(enc, calib)
-        enc.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(enc, calib, hooks)
     for i, lay in enumerate(enc.layers):
         n = max(counts[i], 1)
         attn = lay.self_attn

@@ -21,20 +21,14 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from semedge.semcom.files import sha256_file
+
 FORMAT = "semedge-package/1"
 MANIFEST = "manifest.json"
 ONNX_FILE = "device.onnx"
 JSC_WEIGHTS = "server/jsc.safetensors"
 JSC_CONFIG = "server/jsc.json"
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def graph_precision(path: str | Path) -> str:

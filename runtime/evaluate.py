@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from semedge.semcom.atomic import write_atomic
+from semedge.semcom.files import write_atomic
 from semedge.semcom.errors import UserError
 
 METRICS_VERSION = 1  # bump when the way accuracy is computed changes (invalidates caches)

@@ -7,28 +7,17 @@ torch-free: this runs on the device.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from semedge.semcom.files import sha256_file
 from semedge.semcom.errors import UserError
 
 FORMAT = "semedge-package/1"
 MANIFEST = "manifest.json"
 _REEXPORT = "re-export the package (semedge export ...) and copy the whole folder"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _safe_relpath(rel: str, root: Path) -> Path:

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from semedge.semcom.atomic import write_atomic
+from semedge.semcom.files import write_atomic
 from semedge.semcom.errors import UserError
 
 EXECUTION_PROVIDERS = ("CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT")

@@ -13,18 +13,17 @@ the manifest goes last, so a folder with a manifest is complete.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from semedge.semcom.files import sha256_file as _sha256
 from semedge.semcom.errors import UserError
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 
@@ -74,14 +73,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, write) -> None:

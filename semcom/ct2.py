@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 
-from semedge.semcom.atomic import write_atomic
+from semedge.semcom.files import write_atomic
 from semedge.semcom.errors import UserError
 
 # CTranslate2 DataType enum order.

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from semedge.semcom.atomic import write_atomic
+from semedge.semcom.files import sha256_file, write_atomic
 from semedge.semcom.errors import UserError
 
 FORMAT = "semedge-build/1"
@@ -62,14 +62,6 @@ def _canon(obj) -> str:
 
 def content_hash(obj) -> str:
     return hashlib.sha256(_canon(obj).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_bytes(obj) -> bytes:

@@ -22,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from semedge.semcom.atomic import write_atomic
+from semedge.semcom.files import write_atomic
 
 METRICS = (("wer", "WER", "lower is better"), ("bleu", "BLEU", "higher is better"),
            ("similarity", "semantic similarity", "higher is better"))

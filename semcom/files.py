@@ -1,11 +1,12 @@
-"""Atomic file writes: a temp file in the same folder, then a rename.
+"""File helpers shared by every layer: atomic writes and content hashes.
 
-A reader sees the old file or the new one, never half of one. Pure standard library,
-so the device runtime can use it too.
+Atomic: a temp file in the same folder, then a rename, so a reader sees the old file or
+the new one, never half of one. Pure standard library, so the device runtime can use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -27,3 +28,12 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
