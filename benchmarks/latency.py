@@ -263,11 +263,33 @@ def server(quick: bool, log) -> dict:
             hyps.append(tok.decode(body).strip())
         return summary(times, ntoks, hyps)
 
+    def ours_ct2(sp):  # the server's default backend: JSC decoder in torch, CTranslate2 int8 decoder
+        sp.server.transcribe([msgs[0]], max_new_tokens=96)  # warm-up
+        times, ntoks, hyps = [], [], []
+        for m in msgs:
+            t0 = time.perf_counter()
+            ids = sp.server.generate([m], max_new_tokens=96)[0]
+            times.append(time.perf_counter() - t0)
+            body = [i for i in ids if i not in tok.all_special_ids]
+            ntoks.append(len(body) + 1)
+            hyps.append(tok.decode(body).strip())
+        return summary(times, ntoks, hyps)
+
     out = {"setup": f"whisper-base decoder, {n} test utterances, identity JSC, greedy, batch 1, {threads} thread(s)"}
     log("server: ours fp32")
     out["ours_fp32"] = ours(split)
     log("server: ours torch int8")
     out["ours_torch_int8"] = ours(quantize_torch.apply(split, {"mode": "torch_int8"}))
+    from semedge.semcom.ct2_backend import CT2Whisper
+    from semedge.semcom.jsc import with_tail
+    from semedge.semcom.split import identity_codec
+
+    engine = CT2Whisper(split.loaded, "int8", threads=threads)
+    for label, tail in (("ours_ct2_int8", None), ("ours_ct2_int8_tail300", 300)):
+        log(f"server: {label}")
+        sp = build_split(split.loaded, with_tail(identity_codec(split.loaded), tail))
+        sp.server.ct2 = engine
+        out[label] = ours_ct2(sp)
     prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
     for ct in ("int8", "float32"):
         log(f"server: CTranslate2 {ct}")
@@ -287,6 +309,9 @@ def server(quick: bool, log) -> dict:
         out["ours_torch_int8"]["ms_per_token_median"] / out["ct2_int8"]["ms_per_token_median"], 3),
         "ours_fp32_vs_ct2_int8_per_token": round(
         out["ours_fp32"]["ms_per_token_median"] / out["ct2_int8"]["ms_per_token_median"], 3)}
+    for label in ("ours_ct2_int8", "ours_ct2_int8_tail300"):
+        out["ratios"][f"{label}_vs_ct2_int8_per_utterance"] = round(
+            out[label]["ms_per_utterance_median"] / out["ct2_int8"]["ms_per_utterance_median"], 3)
     return out
 
 
@@ -295,7 +320,9 @@ def print_server(r: dict) -> None:
         return
     print(f"\nserver: {r['setup']}")
     print(f"{'backend':18} {'ms/token':>9} {'ms/utt':>8} {'tokens':>7} {'WER':>6}")
-    for k in ("ours_fp32", "ours_torch_int8", "ct2_int8", "ct2_float32"):
+    for k in ("ours_fp32", "ours_torch_int8", "ours_ct2_int8", "ours_ct2_int8_tail300", "ct2_int8", "ct2_float32"):
+        if k not in r:
+            continue
         x = r[k]
         print(f"{k:18} {x['ms_per_token_median']:9.1f} {x['ms_per_utterance_median']:8.0f} {x['tokens_mean']:7.1f} {x['wer']:6.3f}")
     print("ratios:", r["ratios"])

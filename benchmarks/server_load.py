@@ -2,7 +2,9 @@
 
     python benchmarks/server_load.py [--quick] [--wer-check N] [--messages M] [--in-thread]
 
-1. Builds a whisper-base package (identity JSC) under a temp dir.
+1. Builds a whisper-base package (identity JSC; the decoder sees the content plus
+   --tail-frames silence frames, 300 by default) under a temp dir. The server decodes
+   with --backend (CTranslate2 int8 for Whisper by default), --workers batches at once.
 2. Encodes test-split utterances once with the ONNX device runner (numpy + ORT),
    sends them through the numpy link (AWGN, 10 dB) and keeps the .npy bodies.
 3. Starts `semedge serve` (a real subprocess; --in-thread: uvicorn in this process)
@@ -39,21 +41,6 @@ SNR_DB = 10.0
 CHANNEL = "awgn"
 
 
-def build_package(split, out_dir: Path) -> Path:
-    """export.package.build_package when it exists; else a minimal export in the same format."""
-    try:
-        from semedge.export.package import build_package as export_build
-    except ImportError:
-        export_build = None
-    if export_build is not None:
-        res = export_build(split, out_dir)
-        return Path(getattr(res, "path", res) or out_dir)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from runtime_pkg import make_package  # the tests' stand-in until export lands
-
-    return make_package(split, out_dir, name="whisper-base")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,12 +50,14 @@ def free_port() -> int:
 class Subprocess:
     """`semedge serve` in a child process, stopped on exit."""
 
-    def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float, threads: int | None = None):
+    def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float, threads: int | None = None,
+                 backend: str = "auto", workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         cmd = [sys.executable, "-m", "semedge.cli", "serve", "--packages", str(pkgs_dir), "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning"]
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning",
+               "--backend", backend, "--workers", str(workers)]
         if threads:
             cmd += ["--threads", str(threads)]
         self.log = tempfile.TemporaryFile()
@@ -158,7 +147,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
     ap.add_argument("--in-thread", action="store_true", help="run the server in this process instead of `semedge serve`")
-    ap.add_argument("--server-threads", type=int, default=None, help="torch threads of `semedge serve` (default: torch's)")
+    ap.add_argument("--server-threads", type=int, default=1, help="CPU threads per decoded batch in `semedge serve`")
+    ap.add_argument("--backend", default="auto", choices=("auto", "ct2", "torch"), help="the server's decoder backend")
+    ap.add_argument("--workers", type=int, default=2, help="batches the server decodes at once")
+    ap.add_argument("--tail-frames", default="300", help="silence frames after the content the decoder sees ('full': the 30 s window)")
     ap.add_argument("--model", default="whisper-base")
     args = ap.parse_args(argv)
     n_msgs = args.messages or (16 if args.quick else 50)
@@ -174,13 +166,20 @@ def main(argv=None) -> int:
     from semedge.runtime.runner import DeviceRunner
     from semedge.semcom.metrics import wer
     from semedge.semcom.models import load_model
-    from semedge.semcom.split import build_split
+    from semedge.export.package import build_package
+    from semedge.semcom.jsc import with_tail
+    from semedge.semcom.split import build_split, identity_codec
     from semedge.semcom.system import run_link
     from semedge.semcom.tasks.speech import load_split
 
     t_start = time.time()
     loaded = load_model(args.model)
-    split = build_split(loaded)  # identity JSC
+    tail = None if args.tail_frames == "full" else int(args.tail_frames)
+    split = build_split(loaded, with_tail(identity_codec(loaded), tail))
+    if args.backend != "torch":  # in process, the same decoder the server runs
+        from semedge.semcom.ct2_backend import CT2Whisper
+
+        split.server.ct2 = CT2Whisper(loaded, "int8", threads=args.server_threads)
     n_utts = max(n_wer, 8)
     utts = load_split("test", n_utts, progress=False)
     tmp = tempfile.TemporaryDirectory(prefix="semedge-load-")
@@ -200,6 +199,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "server_load", "model": args.model, "package": pkg.package_id, "jsc": "identity",
+        "backend": args.backend, "workers": args.workers, "tail_frames": tail,
         "channel": CHANNEL, "snr_db": SNR_DB, "server": "in-thread" if args.in_thread else "semedge serve (subprocess)",
         "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "quick": args.quick,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "server_threads": args.server_threads,
@@ -210,10 +210,12 @@ def main(argv=None) -> int:
     if args.in_thread:
         from semedge.runtime.server import ServerConfig, create_app, serve_in_thread
 
-        app = create_app([pkg], loader=lambda s: loaded, config=ServerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms))
+        app = create_app([pkg], loader=lambda s: loaded, config=ServerConfig(
+            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, backend=args.backend, workers=args.workers,
+            threads=args.server_threads))
         server = serve_in_thread(app)
     else:
-        server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms, args.server_threads)
+        server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms, args.server_threads, args.backend, args.workers)
     try:
         with server as url:
             send(url, pkg.package_id, symbols[0])  # warm up

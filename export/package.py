@@ -5,6 +5,7 @@ Layout (see docs/export.md for the manifest, field by field):
     frontend.json, mel_filters.npy            speech: log-mel parameters + filterbank
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   text
     server/jsc.safetensors, server/jsc.json   the JSC decoder (the server's; the device ignores server/)
+    server/adapters.safetensors               the decoder's LoRA adapters, when the codec was trained with them
     manifest.json              sha256 of every other file, io, plan, profile, measured figures
 
 The loader/verifier lives in runtime/package.py (device side); this module only writes.
@@ -28,6 +29,7 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "device.onnx"
 JSC_WEIGHTS = "server/jsc.safetensors"
 JSC_CONFIG = "server/jsc.json"
+ADAPTERS = "server/adapters.safetensors"
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -106,17 +108,26 @@ def _write_frontend(split, root: Path) -> dict:
             "max_length": min(limits) if limits else None}
 
 
-def _write_jsc(split, root: Path) -> dict:
-    """server/jsc.safetensors (decoder state, keys without prefix) + server/jsc.json."""
+def _write_jsc(split, root: Path, jsc_ckpt: str | Path | None = None) -> dict:
+    """server/jsc.safetensors (decoder state, keys without prefix) + server/jsc.json, and the
+    checkpoint's decoder LoRA adapters (server/adapters.safetensors) when it has them."""
     import dataclasses
 
     from safetensors.torch import save_file
+
+    from semedge.semcom.checkpoint import ADAPTER_FILE, read_manifest
 
     codec = split.codec
     (root / "server").mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in codec.decoder.state_dict().items()}
     save_file(state, str(root / JSC_WEIGHTS))
-    _write_json(root / JSC_CONFIG, {"format": "semedge-jsc-decoder/1", "config": dataclasses.asdict(codec.cfg)})
+    meta = {"format": "semedge-jsc-decoder/1", "config": dataclasses.asdict(codec.cfg)}
+    if jsc_ckpt is not None and (Path(jsc_ckpt) / ADAPTER_FILE).is_file():
+        man = read_manifest(Path(jsc_ckpt))
+        shutil.copyfile(Path(jsc_ckpt) / ADAPTER_FILE, root / ADAPTERS)
+        meta["lora"] = man.get("lora")
+        meta["qlora"] = bool(man.get("qlora"))
+    _write_json(root / JSC_CONFIG, meta)
     return dataclasses.asdict(codec.cfg)
 
 
@@ -152,7 +163,7 @@ def build_package(
     jsc_ckpt: str | Path | None = None,
     export_report=None,
     opset: int = 17,
-    optimize: bool = True,
+    optimize: bool | str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the package folder `out_dir` and `<out_dir>.zip` atomically; return `out_dir`.
@@ -189,7 +200,7 @@ def build_package(
             shutil.copyfile(onnx_path, tmp / ONNX_FILE)
         say("writing front end and JSC decoder")
         frontend = _write_frontend(split, tmp)
-        jsc_cfg = _write_jsc(split, tmp)
+        jsc_cfg = _write_jsc(split, tmp, jsc_ckpt)
         say("hashing files")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
@@ -199,6 +210,8 @@ def build_package(
         if export_report is not None:
             onnx_sec["optimized"] = bool(export_report.optimized)
             onnx_sec["fused"] = dict(export_report.fused)
+            if export_report.choice:
+                onnx_sec["optimize_choice"] = dict(export_report.choice)
             onnx_sec["export_seconds"] = round(float(export_report.export_seconds), 3)
             if export_report.parity is not None:
                 from dataclasses import asdict

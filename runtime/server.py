@@ -46,6 +46,18 @@ class ServerConfig:
     max_queue: int = 512  # queued messages per package before 503
     max_new_tokens: int = 96
     max_text_tokens: int = 1024
+    backend: str = "auto"  # decoder: "ct2" (CTranslate2; Whisper), "torch", or "auto" (ct2 for Whisper, else torch)
+    compute_type: str = "int8"  # CTranslate2 weights: int8 or float32
+    workers: int = 1  # batches decoded at the same time (CTranslate2 replicas; torch: threads sharing one model)
+    threads: int = 1  # CPU threads per batch (CTranslate2 intra_threads)
+
+    def __post_init__(self):
+        if self.backend not in ("auto", "ct2", "torch"):
+            raise UserError(f"backend {self.backend!r} is unknown", "use auto, ct2 or torch")
+        if self.compute_type not in ("int8", "float32"):
+            raise UserError(f"compute type {self.compute_type!r} is unknown", "use int8 or float32")
+        if self.workers < 1 or self.threads < 1:
+            raise UserError("workers and threads must be >= 1", "e.g. --workers 2 --threads 1 on a 2-core host")
 
 
 class HTTPError(Exception):
@@ -157,7 +169,40 @@ def load_jsc_decoder(pkg: Package):
 class _Model:
     loaded: object
     silence: object  # torch [1500, d] or None
-    executor: ThreadPoolExecutor  # one decode thread per model: the big model runs one batch at a time
+    executor: ThreadPoolExecutor  # `workers` decode threads per model
+    ct2: object = None  # CT2Whisper shared by the packages on this model, or None (torch)
+
+
+def _adapters_of(pkg: Package):
+    """(sha256, LoRASpec, qlora) of the package's decoder adapters, or None."""
+    from semedge.export.package import ADAPTERS, JSC_CONFIG
+
+    if not pkg.has(ADAPTERS):
+        return None
+    from semedge.semcom.train import LoRASpec
+
+    meta = json.loads(pkg.file(JSC_CONFIG).read_text())
+    lo = meta.get("lora")
+    if not isinstance(lo, dict):
+        raise UserError(f"package {pkg.path} has {ADAPTERS} but no LoRA settings in {JSC_CONFIG}",
+                        "re-export the package (semedge export --jsc CKPT ...)")
+    spec = LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo.get("dropout", 0.0),
+                    targets=tuple(lo["targets"]), projections=tuple(lo["projections"]))
+    return pkg.manifest["files"][ADAPTERS], spec, bool(meta.get("qlora"))
+
+
+def _with_adapters(loaded, pkg: Package, spec, qlora: bool):
+    """A copy of `loaded` whose decoder carries the package's LoRA adapters."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from semedge.export.package import ADAPTERS
+    from semedge.semcom.train import load_adapter_state, prepare_model
+
+    model = prepare_model(loaded, spec, qlora)
+    load_adapter_state(model, {k: v.float() for k, v in load_file(str(pkg.file(ADAPTERS))).items()})
+    return dataclasses.replace(loaded, model=model.eval())
 
 
 @dataclass
@@ -183,17 +228,34 @@ class Registry:
         self.served: dict[str, _Served] = {}
         if not packages:
             raise UserError("no packages to serve", "give a folder holding package folders (each with manifest.json)")
+        bases: dict[str, object] = {}
+        cfg = self.config
         for pkg in packages:
             pid = pkg.package_id
             if pid in self.served:
                 raise UserError(f"package id {pid} appears twice ({self.served[pid].package.path} and {pkg.path})",
                                 "serve each package once")
             src = pkg.model_source
-            if src not in self.models:
-                loaded = loader(src)
+            adapters = _adapters_of(pkg)
+            key = src if adapters is None else f"{src}+lora:{adapters[0][:16]}"
+            if key not in self.models:
+                if src not in bases:
+                    bases[src] = loader(src)
+                loaded = bases[src]
+                if adapters is not None:
+                    loaded = _with_adapters(loaded, pkg, adapters[1], adapters[2])
                 silence = silence_encoding(loaded) if loaded.kind == "speech" else None
-                self.models[src] = _Model(loaded, silence, ThreadPoolExecutor(1, thread_name_prefix="decode"))
-            m = self.models[src]
+                backend = cfg.backend
+                if backend == "auto":
+                    backend = "ct2" if getattr(loaded.model.config, "model_type", "") == "whisper" else "torch"
+                engine = None
+                if backend == "ct2":
+                    from semedge.semcom.ct2_backend import CT2Whisper
+
+                    engine = CT2Whisper(loaded, cfg.compute_type, threads=cfg.threads, workers=cfg.workers,
+                                        progress=log.info)
+                self.models[key] = _Model(loaded, silence, ThreadPoolExecutor(cfg.workers, thread_name_prefix="decode"), engine)
+            m = self.models[key]
             want = pkg.manifest["model"].get("weight_hash")
             if want and want != m.loaded.weight_hash:
                 raise UserError(f"package {pid} was built for {src} with weights {want[:12]}…, but the server's "
@@ -203,6 +265,7 @@ class Registry:
                 raise UserError(f"package {pid} is a {pkg.kind} package with d_model={pkg.d_model}, but {src} is "
                                 f"{m.loaded.kind} with d_model={m.loaded.d_model}", "re-export the package")
             half = ServerHalf(m.loaded, load_jsc_decoder(pkg), m.silence).eval()
+            half.ct2 = m.ct2
             if pkg.kind == "speech":
                 max_tokens = ENC_FRAMES
             else:
@@ -302,11 +365,17 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
     metrics = Metrics()
 
     async def batch_worker(s: _Served) -> None:
-        import torch
-
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(cfg.workers)  # batches in flight for this package
+        running: set[asyncio.Task] = set()
         while True:
-            first = await s.queue.get()
+            await slots.acquire()
+            try:
+                first = await s.queue.get()
+            except asyncio.CancelledError:
+                for t in running:
+                    t.cancel()
+                raise
             items = [first]
             deadline = loop.time() + cfg.max_wait_ms / 1000.0
             while len(items) < cfg.max_batch:
@@ -324,31 +393,40 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
                     break
             items = [it for it in items if not it.future.done()]  # client gone
             if not items:
+                slots.release()
                 continue
-            t0 = time.perf_counter()
-            msgs = [torch.from_numpy(it.symbols) for it in items]
+            task = asyncio.create_task(decode_batch(s, items))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
 
-            def run():
-                with torch.inference_mode():
-                    return s.half.transcribe(msgs, max_new_tokens=cfg.max_new_tokens)
+    async def decode_batch(s: _Served, items: list) -> None:
+        import torch
 
-            try:
-                texts = await loop.run_in_executor(s.model.executor, run)
-                err = None
-            except Exception as e:  # noqa: BLE001 - reported to every waiting request
-                log.exception("decode failed")
-                texts, err = None, e
-            t1 = time.perf_counter()
-            metrics.batch(len(items))
-            metrics.observe("semedge_decode_seconds", s.package.package_id, t1 - t0)
-            for i, it in enumerate(items):
-                metrics.observe("semedge_queue_seconds", s.package.package_id, t0 - it.t_enqueued)
-                if it.future.done():
-                    continue
-                if err is not None:
-                    it.future.set_exception(err)
-                else:
-                    it.future.set_result((texts[i], t0 - it.t_enqueued, t1 - t0, len(items)))
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        msgs = [torch.from_numpy(it.symbols) for it in items]
+
+        def run():
+            with torch.inference_mode():
+                return s.half.transcribe(msgs, max_new_tokens=cfg.max_new_tokens)
+
+        try:
+            texts = await loop.run_in_executor(s.model.executor, run)
+            err = None
+        except Exception as e:  # noqa: BLE001 - reported to every waiting request
+            log.exception("decode failed")
+            texts, err = None, e
+        t1 = time.perf_counter()
+        metrics.batch(len(items))
+        metrics.observe("semedge_decode_seconds", s.package.package_id, t1 - t0)
+        for i, it in enumerate(items):
+            metrics.observe("semedge_queue_seconds", s.package.package_id, t0 - it.t_enqueued)
+            if it.future.done():
+                continue
+            if err is not None:
+                it.future.set_exception(err)
+            else:
+                it.future.set_result((texts[i], t0 - it.t_enqueued, t1 - t0, len(items)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -28,10 +28,15 @@ class JSCConfig:
     k: int
     hidden: int = 1024  # decoder MLP width
     identity: bool = False
+    # Speech: silence frames the server's decoder attends to after the content (None: the
+    # whole 30 s window). Fixed at training: a decoder trained on one context expects it.
+    tail_frames: int | None = None
 
     def __post_init__(self):
         if self.identity and self.k != self.d_model:
             raise UserError(f"identity JSC needs k == d_model ({self.d_model}), got k={self.k}", "drop --k or set it to d_model")
+        if self.tail_frames is not None and not 0 <= self.tail_frames <= 1500:
+            raise UserError(f"tail_frames={self.tail_frames} is out of range", "choose 0..1500 frames (or none for the whole window)")
         if not 1 <= self.k <= 4 * self.d_model:
             raise UserError(f"k={self.k} symbols per token is out of range", f"choose 1 <= k <= {4 * self.d_model}")
 
@@ -113,3 +118,20 @@ class JSCCodec(nn.Module):
         for m in (self.encoder, self.decoder):
             m.mean.copy_(mean)
             m.std.copy_(std)
+
+
+def with_tail(codec: JSCCodec, tail_frames: int | None) -> JSCCodec:
+    """`codec` set to decode with `tail_frames` silence frames after the content (speech).
+
+    Only the identity codec (no trained decoder) may change its context; a trained
+    codec keeps the tail it was trained with.
+    """
+    cur = codec.cfg.tail_frames
+    if tail_frames == cur:
+        return codec
+    if not codec.cfg.identity:
+        raise UserError(f"this codec was trained to decode with tail_frames={cur}, not {tail_frames}",
+                        f"drop --tail-frames, or train a codec with --tail-frames {tail_frames}")
+    cfg = dataclasses.replace(codec.cfg, tail_frames=tail_frames)
+    codec.cfg = codec.encoder.cfg = codec.decoder.cfg = cfg
+    return codec

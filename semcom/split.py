@@ -65,15 +65,34 @@ class ServerHalf(nn.Module):
             self.register_buffer("silence", silence)  # [1500, d]
         else:
             self.silence = None
+        self.ct2 = None  # a CT2Whisper when the CTranslate2 backend decodes (use_ct2)
+
+    def use_ct2(self, compute_type: str = "int8", threads: int = 0, progress=None) -> "ServerHalf":
+        # the server builds one CT2Whisper per model and shares it: ServerHalf.ct2 = engine
+        """Decode with CTranslate2 from the same (LoRA-merged) weights; see semcom/ct2_backend.py."""
+        from semedge.semcom.ct2_backend import CT2Whisper
+
+        if self.silence is None:
+            from semedge.semcom.errors import UserError
+
+            raise UserError(f"the CTranslate2 backend serves Whisper models, not {self.loaded.source}",
+                            "use the torch backend for text models")
+        self.ct2 = CT2Whisper(self.loaded, compute_type, threads, progress)
+        return self
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self.ct2 is None else f"ct2-{self.ct2.compute_type}"
 
     def encoder_states(self, messages: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Received symbols, one [n_i, k] tensor per message -> (states [B, N, d], mask [B, N])."""
         feats = [self.jsc(y.float()) for y in messages]
-        if self.silence is not None:  # speech: every message becomes a full window
+        if self.silence is not None:  # speech: content + silence, to the window or to the trained tail
+            end = self.context_frames([f.shape[0] for f in feats])
             states = []
             for f in feats:
-                n = min(f.shape[0], ENC_FRAMES)
-                states.append(torch.cat([f[:n], self.silence[n:]], 0))
+                n = min(f.shape[0], end)
+                states.append(torch.cat([f[:n], self.silence[n:end]], 0))
             h = torch.stack(states)
             return h, torch.ones(h.shape[:2], dtype=torch.long)
         n_max = max(f.shape[0] for f in feats)
@@ -83,6 +102,11 @@ class ServerHalf(nn.Module):
             h[i, : f.shape[0]] = f
             mask[i, : f.shape[0]] = 1
         return h, mask
+
+    def context_frames(self, lengths: list[int]) -> int:
+        """Frames the decoder attends to for a batch of messages with these lengths."""
+        tail = getattr(getattr(self.jsc, "cfg", None), "tail_frames", None)
+        return ENC_FRAMES if tail is None else min(ENC_FRAMES, max(lengths) + tail)
 
     def _silence_cross_kv(self) -> list | None:
         """Each Whisper decoder layer's cross-attention K, V of the silence frames, computed
@@ -117,14 +141,18 @@ class ServerHalf(nn.Module):
         return cache
 
     @torch.no_grad()
-    def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96) -> torch.Tensor:
+    def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96):
+        """Token ids per message: a [B, L] tensor (torch backend) or lists of ids (CTranslate2)."""
+        if self.ct2 is not None:
+            return self.ct2.generate(self.encoder_states(messages)[0].numpy(), max_new_tokens)
         kwargs = generate_kwargs(self.loaded)
-        sil_kv = self._silence_cross_kv() if self.silence is not None else None
+        tail = getattr(getattr(self.jsc, "cfg", None), "tail_frames", None)
+        sil_kv = self._silence_cross_kv() if self.silence is not None and tail is None else None
         if sil_kv is not None:  # speech: cross K/V from the cache, the states only give the shape
             feats = [self.jsc(y.float()) for y in messages]
             h = self.silence.expand(len(feats), -1, -1)
             kwargs["past_key_values"] = self._speech_cache(feats, sil_kv)
-        else:
+        else:  # text, or speech with a trained tail (a short context: no cache to gain)
             h, mask = self.encoder_states(messages)
             if self.silence is None:
                 kwargs["attention_mask"] = mask
@@ -134,6 +162,8 @@ class ServerHalf(nn.Module):
 
     def transcribe(self, messages: list[torch.Tensor], max_new_tokens: int = 96) -> list[str]:
         ids = self.generate(messages, max_new_tokens)
+        if self.ct2 is not None:
+            return self.ct2.decode(ids)
         return [t.strip() for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 

@@ -88,6 +88,7 @@ class TrainConfig:
     model: str = "whisper-base"
     k: int = 64
     hidden: int = 1024
+    tail_frames: int | None = None  # speech: silence frames after the content the decoder sees (None: whole window)
     channels: tuple[str, ...] = ("awgn",)
     snr_low: float = -5.0
     snr_high: float = 20.0
@@ -550,7 +551,8 @@ class Trainer:
             val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress)
         self.examples, self.val_examples = examples, val_examples or []
         torch.manual_seed(cfg.seed)
-        self.codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden))
+        self.codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden,
+                                         tail_frames=cfg.tail_frames if loaded.kind == "speech" else None))
         self.codec.set_stats(torch.cat([e.h.float() for e in examples[:200]], 0))
         self.silence = None
         if loaded.kind == "speech":
@@ -596,7 +598,12 @@ class Trainer:
         if self.silence is not None:
             states = torch.where(b["mask"].unsqueeze(-1), h_hat, self.silence[: h_hat.shape[1]].unsqueeze(0))
             sel = b["tgt"] != -100
-            logits = decoder_logits(self.model, states, b["dec_in"], None, self.silence, self.sil_kv, select=sel)
+            sil, sil_kv = self.silence, self.sil_kv
+            if cfg.tail_frames is not None:  # the context the server will decode with
+                end = min(len(sil), states.shape[1] + cfg.tail_frames)
+                sil = sil[:end]
+                sil_kv = None if sil_kv is None else [tuple(t[:, :end] for t in kv) for kv in sil_kv]
+            logits = decoder_logits(self.model, states, b["dec_in"], None, sil, sil_kv, select=sel)
             ce = nn.functional.cross_entropy(logits, b["tgt"][sel])
         else:
             logits = decoder_logits(self.model, h_hat, b["dec_in"], b["mask"].long(), None)

@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(..., "--device", help="device profile name (device_profiles/NAME.yaml) or YAML path"),
         out: Path = typer.Option(..., "--out", help="package folder to write; <out>.zip is written beside it"),
         opset: int = typer.Option(17, "--opset", help="ONNX opset"),
-        no_optimize: bool = typer.Option(False, "--no-optimize", help="skip the attention/GELU/LayerNorm fusions"),
+        no_optimize: bool = typer.Option(False, "--no-optimize", help="skip the offline attention/GELU/LayerNorm fusions (default: build both graphs, keep the faster, timed at export)"),
+        tail_frames: Optional[str] = typer.Option(None, "--tail-frames", help="identity JSC only: silence frames after the content the server decoder sees (e.g. 300; 'full': the 30 s window)"),
     ) -> None:
         """Export the device half to ONNX, check parity, and write a device package."""
         import tempfile
@@ -43,6 +44,14 @@ def register(app: typer.Typer) -> None:
         loaded = load_model(model)
         loaded, ckpt = load_for_inference(loaded, jsc)
         split = build_split(loaded, ckpt.codec if ckpt is not None else None)
+        if tail_frames is not None:
+            from semedge.semcom.jsc import with_tail
+
+            try:
+                tail = None if tail_frames == "full" else int(tail_frames)
+            except ValueError:
+                raise UserError(f"--tail-frames {tail_frames!r} is not a number", "give e.g. --tail-frames 300, or full") from None
+            with_tail(split.codec, tail)
         plan_obj, onnx_path, report = None, None, None
         with tempfile.TemporaryDirectory(prefix="semedge-export-") as tmp:
             if plan is not None:
@@ -55,7 +64,7 @@ def register(app: typer.Typer) -> None:
                 split = apply_torch_steps(split, plan_obj, progress=True, workdir=tmp)
                 from semedge.export.onnx import export_device_half
 
-                report = export_device_half(split, Path(tmp) / "fp32.onnx", opset=opset, optimize=not no_optimize, progress=say)
+                report = export_device_half(split, Path(tmp) / "fp32.onnx", opset=opset, optimize=False if no_optimize else "auto", progress=say)
                 onnx_path = apply_onnx_steps(report.path, Path(tmp) / "device.onnx", plan_obj)
                 if Path(onnx_path) == report.path or not plan_obj.ops(("quantize_onnx",)):
                     pass  # fp32 graph: the export's parity stands
@@ -63,7 +72,7 @@ def register(app: typer.Typer) -> None:
                     report = None  # quantized: its parity is compress/'s to record
             pkg = build_package(split, out, onnx_path=onnx_path, plan=plan_obj, profile=prof.name,
                                 jsc_ckpt=ckpt.path if ckpt is not None else None, export_report=report,
-                                opset=opset, optimize=not no_optimize, progress=say)
+                                opset=opset, optimize=False if no_optimize else "auto", progress=say)
         import json
 
         man = json.loads((pkg / "manifest.json").read_text())

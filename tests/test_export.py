@@ -21,6 +21,7 @@ from semedge.export.onnx import (
 )
 from semedge.export.optimize import fused_op_counts, op_counts
 from semedge.export.package import build_package
+from semedge.semcom.errors import UserError
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 from semedge.semcom.models import tiny_model
 from semedge.semcom.split import build_split
@@ -36,14 +37,14 @@ def _split(arch: str, k: int = 16):
 def whisper_export(tmp_path_factory):
     split = _split("whisper")
     path = tmp_path_factory.mktemp("w") / "device.onnx"
-    return split, export_device_half(split, path)
+    return split, export_device_half(split, path, optimize=True)
 
 
 @pytest.fixture(scope="module")
 def bart_export(tmp_path_factory):
     split = _split("bart")
     path = tmp_path_factory.mktemp("b") / "device.onnx"
-    return split, export_device_half(split, path)
+    return split, export_device_half(split, path, optimize=True)
 
 
 def _torch_out(split, feeds):
@@ -102,6 +103,19 @@ def test_unoptimised_export_has_no_fusions(tmp_path):
     fused = fused_op_counts(op_counts(rep.path))
     assert fused["attention"] == 0 and op_counts(rep.path).get("Erf", 0) >= 2
     assert rep.parity.ok
+
+
+def test_auto_keeps_the_faster_graph_and_says_why(tmp_path):
+    split = _split("bart")
+    rep = export_device_half(split, tmp_path / "auto.onnx")  # optimize="auto" is the default
+    c = rep.choice
+    assert c["chosen"] in ("fused", "unfused") and c["fused_ms"] > 0 and c["unfused_ms"] > 0
+    assert c["chosen"] == ("fused" if c["fused_ms"] <= c["unfused_ms"] else "unfused")
+    assert rep.optimized == (c["chosen"] == "fused")
+    assert (fused_op_counts(op_counts(rep.path))["attention"] > 0) == rep.optimized
+    assert rep.parity.ok
+    with pytest.raises(UserError, match="optimize"):
+        export_device_half(split, tmp_path / "bad.onnx", optimize="yes")
 
 
 def test_corrupted_weight_fails_parity(whisper_export, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_pkg import make_package
+from semedge.export.package import build_package
 from semedge.runtime.package import Package
 from semedge.runtime.runner import DeviceRunner, normalize_power, resolve_providers, truncate
 from semedge.semcom.errors import UserError
@@ -36,14 +36,14 @@ def _split(arch: str, k: int = 16):
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
     split = _split("whisper")
-    pkg = make_package(split, tmp_path_factory.mktemp("pkg") / "tiny-speech", name="tiny-speech")
+    pkg = build_package(split, tmp_path_factory.mktemp("pkg") / "tiny-speech")
     return split, pkg
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     split = _split("bart")
-    pkg = make_package(split, tmp_path_factory.mktemp("pkg") / "tiny-text", name="tiny-text")
+    pkg = build_package(split, tmp_path_factory.mktemp("pkg") / "tiny-text")
     return split, pkg
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_pkg import make_package
+from semedge.export.package import build_package
 from semedge.runtime.client import ServerError, send, to_npy
 from semedge.runtime.package import Package
 from semedge.runtime.runner import DeviceRunner
@@ -31,9 +31,10 @@ def served(tmp_path_factory):
     loaded = tiny_model("whisper")
     torch.manual_seed(1)
     split = build_split(loaded, JSCCodec(JSCConfig(d_model=64, k=16, hidden=64)))
-    path = make_package(split, tmp_path_factory.mktemp("pkgs") / "tiny", name="tiny")
+    path = build_package(split, tmp_path_factory.mktemp("pkgs") / "tiny")
     pkg = Package.load(path)
-    cfg = ServerConfig(max_body_bytes=LIMIT, max_batch=8, max_wait_ms=10, max_new_tokens=MAX_NEW)
+    # torch backend: the answers are compared with the in-process torch decoder token for token
+    cfg = ServerConfig(max_body_bytes=LIMIT, max_batch=8, max_wait_ms=10, max_new_tokens=MAX_NEW, backend="torch")
     app = create_app([pkg], loader=lambda src: loaded, config=cfg)
     t = np.arange(16000) / 16000
     audio = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)

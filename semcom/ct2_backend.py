@@ -1,0 +1,142 @@
+"""CTranslate2 as the server's Whisper decoder.
+
+The server's decoder runs the receiver's own weights: the Hugging Face model the
+codec was trained with, LoRA adapters merged in, converted once with
+CTranslate2's maintained converter (`TransformersConverter`) and cached under
+`$XDG_CACHE_HOME/semedge/ct2-decoders/<key>`, the key covering the weights, the
+quantization and the ctranslate2 version. `compute_type="int8"` quantizes the
+linear layers' weights at conversion (per output channel); activations stay fp32.
+
+CTranslate2's `Whisper.generate` accepts encoder output [B, 1500, d] in place of a
+log-mel, so the JSC decoder's rebuilt frames (plus the silence fill) go straight in.
+Greedy, no timestamps, the model's suppress lists: the same decoding as
+`ServerHalf.generate` with the torch backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from semedge.semcom.errors import UserError
+
+COMPUTE_TYPES = ("int8", "float32", "int8_float32")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "semedge" / "ct2-decoders"
+
+
+def _is_lora(mod: nn.Module) -> bool:
+    return hasattr(mod, "get_base_layer") and hasattr(mod, "merge") and hasattr(mod, "lora_A")
+
+
+def _dense(lin: nn.Module) -> nn.Linear:
+    """A plain nn.Linear with `lin`'s weights (dequantizes a bitsandbytes Linear4bit)."""
+    if isinstance(lin, nn.Linear):
+        return lin
+    if type(lin).__name__ == "Linear4bit":
+        import bitsandbytes.functional as bf
+
+        w = bf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+        out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
+        out.weight.data.copy_(w)
+        if lin.bias is not None:
+            out.bias.data.copy_(lin.bias.data.float())
+        return out
+    raise UserError(f"cannot convert a {type(lin).__name__} layer for CTranslate2", "serve this model with --backend torch")
+
+
+@torch.no_grad()
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every LoRA adapter merged into its base layer and nf4 layers dequantized."""
+    model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if _is_lora(child):
+                base = _dense(child.get_base_layer())
+                delta = child.get_delta_weight(child.active_adapters[0]) if child.active_adapters else 0
+                base.weight.data += delta
+                setattr(mod, cname, base)
+            elif type(child).__name__ == "Linear4bit":
+                setattr(mod, cname, _dense(child))
+    return model.float().eval()
+
+
+def weights_key(model: nn.Module, compute_type: str) -> str:
+    """sha256 over the state dict (names, shapes, bytes), the compute type and the ctranslate2 version."""
+    import ctranslate2
+
+    h = hashlib.sha256(f"{compute_type}|{ctranslate2.__version__}".encode())
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().float().contiguous().cpu()
+        h.update(f"{k}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def convert(loaded, compute_type: str = "int8", progress=None) -> Path:
+    """The CTranslate2 folder for `loaded.model` (LoRA merged), converting on first use."""
+    if compute_type not in COMPUTE_TYPES:
+        raise UserError(f"CTranslate2 compute type {compute_type!r} is unknown", f"use one of {', '.join(COMPUTE_TYPES)}")
+    if getattr(loaded.model.config, "model_type", "") != "whisper":
+        raise UserError(f"the CTranslate2 backend serves Whisper models, not {loaded.source}",
+                        "serve it with --backend torch")
+    model = merged_copy(loaded.model)
+    out = cache_dir() / weights_key(model, compute_type)
+    if (out / "model.bin").is_file():
+        return out
+    from ctranslate2.converters import TransformersConverter
+
+    if progress:
+        progress(f"converting {loaded.source} to CTranslate2 ({compute_type}) for the server")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    hf = out.with_name(f"{out.name}.hf-{os.getpid()}")
+    try:
+        model.save_pretrained(hf, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(hf)
+        if loaded.feature_extractor is not None:
+            loaded.feature_extractor.save_pretrained(hf)
+        TransformersConverter(str(hf)).convert(str(tmp), quantization=None if compute_type == "float32" else "int8", force=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(hf, ignore_errors=True)
+    return out
+
+
+class CT2Whisper:
+    """Greedy Whisper decoding from encoder states with CTranslate2."""
+
+    def __init__(self, loaded, compute_type: str = "int8", threads: int = 0, workers: int = 1, progress=None):
+        """threads: CPU threads per batch (0: CTranslate2's default); workers: batches run at once."""
+        import ctranslate2
+
+        self.path = convert(loaded, compute_type, progress)
+        self.compute_type = compute_type
+        self.model = ctranslate2.models.Whisper(str(self.path), device="cpu", compute_type=compute_type,
+                                                intra_threads=threads, inter_threads=workers)
+        tok = loaded.tokenizer
+        self.prompt = list(tok.prefix_tokens)
+        self.tokenizer = tok
+
+    def generate(self, states: np.ndarray, max_new_tokens: int = 96) -> list[list[int]]:
+        """states [B, 1500, d] float32 -> generated token ids per message (prompt and end token excluded)."""
+        import ctranslate2
+
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        res = self.model.generate(ctranslate2.StorageView.from_array(states), [self.prompt] * states.shape[0],
+                                  beam_size=1, max_length=len(self.prompt) + max_new_tokens)
+        return [list(r.sequences_ids[0]) for r in res]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
