@@ -308,7 +308,9 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
         raise UserError(f"the planner evaluates speech models; {loaded.source} is a {loaded.kind} model",
                         "plan a Whisper model (e.g. --model whisper-base)")
     receiver, ckpt = load_for_inference(loaded, jsc)
-    split = build_split(receiver, ckpt.codec if ckpt is not None else None)
+    from semedge.semcom.checkpoint import device_encoder
+
+    split = build_split(receiver, ckpt.codec if ckpt is not None else None, encoder=device_encoder(ckpt))
     say(f"model {loaded.source}: k={split.k}, codec {'checkpoint ' + str(ckpt.path) if ckpt else 'identity (calibrated)'}")
 
     calib_utts = load_split(calib_split, n_full, progress=False)

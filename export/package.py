@@ -224,6 +224,9 @@ def build_package(
             "semedge_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "kind": loaded.kind, "d_model": int(loaded.d_model)},
+            "device_encoder": None if getattr(split, "device_model", None) is None else {
+                "source": split.device_model.source, "weight_hash": split.device_model.weight_hash,
+                "d_model": int(split.device_model.d_model)},
             "jsc": {"k": int(jsc_cfg["k"]), "identity": bool(jsc_cfg["identity"]), "hidden": int(jsc_cfg["hidden"]),
                     "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None},
             "plan": _plan_dict(plan),

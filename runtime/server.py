@@ -284,8 +284,8 @@ def default_loader(source: str):
 
     if source.startswith("tiny:"):
         parts = source.split(":")
-        if len(parts) == 3 and parts[2].isdigit():
-            return models.tiny_model(parts[1], seed=int(parts[2]))
+        if len(parts) in (3, 4) and all(p.isdigit() for p in parts[2:]):
+            return models.tiny_model(parts[1], seed=int(parts[2]), **({"d_model": int(parts[3])} if len(parts) == 4 else {}))
     return models.load_model(source)
 
 

@@ -241,6 +241,21 @@ def load_default_codec(loaded) -> Checkpoint | None:
     return None if p is None else load_checkpoint(p, loaded)
 
 
+def device_encoder(ckpt: Checkpoint | None):
+    """The LoadedModel whose encoder the checkpoint's device runs, when it is not the server model's; else None."""
+    de = (ckpt.manifest.get("device_encoder") if ckpt is not None else None) or None
+    if not de:
+        return None
+    from semedge.semcom.models import load_model
+
+    enc = load_model(de["source"])
+    if enc.weight_hash != de.get("weight_hash"):
+        raise UserError(f"checkpoint {ckpt.path} was trained on the encoder of {de['source']} with weights "
+                        f"{str(de.get('weight_hash'))[:12]}, but {de['source']} now has {enc.weight_hash[:12]}",
+                        "retrain the codec for this encoder")
+    return enc
+
+
 def load_for_inference(loaded, jsc: str | None = None, k: int | None = None):
     """(receiver LoadedModel, Checkpoint | None): `jsc` a folder, 'default' / None (shipped default) or 'identity'."""
     if jsc == "identity":

@@ -31,8 +31,17 @@ class JSCConfig:
     # Speech: silence frames the server's decoder attends to after the content (None: the
     # whole 30 s window). Fixed at training: a decoder trained on one context expects it.
     tail_frames: int | None = None
+    # Encoder input width when the device runs another (smaller) model's encoder than the
+    # server's decoder expects (e.g. whisper-tiny.en's 384 -> whisper-base's 512); None = d_model.
+    d_in: int | None = None
+
+    @property
+    def d_enc(self) -> int:
+        return self.d_model if self.d_in is None else self.d_in
 
     def __post_init__(self):
+        if self.identity and self.d_in not in (None, self.d_model):
+            raise UserError(f"an identity JSC cannot map d_in={self.d_in} to d_model={self.d_model}", "train a codec for this encoder")
         if self.identity and self.k != self.d_model:
             raise UserError(f"identity JSC needs k == d_model ({self.d_model}), got k={self.k}", "drop --k or set it to d_model")
         if self.tail_frames is not None and not 0 <= self.tail_frames <= 1500:
@@ -69,9 +78,9 @@ class JSCEncoder(nn.Module):
     def __init__(self, cfg: JSCConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("mean", torch.zeros(cfg.d_model))
-        self.register_buffer("std", torch.ones(cfg.d_model))
-        self.proj = None if cfg.identity else nn.Linear(cfg.d_model, cfg.k)
+        self.register_buffer("mean", torch.zeros(cfg.d_enc))
+        self.register_buffer("std", torch.ones(cfg.d_enc))
+        self.proj = None if cfg.identity else nn.Linear(cfg.d_enc, cfg.k)
 
     def forward(self, h: torch.Tensor, k_keep: int | None = None) -> torch.Tensor:
         z = (h - self.mean) / self.std
@@ -111,13 +120,18 @@ class JSCCodec(nn.Module):
         self.decoder = JSCDecoder(cfg)
 
     @torch.no_grad()
-    def set_stats(self, h: torch.Tensor) -> None:
-        """Fix the per-dimension statistics from calibration features h [..., d]."""
-        flat = h.reshape(-1, h.shape[-1]).float()
-        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-4)
-        for m in (self.encoder, self.decoder):
-            m.mean.copy_(mean)
-            m.std.copy_(std)
+    def set_stats(self, h: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Fix the per-dimension statistics from calibration features h [..., d_enc]; the
+        decoder's from `target` [..., d_model] (the features it rebuilds) when the widths differ."""
+        def stats(x):
+            flat = x.reshape(-1, x.shape[-1]).float()
+            return flat.mean(0), flat.std(0).clamp_min(1e-4)
+
+        self.encoder.mean.copy_(stats(h)[0])
+        self.encoder.std.copy_(stats(h)[1])
+        mean, std = stats(h if target is None else target)
+        self.decoder.mean.copy_(mean)
+        self.decoder.std.copy_(std)
 
 
 def with_tail(codec: JSCCodec, tail_frames: int | None) -> JSCCodec:

@@ -242,7 +242,7 @@ def _tiny_whisper_tokenizer():
     return ct2.whisper_tokenizer(_whisper_files().files_dir / "tokenizer.json", multilingual=True)
 
 
-def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
+def tiny_model(arch: str, seed: int = 0, d_model: int = 64) -> LoadedModel:
     """Random-init tiny encoder-decoder (d_model 64, 2+2 layers, 4 heads) for tests; no download.
 
     Same `seed` -> same weights. Tokenizers are shared between tiny models (treat as read-only).
@@ -252,7 +252,7 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
     if arch not in TINY_ARCHS:
         raise UserError(f"tiny_model arch {arch!r} is unknown", f"use one of {', '.join(TINY_ARCHS)}")
     torch.manual_seed(seed)
-    d, layers, heads, ffn = 64, 2, 4, 128
+    d, layers, heads, ffn = d_model, 2, 4, 2 * d_model
     if arch == "whisper":
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
@@ -273,7 +273,8 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
         model.generation_config = ct2.whisper_generation_config(cfg, ct2_cfg, special, multilingual=True)
         model.generation_config.max_length = 32
         fe = WhisperFeatureExtractor()
-        return LoadedModel(model, "speech", f"tiny:whisper:{seed}", _state_hash(model), tok, fe, d)
+        name = f"tiny:whisper:{seed}" + ("" if d == 64 else f":{d}")
+        return LoadedModel(model, "speech", name, _state_hash(model), tok, fe, d)
 
     tok = _text_tokenizer()
     vocab = len(tok)

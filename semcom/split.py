@@ -173,6 +173,7 @@ class SplitModel:
     codec: JSCCodec
     device: nn.Module
     server: ServerHalf
+    device_model: LoadedModel | None = None  # whose encoder the device runs, when not `loaded`'s own
 
     @property
     def k(self) -> int:
@@ -244,23 +245,33 @@ def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
     return codec
 
 
-def build_split(loaded: LoadedModel, codec: JSCCodec | None = None) -> SplitModel:
-    """Split `loaded` around `codec` (the calibrated identity codec when None)."""
+def build_split(loaded: LoadedModel, codec: JSCCodec | None = None, encoder: LoadedModel | None = None) -> SplitModel:
+    """Split `loaded` around `codec` (the calibrated identity codec when None).
+
+    `encoder`: another model whose encoder the device runs (a codec trained with
+    `semedge train --encoder`); the server keeps `loaded`'s decoder.
+    """
+    from semedge.semcom.errors import UserError
+
     if codec is None:
         codec = identity_codec(loaded)
     if codec.cfg.d_model != loaded.d_model:
-        from semedge.semcom.errors import UserError
-
         raise UserError(
             f"the JSC codec expects d_model={codec.cfg.d_model} but {loaded.source} has d_model={loaded.d_model}",
             "use a codec trained for this model (semedge train --model ...)",
         )
+    dev = encoder or loaded
+    if codec.cfg.d_enc != dev.d_model:
+        raise UserError(f"the JSC codec takes {codec.cfg.d_enc}-wide features but {dev.source}'s encoder gives {dev.d_model}",
+                        "pass the encoder the codec was trained with (its manifest's device_encoder)")
     codec.eval()
-    encoder = loaded.model.get_encoder()
+    encoder_mod = dev.model.get_encoder()
     if loaded.kind == "speech":
-        device = SpeechDeviceHalf(encoder, codec.encoder)
+        device = SpeechDeviceHalf(encoder_mod, codec.encoder)
         server = ServerHalf(loaded, codec.decoder, silence_encoding(loaded))
     else:
-        device = TextDeviceHalf(encoder, codec.encoder)
+        if encoder is not None:
+            raise UserError("another model's encoder is supported for speech models only", "drop the encoder")
+        device = TextDeviceHalf(encoder_mod, codec.encoder)
         server = ServerHalf(loaded, codec.decoder, None)
-    return SplitModel(loaded, codec, device.eval(), server.eval())
+    return SplitModel(loaded, codec, device.eval(), server.eval(), encoder)

@@ -86,6 +86,7 @@ class LoRASpec:
 @dataclass
 class TrainConfig:
     model: str = "whisper-base"
+    encoder: str | None = None  # the device's encoder when it is another (smaller) model's, e.g. whisper-tiny.en
     k: int = 64
     hidden: int = 1024
     tail_frames: int | None = None  # speech: silence frames after the content the decoder sees (None: whole window)
@@ -152,6 +153,7 @@ class Example:
     ids: list[int]  # full target sequence incl. prefix and end token
     text: str
     audio: np.ndarray | None = None  # kept when the encoder is trained
+    target: torch.Tensor | None = None  # [n, d_model] the server model's own encoder output, when h comes from another encoder
 
 
 def feature_cache_dir(loaded) -> Path:
@@ -225,14 +227,36 @@ def target_ids(loaded, text: str) -> list[int]:
     return list(loaded.tokenizer(text).input_ids)
 
 
-def speech_examples(loaded, split: str, n: int, keep_audio: bool = False, progress: bool = True) -> list[Example]:
+def speech_examples(loaded, split: str, n: int, keep_audio: bool = False, progress: bool = True,
+                    encoder=None) -> list[Example]:
+    """Cached encoder outputs + targets; with `encoder` (another LoadedModel), h is that encoder's
+    output and `target` the server model's own."""
     from semedge.semcom.tasks.speech import load_split
 
     utts = load_split(split, n=n, progress=progress)
     if not utts:
         raise UserError(f"the {split} split has no utterances", "check the speech corpus (semcom/tasks/speech.py)")
     feats = cached_speech_features(loaded, utts, progress=progress)
-    return [Example(u.id, feats[u.id], target_ids(loaded, u.text), u.text, u.audio if keep_audio else None) for u in utts]
+    if encoder is None:
+        return [Example(u.id, feats[u.id], target_ids(loaded, u.text), u.text, u.audio if keep_audio else None) for u in utts]
+    student = cached_speech_features(encoder, utts, progress=progress)
+    return [Example(u.id, student[u.id], target_ids(loaded, u.text), u.text, u.audio if keep_audio else None,
+                    target=feats[u.id]) for u in utts]
+
+
+def device_encoder_model(name: str, loaded):
+    """The LoadedModel whose encoder the device runs instead of `loaded`'s (same front end)."""
+    from semedge.semcom.models import load_model
+
+    enc = load_model(name)
+    if enc.kind != "speech" or loaded.kind != "speech":
+        raise UserError(f"--encoder {name}: another model's encoder is supported for speech models only",
+                        "drop --encoder")
+    a, b = enc.model.config.num_mel_bins, loaded.model.config.num_mel_bins
+    if a != b:
+        raise UserError(f"--encoder {name} takes {a} mel bins but {loaded.source} takes {b}",
+                        "choose an encoder with the same front end")
+    return enc
 
 
 @torch.no_grad()
@@ -429,18 +453,26 @@ def collate(examples: list[Example], pad_id: int, prefix_len: int) -> dict:
     d = examples[0].h.shape[-1]
     L = max(len(e.ids) for e in examples) - 1
     h = torch.zeros(len(examples), m, d)
+    target = None
+    if examples[0].target is not None:
+        target = torch.zeros(len(examples), m, examples[0].target.shape[-1])
     mask = torch.zeros(len(examples), m, dtype=torch.bool)
     dec_in = torch.full((len(examples), L), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), L), -100, dtype=torch.long)
     for i, e in enumerate(examples):
         n = e.h.shape[0]
         h[i, :n] = e.h.float()
+        if target is not None:
+            target[i, :n] = e.target.float()
         mask[i, :n] = True
         ids = torch.tensor(e.ids)
         dec_in[i, : len(ids) - 1] = ids[:-1]
         tgt[i, : len(ids) - 1] = ids[1:]
         tgt[i, : max(0, prefix_len - 1)] = -100  # the forced prefix (language, task, ...) is not learned
-    return {"h": h, "mask": mask, "dec_in": dec_in, "tgt": tgt}
+    out = {"h": h, "mask": mask, "dec_in": dec_in, "tgt": tgt}
+    if target is not None:
+        out["target"] = target
+    return out
 
 
 def prefix_length(loaded) -> int:
@@ -522,7 +554,7 @@ class Trainer:
     """Holds the model copy, codec, data and optimizer for one `semedge train` run."""
 
     def __init__(self, cfg: TrainConfig, loaded=None, examples: list[Example] | None = None,
-                 val_examples: list[Example] | None = None, progress: bool = True):
+                 val_examples: list[Example] | None = None, progress: bool = True, encoder=None):
         from semedge.semcom.channels import make_channel
         from semedge.semcom.jsc import JSCCodec, JSCConfig
 
@@ -534,6 +566,7 @@ class Trainer:
 
             loaded = load_model(cfg.model)
         self.loaded = loaded
+        self.encoder = encoder or (device_encoder_model(cfg.encoder, loaded) if cfg.encoder else None)
         self.channels = [make_channel(c) for c in cfg.channels]
         if cfg.lora is not None and cfg.lora.touches_encoder:
             raise UserError("LoRA on the encoder is not supported by this trainer yet (encoder outputs are cached)",
@@ -546,14 +579,17 @@ class Trainer:
         if examples is None:
             if loaded.kind != "speech":
                 raise UserError(f"{loaded.source} is a text model: pass training texts", "train speech models from the CLI")
-            examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress)
+            examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress, encoder=self.encoder)
         if val_examples is None and loaded.kind == "speech" and cfg.n_val:
-            val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress)
+            val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress, encoder=self.encoder)
         self.examples, self.val_examples = examples, val_examples or []
         torch.manual_seed(cfg.seed)
         self.codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden,
-                                         tail_frames=cfg.tail_frames if loaded.kind == "speech" else None))
-        self.codec.set_stats(torch.cat([e.h.float() for e in examples[:200]], 0))
+                                         tail_frames=cfg.tail_frames if loaded.kind == "speech" else None,
+                                         d_in=None if self.encoder is None else self.encoder.d_model))
+        calib = examples[:200]
+        self.codec.set_stats(torch.cat([e.h.float() for e in calib], 0),
+                             None if calib[0].target is None else torch.cat([e.target.float() for e in calib], 0))
         self.silence = None
         if loaded.kind == "speech":
             from semedge.semcom.split import silence_encoding
@@ -591,8 +627,9 @@ class Trainer:
             k_keep = torch.where(full, torch.full_like(kk, cfg.k), kk)
         h_hat, _ = channel_pass(self.codec, b["h"], b["mask"], ch, snr, k_keep, generator=g)
         m = b["mask"].unsqueeze(-1).float()
-        std = self.codec.encoder.std
-        mse = (((h_hat - b["h"]) / std) ** 2 * m).sum() / (m.sum() * b["h"].shape[-1])
+        ref = b.get("target", b["h"])  # what the decoder should rebuild
+        std = self.codec.decoder.std
+        mse = (((h_hat - ref) / std) ** 2 * m).sum() / (m.sum() * ref.shape[-1])
         if mse_only:
             return mse
         if self.silence is not None:
@@ -640,6 +677,8 @@ class Trainer:
             "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora), "qlora": cfg.qlora,
             "rate_training": None if cfg.rate_min is None else {"rate_min": cfg.rate_min, "rate_prob": cfg.rate_prob},
             "train_config": cfg.to_dict(),
+            "device_encoder": None if self.encoder is None else {
+                "source": self.encoder.source, "weight_hash": self.encoder.weight_hash, "d_model": self.encoder.d_model},
             "loss_last": self.losses[-1] if self.losses else None,
             "metrics": metrics or {},
         }
@@ -836,7 +875,9 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
     if ck is None:
         raise UserError(f"no JSC codec to evaluate for {model} (--jsc {jsc})", "pass --jsc CKPT (a folder semedge train wrote)")
     codec = ck.codec
-    examples = speech_examples(base, split, n, progress=progress)
+    from semedge.semcom.checkpoint import device_encoder
+
+    examples = speech_examples(base, split, n, progress=progress, encoder=device_encoder(ck))
     refs = [e.text for e in examples]
     from semedge.semcom.split import silence_encoding
 

@@ -43,7 +43,9 @@ def register(app: typer.Typer) -> None:
         say(f"loading {model}")
         loaded = load_model(model)
         loaded, ckpt = load_for_inference(loaded, jsc)
-        split = build_split(loaded, ckpt.codec if ckpt is not None else None)
+        from semedge.semcom.checkpoint import device_encoder
+
+        split = build_split(loaded, ckpt.codec if ckpt is not None else None, encoder=device_encoder(ckpt))
         if tail_frames is not None:
             from semedge.semcom.jsc import with_tail
 

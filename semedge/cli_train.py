@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         model: str = typer.Option("whisper-base", "--model", help="built-in name or local checkpoint"),
         k: int = typer.Option(64, "--k", help="real channel symbols per token"),
+        encoder: Optional[str] = typer.Option(None, "--encoder", help="run another model's encoder on the device (e.g. whisper-tiny.en: a 4-layer, 384-wide student feeding --model's decoder through the JSC)"),
         channel: str = typer.Option("awgn", "--channel", help="comma-separated channels, one drawn per batch"),
         snr_range: tuple[float, float] = typer.Option((-5.0, 20.0), "--snr-range", help="training SNR range in dB (uniform)"),
         lora: Optional[str] = typer.Option(None, "--lora", help="LoRA adapters: r=8,alpha=16,targets=decoder.self_attn+decoder.encoder_attn,proj=q_proj+v_proj ('default' for these)"),
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
         from semedge.semcom.train import LoRASpec, TrainConfig, Trainer, fit_rate_policy, validate
 
         chans = tuple(str(c) for c in parse_channels(channel))
-        cfg = TrainConfig(model=model, k=k, hidden=hidden, tail_frames=tail_frames, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
+        cfg = TrainConfig(model=model, encoder=encoder, k=k, hidden=hidden, tail_frames=tail_frames, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
                           steps=steps, batch_size=batch_size, lr=lr, lora_lr=lora_lr, mse_warmup_steps=mse_warmup,
                           feature_loss=feature_loss, rate_min=rate_min, lora=LoRASpec.parse(lora) if lora is not None else None,
                           qlora=qlora, n_train=n_train, n_val=n_val, seed=seed, eval_every=save_every, max_minutes=max_minutes)

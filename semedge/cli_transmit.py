@@ -74,7 +74,9 @@ def transmit(
             f"no trained codec with k={k_opt} ships for {loaded.source}",
             f"train one (semedge train --model {loaded.source} --k {k_opt}) and pass --jsc, or drop --k",
         )
-    split = build_split(receiver, None if ckpt is None else ckpt.codec)
+    from semedge.semcom.checkpoint import device_encoder
+
+    split = build_split(receiver, None if ckpt is None else ckpt.codec, encoder=device_encoder(ckpt))
     k_keep = None
     if k_opt == "auto":
         from semedge.semcom.rate import pick_k

@@ -284,7 +284,9 @@ class _Workspace:
 
             receiver, ck = load_for_inference(self.loaded, self.jsc)
             self._ckpt = ck
-            self._split = build_split(receiver, None if ck is None else ck.codec)
+            from semedge.semcom.checkpoint import device_encoder
+
+            self._split = build_split(receiver, None if ck is None else ck.codec, encoder=device_encoder(ck))
         return self._split
 
     @property
