@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jsc", default="default", help="codec checkpoint folder or 'default'")
     ap.add_argument("--baseline", default="1600", help="Codec 2 mode of the conventional link (LDPC 1/2 + QPSK)")
     ap.add_argument("--no-similarity", action="store_true")
+    ap.add_argument("--backend", default="ct2", choices=("ct2", "ct2-float32", "torch"),
+                    help="the JSC system's decoder (ct2: the server's default, CTranslate2 int8)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "snr_sweep.json")
     args = ap.parse_args(argv)
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
         return 2
     for k, label in ((None, f"semedge-jsc-k{ck.k}"), ("auto", "semedge-jsc-auto")):
         print(f"== {label}", flush=True)
-        rows += evaluate_system(args.model, args.jsc, CHANNELS, SNRS, k=k, n=n, with_similarity=sim, system=label)
+        rows += evaluate_system(args.model, args.jsc, CHANNELS, SNRS, k=k, n=n, with_similarity=sim, system=label,
+                                backend=args.backend)
 
     cfg = BaselineConfig(mode=args.baseline)
     link = ConventionalLink(base, cfg)
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
 
     out = {
         "benchmark": "snr_sweep", "quick": args.quick, "n_utterances": n, "model": args.model,
+        "jsc_decoder_backend": args.backend,
+        "baseline_receiver": "transformers (PyTorch fp32) Whisper on the decoded audio",
         "jsc": {"path": str(ck.path), "k": ck.k, "rate_policy": ck.manifest.get("rate_policy"),
                 "trained": {kk: ck.manifest.get(kk) for kk in ("command", "channels", "snr_range_db", "lora", "step")}},
         "baseline": {"name": cfg.name, "codec2_mode": cfg.mode, "ldpc_rate": cfg.rate, "bits_per_symbol": cfg.bits_per_symbol,

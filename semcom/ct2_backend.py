@@ -140,3 +140,14 @@ class CT2Whisper:
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+_ENGINES: dict = {}
+
+
+def engine_for(loaded, compute_type: str = "int8", threads: int = 0) -> CT2Whisper:
+    """One CT2Whisper per (model object, compute type, threads) in this process."""
+    key = (id(loaded.model), compute_type, threads)
+    if key not in _ENGINES:
+        _ENGINES[key] = (loaded.model, CT2Whisper(loaded, compute_type, threads))  # the model is kept alive with its id
+    return _ENGINES[key][1]

@@ -776,11 +776,13 @@ class Trainer:
 
 @torch.no_grad()
 def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_db: float, k_keep: int | None = None,
-                      seed: int = 0, batch_size: int = 8, max_new_tokens: int = 96, silence=None) -> tuple[list[str], list[int]]:
+                      seed: int = 0, batch_size: int = 8, max_new_tokens: int = 96, silence=None,
+                      backend: str = "torch") -> tuple[list[str], list[int]]:
     """Send each example's encoder output through codec + channel; return (hypotheses, real symbols sent per message).
 
     Equal to `system.run_link` on the same audio except that the encoder output
-    comes from the cache (fp16-rounded).
+    comes from the cache (fp16-rounded). backend: "torch", or "ct2" / "ct2-float32"
+    (the server's CTranslate2 decoder, int8 by default).
     """
     from semedge.semcom.channels import make_channel
     from semedge.semcom.split import ServerHalf, silence_encoding
@@ -788,6 +790,12 @@ def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_
     if silence is None and loaded.kind == "speech":
         silence = silence_encoding(loaded)
     server = ServerHalf(loaded, codec.decoder, silence).eval()
+    if backend.startswith("ct2"):
+        from semedge.semcom.ct2_backend import engine_for
+
+        server.ct2 = engine_for(loaded, "float32" if backend == "ct2-float32" else "int8")
+    elif backend != "torch":
+        raise UserError(f"backend {backend!r} is unknown", "use torch, ct2 or ct2-float32")
     ch = make_channel(channel)
     gen = torch.Generator().manual_seed(seed)
     hyps, sent = [], []
@@ -859,7 +867,8 @@ def score_row(refs, hyps, with_similarity: bool = True) -> dict:
 
 
 def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, split: str = "test", seed: int = 0,
-                    with_similarity: bool = True, progress: bool = True, system: str | None = None) -> list[dict]:
+                    with_similarity: bool = True, progress: bool = True, system: str | None = None,
+                    backend: str = "torch") -> list[dict]:
     """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint.
 
     `k`: None (the codec's k), an int k' <= k, or 'auto' (the checkpoint's rate policy per SNR).
@@ -894,7 +903,7 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
                 if not 1 <= kk <= codec.cfg.k:
                     raise UserError(f"--k {kk} is outside [1, {codec.cfg.k}] for this codec", f"give 1..{codec.cfg.k} or auto")
             hyps, sent = transmit_examples(rx, codec, examples, ch, s, k_keep=None if kk == codec.cfg.k else kk,
-                                           seed=seed, silence=silence)
+                                           seed=seed, silence=silence, backend=backend)
             row = {"system": name, "channel": ch, "snr_db": s, "k_sent": kk, "n": len(refs),
                    "channel_uses": float(np.mean([(x + 1) // 2 for x in sent])), **score_row(refs, hyps, with_similarity)}
             rows.append(row)

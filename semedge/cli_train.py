@@ -10,6 +10,17 @@ import typer
 from semedge.semcom.errors import UserError
 
 
+def _trailing_numbers(args: list[str], option: str) -> list[float]:
+    """Values after the first of `option` (`--snr -5 0 5`): click hands the rest over as extra args."""
+    out = []
+    for a in args:
+        try:
+            out.append(float(a))
+        except ValueError:
+            raise UserError(f"unexpected argument {a!r}", f"{option} takes numbers (e.g. {option} -5 0 5 10); see --help") from None
+    return out
+
+
 def _threads(n: Optional[int]) -> None:
     if n is not None:
         import torch
@@ -88,27 +99,31 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"shipped copy (float16) in {ship}")
         typer.echo(f"saved {out}  " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
 
-    @app.command("eval")
+    @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def eval_cmd(
+        ctx: typer.Context,
         model: str = typer.Option("whisper-base", "--model"),
         jsc: str = typer.Option("default", "--jsc", help="checkpoint folder, 'default' (shipped) or 'identity'"),
         channel: str = typer.Option("awgn,rayleigh,rician", "--channel"),
-        snr: List[float] = typer.Option([-5, 0, 5, 10, 15, 20], "--snr", help="SNRs in dB (repeat the option)"),
+        snr: List[float] = typer.Option([-5, 0, 5, 10, 15, 20], "--snr", help="SNRs in dB: --snr -5 0 5 10 (or repeat the option)"),
         k: Optional[str] = typer.Option(None, "--k", help="symbols per token to send (<= codec k), or 'auto' (rate policy)"),
         n: int = typer.Option(200, "--n", help="test utterances"),
         split: str = typer.Option("test", "--split"),
         out: Path = typer.Option(Path("eval"), "--out", help="writes OUT.json and OUT.png"),
         seed: int = typer.Option(0, "--seed"),
         no_similarity: bool = typer.Option(False, "--no-similarity", help="skip the sentence-embedding similarity"),
+        backend: str = typer.Option("torch", "--backend", help="decoder: torch, ct2 (CTranslate2 int8, the server's default) or ct2-float32"),
         threads: Optional[int] = typer.Option(None, "--threads"),
     ):
         """WER, BLEU and similarity per channel and SNR; JSON + PNG (metric vs SNR)."""
         _threads(threads)
+        snr = list(snr) + _trailing_numbers(ctx.args, "--snr")
         from semedge.semcom.channel_spec import parse_channels
         from semedge.semcom.train import evaluate_system, plot_results, write_json
 
         chans = [str(c) for c in parse_channels(channel)]
-        rows = evaluate_system(model, jsc, chans, snr, k=k, n=n, split=split, seed=seed, with_similarity=not no_similarity)
+        rows = evaluate_system(model, jsc, chans, snr, k=k, n=n, split=split, seed=seed, with_similarity=not no_similarity,
+                               backend=backend)
         out = Path(out)
         write_json({"rows": rows, "args": {"model": model, "jsc": jsc, "channels": chans, "snr": snr, "k": k, "n": n}},
                    out.with_suffix(".json"))

@@ -200,3 +200,23 @@ def test_codec2_roundtrip():
     assert len(bits) == 200  # 1600 b/s for 1 s
     out = codec2_decode(bits, "1600")
     assert abs(len(out) - 16000) <= 640 and np.abs(out).max() > 0.01
+
+
+def test_eval_takes_snrs_after_one_flag(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from semedge.cli import app
+
+    seen = {}
+
+    def fake(model, jsc, chans, snrs, **kw):  # noqa: ARG001
+        seen["snrs"] = list(snrs)
+        return [{"system": "s", "channel": "awgn", "snr_db": s, "wer": 0.1, "bleu": 1.0, "channel_uses": 1.0} for s in snrs]
+
+    monkeypatch.setattr(T, "evaluate_system", fake)
+    monkeypatch.setattr(T, "plot_results", lambda rows, path: None)
+    r = CliRunner().invoke(app, ["eval", "--jsc", "x", "--channel", "awgn", "--snr", "-5", "0", "5.5", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert seen["snrs"] == [-5.0, 0.0, 5.5]
+    r = CliRunner().invoke(app, ["eval", "--jsc", "x", "--snr", "-5", "ten", "--out", str(tmp_path / "e")])
+    assert isinstance(r.exception, UserError) and "ten" in str(r.exception)  # semedge.cli.main prints it, exit 2
