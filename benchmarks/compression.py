@@ -5,7 +5,10 @@ utterance's trimmed input and the 30 s window), WER clean and at 10 dB AWGN, bes
 the fp32 ONNX baseline. For the server half: decoder bytes, time for a 20-token
 transcript, WER. Writes benchmarks/results/compression.json.
 
-    python benchmarks/compression.py [--quick] [--n N] [--threads 1]
+    python benchmarks/compression.py [--quick] [--n N] [--threads 1] [--codec NAME=CKPT ...]
+
+--codec adds the fp32 device half of a trained codec (its own JSC, LoRA decoder and
+device encoder: e.g. the whisper-tiny.en student of `semedge train --encoder`).
 
 Timings on a shared host are noisy: cpu_p50_ms (the calling thread's CPU time,
 1 thread) is printed beside the wall-clock p50.
@@ -25,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,59 +37,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TRIM_FRAMES = 500  # log-mel frames of 5 s (100 per second)
 
 
-class TrimmableDevice(nn.Module):
-    """The speech device half with the positions sliced to the input length, so the
-    exported graph also takes a trimmed (shorter than 30 s) input. Same output as
-    split.device on the full 3000-frame window."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.encoder = device.encoder
-        self.jsc = device.jsc
-
-    def forward(self, input_features):
-        e = self.encoder
-        h = nn.functional.gelu(e.conv1(input_features))
-        h = nn.functional.gelu(e.conv2(h)).permute(0, 2, 1)
-        h = h + e.embed_positions.weight[: h.shape[1]]
-        for lay in e.layers:
-            h = lay(h, None, layer_head_mask=None)[0]
-        return self.jsc(e.layer_norm(h))
-
-
 def export(split, path: Path) -> Path:
+    """The device half as ONNX with dynamic frames (no offline fusions: ORT fuses at load)."""
     x = torch.zeros(1, 80, 3000)
     with torch.no_grad():
-        torch.onnx.export(TrimmableDevice(split.device).eval(), (x,), str(path), input_names=["input_features"],
+        torch.onnx.export(split.device.eval(), (x,), str(path), input_names=["input_features"],
                           output_names=["symbols"], opset_version=17, dynamo=False, do_constant_folding=True,
                           dynamic_axes={"input_features": {0: "batch", 2: "frames"}, "symbols": {0: "batch", 1: "tokens"}})
     return path
-
-
-def onnx_wer(onnx_path, split, feats, utts, snrs, threads, batch=4) -> dict:
-    """Device half in ORT -> content frames -> AWGN -> server half in torch; WER per SNR."""
-    from semedge.runtime.profiler import session
-    from semedge.semcom.channels import make_channel
-    from semedge.semcom.metrics import wer
-    from semedge.semcom.system import content_frames
-
-    sess = session(onnx_path, threads)
-    msgs = []
-    for b in range(0, len(utts), batch):
-        y = sess.run(None, {"input_features": feats[b : b + batch]})[0]
-        for i, u in enumerate(utts[b : b + batch]):
-            msgs.append(torch.from_numpy(np.ascontiguousarray(y[i, : content_frames(len(u.audio))])))
-    ch = make_channel("awgn")
-    refs = [u.text for u in utts]
-    out = {}
-    for snr in snrs:
-        gen = torch.Generator().manual_seed(0)
-        rx = [ch(m.unsqueeze(0), snr, generator=gen)[0] for m in msgs]
-        hyps = []
-        for b in range(0, len(rx), 8):
-            hyps += split.server.transcribe(rx[b : b + 8])
-        out["clean" if math.isinf(snr) else f"{snr:g}dB"] = round(wer(refs, hyps), 4)
-    return out
 
 
 def _peak(rss: dict):
@@ -107,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 300 full")
     ap.add_argument("--only", default="", help="comma-separated setting names to run (debug)")
+    ap.add_argument("--codec", action="append", default=[], metavar="NAME=CKPT",
+                    help="also measure the fp32 device half of a trained codec (e.g. a --encoder whisper-tiny.en student)")
     ap.add_argument("--out", default=str(RESULTS / "compression.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -119,6 +78,7 @@ def main(argv=None) -> int:
     from semedge.compress import plan as P
     from semedge.compress import quantize_onnx as QO
     from semedge.compress import quantize_torch as QT
+    from semedge.runtime.evaluate import evaluate_onnx
     from semedge.runtime.profiler import peak_rss, time_onnx
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
@@ -129,7 +89,6 @@ def main(argv=None) -> int:
     split = build_split(loaded)
     test = load_split("test", n, progress=False)
     train = load_split("train", max(n_train, 8), progress=False)
-    feats = features(split, test)
     tfeats = features(split, train)
     calib = torch.from_numpy(tfeats[:8])
     with torch.no_grad():  # identity JSC standardised on training features: unit power on the channel
@@ -157,6 +116,17 @@ def main(argv=None) -> int:
     if only:
         settings = [s for s in settings if s[0] in only or s[0] == "fp32"]
 
+    from semedge.semcom.checkpoint import apply_checkpoint, device_encoder, load_checkpoint
+
+    codec_splits = {}
+    for spec in args.codec:
+        name, _, path = spec.partition("=")
+        if not path:
+            ap.error(f"--codec {spec!r}: give NAME=CKPT")
+        ck = load_checkpoint(path, loaded)
+        codec_splits[name] = (build_split(apply_checkpoint(loaded, ck), ck.codec, encoder=device_encoder(ck)), ck)
+        settings.append((name, []))
+
     rows = []
     torch_cache: dict[str, object] = {}
     work = Path(tempfile.mkdtemp(prefix="semedge-compress-"))
@@ -165,7 +135,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         plan = P.Plan.make(steps, name)
         torch_steps = [s.to_dict() for s in plan.ops(P.TORCH_OPS)]
-        key = json.dumps(torch_steps, sort_keys=True)
+        key = json.dumps(torch_steps, sort_keys=True) + (name if name in codec_splits else "")
+        if name in codec_splits and key not in torch_cache:
+            sp = codec_splits[name][0]
+            base = work / f"{len(torch_cache)}.onnx"
+            export(sp, base)
+            torch_cache[key] = (sp, base)
         if key not in torch_cache:
             dcal = {"features": torch.from_numpy(tfeats[:n_train]),
                     "n_frames": [math.ceil(len(u.audio) / 320) for u in train[:n_train]]}
@@ -181,11 +156,17 @@ def main(argv=None) -> int:
         lat5 = time_onnx(out, length=TRIM_FRAMES, threads=args.threads, runs=runs, warmup=1)
         lat30 = time_onnx(out, length=3000, threads=args.threads, runs=max(2, runs // 2), warmup=1)
         rss = peak_rss(out, lengths=[3000], threads=args.threads)
-        w = onnx_wer(out, sp, feats, test, snrs, args.threads)
+        acc = evaluate_onnx(out, sp, test, "awgn", snrs, threads=args.threads)
+        w = {"clean" if math.isinf(k) else f"{k:g}dB": round(v["wer"], 4) for k, v in acc.items()}
         row = {"setting": name, "plan": P.describe(plan), "plan_hash": plan.hash()[:12], "bytes": out.stat().st_size,
                "peak_rss_mb": _peak(rss), "p50_ms_5s": lat5["p50_ms"], "cpu_p50_ms_5s": lat5["cpu_p50_ms"],
                "p50_ms_30s": lat30["p50_ms"], "cpu_p50_ms_30s": lat30["cpu_p50_ms"], "wer_clean": w["clean"],
                "wer_10dB": w["10dB"], "quant_ops": QO.quantized_nodes(out), "seconds": round(time.time() - t0, 1)}
+        if name in codec_splits:
+            ck = codec_splits[name][1]
+            de = ck.manifest.get("device_encoder") or {"source": "whisper-base"}
+            row["codec"] = {"path": str(ck.path), "k": ck.k, "device_encoder": de["source"],
+                            "tail_frames": ck.codec.cfg.tail_frames, "lora": ck.manifest.get("lora") is not None}
         if hasattr(sp, "prune_info"):
             row["encoder_shapes"] = {k: sp.prune_info[k] for k in ("heads", "ffn")}
         if any(s["op"] == "distill" for s in torch_steps):

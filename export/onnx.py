@@ -1,7 +1,7 @@
 """ONNX export of the device half, with graph optimisation and a parity check.
 
 `export_device_half(split, out_path)` writes one .onnx file:
-  speech: input_features [batch, 80, 3000] float32 -> symbols [batch, 1500, k]
+  speech: input_features [batch, 80, frames<=3000] float32 -> symbols [batch, frames/2, k]
   text:   input_ids, attention_mask [batch, tokens] int64 -> symbols [batch, tokens, k]
 then fuses GELU / LayerNorm / attention (export/optimize.py) and checks the ONNX
 Runtime output against PyTorch on calibration inputs (`check_parity`).
@@ -234,8 +234,8 @@ def _torch_export(module, kind: str, out: Path, opset: int, sample: dict[str, np
 
     names = input_names(kind)
     args = tuple(torch.from_numpy(np.asarray(sample[k][:1])) for k in names)
-    if kind == "speech":
-        dyn = {"input_features": {0: "batch"}, "symbols": {0: "batch"}}
+    if kind == "speech":  # frames: the device runs its encoder on a window fitted to the utterance
+        dyn = {"input_features": {0: "batch", 2: "frames"}, "symbols": {0: "batch", 1: "tokens"}}
     else:
         dyn = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
                "symbols": {0: "batch", 1: "tokens"}}
@@ -247,14 +247,14 @@ def _torch_export(module, kind: str, out: Path, opset: int, sample: dict[str, np
 
 
 def _set_output_shape(path: Path, kind: str, k: int) -> None:
-    """Name the output dims: [batch, 1500, k] (speech) or [batch, tokens, k] (text)."""
+    """Name the output dims: [batch, tokens, k] (speech: tokens = frames / 2)."""
     import onnx
 
     from semedge.export.optimize import save_model
 
     m = onnx.load(str(path))
     dims = m.graph.output[0].type.tensor_type.shape.dim
-    want = ["batch", 1500 if kind == "speech" else "tokens", int(k)]
+    want = ["batch", "tokens", int(k)]
     for d, w in zip(dims, want):
         d.Clear()
         if isinstance(w, str):

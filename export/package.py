@@ -68,6 +68,7 @@ def speech_frontend(loaded) -> tuple[dict, "object"]:
         "max_frames": int(n_frames // 2),
         "mel_filters": "mel_filters.npy",
         "mel_filters_shape": list(fb.shape),
+        "window": "fit",  # the encoder runs on the utterance + 0.4 s (runtime.features.window_frames)
     }
     return front, fb
 

@@ -119,3 +119,17 @@ def content_frames(n_samples: int) -> int:
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 0:
         raise UserError(f"n_samples must be a non-negative int, got {n_samples!r}", "pass len(audio)")
     return min(ENC_FRAMES, math.ceil(int(n_samples) / SAMPLES_PER_ENC_FRAME))
+
+
+FIT_MARGIN = 40  # mel frames (0.4 s) the "fit" window keeps past the utterance's end
+WINDOWS = ("fit", "full")
+
+
+def window_frames(n_samples: int, window: str = "fit") -> int:
+    """Mel frames the device encoder runs on: "full" = the 30 s window (3000); "fit" = the
+    utterance plus FIT_MARGIN, even, at most 3000 (the encoder's cost grows with it)."""
+    if window == "full":
+        return N_FRAMES
+    if window != "fit":
+        raise UserError(f"window {window!r} is unknown", "use fit or full")
+    return min(N_FRAMES, 2 * content_frames(n_samples) + FIT_MARGIN)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semedge.runtime.features import content_frames, log_mel
+from semedge.runtime.features import content_frames, log_mel, window_frames
 from semedge.runtime.package import Package
 from semedge.semcom.errors import UserError
 
@@ -108,14 +108,23 @@ class DeviceRunner:
     def _run(self, feeds: dict) -> np.ndarray:
         return self.session.run([self.output_name], feeds)[0]
 
-    def encode_audio(self, audio, k_keep: int | None = None) -> np.ndarray:
-        """16 kHz mono samples -> symbols [content_frames, k or k_keep] float32."""
+    @property
+    def window(self) -> str:
+        """"fit" when the graph takes any number of frames (the package's frontend says which), else "full"."""
+        dims = self.package.manifest.get("onnx", {}).get("inputs", [{}])[0].get("shape", [])
+        fixed = len(dims) == 3 and isinstance(dims[2], int)
+        return "full" if fixed else self.package.manifest.get("frontend", {}).get("window", "fit")
+
+    def encode_audio(self, audio, k_keep: int | None = None, window: str | None = None) -> np.ndarray:
+        """16 kHz mono samples -> symbols [content_frames, k or k_keep] float32; the encoder runs
+        on `window` (default: the package's, see runtime.features.window_frames)."""
         if self.kind != "speech":
             raise UserError(f"package {self.package.package_id} is a text model", "use encode_text (--text) with this package")
         audio = np.asarray(audio)
         if audio.ndim != 1 or audio.size == 0:
             raise UserError(f"audio has shape {audio.shape}, expected non-empty 1-D samples", "pass mono 16 kHz audio")
-        feats = log_mel(audio)[None]  # [1, 80, 3000]
+        w = window_frames(int(audio.shape[0]), window or self.window)
+        feats = np.ascontiguousarray(log_mel(audio)[None, :, :w])  # [1, 80, w]
         x = self._run({self.input_names[0]: feats})[0]
         n = max(1, content_frames(int(audio.shape[0])))
         return truncate(np.ascontiguousarray(x[:n], dtype=np.float32), k_keep)

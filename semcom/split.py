@@ -29,7 +29,12 @@ hf_logging.set_verbosity_error()
 
 
 class SpeechDeviceHalf(nn.Module):
-    """input_features [B, 80, 3000] -> channel symbols [B, 1500, k]."""
+    """input_features [B, 80, T] (T <= 3000, even) -> channel symbols [B, T/2, k].
+
+    Whisper's encoder with its positions cut to the input: T = 3000 is exactly
+    `encoder(input_features)`; a shorter window (runtime.features.window_frames) runs
+    the encoder on the utterance only, which is what makes short messages cheap.
+    """
 
     def __init__(self, encoder: nn.Module, jsc_encoder: nn.Module):
         super().__init__()
@@ -37,7 +42,13 @@ class SpeechDeviceHalf(nn.Module):
         self.jsc = jsc_encoder
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        return self.jsc(self.encoder(input_features).last_hidden_state)
+        e = self.encoder
+        h = nn.functional.gelu(e.conv1(input_features))
+        h = nn.functional.gelu(e.conv2(h)).permute(0, 2, 1)
+        h = h + e.embed_positions.weight[: h.shape[1]]
+        for layer in e.layers:
+            h = layer(h, None, layer_head_mask=None)[0]
+        return self.jsc(e.layer_norm(h))
 
 
 class TextDeviceHalf(nn.Module):

@@ -33,22 +33,31 @@ class LinkResult:
 
 
 @torch.no_grad()
-def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_keep: int | None = None) -> list[torch.Tensor]:
-    """Run the device half (PyTorch) on a batch; one [n_i, k_keep] tensor per message."""
+def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_keep: int | None = None,
+                  window: str = "fit") -> list[torch.Tensor]:
+    """Run the device half (PyTorch) on a batch; one [n_i, k_keep] tensor per message.
+
+    Speech: each utterance's encoder runs on its own window (runtime.features.window_frames:
+    "fit" = the utterance + 0.4 s, as the device runtime does; "full" = 30 s)."""
+    from semedge.runtime.features import window_frames
+
     loaded = split.loaded
     if split.kind == "speech":
         feats = loaded.feature_extractor(
             [np.asarray(a, dtype=np.float32) for a in inputs], sampling_rate=16000, return_tensors="pt"
         ).input_features
-        x = split.device(feats)
+        if frames == "all":
+            window = "full"
+        xs = [split.device(feats[i : i + 1, :, : window_frames(len(a), window)])[0] for i, a in enumerate(inputs)]
         ns = [ENC_FRAMES if frames == "all" else content_frames(len(a)) for a in inputs]
+        x = xs
     else:
         enc = loaded.tokenizer(list(inputs), return_tensors="pt", padding=True, truncation=True)
         x = split.device(enc["input_ids"], enc["attention_mask"])
         ns = enc["attention_mask"].sum(1).tolist()
     out = []
     for i, n in enumerate(ns):
-        xi = x[i, :n]
+        xi = x[i][:n]
         if k_keep is not None and k_keep < xi.shape[-1]:
             xi = normalize_power(xi, k_keep)[:, :k_keep]
         out.append(xi)

@@ -80,3 +80,26 @@ def test_cached_silence_kv_equals_plain_decoding():
     assert half._silence_cross_kv() is not None
     half._silence_cross_kv = lambda: None  # force the plain path
     assert torch.equal(half.generate(msgs, max_new_tokens=8), fast)
+
+
+def test_device_half_window_full_equals_hf_encoder_and_fit_is_shorter():
+    from semedge.runtime.features import FIT_MARGIN, window_frames
+    from semedge.semcom.system import device_encode
+
+    loaded = tiny_model("whisper")
+    split = build_split(loaded)
+    x = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        ref = split.codec.encoder(loaded.model.get_encoder()(x).last_hidden_state)
+        assert torch.equal(split.device(x), ref)  # the full window is the HF encoder, bit for bit
+        assert split.device(x[:, :, :200]).shape == (2, 100, split.k)
+    assert window_frames(16000, "fit") == 100 + FIT_MARGIN and window_frames(16000, "full") == 3000
+    assert window_frames(16000 * 40, "fit") == 3000
+    audio = [torch.randn(8000).numpy() * 0.1, torch.randn(24000).numpy() * 0.1]
+    with torch.no_grad():
+        fit = device_encode(split, audio)
+        full = device_encode(split, audio, window="full")
+        one = device_encode(split, audio[1:])
+    assert [m.shape[0] for m in fit] == [25, 75] == [m.shape[0] for m in full]
+    assert torch.equal(fit[1], one[0])  # a message does not depend on what it was batched with
+    assert not torch.allclose(fit[0], full[0])  # the encoder saw a shorter window
