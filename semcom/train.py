@@ -177,13 +177,16 @@ def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = 
 
 @torch.no_grad()
 def encode_content(loaded, audios: list[np.ndarray]) -> list[torch.Tensor]:
-    """Whisper encoder outputs over each utterance's content frames, [n_i, d] fp32."""
-    from semedge.semcom.system import content_frames
+    """Whisper encoder outputs over each utterance's content frames, [n_i, d] fp32, each
+    encoded on its fitted window as the device runs it (runtime.features.window_frames)."""
+    from semedge.semcom.split import SpeechDeviceHalf
+    from semedge.runtime.features import content_frames, window_frames
 
+    enc = SpeechDeviceHalf(loaded.model.get_encoder(), nn.Identity())
     feats = loaded.feature_extractor([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=16000,
                                      return_tensors="pt").input_features
-    h = loaded.model.get_encoder()(feats).last_hidden_state
-    return [h[i, : content_frames(len(a))].clone() for i, a in enumerate(audios)]
+    return [enc(feats[i : i + 1, :, : window_frames(len(a))])[0, : content_frames(len(a))].clone()
+            for i, a in enumerate(audios)]
 
 
 def cached_speech_features(loaded, utts, batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -191,7 +194,7 @@ def cached_speech_features(loaded, utts, batch_size: int = 4, progress: bool = T
     from safetensors.torch import load_file
 
     d = feature_cache_dir(loaded)
-    path = d / "content.safetensors"
+    path = d / "content-fit.safetensors"  # fitted windows (the 30 s-window cache was content.safetensors)
     have: dict[str, torch.Tensor] = {}
     if path.exists():
         try:
