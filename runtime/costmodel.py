@@ -108,7 +108,8 @@ def _load(model) -> onnx.ModelProto:
 
 def concrete_input_shapes(model: onnx.ModelProto, length: int | None = None, batch: int = 1,
                           shapes: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
-    """Input name -> concrete shape: fixed dims kept; a symbolic first dim -> batch; others -> length."""
+    """Input name -> concrete shape: fixed dims kept; a symbolic first dim -> batch; others -> length
+    (speech `frames` without a length: 3000, the 30 s window, so budgets hold for any utterance)."""
     inits = {i.name for i in model.graph.initializer}
     out = {}
     for inp in model.graph.input:
@@ -123,6 +124,8 @@ def concrete_input_shapes(model: onnx.ModelProto, length: int | None = None, bat
                 dims.append(d.dim_value)
             elif i == 0:
                 dims.append(batch)
+            elif d.dim_param == "frames" and length is None:
+                dims.append(3000)  # speech: the worst case, a full 30 s window
             else:
                 if length is None:
                     raise UserError(f"input '{inp.name}' has a symbolic dim '{d.dim_param}'",

@@ -25,7 +25,7 @@ import numpy as np
 from semedge.semcom.files import write_atomic
 from semedge.semcom.errors import UserError
 
-METRICS_VERSION = 1  # bump when the way accuracy is computed changes (invalidates caches)
+METRICS_VERSION = 2  # bump when the way accuracy is computed changes (invalidates caches); 2: fitted windows
 
 
 def cache_key(**parts) -> str:
@@ -93,21 +93,31 @@ def speech_features(loaded, utts) -> np.ndarray:
 
 
 def device_messages(onnx_path, loaded, utts, threads: int = 1, batch: int = 4, sess=None) -> list[np.ndarray]:
-    """Run the device half in ONNX Runtime; one [content_frames, k] float32 array per utterance."""
-    from semedge.runtime.features import content_frames
+    """Run the device half in ONNX Runtime; one [content_frames, k] float32 array per utterance.
+
+    Each utterance runs on its own window (runtime.features.window_frames, as the device
+    runner does) when the graph takes any frame count; a fixed 3000-frame graph runs in batches.
+    """
+    from semedge.runtime.features import content_frames, window_frames
     from semedge.runtime.profiler import session
 
     if loaded.kind != "speech":
         raise UserError(f"{loaded.source} is a {loaded.kind} model; link evaluation supports speech models",
                         "use a Whisper model (e.g. whisper-base)")
     s = sess or session(onnx_path, threads)
-    name = s.get_inputs()[0].name
+    inp = s.get_inputs()[0]
+    fixed = isinstance(inp.shape[-1], int)
     out: list[np.ndarray] = []
     for b in range(0, len(utts), batch):
         chunk = utts[b : b + batch]
-        y = s.run(None, {name: speech_features(loaded, chunk)})[0]
-        for i, u in enumerate(chunk):
-            out.append(np.ascontiguousarray(y[i, : content_frames(len(u.audio))], dtype=np.float32))
+        feats = speech_features(loaded, chunk)
+        if fixed:
+            ys = list(s.run(None, {inp.name: feats})[0])
+        else:
+            ys = [s.run(None, {inp.name: np.ascontiguousarray(feats[i : i + 1, :, : window_frames(len(u.audio))])})[0][0]
+                  for i, u in enumerate(chunk)]
+        for y, u in zip(ys, chunk):
+            out.append(np.ascontiguousarray(y[: content_frames(len(u.audio))], dtype=np.float32))
     return out
 
 

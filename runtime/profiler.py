@@ -61,7 +61,8 @@ def input_lengths(sess) -> bool:
 
 
 def make_inputs(sess, length: int | None = None, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds: fixed dims kept, a symbolic first dim -> batch, other symbolic dims -> length."""
+    """Random feeds: fixed dims kept, a symbolic first dim -> batch, other symbolic dims -> length
+    (speech `frames` without a length: 3000)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in sess.get_inputs():
@@ -71,6 +72,8 @@ def make_inputs(sess, length: int | None = None, batch: int = 1, seed: int = 0) 
                 dims.append(d)
             elif i == 0:
                 dims.append(batch)
+            elif d == "frames" and length is None:
+                dims.append(3000)  # speech: the worst case, a full 30 s window (as the cost model)
             elif length is None:
                 raise UserError(f"input '{inp.name}' has a symbolic dim '{d}'", "give an input length")
             else:
