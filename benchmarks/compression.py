@@ -101,6 +101,8 @@ def main(argv=None) -> int:
         ("int8", [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}]),
         ("int8-matmul-only", [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic"}}]),
         ("int8-qdq-static", [{"op": "quantize_onnx", "config": {"mode": "int8_static", "calib_size": 4}}]),
+        ("int8-qdq-matmul-pct", [{"op": "quantize_onnx", "config": {"mode": "int8_static", "calib_size": 8, "op_types": ["MatMul"],
+                                                                     "calibrate": "percentile", "keep_fp32": ["critical"]}}]),
         ("fp16", [{"op": "quantize_onnx", "config": {"mode": "fp16"}}]),
         ("int4", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 128, "other_weights": "int8"}}]),
         ("int4-mixed-critical", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 64, "keep_fp32": ["critical"]}}]),

@@ -49,6 +49,7 @@ class OnnxQuantConfig(ConfigBase):
     quantize_conv: bool = False  # int8_dynamic: quantize the conv front end too (ConvInteger)
     op_types: tuple = ()  # int8_static: op types to quantize (empty = every op ORT can quantize)
     calib_size: int = 8  # int8_static: calibration inputs used
+    calibrate: str = "minmax"  # int8_static: activation ranges from minmax, percentile (99.999) or entropy
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
@@ -68,6 +69,7 @@ class OnnxQuantConfig(ConfigBase):
         if isinstance(self.block_size, bool) or self.block_size not in (16, 32, 64, 128, 256):
             raise UserError(f"block_size={self.block_size!r} is not supported", "use 16, 32, 64, 128 or 256")
         check_choice("accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
+        check_choice("calibrate", self.calibrate, ("minmax", "percentile", "entropy"))
         if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
             raise UserError(f"calib_size={self.calib_size!r} must be a positive integer", "e.g. 8")
 
@@ -158,7 +160,9 @@ def _static(model_path: Path, out: Path, cfg: OnnxQuantConfig, exclude: list[str
     calib = [np.asarray(c) for c in calib][: cfg.calib_size]
     quantize_static(model_path, out, _Reader(inputs[0], calib), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                    op_types_to_quantize=list(cfg.op_types) or None, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=list(cfg.op_types) or None,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                      "entropy": CalibrationMethod.Entropy}[cfg.calibrate],
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
