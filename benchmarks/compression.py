@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer utterances, runs and distillation steps (<= 10 min)")
     ap.add_argument("--n", type=int, default=None, help="test utterances for WER (default 8 quick, 50 full)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 300 full")
+    ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 1000 full")
     ap.add_argument("--only", default="", help="comma-separated setting names to run (debug)")
     ap.add_argument("--codec", action="append", default=[], metavar="NAME=CKPT",
                     help="also measure the fp32 device half of a trained codec (e.g. a --encoder whisper-tiny.en student)")
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     quick = args.quick
     n = args.n or (8 if quick else 50)
     runs = 3 if quick else 10
-    d_steps = args.distill_steps or (16 if quick else 300)
-    n_train = 8 if quick else 128
+    d_steps = args.distill_steps or (16 if quick else 1000)
+    n_train = 8 if quick else 256
 
     from semedge.compress import plan as P
     from semedge.compress import quantize_onnx as QO
@@ -111,6 +111,8 @@ def main(argv=None) -> int:
         ("prune-h25-f25+int8", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}},
                                 {"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}]),
         ("distill-4L", [{"op": "distill", "config": {"layers": 4, "steps": d_steps, "save_every": 25}}]),
+        ("prune-h25-f25+distill", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}},
+                                   {"op": "distill", "config": {"layers": 6, "steps": d_steps, "save_every": 25}}]),
     ]
     if quick:  # the extra variants only in the full run
         settings = [s for s in settings if s[0] not in ("int8-matmul-only", "prune-h25-f25+int8", "int4-mixed-jsc-frontend")]
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
             dcal = {"features": torch.from_numpy(tfeats[:n_train]),
                     "n_frames": [math.ceil(len(u.audio) / 320) for u in train[:n_train]]}
             cal = dcal if any(s["op"] == "distill" for s in torch_steps) else calib
-            wd = cache / (plan.hash()[:16] + f"-n{n_train}")
+            wd = cache / (plan.hash()[:16] + f"-n{n_train}-fit")
             sp = P.apply_torch_steps(split, P.Plan.make(torch_steps), cal, progress=True, workdir=wd)
             base = work / f"{len(torch_cache)}.onnx"
             export(sp, base)
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
         if hasattr(sp, "prune_info"):
             row["encoder_shapes"] = {k: sp.prune_info[k] for k in ("heads", "ffn")}
         if any(s["op"] == "distill" for s in torch_steps):
-            row["label"] = f"quick distillation: {d_steps} steps on {n_train} train utterances (cached teacher features)"
+            row["label"] = f"distillation: {d_steps} steps on {n_train} train utterances (fitted windows, cached teacher features)"
             row["final_loss"] = round(float(np.mean(sp.distill_losses[-5:])), 5) if getattr(sp, "distill_losses", None) else None
         rows.append(row)
         print(f"[{time.time() - t_start:6.0f}s] {name}: {row['bytes'] / 1e6:.1f} MB  5s {row['cpu_p50_ms_5s']:.0f} ms  "

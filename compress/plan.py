@@ -219,11 +219,13 @@ def apply_torch_steps(split, plan: Plan, calib=None, progress: bool = False, wor
     """Run the plan's prune/distill steps in order on a copy of `split`; returns the new split."""
     from semedge.compress import distill, prune
 
+    teacher = split  # distillation after pruning learns from the unpruned model (recovery)
     for step in plan.ops(TORCH_OPS):
-        if step.op == "prune":
-            split = prune.apply(split, step.config, calib)
+        if step.op == "prune":  # ranks on log-mel features only (a distillation set gives its "features")
+            pcal = calib["features"][:8] if isinstance(calib, dict) and "features" in calib else calib
+            split = prune.apply(split, step.config, pcal)
         else:
-            split = distill.apply(split, step.config, calib, progress=progress, workdir=workdir)
+            split = distill.apply(split, step.config, calib, progress=progress, workdir=workdir, teacher=teacher)
     return split
 
 

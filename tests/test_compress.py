@@ -229,6 +229,31 @@ def test_distill_student_trains_and_resumes(split, feats, tmp_path):
     assert saved.stat().st_size > 0
 
 
+def test_prune_then_distill_learns_from_the_unpruned_teacher(split, feats, monkeypatch):
+    from semedge.compress.plan import Plan, apply_torch_steps
+
+    seen = {}
+    real = distill.train
+
+    def spy(teacher, student, cfg, calib, **kw):
+        seen["teacher_ffn"] = teacher.loaded.model.get_encoder().layers[0].fc1.out_features
+        seen["student_ffn"] = student.get_encoder().layers[0].fc1.out_features
+        return real(teacher, student, cfg, calib, **kw)
+
+    monkeypatch.setattr(distill, "train", spy)
+    plan = Plan.make([{"op": "prune", "config": {"ffn": 0.5}},
+                      {"op": "distill", "config": {"layers": 2, "steps": 2, "max_tokens": 4}}])
+    out = apply_torch_steps(split, plan, {"features": feats, "n_frames": [100, 300]})
+    full = split.loaded.model.get_encoder().layers[0].fc1.out_features
+    assert seen["teacher_ffn"] == full and seen["student_ffn"] < full  # pruned student, unpruned teacher
+    assert out.device.encoder.layers[0].fc1.out_features == seen["student_ffn"] and len(out.distill_losses) == 2
+
+
+def test_distill_fitted_windows_make_short_targets(split, feats):
+    t = distill.teacher_targets(split, feats, 4, n_frames=[100, 300])
+    assert [x.shape[0] for x in t["target"]] == [120, 320]  # content frames + 20 (FIT_MARGIN / 2)
+
+
 def test_distill_bad_config(split):
     with pytest.raises(UserError, match="layers"):
         distill.DistillConfig.from_dict({"layers": 0})
