@@ -12,16 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from semedge.runtime.features import content_frames as _frames
 from semedge.semcom.channels import make_channel
 from semedge.semcom.jsc import normalize_power
 from semedge.semcom.split import ENC_FRAMES, SplitModel
 
-SAMPLES_PER_FRAME = 320  # one Whisper encoder frame = 20 ms at 16 kHz
-
-
 def content_frames(n_samples: int) -> int:
-    """Encoder frames that cover an utterance of n_samples (16 kHz), at most 1500."""
-    return max(1, min(ENC_FRAMES, math.ceil(n_samples / SAMPLES_PER_FRAME)))
+    """Encoder frames sent for an utterance of n_samples (16 kHz): runtime.features.content_frames, at least 1."""
+    return max(1, _frames(int(n_samples)))
 
 
 @dataclass
