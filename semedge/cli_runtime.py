@@ -113,10 +113,12 @@ def serve(
     if max_batch < 1 or max_wait_ms < 0 or max_body_mb <= 0 or max_new_tokens < 1:
         raise UserError("--max-batch, --max-new-tokens and --max-body-mb must be positive, --max-wait-ms >= 0",
                         "e.g. --max-batch 8 --max-wait-ms 8 --max-body-mb 8")
-    if threads is not None:
-        import torch
+    import torch
 
+    if threads is not None:
         torch.set_num_threads(max(1, threads))
+    elif backend != "torch":  # the JSC decoder's small matmuls: one thread each, the cores go to the workers
+        torch.set_num_threads(1)
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
                        threads=max(1, threads or 1))
