@@ -23,6 +23,16 @@ from semedge.semcom.models import LoadedModel
 
 ENC_FRAMES = 1500  # Whisper encoder frames per 30 s window (20 ms each)
 
+
+def context_length(n: int, tail: int | None) -> int:
+    """Encoder frames the decoder attends to for a message of n frames: the whole window
+    (tail None), else the content plus `tail` silence frames, at least 2 x tail. The floor
+    gives most messages the same length, so they batch together (ServerHalf groups by it)
+    and a message decodes the same alone or in a batch."""
+    if tail is None:
+        return ENC_FRAMES
+    return min(ENC_FRAMES, max(int(n) + tail, 2 * tail))
+
 # generate() warns on every call about logits processors and pad == eos; our calls are
 # deliberate (greedy, the model's own suppress lists), so keep the CLI output readable.
 hf_logging.set_verbosity_error()
@@ -99,7 +109,7 @@ class ServerHalf(nn.Module):
         """Received symbols, one [n_i, k] tensor per message -> (states [B, N, d], mask [B, N])."""
         feats = [self.jsc(y.float()) for y in messages]
         if self.silence is not None:  # speech: content + silence, to the window or to the trained tail
-            end = self.context_frames([f.shape[0] for f in feats])
+            end = self.context_frames([f.shape[0] for f in feats])  # equal within a group (generate)
             states = []
             for f in feats:
                 n = min(f.shape[0], end)
@@ -114,10 +124,13 @@ class ServerHalf(nn.Module):
             mask[i, : f.shape[0]] = 1
         return h, mask
 
+    @property
+    def tail(self) -> int | None:
+        return getattr(getattr(self.jsc, "cfg", None), "tail_frames", None)
+
     def context_frames(self, lengths: list[int]) -> int:
         """Frames the decoder attends to for a batch of messages with these lengths."""
-        tail = getattr(getattr(self.jsc, "cfg", None), "tail_frames", None)
-        return ENC_FRAMES if tail is None else min(ENC_FRAMES, max(lengths) + tail)
+        return max(context_length(n, self.tail) for n in lengths)
 
     def _silence_cross_kv(self) -> list | None:
         """Each Whisper decoder layer's cross-attention K, V of the silence frames, computed
@@ -153,7 +166,21 @@ class ServerHalf(nn.Module):
 
     @torch.no_grad()
     def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96):
-        """Token ids per message: a [B, L] tensor (torch backend) or lists of ids (CTranslate2)."""
+        """Token ids per message: a [B, L] tensor (torch backend) or lists of ids (CTranslate2).
+
+        Speech with a trained tail: messages whose contexts differ are decoded in separate
+        groups (then the torch backend returns a list of 1-D tensors)."""
+        if self.silence is not None and self.tail is not None and len(messages) > 1:
+            groups: dict[int, list[int]] = {}
+            for i, m in enumerate(messages):
+                groups.setdefault(context_length(m.shape[0], self.tail), []).append(i)
+            if len(groups) > 1:
+                out: list = [None] * len(messages)
+                for idx in groups.values():
+                    ids = self.generate([messages[i] for i in idx], max_new_tokens)
+                    for j, i in enumerate(idx):
+                        out[i] = ids[j]
+                return out
         if self.ct2 is not None:
             return self.ct2.generate(self.encoder_states(messages)[0].numpy(), max_new_tokens)
         kwargs = generate_kwargs(self.loaded)

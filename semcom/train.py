@@ -639,8 +639,10 @@ class Trainer:
             states = torch.where(b["mask"].unsqueeze(-1), h_hat, self.silence[: h_hat.shape[1]].unsqueeze(0))
             sel = b["tgt"] != -100
             sil, sil_kv = self.silence, self.sil_kv
-            if cfg.tail_frames is not None:  # the context the server will decode with
-                end = min(len(sil), states.shape[1] + cfg.tail_frames)
+            if cfg.tail_frames is not None:  # the context the server will decode with (the batch's longest)
+                from semedge.semcom.split import context_length
+
+                end = context_length(states.shape[1], cfg.tail_frames)
                 sil = sil[:end]
                 sil_kv = None if sil_kv is None else [tuple(t[:, :end] for t in kv) for kv in sil_kv]
             logits = decoder_logits(self.model, states, b["dec_in"], None, sil, sil_kv, select=sel)

@@ -47,10 +47,13 @@ def test_tail_frames_is_trained_and_shortens_the_context(trained):
     loaded, rx, ck, _, msgs = trained
     assert ck.codec.cfg.tail_frames == 20
     half = _half(rx, ck, loaded)
-    assert half.context_frames([12, 21]) == 41
+    assert half.context_frames([12, 21]) == 41 and half.context_frames([3, 5]) == 40  # at least 2 x tail
     h, _ = half.encoder_states(msgs[:2])
-    assert h.shape[1] == 15 + 20  # the longer message (15 frames) + the tail
-    assert torch.equal(h[0, 12:], half.silence[12:35])  # silence fill past the shorter message
+    assert h.shape[1] == 40  # max(longer message 15 + tail 20, 2 x tail)
+    assert torch.equal(h[0, 12:], half.silence[12:40])  # silence fill past the shorter message
+    # a message decodes the same alone and batched with messages of other lengths (grouped by context)
+    alone = [half.transcribe([m], 6)[0] for m in msgs]
+    assert half.transcribe(msgs, 6) == alone
     full = ServerHalf(rx, type(ck.codec.decoder)(ck.codec.cfg.__class__(d_model=64, k=8, hidden=64)), half.silence)
     assert full.context_frames([12]) == ENC_FRAMES
 
