@@ -168,7 +168,9 @@ def main(argv=None) -> int:
         if args.backend == "ct2":  # the server's default decoder; the same for every setting
             from semedge.semcom.ct2_backend import engine_for
 
-            sp.server.ct2 = engine_for(sp.loaded, "int8", threads=args.threads)
+            # pruning and distillation change only the encoder: decode with the base model's decoder
+            # (a codec row brings its own LoRA decoder)
+            sp.server.ct2 = engine_for(sp.loaded if name in codec_splits else loaded, "int8", threads=args.threads)
         acc = evaluate_onnx(out, sp, test, "awgn", snrs, threads=args.threads)
         w = {"clean" if math.isinf(k) else f"{k:g}dB": round(v["wer"], 4) for k, v in acc.items()}
         row = {"setting": name, "plan": P.describe(plan), "plan_hash": plan.hash()[:12], "bytes": out.stat().st_size,
