@@ -523,8 +523,12 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
             return {"exit": _run_planner(ws, profs, out, quick if plan_quick is None else plan_quick, progress),
                     "source": "planner"}
 
+        from semedge.runtime.evaluate import METRICS_VERSION
+
+        # what the results depend on beyond the arguments: the codec's weights (a retrained
+        # default codec ships under the same --jsc) and how accuracy is measured
         plan_inputs = {"model": model, "profiles": prof_files, "devices": sorted(profs), "quick": quick,
-                       "plan_quick": plan_quick,
+                       "plan_quick": plan_quick, "codec": ws.codec_id, "metrics": METRICS_VERSION,
                        "plans_in": sha256_file(plans_in) if plans_in else None}
         plan_res = st.run("plan", plan_inputs, do_plan, lambda r: [out / "plans.json"])
         plans_doc = _read_plans(out / "plans.json")
@@ -549,7 +553,7 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
             for d in fitting:
                 cid = pdev[d]["chosen"]
                 inputs = {"model": model, "plan": cands[cid].get("plan"), "cid": cid, "profile": prof_files.get(d),
-                          "jsc": jsc, "calib": CALIB, "onnx": cands[cid].get("onnx")}
+                          "jsc": jsc, "codec": ws.codec_id, "calib": CALIB, "onnx": cands[cid].get("onnx")}
                 inputs["weights"] = _stamped_weights(st, model, ws)
                 given = Path(cands[cid].get("onnx") or "")
                 inputs["onnx_sha256"] = sha256_file(given) if given.is_file() else None
@@ -598,7 +602,7 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
                 snrs = sorted(set(settings["sweep"]) | set(dev_snrs))
                 inputs = {"onnx": pkg["onnx_sha256"], "jsc": pkg["jsc_sha256"], "plan": pkg["plan_hash"],
                           "channel": channel, "snrs": snrs, "n_eval": settings["n_eval"], "weights": _stamped_weights(st, model, ws),
-                          "max_new_tokens": settings["max_new_tokens"]}
+                          "max_new_tokens": settings["max_new_tokens"], "metrics": METRICS_VERSION}
 
                 def do_eval(pkg=pkg, cid=cid, channel=channel, snrs=snrs):
                     return _evaluate_one(ws, pkg, cands[cid], channel, snrs, eval_memo)
