@@ -52,11 +52,6 @@ def _peak(rss: dict):
     return round(max(v.values()), 1) if isinstance(v, dict) else v
 
 
-def features(split, utts) -> np.ndarray:
-    fe = split.loaded.feature_extractor
-    return fe([u.audio for u in utts], sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer utterances, runs and distillation steps (<= 10 min)")
@@ -79,7 +74,7 @@ def main(argv=None) -> int:
     from semedge.compress import plan as P
     from semedge.compress import quantize_onnx as QO
     from semedge.compress import quantize_torch as QT
-    from semedge.runtime.evaluate import evaluate_onnx
+    from semedge.runtime.evaluate import evaluate_onnx, speech_features
     from semedge.runtime.profiler import peak_rss, time_onnx
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
@@ -94,7 +89,7 @@ def main(argv=None) -> int:
     split = build_split(loaded, with_tail(identity_codec(loaded), 300))
     test = load_split("test", n, progress=False)
     train = load_split("train", max(n_train, 8), progress=False)
-    tfeats = features(split, train)
+    tfeats = speech_features(loaded, train)
     calib = torch.from_numpy(tfeats[:8])
     with torch.no_grad():  # identity JSC standardised on training features: unit power on the channel
         h = torch.cat([split.device.encoder(calib[i : i + 1]).last_hidden_state for i in range(4)])

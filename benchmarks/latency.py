@@ -251,27 +251,15 @@ def server(quick: bool, log) -> dict:
                 "ms_per_utterance_median": round(1e3 * float(np.median(times)), 1),
                 "tokens_mean": round(float(np.mean(ntoks)), 1), "wer": round(wer(refs, hyps), 4), "n": n}
 
-    def ours(sp):
+    def ours(sp):  # torch backend, or CTranslate2 when sp.server.ct2 is set (the server's default)
         sp.server.generate([msgs[0]], max_new_tokens=96)  # warm-up
-        times, ntoks, hyps = [], [], []
-        for m in msgs:
-            t0 = time.perf_counter()
-            ids = sp.server.generate([m], max_new_tokens=96)
-            times.append(time.perf_counter() - t0)
-            body = [i for i in ids[0].tolist() if i not in tok.all_special_ids]
-            ntoks.append(len(body) + 1)  # + end of text
-            hyps.append(tok.decode(body).strip())
-        return summary(times, ntoks, hyps)
-
-    def ours_ct2(sp):  # the server's default backend: JSC decoder in torch, CTranslate2 int8 decoder
-        sp.server.transcribe([msgs[0]], max_new_tokens=96)  # warm-up
         times, ntoks, hyps = [], [], []
         for m in msgs:
             t0 = time.perf_counter()
             ids = sp.server.generate([m], max_new_tokens=96)[0]
             times.append(time.perf_counter() - t0)
-            body = [i for i in ids if i not in tok.all_special_ids]
-            ntoks.append(len(body) + 1)
+            body = [i for i in (ids.tolist() if hasattr(ids, "tolist") else ids) if i not in tok.all_special_ids]
+            ntoks.append(len(body) + 1)  # + end of text
             hyps.append(tok.decode(body).strip())
         return summary(times, ntoks, hyps)
 
@@ -289,7 +277,7 @@ def server(quick: bool, log) -> dict:
         log(f"server: {label}")
         sp = build_split(split.loaded, with_tail(identity_codec(split.loaded), tail))
         sp.server.ct2 = engine
-        out[label] = ours_ct2(sp)
+        out[label] = ours(sp)
     prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
     for ct in ("int8", "float32"):
         log(f"server: CTranslate2 {ct}")

@@ -26,6 +26,7 @@ from torch import nn
 
 from semedge.compress.plan import ConfigBase, write_atomic
 from semedge.semcom.errors import UserError
+from semedge.semcom.split import whisper_front, whisper_layers
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,6 @@ def make_student(model, cfg: DistillConfig):
     return student
 
 
-def _front(enc, feats: torch.Tensor) -> torch.Tensor:
-    """Whisper front end: conv1, conv2, positions -> [B, T, d]."""
-    h = nn.functional.gelu(enc.conv1(feats))
-    h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
-    return h + enc.embed_positions.weight[: h.shape[1]]
-
-
-def _layers(enc, h: torch.Tensor) -> torch.Tensor:
-    for lay in enc.layers:
-        h = lay(h, None, layer_head_mask=None)[0]
-    return enc.layer_norm(h)
-
-
 @torch.no_grad()
 def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None) -> dict:
     """Per utterance: front-end output, teacher features (fp16) and the teacher's transcript ids.
@@ -124,8 +112,8 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None) 
         f = feats[i : i + 1]
         if n_frames is not None:
             f = f[:, :, : min(f.shape[-1], 2 * int(n_frames[i]) + FIT_MARGIN)]
-        x = _front(enc, f)
-        h = _layers(enc, x)
+        x = whisper_front(enc, f)
+        h = whisper_layers(enc, x)
         out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_tokens,
                              **generate_kwargs(split.loaded))
         fronts.append(x[0].half())
@@ -229,7 +217,7 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
             raise UserError("fitted windows differ in length within a batch", "use batch_size 1 with n_frames")
         x = torch.stack([targets["front"][i].float() for i in idx])
         ht = torch.stack([targets["target"][i].float() for i in idx])
-        hs = _layers(enc, x)
+        hs = whisper_layers(enc, x)
         loss = torch.zeros(())
         if cfg.mse_weight:
             if n_frames is not None:

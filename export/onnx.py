@@ -9,7 +9,6 @@ Runtime output against PyTorch on calibration inputs (`check_parity`).
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import time
@@ -203,24 +202,6 @@ def check_parity(onnx_path, module, calib_inputs, *, precision: str = "fp32", to
 # ----------------------------------------------------------------------------- export
 
 
-def merge_lora(module):
-    """A copy of `module` with every peft LoRA layer merged into its base weights (or `module` if none)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return module
-    if not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
-        return module
-    module = copy.deepcopy(module)
-    for name, m in list(module.named_modules()):
-        if isinstance(m, BaseTunerLayer):
-            m.merge()
-            parent_name, _, attr = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, m.get_base_layer())
-    return module
-
-
 def _model_shape(split) -> tuple[int, int]:
     cfg = split.loaded.model.config
     heads = getattr(cfg, "encoder_attention_heads", None) or getattr(cfg, "num_heads", None) or cfg.num_attention_heads
@@ -311,6 +292,8 @@ def export_device_half(
         raise UserError(f"optimize={optimize!r} is unknown", "use True, False or 'auto'")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    from semedge.semcom.train import merge_lora
+
     module = merge_lora(split.device).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     if n_bytes >= TWO_GB:

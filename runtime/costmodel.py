@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
+from semedge.runtime.features import N_FRAMES
 from semedge.runtime.profiles import DeviceProfile, Efficiency
 from semedge.semcom.errors import UserError
 
@@ -125,7 +126,7 @@ def concrete_input_shapes(model: onnx.ModelProto, length: int | None = None, bat
             elif i == 0:
                 dims.append(batch)
             elif d.dim_param == "frames" and length is None:
-                dims.append(3000)  # speech: the worst case, a full 30 s window
+                dims.append(N_FRAMES)  # speech: the worst case, a full 30 s window
             else:
                 if length is None:
                     raise UserError(f"input '{inp.name}' has a symbolic dim '{d.dim_param}'",

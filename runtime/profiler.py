@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semedge.runtime.features import N_FRAMES
 from semedge.semcom.errors import UserError
 
 _ORT_NP = {
@@ -73,7 +74,7 @@ def make_inputs(sess, length: int | None = None, batch: int = 1, seed: int = 0) 
             elif i == 0:
                 dims.append(batch)
             elif d == "frames" and length is None:
-                dims.append(3000)  # speech: the worst case, a full 30 s window (as the cost model)
+                dims.append(N_FRAMES)  # speech: the worst case, a full 30 s window (as the cost model)
             elif length is None:
                 raise UserError(f"input '{inp.name}' has a symbolic dim '{d}'", "give an input length")
             else:

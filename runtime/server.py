@@ -186,23 +186,7 @@ def _adapters_of(pkg: Package):
     if not isinstance(lo, dict):
         raise UserError(f"package {pkg.path} has {ADAPTERS} but no LoRA settings in {JSC_CONFIG}",
                         "re-export the package (semedge export --jsc CKPT ...)")
-    spec = LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo.get("dropout", 0.0),
-                    targets=tuple(lo["targets"]), projections=tuple(lo["projections"]))
-    return pkg.manifest["files"][ADAPTERS], spec, bool(meta.get("qlora"))
-
-
-def _with_adapters(loaded, pkg: Package, spec, qlora: bool):
-    """A copy of `loaded` whose decoder carries the package's LoRA adapters."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from semedge.export.package import ADAPTERS
-    from semedge.semcom.train import load_adapter_state, prepare_model
-
-    model = prepare_model(loaded, spec, qlora)
-    load_adapter_state(model, {k: v.float() for k, v in load_file(str(pkg.file(ADAPTERS))).items()})
-    return dataclasses.replace(loaded, model=model.eval())
+    return pkg.manifest["files"][ADAPTERS], LoRASpec.from_dict(lo), bool(meta.get("qlora"))
 
 
 @dataclass
@@ -243,7 +227,13 @@ class Registry:
                     bases[src] = loader(src)
                 loaded = bases[src]
                 if adapters is not None:
-                    loaded = _with_adapters(loaded, pkg, adapters[1], adapters[2])
+                    from safetensors.torch import load_file
+
+                    from semedge.export.package import ADAPTERS
+                    from semedge.semcom.checkpoint import with_adapters
+
+                    state = {k: v.float() for k, v in load_file(str(pkg.file(ADAPTERS))).items()}
+                    loaded = with_adapters(loaded, adapters[1], adapters[2], state)
                 silence = silence_encoding(loaded) if loaded.kind == "speech" else None
                 backend = cfg.backend
                 if backend == "auto":

@@ -53,10 +53,7 @@ class Checkpoint:
         from semedge.semcom.train import LoRASpec
 
         lo = self.manifest.get("lora")
-        if not lo:
-            return None
-        return LoRASpec(r=lo["r"], alpha=lo["alpha"], dropout=lo.get("dropout", 0.0),
-                        targets=tuple(lo["targets"]), projections=tuple(lo["projections"]))
+        return LoRASpec.from_dict(lo) if lo else None
 
     @property
     def rate_policy(self):
@@ -213,10 +210,15 @@ def apply_checkpoint(loaded, ckpt: Checkpoint):
     (on an nf4 base when it was trained with --qlora)."""
     if not ckpt.adapters:
         return loaded
+    return with_adapters(loaded, ckpt.lora, bool(ckpt.manifest.get("qlora")), ckpt.adapters)
+
+
+def with_adapters(loaded, lora, qlora: bool, state: dict):
+    """A copy of `loaded` whose model carries LoRA adapters `lora` with weights `state` (nf4 base if `qlora`)."""
     from semedge.semcom.train import load_adapter_state, prepare_model
 
-    model = prepare_model(loaded, ckpt.lora, bool(ckpt.manifest.get("qlora")))
-    load_adapter_state(model, ckpt.adapters)
+    model = prepare_model(loaded, lora, qlora)
+    load_adapter_state(model, state)
     model.eval()
     return dataclasses.replace(loaded, model=model)
 

@@ -25,50 +25,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from semedge.semcom.ct2 import cache_root
 from semedge.semcom.errors import UserError
 
 COMPUTE_TYPES = ("int8", "float32", "int8_float32")
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "semedge" / "ct2-decoders"
-
-
-def _is_lora(mod: nn.Module) -> bool:
-    return hasattr(mod, "get_base_layer") and hasattr(mod, "merge") and hasattr(mod, "lora_A")
+    return cache_root() / "ct2-decoders"
 
 
 def _dense(lin: nn.Module) -> nn.Linear:
-    """A plain nn.Linear with `lin`'s weights (dequantizes a bitsandbytes Linear4bit)."""
-    if isinstance(lin, nn.Linear):
-        return lin
-    if type(lin).__name__ == "Linear4bit":
-        import bitsandbytes.functional as bf
+    """A plain nn.Linear with a bitsandbytes Linear4bit's weights, dequantized."""
+    import bitsandbytes.functional as bf
 
-        w = bf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
-        out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
-        out.weight.data.copy_(w)
-        if lin.bias is not None:
-            out.bias.data.copy_(lin.bias.data.float())
-        return out
-    raise UserError(f"cannot convert a {type(lin).__name__} layer for CTranslate2", "serve this model with --backend torch")
+    w = bf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
+    out.weight.data.copy_(w)
+    if lin.bias is not None:
+        out.bias.data.copy_(lin.bias.data.float())
+    return out
 
 
 @torch.no_grad()
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every LoRA adapter merged into its base layer and nf4 layers dequantized."""
-    model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
-        for cname, child in list(mod.named_children()):
-            if _is_lora(child):
-                base = _dense(child.get_base_layer())
-                delta = child.get_delta_weight(child.active_adapters[0]) if child.active_adapters else 0
-                base.weight.data += delta
-                setattr(mod, cname, base)
-            elif type(child).__name__ == "Linear4bit":
-                setattr(mod, cname, _dense(child))
-    return model.float().eval()
+    """`model` with nf4 layers dequantized (QLoRA bases) and LoRA merged in (`train.merge_lora`);
+    `model` itself when it has neither."""
+    from semedge.semcom.train import merge_lora
+
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        model = copy.deepcopy(model)
+        for name, mod in list(model.named_modules()):
+            for cname, child in list(mod.named_children()):
+                if type(child).__name__ == "Linear4bit":
+                    setattr(mod, cname, _dense(child))
+    return merge_lora(model).float().eval()
 
 
 def weights_key(model: nn.Module, compute_type: str) -> str:

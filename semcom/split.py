@@ -38,6 +38,20 @@ def context_length(n: int, tail: int | None) -> int:
 hf_logging.set_verbosity_error()
 
 
+def whisper_front(enc: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder front end on log-mel [B, 80, T]: conv1, conv2, positions cut to T/2 -> [B, T/2, d]."""
+    h = nn.functional.gelu(enc.conv1(feats))
+    h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
+    return h + enc.embed_positions.weight[: h.shape[1]]
+
+
+def whisper_layers(enc: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder layers and final norm on [B, N, d]."""
+    for layer in enc.layers:
+        h = layer(h, None, layer_head_mask=None)[0]
+    return enc.layer_norm(h)
+
+
 class SpeechDeviceHalf(nn.Module):
     """input_features [B, 80, T] (T <= 3000, even) -> channel symbols [B, T/2, k].
 
@@ -52,13 +66,7 @@ class SpeechDeviceHalf(nn.Module):
         self.jsc = jsc_encoder
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        e = self.encoder
-        h = nn.functional.gelu(e.conv1(input_features))
-        h = nn.functional.gelu(e.conv2(h)).permute(0, 2, 1)
-        h = h + e.embed_positions.weight[: h.shape[1]]
-        for layer in e.layers:
-            h = layer(h, None, layer_head_mask=None)[0]
-        return self.jsc(e.layer_norm(h))
+        return self.jsc(whisper_layers(self.encoder, whisper_front(self.encoder, input_features)))
 
 
 class TextDeviceHalf(nn.Module):
@@ -86,20 +94,7 @@ class ServerHalf(nn.Module):
             self.register_buffer("silence", silence)  # [1500, d]
         else:
             self.silence = None
-        self.ct2 = None  # a CT2Whisper when the CTranslate2 backend decodes (use_ct2)
-
-    def use_ct2(self, compute_type: str = "int8", threads: int = 0, progress=None) -> "ServerHalf":
-        # the server builds one CT2Whisper per model and shares it: ServerHalf.ct2 = engine
-        """Decode with CTranslate2 from the same (LoRA-merged) weights; see semcom/ct2_backend.py."""
-        from semedge.semcom.ct2_backend import CT2Whisper
-
-        if self.silence is None:
-            from semedge.semcom.errors import UserError
-
-            raise UserError(f"the CTranslate2 backend serves Whisper models, not {self.loaded.source}",
-                            "use the torch backend for text models")
-        self.ct2 = CT2Whisper(self.loaded, compute_type, threads, progress)
-        return self
+        self.ct2 = None  # a semcom.ct2_backend.CT2Whisper when CTranslate2 decodes (set by the server)
 
     @property
     def backend(self) -> str:

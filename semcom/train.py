@@ -17,7 +17,6 @@ keys/values are computed once per step and spliced in (exact, see
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -77,6 +76,12 @@ class LoRASpec:
                 raise UserError(f"LoRA target {t!r} must start with encoder. or decoder.",
                                 "e.g. targets=decoder.encoder_attn+decoder.self_attn+encoder.self_attn")
         return spec
+
+    @classmethod
+    def from_dict(cls, lo: dict) -> "LoRASpec":
+        """From the `lora` section of a checkpoint or package (dataclasses.asdict form)."""
+        return cls(r=lo["r"], alpha=lo["alpha"], dropout=lo.get("dropout", 0.0),
+                   targets=tuple(lo["targets"]), projections=tuple(lo["projections"]))
 
     @property
     def touches_encoder(self) -> bool:
@@ -179,13 +184,13 @@ def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = 
 def encode_content(loaded, audios: list[np.ndarray]) -> list[torch.Tensor]:
     """Whisper encoder outputs over each utterance's content frames, [n_i, d] fp32, each
     encoded on its fitted window as the device runs it (runtime.features.window_frames)."""
-    from semedge.semcom.split import SpeechDeviceHalf
     from semedge.runtime.features import content_frames, window_frames
+    from semedge.semcom.split import whisper_front, whisper_layers
 
-    enc = SpeechDeviceHalf(loaded.model.get_encoder(), nn.Identity())
+    enc = loaded.model.get_encoder()
     feats = loaded.feature_extractor([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=16000,
                                      return_tensors="pt").input_features
-    return [enc(feats[i : i + 1, :, : window_frames(len(a))])[0, : content_frames(len(a))].clone()
+    return [whisper_layers(enc, whisper_front(enc, feats[i : i + 1, :, : window_frames(len(a))]))[0, : content_frames(len(a))].clone()
             for i, a in enumerate(audios)]
 
 
@@ -333,6 +338,24 @@ def add_lora(model, spec: LoRASpec) -> list[str]:
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return names
+
+
+def merge_lora(module):
+    """A copy of `module` with every peft LoRA layer merged into its base weights (or `module` if none)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return module
+    if not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for name, m in list(module.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, m.get_base_layer())
+    return module
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
