@@ -59,7 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="ct2", choices=("ct2", "torch"), help="server decoder for the WER columns")
     ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 1000 full")
-    ap.add_argument("--only", default="", help="comma-separated setting names to run (debug)")
+    ap.add_argument("--only", default="", help="comma-separated setting names to run (with fp32, their baseline)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep --out's other rows: replace only the settings run now (each row's ratios are against "
+                         "the fp32 row measured in its own run)")
+    ap.add_argument("--no-server", action="store_true", help="skip the server-half rows (with --merge: keep the old ones)")
     ap.add_argument("--codec", action="append", default=[], metavar="NAME=CKPT",
                     help="also measure the fp32 device half of a trained codec (e.g. a --encoder whisper-tiny.en student)")
     ap.add_argument("--out", default=str(RESULTS / "compression.json"))
@@ -95,6 +99,10 @@ def main(argv=None) -> int:
         h = torch.cat([split.device.encoder(calib[i : i + 1]).last_hidden_state for i in range(4)])
     split.codec.set_stats(h)
     snrs = [math.inf, 10.0]
+    from semedge.runtime.features import window_frames
+
+    # static quantization calibrates on what the device runs: fitted windows of training utterances
+    fit_calib = [tfeats[i][:, : window_frames(len(u.audio))] for i, u in enumerate(train[:8])]
 
     settings = [
         ("fp32", []),
@@ -103,6 +111,7 @@ def main(argv=None) -> int:
         ("int8-qdq-static", [{"op": "quantize_onnx", "config": {"mode": "int8_static", "calib_size": 4}}]),
         ("int8-qdq-matmul-pct", [{"op": "quantize_onnx", "config": {"mode": "int8_static", "calib_size": 8, "op_types": ["MatMul"],
                                                                      "calibrate": "percentile", "keep_fp32": ["critical"]}}]),
+        ("int8-qdq-a16w8", [{"op": "quantize_onnx", "config": {"mode": "int8_static", "calib_size": 8, "activations": "uint16"}}]),
         ("fp16", [{"op": "quantize_onnx", "config": {"mode": "fp16"}}]),
         ("int4", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 128, "other_weights": "int8"}}]),
         ("int4-mixed-critical", [{"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 64, "keep_fp32": ["critical"]}}]),
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
                                    {"op": "distill", "config": {"layers": 6, "steps": d_steps, "save_every": 25}}]),
     ]
     if quick:  # the extra variants only in the full run
-        settings = [s for s in settings if s[0] not in ("int8-matmul-only", "prune-h25-f25+int8", "int4-mixed-jsc-frontend")]
+        settings = [s for s in settings if s[0] not in ("int8-matmul-only", "prune-h25-f25+int8", "int4-mixed-jsc-frontend", "int8-qdq-matmul-pct")]
     only = [s for s in args.only.split(",") if s]
     if only:
         settings = [s for s in settings if s[0] in only or s[0] == "fp32"]
@@ -156,7 +165,7 @@ def main(argv=None) -> int:
             torch_cache[key] = (sp, base)
         sp, base = torch_cache[key]
         out = work / f"{name}.onnx"
-        P.apply_onnx_steps(base, out, plan, calib=tfeats[:8])
+        P.apply_onnx_steps(base, out, plan, calib=fit_calib)
         lat5 = time_onnx(out, length=TRIM_FRAMES, threads=args.threads, runs=runs, warmup=1)
         lat30 = time_onnx(out, length=3000, threads=args.threads, runs=max(2, runs // 2), warmup=1)
         rss = peak_rss(out, lengths=[3000], threads=args.threads)
@@ -193,11 +202,16 @@ def main(argv=None) -> int:
         r["faster_x_5s"] = round(base["cpu_p50_ms_5s"] / r["cpu_p50_ms_5s"], 2)
         r["faster_x_30s"] = round(base["cpu_p50_ms_30s"] / r["cpu_p50_ms_30s"], 2)
         r["wer_points_lost"] = round(100 * (r["wer_clean"] - base["wer_clean"]), 2)
+        if r is not base:  # the fp32 row these ratios are against (same run)
+            r["fp32_same_run"] = {k: base[k] for k in ("bytes", "cpu_p50_ms_5s", "cpu_p50_ms_30s", "wer_clean", "wer_10dB")}
 
     # server half
     from semedge.semcom.metrics import wer
     from semedge.semcom.system import device_encode
 
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start))
+    for r in rows:
+        r["run"] = run_id
     server_rows = []
     split.server.ct2 = None  # the server-half rows are PyTorch decoders (CTranslate2: benchmarks/latency.py)
     msgs = []
@@ -205,7 +219,7 @@ def main(argv=None) -> int:
         for b in range(0, len(test), 4):
             msgs += device_encode(split, [u.audio for u in test[b : b + 4]])
     refs = [u.text for u in test]
-    for mode in ("fp32", "torch_int8", "bnb_int8", "bnb_nf4"):
+    for mode in () if args.no_server else ("fp32", "torch_int8", "bnb_int8", "bnb_nf4"):
         t0 = time.time()
         sp = split if mode == "fp32" else QT.apply(split, {"mode": mode})
         nbytes = QT.decoder_bytes(sp.loaded.model)
@@ -235,6 +249,17 @@ def main(argv=None) -> int:
               "device_half": rows, "server_half": server_rows, "seconds": round(time.time() - t_start, 1)}
     from semedge.compress.plan import write_atomic
 
+    if args.merge and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        new = {r["setting"] for r in rows if r["setting"] != "fp32" or not only}
+        kept = [r for r in old.get("device_half", []) if r["setting"] not in new]
+        order = [r["setting"] for r in old.get("device_half", [])]
+        merged = kept + [r for r in rows if r["setting"] in new]
+        merged.sort(key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
+        result["device_half"] = merged
+        if args.no_server:
+            result["server_half"] = old.get("server_half", [])
+        result["merged_from"] = sorted({r.get("run", "earlier") for r in merged})
     write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
     print_table(result)
     print(f"wrote {args.out} in {result['seconds']:.0f} s")

@@ -4,10 +4,16 @@ The student is the teacher's encoder with `layers` of its layers kept (chosen ev
 first and last included, or `init_layers`), so it starts close to the teacher. The
 conv front end and positions are shared and frozen; the kept layers and the final
 layer norm train on
-    loss = mse_weight * MSE(student features, teacher features) [content frames]
-         + kl_weight  * KL(teacher || student) over the frozen decoder's next-token
-                        distributions, teacher-forced on the teacher's own transcript.
-Teacher features and transcripts are computed once per utterance and cached in memory.
+    loss = mse_weight    * MSE(student features, teacher features)
+         + hidden_weight * mean over student layers j of MSE(output of layer j,
+                           output of the teacher layer it started from)
+         + kl_weight     * KL(teacher || student) over the frozen decoder's next-token
+                           distributions, teacher-forced on the teacher's own transcript.
+MSEs run over content frames; with `feature_norm` each dimension is divided by the
+teacher's standard deviation first, so Whisper's few huge dimensions do not drown the
+rest. The learning rate warms up linearly for `warmup` steps, then decays (cosine) to 0.
+Teacher features, hidden states and transcripts are computed once per utterance and
+cached in memory.
 Checkpoints (student weights, optimizer state, step) are safetensors + JSON in
 `workdir`; a run with the same config and workdir resumes where it stopped.
 """
@@ -38,6 +44,9 @@ class DistillConfig(ConfigBase):
     batch_size: int = 1
     mse_weight: float = 1.0
     kl_weight: float = 1.0
+    hidden_weight: float = 0.0
+    feature_norm: bool = False
+    warmup: int = 0  # linear warm-up steps; then cosine decay (0: constant learning rate)
     temperature: float = 1.0
     max_tokens: int = 48  # teacher transcript tokens used for the KL term
     save_every: int = 50
@@ -48,14 +57,18 @@ class DistillConfig(ConfigBase):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"{name}={v!r} must be a positive integer", f"set {name} >= 1")
-        for name in ("lr", "mse_weight", "kl_weight", "temperature"):
+        if not isinstance(self.feature_norm, bool):
+            raise UserError(f"feature_norm={self.feature_norm!r} must be true or false", "set feature_norm to true or false")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
+            raise UserError(f"warmup={self.warmup!r} must be an integer in [0, steps)", "e.g. warmup=100")
+        for name in ("lr", "mse_weight", "kl_weight", "hidden_weight", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise UserError(f"{name}={v!r} must be a number >= 0", f"set {name} >= 0")
         if not self.lr or not self.temperature:
             raise UserError("lr and temperature must be > 0", "e.g. lr=1e-4, temperature=1.0")
-        if not (self.mse_weight or self.kl_weight):
-            raise UserError("mse_weight and kl_weight are both 0", "give at least one loss a weight")
+        if not (self.mse_weight or self.kl_weight or self.hidden_weight):
+            raise UserError("mse_weight, hidden_weight and kl_weight are all 0", "give at least one loss a weight")
         if not isinstance(self.init_layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.init_layers):
             raise UserError(f"init_layers={self.init_layers!r} must be a list of layer indices", "e.g. [0, 2, 3, 5]")
         object.__setattr__(self, "init_layers", tuple(self.init_layers))
@@ -90,13 +103,15 @@ def make_student(model, cfg: DistillConfig):
     keep = student_layers(len(enc.layers), cfg)
     enc.layers = nn.ModuleList([copy.deepcopy(enc.layers[i]) for i in keep])
     enc.config.encoder_layers = len(keep)
-    enc.config.semedge_distilled_from = keep
+    prev = getattr(enc.config, "semedge_distilled_from", None)  # a student of a student: teacher indices
+    enc.config.semedge_distilled_from = [prev[i] for i in keep] if prev else keep
     return student
 
 
 @torch.no_grad()
-def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None) -> dict:
-    """Per utterance: front-end output, teacher features (fp16) and the teacher's transcript ids.
+def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, hidden: bool = False) -> dict:
+    """Per utterance: front-end output, teacher features (fp16), the teacher's transcript ids
+    and, with `hidden`, every teacher layer's output ([layers, n, d] fp16).
 
     With `n_frames` (content frames per utterance) each utterance runs on its fitted window,
     as the device runs it (runtime.features.window_frames), which also makes a step ~10x cheaper."""
@@ -107,19 +122,63 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None) 
 
     model = split.loaded.model
     enc = model.get_encoder()
-    fronts, targets, ids = [], [], []
+    out = {"front": [], "target": [], "ids": [], "hidden": []}
     for i in range(feats.shape[0]):
         f = feats[i : i + 1]
         if n_frames is not None:
             f = f[:, :, : min(f.shape[-1], 2 * int(n_frames[i]) + FIT_MARGIN)]
         x = whisper_front(enc, f)
-        h = whisper_layers(enc, x)
-        out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_tokens,
+        hs = _layer_outputs(enc, x)
+        h = enc.layer_norm(hs[-1])
+        gen = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_tokens,
                              **generate_kwargs(split.loaded))
-        fronts.append(x[0].half())
-        targets.append(h[0].half())
-        ids.append(out[0, :max_tokens])
-    return {"front": fronts, "target": targets, "ids": ids}
+        out["front"].append(x[0].half())
+        out["target"].append(h[0].half())
+        out["ids"].append(gen[0, :max_tokens])
+        if hidden:
+            out["hidden"].append(torch.stack([t[0] for t in hs]).half())
+    return out
+
+
+def _layer_outputs(enc, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each encoder layer's output (before the final layer norm)."""
+    outs = []
+    for layer in enc.layers:
+        x = layer(x, None, layer_head_mask=None)[0]
+        outs.append(x)
+    return outs
+
+
+def _content_mask(shape, idx, n_frames) -> torch.Tensor:
+    m = torch.ones(shape)
+    if n_frames is not None:
+        m.zero_()
+        for j, i in enumerate(idx):
+            m[j, : int(n_frames[i])] = 1
+    return m
+
+
+def _inv_std(tensors, n_frames) -> torch.Tensor:
+    """1 / per-dimension std of the teacher's [n, d] tensors over their content frames."""
+    rows = [t[: int(n_frames[i]) if n_frames is not None else t.shape[0]].float() for i, t in enumerate(tensors)]
+    return 1.0 / torch.cat(rows).std(0).clamp_min(1e-3)
+
+
+def _masked_mse(a, b, mask, inv_std=None) -> torch.Tensor:
+    d = a - b if inv_std is None else (a - b) * inv_std
+    return ((d ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+def lr_factor(step: int, cfg: "DistillConfig") -> float:
+    """Linear warm-up over cfg.warmup steps, then cosine decay to 0 (constant without warm-up)."""
+    import math
+
+    if not cfg.warmup:
+        return 1.0
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _kl(model, h_s, h_t, ids, temperature):
@@ -190,8 +249,16 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
     feats = calib["features"] if isinstance(calib, dict) else calib
     n_frames = calib.get("n_frames") if isinstance(calib, dict) else None
     torch.manual_seed(cfg.seed)
-    targets = targets or teacher_targets(split, feats, cfg.max_tokens, n_frames)
     enc = student_model.get_encoder()
+    src = getattr(enc.config, "semedge_distilled_from", None) or list(range(len(enc.layers)))
+    n_teacher = len(split.loaded.model.get_encoder().layers)
+    if cfg.hidden_weight and (len(src) != len(enc.layers) or max(src) >= n_teacher):
+        raise UserError("hidden_weight needs each student layer to map to a teacher layer (not after layer pruning)",
+                        "set hidden_weight to 0")
+    targets = targets or teacher_targets(split, feats, cfg.max_tokens, n_frames, hidden=bool(cfg.hidden_weight))
+    inv_std = _inv_std(targets["target"], n_frames) if cfg.feature_norm else None
+    inv_hid = ([_inv_std([h[t] for h in targets["hidden"]], n_frames) if cfg.feature_norm else None for t in src]
+               if cfg.hidden_weight else [])
     for p in student_model.parameters():
         p.requires_grad_(False)
     params = {}
@@ -212,22 +279,23 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
         bar = tqdm(bar, initial=start, total=cfg.steps, desc="distill", unit="step")
     student_model.train()
     for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].tolist()
         if len({targets["front"][i].shape[0] for i in idx}) > 1:
             raise UserError("fitted windows differ in length within a batch", "use batch_size 1 with n_frames")
         x = torch.stack([targets["front"][i].float() for i in idx])
         ht = torch.stack([targets["target"][i].float() for i in idx])
-        hs = whisper_layers(enc, x)
+        outs = _layer_outputs(enc, x)
+        hs = enc.layer_norm(outs[-1])
+        mask = _content_mask(hs.shape[:2], idx, n_frames)
         loss = torch.zeros(())
         if cfg.mse_weight:
-            if n_frames is not None:
-                m = torch.zeros(hs.shape[:2])
-                for j, i in enumerate(idx):
-                    m[j, : int(n_frames[i])] = 1
-                mse = (((hs - ht) ** 2).mean(-1) * m).sum() / m.sum()
-            else:
-                mse = ((hs - ht) ** 2).mean()
-            loss = loss + cfg.mse_weight * mse
+            loss = loss + cfg.mse_weight * _masked_mse(hs, ht, mask, inv_std)
+        if cfg.hidden_weight:
+            hid = sum(_masked_mse(outs[j], torch.stack([targets["hidden"][i][t].float() for i in idx]), mask, inv_hid[j])
+                      for j, t in enumerate(src))
+            loss = loss + cfg.hidden_weight * hid / len(src)
         if cfg.kl_weight:
             kl = 0
             for j, i in enumerate(idx):
@@ -235,6 +303,9 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
                 if ids.shape[1] >= 2:
                     kl = kl + _kl(student_model, hs[j : j + 1], ht[j : j + 1], ids, cfg.temperature)
             loss = loss + cfg.kl_weight * kl / len(idx)
+        if not torch.isfinite(loss):
+            raise UserError(f"distillation loss is {float(loss)} at step {step}",
+                            "lower lr (the last good checkpoint is in the workdir)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)

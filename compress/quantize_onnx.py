@@ -5,6 +5,8 @@ Modes
   time (DynamicQuantizeMatMul / MatMulInteger): CPU.
 - "int8_static":  QDQ graph (QuantizeLinear/DequantizeLinear pairs), activation ranges
   calibrated on real inputs: the format NPU execution providers (QNN, NNAPI) take.
+  `activations="uint16"` keeps int8 weights but 16-bit activations (A16W8), for
+  encoders whose activations have outliers too wide for 8 bits (Whisper's do).
 - "fp16":         weights and compute in float16, float32 inputs/outputs (GPUs, Jetson).
 - "int4":         weight-only 4-bit MatMulNBits (block-wise scales, `block_size`); with
   `other_weights="int8"` the remaining big weights (conv front end, position table)
@@ -50,6 +52,7 @@ class OnnxQuantConfig(ConfigBase):
     op_types: tuple = ()  # int8_static: op types to quantize (empty = every op ORT can quantize)
     calib_size: int = 8  # int8_static: calibration inputs used
     calibrate: str = "minmax"  # int8_static: activation ranges from minmax, percentile (99.999) or entropy
+    activations: str = "uint8"  # int8_static: activation type; "uint16" = A16W8 (int8 weights, 16-bit activations; QNN's HTP runs it)
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
@@ -70,6 +73,7 @@ class OnnxQuantConfig(ConfigBase):
             raise UserError(f"block_size={self.block_size!r} is not supported", "use 16, 32, 64, 128 or 256")
         check_choice("accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
         check_choice("calibrate", self.calibrate, ("minmax", "percentile", "entropy"))
+        check_choice("activations", self.activations, ("uint8", "uint16"))
         if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
             raise UserError(f"calib_size={self.calib_size!r} must be a positive integer", "e.g. 8")
 
@@ -79,6 +83,8 @@ class OnnxQuantConfig(ConfigBase):
             s += f"(b={self.block_size})"
         if self.other_weights == "int8" and self.mode in ("int4", "int8_dynamic"):
             s += "+w8"
+        if self.mode == "int8_static" and self.activations == "uint16":
+            s += "(a16)"
         if self.keep_fp32:
             s += "+fp32[" + ",".join(self.keep_fp32) + "]"
         return s
@@ -158,12 +164,17 @@ def _static(model_path: Path, out: Path, cfg: OnnxQuantConfig, exclude: list[str
     if len(inputs) != 1:
         raise UserError(f"int8_static calibration supports one-input graphs; this one has {inputs}", "use int8_dynamic for text encoders")
     calib = [np.asarray(c) for c in calib][: cfg.calib_size]
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    a16 = cfg.activations == "uint16"
     quantize_static(model_path, out, _Reader(inputs[0], calib), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                    activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude,
                     op_types_to_quantize=list(cfg.op_types) or None,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[cfg.calibrate],
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                    # 16-bit Q/DQ before opset 21 lives in the com.microsoft domain
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                   "UseQDQContribOps": a16 and opset < 21})
 
 
 def _fp16(model, cfg: OnnxQuantConfig, exclude: list[str]):

@@ -128,6 +128,27 @@ def save_checkpoint(path, loaded, codec: JSCCodec, *, adapters: dict | None = No
     return path
 
 
+def rewrite_checkpoint(ckpt: Checkpoint, out, codec: JSCCodec | None = None, **fields) -> Path:
+    """Write `ckpt` to folder `out` (may be its own folder), with `codec` in place of its own and the
+    manifest's top-level `fields` set; adapters are copied. Same atomic order as save_checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    codec = codec or ckpt.codec
+    dtype = torch.float16 if ckpt.manifest.get("dtype") == "float16" else None
+    if (out / MANIFEST).exists():
+        (out / MANIFEST).unlink()
+    _save_tensors(codec.state_dict(), out / CODEC_FILE, dtype)
+    files = [CODEC_FILE]
+    if ckpt.adapters:
+        _save_tensors(ckpt.adapters, out / ADAPTER_FILE, dtype)
+        files.append(ADAPTER_FILE)
+    manifest = {**ckpt.manifest, **fields, "jsc": dataclasses.asdict(codec.cfg),
+                "files": {f: _sha256(out / f) for f in files}}
+    body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
+    _write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(body + "\n"))
+    return out
+
+
 def _json_default(o):
     if isinstance(o, (set, tuple)):
         return list(o)

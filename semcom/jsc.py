@@ -149,3 +149,23 @@ def with_tail(codec: JSCCodec, tail_frames: int | None) -> JSCCodec:
     cfg = dataclasses.replace(codec.cfg, tail_frames=tail_frames)
     codec.cfg = codec.encoder.cfg = codec.decoder.cfg = cfg
     return codec
+
+
+def cut(codec: JSCCodec, k: int) -> JSCCodec:
+    """A k-symbol codec from the first k of a nested codec's symbols (trained with --rate-min).
+
+    Exact: it sends and decodes what `codec` does with k_keep = k (the encoder's first k
+    outputs, power-normalised over those; the decoder's first layer sees only those inputs).
+    """
+    cfg = codec.cfg
+    if cfg.identity:
+        raise UserError("the identity codec has no symbols to cut", "cut a trained JSC codec")
+    if not 1 <= k <= cfg.k:
+        raise UserError(f"cannot cut a k={cfg.k} codec to k={k}", f"choose 1 <= k <= {cfg.k}")
+    new = JSCCodec(dataclasses.replace(cfg, k=k))
+    state = codec.state_dict()
+    state["encoder.proj.weight"] = state["encoder.proj.weight"][:k]
+    state["encoder.proj.bias"] = state["encoder.proj.bias"][:k]
+    state["decoder.net.0.weight"] = state["decoder.net.0.weight"][:, :k]
+    new.load_state_dict({n: t.clone() for n, t in state.items()})
+    return new.eval()

@@ -58,11 +58,11 @@ class RatePolicy:
 def fit_policy(k: int, wer_table: dict[float, dict[int, float]], tolerance: float = 0.02) -> RatePolicy:
     """wer_table[snr][k'] (measured, must include k' = k) -> the policy.
 
-    Per SNR, the smallest k' with WER <= WER(k) + tolerance; then made monotone
-    (k' never rises with SNR).
+    Per finite SNR, the smallest k' with WER <= WER(k) + tolerance; then made monotone
+    (k' never rises with SNR). A clean-channel row (SNR inf) is kept in `measured` only.
     """
     entries = []
-    for snr in sorted(wer_table):
+    for snr in sorted(s for s in wer_table if math.isfinite(s)):
         row = wer_table[snr]
         if k not in row:
             raise UserError(f"measurement at {snr} dB lacks the full k={k}", "measure k' = k at every SNR")
@@ -72,6 +72,23 @@ def fit_policy(k: int, wer_table: dict[float, dict[int, float]], tolerance: floa
         entries[i][1] = max(entries[i][1], entries[i + 1][1])
     measured = {f"{s:g}": {str(kk): round(w, 4) for kk, w in sorted(r.items())} for s, r in sorted(wer_table.items())}
     return RatePolicy(k, [(s, kk) for s, kk in entries], tolerance, measured)
+
+
+def restrict(wer_table: dict[float, dict[int, float]], k: int) -> dict[float, dict[int, float]]:
+    """The measurements a codec cut to k symbols (semcom.jsc.cut) inherits: the k' <= k columns."""
+    return {s: {kk: w for kk, w in row.items() if kk <= k} for s, row in wer_table.items()}
+
+
+def rule_k(wer_table: dict[float, dict[int, float]], k: int, snr_db: float = 10.0, tolerance: float = 0.02) -> int:
+    """The smallest k' whose WER at `snr_db` is within `tolerance` of the full codec's clean-channel WER
+    (the rule that picks the default codec's k); the full k if none is."""
+    clean = wer_table.get(math.inf, {}).get(k)
+    row = wer_table.get(float(snr_db))
+    if clean is None or row is None:
+        raise UserError(f"the rule needs WER at k'={k} on a clean channel and WER at {snr_db:g} dB",
+                        f"measure --snr inf {snr_db:g}")
+    ok = [kk for kk, w in row.items() if w <= clean + tolerance]
+    return min(ok) if ok else k
 
 
 def choose_k(ckpt, snr_db: float) -> int:

@@ -855,7 +855,7 @@ def validate(tr: "Trainer", snrs=(10.0,), channel: str = "awgn") -> dict:
 
 
 def measure_rate_table(loaded, codec, examples: list[Example], snrs, candidates, channel: str = "awgn",
-                       seed: int = 0, silence=None, progress: bool = True) -> dict[float, dict[int, float]]:
+                       seed: int = 0, silence=None, progress: bool = True, backend: str = "torch") -> dict[float, dict[int, float]]:
     """WER for each SNR x kept-symbol count k' (the data `rate.fit_policy` fits)."""
     from semedge.semcom.metrics import wer
 
@@ -869,7 +869,7 @@ def measure_rate_table(loaded, codec, examples: list[Example], snrs, candidates,
         it = tqdm(grid, desc="rate table", unit="point")
     for s, kk in it:
         hyps, _ = transmit_examples(loaded, codec, examples, channel, s, k_keep=None if kk >= codec.cfg.k else kk,
-                                    seed=seed, silence=silence)
+                                    seed=seed, silence=silence, backend=backend)
         table.setdefault(s, {})[kk] = wer(refs, hyps)
     return table
 

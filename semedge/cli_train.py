@@ -132,3 +132,94 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{r['system']:>14} {r['channel']:>9} {r['snr_db']:>6g} dB  WER {r['wer']:.3f}  BLEU {r['bleu']:.1f}  "
                        f"sim {r.get('similarity', float('nan')):.3f}  uses {r['channel_uses']:.0f}")
         typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+    @app.command("rate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def rate_cmd(
+        ctx: typer.Context,
+        model: str = typer.Option("whisper-base", "--model"),
+        jsc: str = typer.Option("default", "--jsc", help="a nested codec (trained with --rate-min): folder or 'default'"),
+        n: int = typer.Option(200, "--n", help="utterances to measure on"),
+        split: str = typer.Option("val", "--split", help="measure on val (test stays for reporting)"),
+        snr: List[float] = typer.Option([0, 5, 10, 20], "--snr", help="AWGN SNRs in dB (a clean row is always added)"),
+        candidates: str = typer.Option("", "--candidates", help="k' values, comma-separated (default: every 8 from --rate-min to k)"),
+        tolerance: float = typer.Option(0.02, "--tolerance", help="WER a smaller k' may lose (0.02 = 2 points)"),
+        rule_snr: float = typer.Option(10.0, "--rule-snr", help="the k rule: smallest k' whose WER here is within tolerance of the clean WER"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write the codec here with the fitted policy (its own folder updates it)"),
+        cut: Optional[str] = typer.Option(None, "--cut", help="also write a codec cut to this many symbols (a number, or 'rule') to --cut-out"),
+        cut_out: Optional[Path] = typer.Option(None, "--cut-out", help="folder for the --cut codec (a new one)"),
+        backend: str = typer.Option("ct2", "--backend", help="decoder: ct2 (the server's default), ct2-float32 or torch"),
+        seed: int = typer.Option(0, "--seed"),
+        threads: Optional[int] = typer.Option(None, "--threads"),
+    ):
+        """Measure WER per SNR x k' for a nested codec, fit its rate policy (--k auto), pick k by rule, optionally cut it."""
+        import math
+
+        _threads(threads)
+        snrs = sorted({float(s) for s in list(snr) + _trailing_numbers(ctx.args, "--snr")} | {math.inf})
+        if (cut is None) != (cut_out is None):
+            raise UserError("--cut and --cut-out go together", "e.g. --cut rule --cut-out runs/codec-cut")
+
+        from semedge.semcom import rate as R
+        from semedge.semcom.checkpoint import load_for_inference, rewrite_checkpoint
+        from semedge.semcom.jsc import cut as cut_codec
+        from semedge.semcom.models import load_model
+        from semedge.semcom.split import silence_encoding
+        from semedge.semcom.train import measure_rate_table, speech_examples
+        from semedge.semcom.checkpoint import device_encoder
+
+        base = load_model(model)
+        rx, ck = load_for_inference(base, jsc)
+        if ck is None:
+            raise UserError(f"--jsc {jsc}: no trained codec to fit", "give a folder from semedge train --rate-min ...")
+        k = ck.k
+        lo = (ck.manifest.get("rate_training") or {}).get("rate_min") or k
+        try:
+            cands = sorted({int(c) for c in candidates.split(",") if c.strip()}) or sorted({*range(lo, k, 8), k})
+        except ValueError:
+            raise UserError(f"--candidates {candidates!r} must be whole numbers", "e.g. --candidates 16,32,48,64") from None
+        if k not in cands:
+            cands.append(k)
+        bad = [c for c in cands if not 1 <= c <= k]
+        if bad:
+            raise UserError(f"--candidates {bad} are outside [1, {k}]", f"give k' between 1 and {k}")
+        if cut not in (None, "rule"):
+            try:
+                cut_k = int(cut)
+            except ValueError:
+                raise UserError(f"--cut {cut!r} must be a number or 'rule'", "e.g. --cut 48 or --cut rule") from None
+            if not 1 <= cut_k <= k:
+                raise UserError(f"--cut {cut_k} is outside [1, {k}]", f"give 1..{k}")
+            if cut_k not in cands:
+                raise UserError(f"--cut {cut_k} was not among the measured k' {cands}", f"add it to --candidates")
+        if cut_out is not None and cut_out.resolve() in (ck.path.resolve(), out.resolve() if out else None):
+            raise UserError(f"--cut-out {cut_out} is the codec's own folder or --out", "give a new folder")
+        examples = speech_examples(base, split, n, encoder=device_encoder(ck))
+        table = measure_rate_table(rx, ck.codec, examples, snrs, cands, seed=seed, silence=silence_encoding(base),
+                                   backend=backend)
+        typer.echo("WER, AWGN, " + f"{len(examples)} {split} utterances, backend {backend}")
+        typer.echo("   SNR  " + "".join(f"k'={c:<6}" for c in cands))
+        for s in snrs:
+            typer.echo(f"{s:>6g}  " + "".join(f"{table[s][c]:<8.3f}" for c in cands))
+        k_rule = R.rule_k(table, k, rule_snr, tolerance)
+        typer.echo(f"rule (smallest k' within {100 * tolerance:g} points of the clean WER at {rule_snr:g} dB): k' = {k_rule}")
+        import shlex
+        import sys
+
+        fit = {"n": len(examples), "split": split, "backend": backend, "channel": "awgn", "seed": seed, "tolerance": tolerance,
+               "rule_snr": rule_snr, "rule_k": k_rule, "candidates": cands, "command": "semedge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+               "wer": {f"{s:g}": {str(c): round(w, 4) for c, w in sorted(row.items())} for s, row in sorted(table.items())}}
+        policy = R.fit_policy(k, table, tolerance)
+        typer.echo(f"rate policy, k={k} (--k auto): " + ", ".join(f"{s:g} dB -> {kk}" for s, kk in policy.table))
+        written = []
+        if out is not None:
+            written.append((rewrite_checkpoint(ck, out, rate_policy=policy.to_dict(), rate_fit=fit), k))
+        if cut is not None:
+            new_k = k_rule if cut == "rule" else cut_k
+            small = R.fit_policy(new_k, R.restrict(table, new_k), tolerance)
+            typer.echo(f"rate policy, cut to k={new_k}: " + ", ".join(f"{s:g} dB -> {kk}" for s, kk in small.table))
+            written.append((rewrite_checkpoint(ck, cut_out, cut_codec(ck.codec, new_k), rate_policy=small.to_dict(), rate_fit=fit,
+                                               cut_from={"k": k, "folder": ck.path.name, "files": ck.manifest.get("files")}), new_k))
+        for path, kk in written:
+            typer.echo(f"wrote {path} (k={kk})")
+        if not written:
+            typer.echo("nothing written (give --out, or --cut and --cut-out)")

@@ -165,6 +165,16 @@ def test_fp16_and_static_qdq(fp32_onnx, feats, tmp_path):
                               calib=feats.numpy())
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(qdq)
     assert np.isfinite(_run(qdq, feats)).all()
+    # A16W8: 16-bit activations track the float graph more closely than 8-bit ones
+    a8 = quantize_onnx.apply(fp32_onnx, tmp_path / "a8.onnx", {"mode": "int8_static", "calib_size": 2}, calib=feats.numpy())
+    a16 = quantize_onnx.apply(fp32_onnx, tmp_path / "a16.onnx", {"mode": "int8_static", "calib_size": 2, "activations": "uint16"},
+                              calib=feats.numpy())
+    import onnx
+
+    types = {init.data_type for init in onnx.load(str(a16)).graph.initializer if init.name.endswith("_zero_point")}
+    assert onnx.TensorProto.UINT16 in types
+    err = lambda p: np.linalg.norm(_run(p, feats) - ref) / np.linalg.norm(ref)
+    assert err(a16) < err(a8)
     with pytest.raises(UserError, match="calibration"):
         quantize_onnx.apply(fp32_onnx, tmp_path / "s2.onnx", {"mode": "int8_static"})
 
@@ -172,6 +182,7 @@ def test_fp16_and_static_qdq(fp32_onnx, feats, tmp_path):
 @pytest.mark.parametrize("cfg,field", [
     ({"mode": "int3"}, "mode"), ({"block_size": 100}, "block_size"), ({"keep_fp32": "jsc"}, "keep_fp32"),
     ({"keep_fp32": ["("]}, "keep_fp32"), ({"other_weights": "int2"}, "other_weights"),
+    ({"activations": "int4"}, "activations"),
 ])
 def test_onnx_bad_config(cfg, field):
     with pytest.raises(UserError) as e:
@@ -254,9 +265,28 @@ def test_distill_fitted_windows_make_short_targets(split, feats):
     assert [x.shape[0] for x in t["target"]] == [120, 320]  # content frames + 20 (FIT_MARGIN / 2)
 
 
+def test_distill_layer_matching_lowers_the_hidden_loss(split, feats):
+    """hidden_weight matches each student layer to the teacher layer it came from; the
+    normalised losses fall over a few steps at a warm-up + cosine learning rate."""
+    cal = {"features": feats, "n_frames": [100, 300]}
+    t = distill.teacher_targets(split, feats, 4, n_frames=[100, 300], hidden=True)
+    assert [h.shape for h in t["hidden"]] == [(2, 120, 64), (2, 320, 64)]  # [teacher layers, frames, d]
+    cfg = distill.DistillConfig(layers=1, init_layers=(0,), steps=12, lr=3e-3, warmup=2, kl_weight=0.0, hidden_weight=1.0,
+                                feature_norm=True, max_tokens=4)
+    student = distill.make_student(split.loaded.model, cfg)
+    assert student.get_encoder().config.semedge_distilled_from == [0]
+    losses = distill.train(split, student, cfg, cal, progress=False, targets=t)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert [round(distill.lr_factor(i, cfg), 3) for i in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, round(0.5 * (1 + np.cos(np.pi * 9 / 10)), 3)]
+
+
 def test_distill_bad_config(split):
     with pytest.raises(UserError, match="layers"):
         distill.DistillConfig.from_dict({"layers": 0})
+    with pytest.raises(UserError, match="warmup"):
+        distill.DistillConfig.from_dict({"steps": 10, "warmup": 10})
+    with pytest.raises(UserError, match="feature_norm"):
+        distill.DistillConfig.from_dict({"feature_norm": "yes"})
     with pytest.raises(UserError, match="init_layers"):
         distill.student_layers(2, distill.DistillConfig(layers=1, init_layers=(3,)))
 

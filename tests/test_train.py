@@ -220,3 +220,12 @@ def test_eval_takes_snrs_after_one_flag(monkeypatch, tmp_path):
     assert seen["snrs"] == [-5.0, 0.0, 5.5]
     r = CliRunner().invoke(app, ["eval", "--jsc", "x", "--snr", "-5", "ten", "--out", str(tmp_path / "e")])
     assert isinstance(r.exception, UserError) and "ten" in str(r.exception)  # semedge.cli.main prints it, exit 2
+
+
+def test_rate_cut_needs_a_folder():
+    from typer.testing import CliRunner
+
+    from semedge.cli import app
+
+    r = CliRunner().invoke(app, ["rate", "--cut", "rule"])
+    assert isinstance(r.exception, UserError) and "--cut-out" in str(r.exception)

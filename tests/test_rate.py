@@ -1,0 +1,67 @@
+"""Rate adaptation: cutting a nested codec, the k rule, and rewriting a checkpoint."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from semedge.semcom import rate as R
+from semedge.semcom.checkpoint import load_checkpoint, rewrite_checkpoint, save_checkpoint
+from semedge.semcom.errors import UserError
+from semedge.semcom.jsc import JSCCodec, JSCConfig, cut
+
+
+def _codec(k=16, d=32):
+    torch.manual_seed(0)
+    c = JSCCodec(JSCConfig(d_model=d, k=k, hidden=64))
+    c.set_stats(torch.randn(50, d) * 3 + 1)
+    return c.eval()
+
+
+def test_cut_is_exactly_truncation():
+    c = _codec()
+    h = torch.randn(2, 7, 32)
+    small = cut(c, 6)
+    assert small.cfg.k == 6 and small.encoder.proj.weight.shape == (6, 32) and small.decoder.net[0].weight.shape[1] == 6
+    with torch.no_grad():
+        x_full = c.encoder(h, k_keep=6)[..., :6]
+        x_cut = small.encoder(h)
+        assert torch.equal(x_full, x_cut)
+        y = x_cut + 0.1 * torch.randn_like(x_cut)
+        assert torch.allclose(c.decoder(y), small.decoder(y), atol=1e-6)
+    with pytest.raises(UserError):
+        cut(c, 17)
+    with pytest.raises(UserError):
+        cut(JSCCodec(JSCConfig(d_model=8, k=8, identity=True)), 4)
+
+
+def test_rule_and_restrict():
+    table = {math.inf: {16: 0.50, 32: 0.41, 48: 0.40, 64: 0.40},
+             10.0: {16: 0.60, 32: 0.45, 48: 0.415, 64: 0.41},
+             0.0: {16: 0.9, 32: 0.7, 48: 0.6, 64: 0.55}}
+    assert R.rule_k(table, 64, 10.0, 0.02) == 48
+    assert R.rule_k(table, 64, 10.0, 0.05) == 32
+    assert R.rule_k(table, 64, 0.0, 0.02) == 64  # nothing qualifies: the full k
+    with pytest.raises(UserError):
+        R.rule_k(table, 64, 5.0)
+    small = R.restrict(table, 48)
+    assert all(max(row) == 48 for row in small.values())
+    pol = R.fit_policy(48, small)
+    assert all(math.isfinite(s) for s, _ in pol.table) and "inf" in pol.measured
+    assert pol.choose(0) == 48 and pol.choose(10) == 48
+
+
+def test_rewrite_checkpoint_cut(tmp_path):
+    loaded = SimpleNamespace(source="tiny", weight_hash="ab" * 32, d_model=32, kind="speech")
+    c = _codec()
+    src = save_checkpoint(tmp_path / "src", loaded, c, adapters={"w": torch.ones(3)}, info={"command": "x"})
+    ck = load_checkpoint(src)
+    out = rewrite_checkpoint(ck, tmp_path / "cut", cut(c, 8), cut_from={"k": 16})
+    ck2 = load_checkpoint(out)
+    assert ck2.k == 8 and ck2.manifest["cut_from"] == {"k": 16} and ck2.manifest["command"] == "x"
+    assert torch.equal(ck2.adapters["w"], torch.ones(3))
+    assert torch.equal(ck2.codec.encoder.proj.weight, c.encoder.proj.weight[:8])
+    # in place: only the manifest fields change; file hashes stay valid
+    rewrite_checkpoint(ck2, out, rate_policy=R.fit_policy(8, {10.0: {4: 0.3, 8: 0.3}}).to_dict())
+    assert load_checkpoint(out).rate_policy.choose(10) == 4
