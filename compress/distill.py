@@ -109,9 +109,11 @@ def make_student(model, cfg: DistillConfig):
 
 
 @torch.no_grad()
-def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, hidden: bool = False) -> dict:
-    """Per utterance: front-end output, teacher features (fp16), the teacher's transcript ids
-    and, with `hidden`, every teacher layer's output ([layers, n, d] fp16).
+def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, hidden: bool = False, ids=None) -> dict:
+    """Per utterance: front-end output, teacher features (fp16), the token ids the KL term is
+    teacher-forced on (the teacher's own transcript, or `ids` when given: e.g. the reference
+    transcripts, which skips generation) and, with `hidden`, every teacher layer's output
+    ([layers, n, d] fp16).
 
     With `n_frames` (content frames per utterance) each utterance runs on its fitted window,
     as the device runs it (runtime.features.window_frames), which also makes a step ~10x cheaper."""
@@ -130,11 +132,14 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, 
         x = whisper_front(enc, f)
         hs = _layer_outputs(enc, x)
         h = enc.layer_norm(hs[-1])
-        gen = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_tokens,
-                             **generate_kwargs(split.loaded))
+        if ids is not None:
+            tok = torch.as_tensor(ids[i], dtype=torch.long)
+        else:
+            tok = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_tokens,
+                                 **generate_kwargs(split.loaded))[0]
         out["front"].append(x[0].half())
         out["target"].append(h[0].half())
-        out["ids"].append(gen[0, :max_tokens])
+        out["ids"].append(tok[:max_tokens])
         if hidden:
             out["hidden"].append(torch.stack([t[0] for t in hs]).half())
     return out
@@ -248,6 +253,7 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
         raise UserError("distillation needs training inputs", "pass calib (log-mel features [N, 80, 3000] of training utterances)")
     feats = calib["features"] if isinstance(calib, dict) else calib
     n_frames = calib.get("n_frames") if isinstance(calib, dict) else None
+    ids = calib.get("ids") if isinstance(calib, dict) else None
     torch.manual_seed(cfg.seed)
     enc = student_model.get_encoder()
     src = getattr(enc.config, "semedge_distilled_from", None) or list(range(len(enc.layers)))
@@ -255,7 +261,7 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
     if cfg.hidden_weight and (len(src) != len(enc.layers) or max(src) >= n_teacher):
         raise UserError("hidden_weight needs each student layer to map to a teacher layer (not after layer pruning)",
                         "set hidden_weight to 0")
-    targets = targets or teacher_targets(split, feats, cfg.max_tokens, n_frames, hidden=bool(cfg.hidden_weight))
+    targets = targets or teacher_targets(split, feats, cfg.max_tokens, n_frames, hidden=bool(cfg.hidden_weight), ids=ids)
     inv_std = _inv_std(targets["target"], n_frames) if cfg.feature_norm else None
     inv_hid = ([_inv_std([h[t] for h in targets["hidden"]], n_frames) if cfg.feature_norm else None for t in src]
                if cfg.hidden_weight else [])
