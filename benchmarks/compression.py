@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="test utterances for WER (default 8 quick, 50 full)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="ct2", choices=("ct2", "torch"), help="server decoder for the WER columns")
-    ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 1000 full")
+    ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 1500 full")
     ap.add_argument("--only", default="", help="comma-separated setting names to run (with fp32, their baseline)")
     ap.add_argument("--merge", action="store_true",
                     help="keep --out's other rows: replace only the settings run now (each row's ratios are against "
@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     quick = args.quick
     n = args.n or (8 if quick else 50)
     runs = 3 if quick else 10
-    d_steps = args.distill_steps or (16 if quick else 1000)
-    n_train = 8 if quick else 256
+    d_steps = args.distill_steps or (16 if quick else 1500)
+    n_train = 8 if quick else 1024
+    d_cfg = {"steps": d_steps, "warmup": min(100, d_steps // 10), "save_every": 100}  # the rest: DistillConfig's defaults
 
     from semedge.compress import plan as P
     from semedge.compress import quantize_onnx as QO
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
     from semedge.semcom.tasks.speech import load_split
+    from semedge.semcom.train import target_ids
 
     t_start = time.time()
     loaded = load_model("whisper-base")
@@ -119,9 +121,9 @@ def main(argv=None) -> int:
         ("prune-h25-f25", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}}]),
         ("prune-h25-f25+int8", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}},
                                 {"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}]),
-        ("distill-4L", [{"op": "distill", "config": {"layers": 4, "steps": d_steps, "save_every": 25}}]),
+        ("distill-4L", [{"op": "distill", "config": {"layers": 4, **d_cfg}}]),
         ("prune-h25-f25+distill", [{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}},
-                                   {"op": "distill", "config": {"layers": 6, "steps": d_steps, "save_every": 25}}]),
+                                   {"op": "distill", "config": {"layers": 6, **d_cfg}}]),
     ]
     if quick:  # the extra variants only in the full run
         settings = [s for s in settings if s[0] not in ("int8-matmul-only", "prune-h25-f25+int8", "int4-mixed-jsc-frontend", "int8-qdq-matmul-pct")]
@@ -155,10 +157,12 @@ def main(argv=None) -> int:
             export(sp, base)
             torch_cache[key] = (sp, base)
         if key not in torch_cache:
+            # KL teacher-forced on the reference transcripts (no generation: cheap for 1024 utterances)
             dcal = {"features": torch.from_numpy(tfeats[:n_train]),
-                    "n_frames": [math.ceil(len(u.audio) / 320) for u in train[:n_train]]}
+                    "n_frames": [math.ceil(len(u.audio) / 320) for u in train[:n_train]],
+                    "ids": [target_ids(loaded, u.text) for u in train[:n_train]]}
             cal = dcal if any(s["op"] == "distill" for s in torch_steps) else calib
-            wd = cache / (plan.hash()[:16] + f"-n{n_train}-fit")
+            wd = cache / (plan.hash()[:16] + f"-n{n_train}-fit-ref")
             sp = P.apply_torch_steps(split, P.Plan.make(torch_steps), cal, progress=True, workdir=wd)
             base = work / f"{len(torch_cache)}.onnx"
             export(sp, base)
@@ -189,7 +193,8 @@ def main(argv=None) -> int:
         if hasattr(sp, "prune_info"):
             row["encoder_shapes"] = {k: sp.prune_info[k] for k in ("heads", "ffn")}
         if any(s["op"] == "distill" for s in torch_steps):
-            row["label"] = f"distillation: {d_steps} steps on {n_train} train utterances (fitted windows, cached teacher features)"
+            row["label"] = (f"distillation: {d_steps} steps on {n_train} train utterances (fitted windows, cached teacher "
+                            "features, KL on the reference transcripts)")
             row["final_loss"] = round(float(np.mean(sp.distill_losses[-5:])), 5) if getattr(sp, "distill_losses", None) else None
         rows.append(row)
         print(f"[{time.time() - t_start:6.0f}s] {name}: {row['bytes'] / 1e6:.1f} MB  5s {row['cpu_p50_ms_5s']:.0f} ms  "

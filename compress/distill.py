@@ -40,13 +40,13 @@ class DistillConfig(ConfigBase):
     layers: int = 4  # student encoder layers
     init_layers: tuple = ()  # teacher layer indices the student starts from (default: evenly spaced)
     steps: int = 200
-    lr: float = 1e-4
+    lr: float = 5e-4
     batch_size: int = 1
     mse_weight: float = 1.0
     kl_weight: float = 1.0
-    hidden_weight: float = 0.0
-    feature_norm: bool = False
-    warmup: int = 0  # linear warm-up steps; then cosine decay (0: constant learning rate)
+    hidden_weight: float = 1.0
+    feature_norm: bool = True
+    warmup: int = 100  # linear warm-up steps, then cosine decay to 0 (0: constant learning rate)
     temperature: float = 1.0
     max_tokens: int = 48  # teacher transcript tokens used for the KL term
     save_every: int = 50
@@ -60,7 +60,8 @@ class DistillConfig(ConfigBase):
         if not isinstance(self.feature_norm, bool):
             raise UserError(f"feature_norm={self.feature_norm!r} must be true or false", "set feature_norm to true or false")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
-            raise UserError(f"warmup={self.warmup!r} must be an integer in [0, steps)", "e.g. warmup=100")
+            raise UserError(f"warmup={self.warmup!r} must be an integer below steps={self.steps}",
+                            "set warmup to about steps / 10 (0 for a constant learning rate)")
         for name in ("lr", "mse_weight", "kl_weight", "hidden_weight", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -103,8 +104,8 @@ def make_student(model, cfg: DistillConfig):
     keep = student_layers(len(enc.layers), cfg)
     enc.layers = nn.ModuleList([copy.deepcopy(enc.layers[i]) for i in keep])
     enc.config.encoder_layers = len(keep)
-    prev = getattr(enc.config, "semedge_distilled_from", None)  # a student of a student: teacher indices
-    enc.config.semedge_distilled_from = [prev[i] for i in keep] if prev else keep
+    prev = getattr(enc.config, "semedge_teacher_layers", None)  # a pruned or distilled source: original indices
+    enc.config.semedge_teacher_layers = [prev[i] for i in keep] if prev else keep
     return student
 
 
@@ -256,11 +257,11 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
     ids = calib.get("ids") if isinstance(calib, dict) else None
     torch.manual_seed(cfg.seed)
     enc = student_model.get_encoder()
-    src = getattr(enc.config, "semedge_distilled_from", None) or list(range(len(enc.layers)))
+    src = getattr(enc.config, "semedge_teacher_layers", None) or list(range(len(enc.layers)))
     n_teacher = len(split.loaded.model.get_encoder().layers)
     if cfg.hidden_weight and (len(src) != len(enc.layers) or max(src) >= n_teacher):
-        raise UserError("hidden_weight needs each student layer to map to a teacher layer (not after layer pruning)",
-                        "set hidden_weight to 0")
+        raise UserError(f"hidden_weight: the student's layers come from teacher layers {src}, "
+                        f"but the teacher has {n_teacher}", "distill from the model the student was cut from, or set hidden_weight 0")
     targets = targets or teacher_targets(split, feats, cfg.max_tokens, n_frames, hidden=bool(cfg.hidden_weight), ids=ids)
     inv_std = _inv_std(targets["target"], n_frames) if cfg.feature_norm else None
     inv_hid = ([_inv_std([h[t] for h in targets["hidden"]], n_frames) if cfg.feature_norm else None for t in src]
@@ -343,6 +344,8 @@ def apply(split, config: DistillConfig | dict, calib=None, progress: bool = True
     losses = train(teacher or split, student, config, calib, workdir=workdir, progress=progress)
     new_loaded = dataclasses.replace(split.loaded, model=student.eval(), source=f"{split.loaded.source}+{config.describe()}")
     out = build_split(new_loaded, copy.deepcopy(split.codec))
+    if split.server.silence is not None:  # the server fills with its own model's silence (runtime.server)
+        out.server.silence = split.server.silence.clone()
     out.distill_losses = losses
     return out
 

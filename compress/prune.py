@@ -297,6 +297,8 @@ def prune_encoder_(model, config: PruneConfig, calib=None) -> dict:
     kept_layers = [i for i in range(n_layers) if i not in drop]
     if drop:
         enc.layers = nn.ModuleList([enc.layers[i] for i in kept_layers])
+        prev = getattr(enc.config, "semedge_teacher_layers", None)  # which original layer each one is
+        enc.config.semedge_teacher_layers = [prev[i] for i in kept_layers] if prev else kept_layers
     info = {"layers": kept_layers}
     if config.heads or config.ffn:
         h_scores, f_scores = unit_importance(enc, calib)
@@ -318,7 +320,8 @@ def apply(model, config: PruneConfig | dict, calib=None):
     """Pruned copy of `model` (a SplitModel, an HF model or an encoder); the input is left as it is.
 
     For a SplitModel the whole HF model is copied and the split rebuilt around the same
-    codec (the server's silence encoding is recomputed with the pruned encoder).
+    codec. The server keeps its silence encoding: the server runs the unpruned model and
+    fills the window with that model's silence, whatever the device runs.
     """
     if isinstance(config, dict):
         config = PruneConfig.from_dict(config, "prune config")
@@ -331,6 +334,8 @@ def apply(model, config: PruneConfig | dict, calib=None):
         new_loaded = dataclasses.replace(loaded, model=new_model.eval(), source=f"{loaded.source}+{config.describe()}",
                                          weight_hash=_weights_hash(new_model))
         split = build_split(new_loaded, copy.deepcopy(model.codec))
+        if model.server.silence is not None:
+            split.server.silence = model.server.silence.clone()
         split.prune_info = info
         return split
     new = copy.deepcopy(model)

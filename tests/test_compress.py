@@ -68,6 +68,15 @@ def test_prune_removes_weights_and_exports(split, feats, tmp_path):
     assert b.stat().st_size < 0.85 * a.stat().st_size
     np.testing.assert_allclose(_run(b, feats), y.numpy(), atol=1e-3)
     assert sp.server.transcribe([y[0, :20]], max_new_tokens=3)  # the server still decodes
+    assert torch.equal(sp.server.silence, split.server.silence)  # the server's model is unpruned: its silence
+
+
+def test_dropped_layers_map_back_to_the_teacher(split, feats):
+    sp = prune.apply(split, {"drop_layers": [0]}, feats)
+    assert sp.device.encoder.config.semedge_teacher_layers == [1]
+    st = distill.make_student(sp.loaded.model, distill.DistillConfig(layers=1, warmup=0))
+    assert st.get_encoder().config.semedge_teacher_layers == [1]
+    assert not hasattr(split.device.encoder.config, "semedge_teacher_layers")  # the input is untouched
 
 
 def test_prune_global_ranks_across_layers_and_drops_layers(split, feats):
@@ -222,7 +231,7 @@ def test_server_bad_config():
 
 
 def test_distill_student_trains_and_resumes(split, feats, tmp_path):
-    cfg = {"layers": 1, "steps": 2, "save_every": 1, "max_tokens": 4, "lr": 1e-3}
+    cfg = {"layers": 1, "steps": 2, "warmup": 0, "save_every": 1, "max_tokens": 4, "lr": 1e-3}
     cal = {"features": feats, "n_frames": [100, 300]}
     s1 = distill.apply(split, cfg, cal, progress=False, workdir=tmp_path)
     assert len(s1.device.encoder.layers) == 1 and len(s1.distill_losses) == 2
@@ -253,11 +262,12 @@ def test_prune_then_distill_learns_from_the_unpruned_teacher(split, feats, monke
 
     monkeypatch.setattr(distill, "train", spy)
     plan = Plan.make([{"op": "prune", "config": {"ffn": 0.5}},
-                      {"op": "distill", "config": {"layers": 2, "steps": 2, "max_tokens": 4}}])
+                      {"op": "distill", "config": {"layers": 2, "steps": 2, "warmup": 0, "max_tokens": 4}}])
     out = apply_torch_steps(split, plan, {"features": feats, "n_frames": [100, 300]})
     full = split.loaded.model.get_encoder().layers[0].fc1.out_features
     assert seen["teacher_ffn"] == full and seen["student_ffn"] < full  # pruned student, unpruned teacher
     assert out.device.encoder.layers[0].fc1.out_features == seen["student_ffn"] and len(out.distill_losses) == 2
+    assert torch.equal(out.server.silence, split.server.silence)
 
 
 def test_distill_fitted_windows_make_short_targets(split, feats):
@@ -274,7 +284,7 @@ def test_distill_layer_matching_lowers_the_hidden_loss(split, feats):
     cfg = distill.DistillConfig(layers=1, init_layers=(0,), steps=12, lr=3e-3, warmup=2, kl_weight=0.0, hidden_weight=1.0,
                                 feature_norm=True, max_tokens=4)
     student = distill.make_student(split.loaded.model, cfg)
-    assert student.get_encoder().config.semedge_distilled_from == [0]
+    assert student.get_encoder().config.semedge_teacher_layers == [0]
     losses = distill.train(split, student, cfg, cal, progress=False, targets=t)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert [round(distill.lr_factor(i, cfg), 3) for i in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, round(0.5 * (1 + np.cos(np.pi * 9 / 10)), 3)]
@@ -296,7 +306,7 @@ def test_distill_bad_config(split):
 
 def test_plan_round_trip_and_hash(tmp_path):
     p = Plan.make([{"op": "prune", "config": {"heads": 0.25, "ffn": 0.25}},
-                   {"op": "distill", "config": {"layers": 4, "steps": 10}},
+                   {"op": "distill", "config": {"layers": 4, "steps": 10, "warmup": 0}},
                    {"op": "quantize_onnx", "config": {"mode": "int4", "keep_fp32": ["critical"]}},
                    {"op": "quantize_server", "config": {"mode": "bnb_nf4"}}], name="edge")
     p.to_json(tmp_path / "plan.json")
