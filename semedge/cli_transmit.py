@@ -24,6 +24,31 @@ def _parse_k(k: Optional[str]) -> Optional[str | int]:
     return v
 
 
+def _k_to_send(k_opt, ckpt, loaded, snr_db: float) -> int | None:
+    """Symbols per token to send (None: all of the codec's k). --k N sends the first N of a
+    nested codec (trained with --rate-min); --k auto asks the codec's rate policy."""
+    from semedge.semcom.rate import choose_k
+
+    if k_opt is None:
+        return None
+    if ckpt is None:  # identity codec: k = d_model, nothing to choose
+        if k_opt in ("auto", loaded.d_model):
+            return None
+        raise UserError(f"no trained codec ships for {loaded.source}, so --k {k_opt} cannot be sent",
+                        f"train one (semedge train --model {loaded.source} --k {k_opt} --rate-min ...) and pass --jsc, or drop --k")
+    if k_opt == "auto":
+        kk = choose_k(ckpt, snr_db)
+    else:
+        kk = k_opt
+        lo = (ckpt.manifest.get("rate_training") or {}).get("rate_min") or ckpt.k
+        if not lo <= kk <= ckpt.k:
+            parent = ckpt.manifest.get("cut_from") or {}
+            more = f" (it was cut from {parent['folder']}, which sends up to {parent['k']})" if kk > ckpt.k and parent.get("folder") else ""
+            raise UserError(f"--k {kk}: this codec sends {lo} to {ckpt.k} symbols per token", f"give --k between {lo} and {ckpt.k}, "
+                            f"or pass --jsc with a codec trained for {kk}{more}")
+    return None if kk == ckpt.k else kk
+
+
 def transmit(
     model: str = typer.Option("whisper-base", help="model source: whisper-base, whisper-tiny.en, a local HF checkpoint dir, or a hub id"),
     channel: str = typer.Option("awgn", help="none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
@@ -31,7 +56,7 @@ def transmit(
     text: Optional[str] = typer.Option(None, help="text to speak with espeak-ng (speech models) or to send (text models)"),
     wav: Optional[Path] = typer.Option(None, help="a WAV file to send (speech models)"),
     reference: Optional[str] = typer.Option(None, help="reference transcript for --wav (default: the unsplit model's own output)"),
-    k: Optional[str] = typer.Option(None, help="symbols per token: a number the codec was trained with, or 'auto' (rate policy by SNR)"),
+    k: Optional[str] = typer.Option(None, help="symbols per token to send: up to the codec's k (down to its --rate-min), or 'auto' (rate policy by SNR)"),
     jsc: Optional[Path] = typer.Option(None, help="a JSC checkpoint (safetensors + manifest) from `semedge train`"),
     frames: str = typer.Option("content", help="speech: 'content' (utterance frames + shared silence fill) or 'all' (the padded 30 s window)"),
     seed: int = typer.Option(0, help="channel noise seed"),
@@ -66,22 +91,11 @@ def transmit(
 
     from semedge.semcom.checkpoint import load_for_inference
 
-    # --k N with no --jsc: the shipped codec if its k is N, else a clear error; --k auto: rate policy.
-    k_ckpt = k_opt if isinstance(k_opt, int) and k_opt != loaded.d_model else None
-    receiver, ckpt = load_for_inference(loaded, None if jsc is None else str(jsc), k=k_ckpt)
-    if ckpt is None and k_ckpt is not None:
-        raise UserError(
-            f"no trained codec with k={k_opt} ships for {loaded.source}",
-            f"train one (semedge train --model {loaded.source} --k {k_opt}) and pass --jsc, or drop --k",
-        )
+    receiver, ckpt = load_for_inference(loaded, None if jsc is None else str(jsc))
+    k_keep = _k_to_send(k_opt, ckpt, loaded, snr_db)
     from semedge.semcom.checkpoint import device_encoder
 
     split = build_split(receiver, None if ckpt is None else ckpt.codec, encoder=device_encoder(ckpt))
-    k_keep = None
-    if k_opt == "auto":
-        from semedge.semcom.rate import pick_k
-
-        k_keep = pick_k(split.codec, snr_db)
     res = run_link(split, inputs, channel=channel, snr_db=snr_db, k_keep=k_keep, frames=frames, seed=seed)
     hyp = res.hyps[0]
     if text is not None:

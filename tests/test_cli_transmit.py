@@ -64,3 +64,40 @@ def test_missing_espeak(tmp_path):
 def test_bad_channel_and_k(tmp_path):
     _one_line_error(semedge("transmit", "--channel", "carrier-pigeon", "--text", "hi", cwd=tmp_path), "carrier-pigeon")
     _one_line_error(semedge("transmit", "--k", "lots", "--text", "hi", cwd=tmp_path), "--k")
+
+
+def test_k_to_send_nested_auto_and_errors():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from semedge.semcom.checkpoint import Checkpoint
+    from semedge.semcom.jsc import JSCCodec, JSCConfig
+    from semedge.semcom.rate import RatePolicy
+    from semedge.cli_transmit import _k_to_send
+    from semedge.semcom.errors import UserError
+
+    loaded = SimpleNamespace(source="m", d_model=16)
+    man = {"rate_training": {"rate_min": 8}, "cut_from": {"folder": "parent-k64", "k": 64},
+           "rate_policy": RatePolicy(32, [(0.0, 32), (10.0, 16)]).to_dict()}
+    ck = Checkpoint(Path("ck"), man, JSCCodec(JSCConfig(d_model=16, k=32)))
+    assert _k_to_send(None, ck, loaded, 5.0) is None
+    assert _k_to_send(32, ck, loaded, 5.0) is None  # all of k
+    assert _k_to_send(16, ck, loaded, 5.0) == 16
+    assert _k_to_send("auto", ck, loaded, 12.0) == 16 and _k_to_send("auto", ck, loaded, 5.0) is None
+    with pytest.raises(UserError, match="parent-k64"):
+        _k_to_send(48, ck, loaded, 5.0)
+    with pytest.raises(UserError, match="8 to 32"):
+        _k_to_send(4, ck, loaded, 5.0)
+    assert _k_to_send("auto", None, loaded, 5.0) is None and _k_to_send(16, None, loaded, 5.0) is None
+    with pytest.raises(UserError, match="no trained codec"):
+        _k_to_send(8, None, loaded, 5.0)
+
+
+def test_transmit_default_codec_k_auto_and_nested(tmp_path):
+    """whisper-base's shipped codec: --k auto asks its rate policy, --k 16 sends its first 16 symbols."""
+    for k, want in (("auto", 32), ("16", 16)):
+        r = semedge("transmit", "--text", "the boy threw the ball", "--snr", "10", "--k", k, "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["codec"] == "jsc k=32" and out["k"] == want
+        assert out["symbols_sent"] == out["tokens_sent"] * want
