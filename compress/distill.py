@@ -21,7 +21,6 @@ Checkpoints (student weights, optimizer state, step) are safetensors + JSON in
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -124,7 +123,10 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, 
     from semedge.semcom.split import generate_kwargs
 
     model = split.loaded.model
-    enc = model.get_encoder()
+    enc = _device_model(split).model.get_encoder()
+    if enc.config.d_model != split.loaded.d_model:
+        raise UserError(f"the teacher's device encoder is {enc.config.d_model} wide but its decoder takes {split.loaded.d_model}",
+                        "distill from a split whose device runs the server model's own (or a pruned) encoder")
     out = {"front": [], "target": [], "ids": [], "hidden": []}
     for i in range(feats.shape[0]):
         f = feats[i : i + 1]
@@ -144,6 +146,11 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, 
         if hidden:
             out["hidden"].append(torch.stack([t[0] for t in hs]).half())
     return out
+
+
+def _device_model(split):
+    """The LoadedModel whose encoder `split`'s device runs (its own, or a pruned / distilled copy)."""
+    return split.device_model or split.loaded
 
 
 def _layer_outputs(enc, x: torch.Tensor) -> list[torch.Tensor]:
@@ -258,7 +265,7 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
     torch.manual_seed(cfg.seed)
     enc = student_model.get_encoder()
     src = getattr(enc.config, "semedge_teacher_layers", None) or list(range(len(enc.layers)))
-    n_teacher = len(split.loaded.model.get_encoder().layers)
+    n_teacher = len(_device_model(split).model.get_encoder().layers)
     if cfg.hidden_weight and (len(src) != len(enc.layers) or max(src) >= n_teacher):
         raise UserError(f"hidden_weight: the student's layers come from teacher layers {src}, "
                         f"but the teacher has {n_teacher}", "distill from the model the student was cut from, or set hidden_weight 0")
@@ -330,7 +337,8 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
 
 def apply(split, config: DistillConfig | dict, calib=None, progress: bool = True, workdir: str | Path | None = None,
           teacher=None):
-    """A new SplitModel whose device half runs the trained student encoder (same server decoder and codec).
+    """A new SplitModel whose device runs the trained student encoder; the server half (decoder,
+    silence encoding, the package's model source) and the codec stay `split`'s.
 
     The student starts from `split`'s encoder (e.g. a pruned one); it learns from `teacher`
     (default `split`): after pruning, pass the unpruned split to recover toward it."""
@@ -340,12 +348,12 @@ def apply(split, config: DistillConfig | dict, calib=None, progress: bool = True
         config = DistillConfig.from_dict(config, "distill config")
     if split.kind != "speech":
         raise UserError("distillation is implemented for speech (Whisper) encoders", "use prune for text encoders")
-    student = make_student(split.loaded.model, config)
+    from semedge.semcom.models import derived
+
+    src = _device_model(split)
+    student = make_student(src.model, config)
     losses = train(teacher or split, student, config, calib, workdir=workdir, progress=progress)
-    new_loaded = dataclasses.replace(split.loaded, model=student.eval(), source=f"{split.loaded.source}+{config.describe()}")
-    out = build_split(new_loaded, copy.deepcopy(split.codec))
-    if split.server.silence is not None:  # the server fills with its own model's silence (runtime.server)
-        out.server.silence = split.server.silence.clone()
+    out = build_split(split.loaded, copy.deepcopy(split.codec), encoder=derived(src, student, config.describe()))
     out.distill_losses = losses
     return out
 
@@ -354,6 +362,6 @@ def save_student(split, path: str | Path) -> Path:
     """The student encoder's weights (safetensors) plus its layer count in the metadata."""
     from safetensors.torch import save
 
-    enc = split.loaded.model.get_encoder()
+    enc = split.device.encoder
     sd = {k: v.contiguous() for k, v in enc.state_dict().items()}
     return write_atomic(path, save(sd, metadata={"encoder_layers": str(len(enc.layers))}))

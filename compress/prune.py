@@ -319,38 +319,25 @@ def prune_encoder_(model, config: PruneConfig, calib=None) -> dict:
 def apply(model, config: PruneConfig | dict, calib=None):
     """Pruned copy of `model` (a SplitModel, an HF model or an encoder); the input is left as it is.
 
-    For a SplitModel the whole HF model is copied and the split rebuilt around the same
-    codec. The server keeps its silence encoding: the server runs the unpruned model and
-    fills the window with that model's silence, whatever the device runs.
+    For a SplitModel the device model is copied and pruned, and the split rebuilt around
+    the same codec with the pruned model as its device encoder: the server half (decoder,
+    silence encoding, the package's model source) stays the unpruned model's.
     """
     if isinstance(config, dict):
         config = PruneConfig.from_dict(config, "prune config")
     if hasattr(model, "device") and hasattr(model, "server") and hasattr(model, "loaded"):
+        from semedge.semcom.models import derived
         from semedge.semcom.split import build_split
 
-        loaded = model.loaded
-        new_model = copy.deepcopy(loaded.model)
+        src = model.device_model or model.loaded
+        new_model = copy.deepcopy(src.model)
         info = prune_encoder_(new_model, config, calib)
-        new_loaded = dataclasses.replace(loaded, model=new_model.eval(), source=f"{loaded.source}+{config.describe()}",
-                                         weight_hash=_weights_hash(new_model))
-        split = build_split(new_loaded, copy.deepcopy(model.codec))
-        if model.server.silence is not None:
-            split.server.silence = model.server.silence.clone()
+        split = build_split(model.loaded, copy.deepcopy(model.codec), encoder=derived(src, new_model, config.describe()))
         split.prune_info = info
         return split
     new = copy.deepcopy(model)
     prune_encoder_(new, config, calib)
     return new
-
-
-def _weights_hash(model) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def param_count(model) -> int:

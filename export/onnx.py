@@ -203,9 +203,10 @@ def check_parity(onnx_path, module, calib_inputs, *, precision: str = "fp32", to
 
 
 def _model_shape(split) -> tuple[int, int]:
-    cfg = split.loaded.model.config
+    dev = split.device_model or split.loaded  # the encoder the device half runs
+    cfg = dev.model.config
     heads = getattr(cfg, "encoder_attention_heads", None) or getattr(cfg, "num_heads", None) or cfg.num_attention_heads
-    return int(heads), int(split.loaded.d_model)
+    return int(heads), int(dev.d_model)
 
 
 def _torch_export(module, kind: str, out: Path, opset: int, sample: dict[str, np.ndarray]) -> None:

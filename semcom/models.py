@@ -304,6 +304,14 @@ def tiny_model(arch: str, seed: int = 0, d_model: int = 64) -> LoadedModel:
     return LoadedModel(model, "text", f"tiny:{arch}:{seed}", _state_hash(model), tok, None, d)
 
 
+def derived(loaded: LoadedModel, model, what: str) -> LoadedModel:
+    """`loaded` with `model` (a pruned or distilled copy) in place of its own: source
+    `<source>+<what>`, weight hash of the new weights; tokenizer and front end shared."""
+    import dataclasses
+
+    return dataclasses.replace(loaded, model=model.eval(), source=f"{loaded.source}+{what}", weight_hash=_state_hash(model))
+
+
 def _state_hash(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):

@@ -282,7 +282,8 @@ def build_split(loaded: LoadedModel, codec: JSCCodec | None = None, encoder: Loa
     """Split `loaded` around `codec` (the calibrated identity codec when None).
 
     `encoder`: another model whose encoder the device runs (a codec trained with
-    `semedge train --encoder`); the server keeps `loaded`'s decoder.
+    `semedge train --encoder`, or a pruned / distilled copy of `loaded`); the server
+    keeps `loaded`'s decoder and silence encoding.
     """
     from semedge.semcom.errors import UserError
 
@@ -303,7 +304,7 @@ def build_split(loaded: LoadedModel, codec: JSCCodec | None = None, encoder: Loa
         device = SpeechDeviceHalf(encoder_mod, codec.encoder)
         server = ServerHalf(loaded, codec.decoder, silence_encoding(loaded))
     else:
-        if encoder is not None:
+        if encoder is not None and encoder.tokenizer is not loaded.tokenizer:  # a pruned copy shares the tokenizer
             raise UserError("another model's encoder is supported for speech models only", "drop the encoder")
         device = TextDeviceHalf(encoder_mod, codec.encoder)
         server = ServerHalf(loaded, codec.decoder, None)

@@ -74,7 +74,7 @@ def test_prune_removes_weights_and_exports(split, feats, tmp_path):
 def test_dropped_layers_map_back_to_the_teacher(split, feats):
     sp = prune.apply(split, {"drop_layers": [0]}, feats)
     assert sp.device.encoder.config.semedge_teacher_layers == [1]
-    st = distill.make_student(sp.loaded.model, distill.DistillConfig(layers=1, warmup=0))
+    st = distill.make_student(sp.device_model.model, distill.DistillConfig(layers=1, warmup=0))
     assert st.get_encoder().config.semedge_teacher_layers == [1]
     assert not hasattr(split.device.encoder.config, "semedge_teacher_layers")  # the input is untouched
 
@@ -85,7 +85,7 @@ def test_prune_global_ranks_across_layers_and_drops_layers(split, feats):
     assert sum(shapes["heads"]) == 4 and all(h >= 1 for h in shapes["heads"])
     assert all(f % 8 == 0 for f in shapes["ffn"])
     sp2 = prune.apply(split, {"drop_layers": [1]}, feats)
-    assert len(sp2.device.encoder.layers) == 1 and sp2.loaded.model.config.encoder_layers == 1
+    assert len(sp2.device.encoder.layers) == 1 and sp2.device_model.model.config.encoder_layers == 1
     sp3 = prune.apply(split, {"layers": 0.5, "keep_first": True, "keep_last": False}, feats)
     assert len(sp3.device.encoder.layers) == 1
 
@@ -112,7 +112,7 @@ def test_shape_encoder_rebuilds_pruned_layout(split, feats):
 
     fresh = copy.deepcopy(split.loaded.model)
     prune.shape_encoder(fresh, prune.encoder_shapes(sp))
-    fresh.get_encoder().load_state_dict(sp.loaded.model.get_encoder().state_dict())
+    fresh.get_encoder().load_state_dict(sp.device_model.model.get_encoder().state_dict())
 
 
 @pytest.mark.parametrize("cfg,field", [

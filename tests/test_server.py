@@ -240,3 +240,28 @@ def test_semedge_serve_subprocess(served, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_pruned_package_is_served_by_the_default_loader(tmp_path):
+    """A pruned device half ships in a package whose server side names the unpruned model,
+    so `semedge serve`'s own loader can load it; the answer matches the split in process."""
+    from semedge.compress import prune
+    from semedge.runtime.server import default_loader
+    from semedge.semcom.jsc import JSCCodec, JSCConfig
+    from semedge.semcom.models import tiny_model
+    from semedge.semcom.split import build_split
+
+    loaded = tiny_model("whisper")
+    torch.manual_seed(2)
+    split = build_split(loaded, JSCCodec(JSCConfig(d_model=64, k=16, hidden=64)))
+    g = torch.Generator().manual_seed(3)
+    sp = prune.apply(split, {"heads": 0.5, "ffn": 0.5}, torch.randn(2, 80, 3000, generator=g))
+    pkg = Package.load(build_package(sp, tmp_path / "pruned"))
+    assert pkg.model_source == loaded.source
+    assert pkg.manifest["device_encoder"]["source"].startswith(loaded.source + "+prune")
+    cfg = ServerConfig(max_new_tokens=MAX_NEW, backend="torch")
+    t = np.arange(16000) / 16000
+    symbols = DeviceRunner(pkg).encode_audio((0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32))
+    with serve_in_thread(create_app([pkg], loader=default_loader, config=cfg)) as url:
+        out = send(url, pkg.package_id, symbols)
+    assert out["text"] == sp.server.transcribe([torch.from_numpy(symbols)], max_new_tokens=MAX_NEW)
