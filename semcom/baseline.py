@@ -141,10 +141,13 @@ def transmit_bits(bits: np.ndarray, cfg: BaselineConfig, channel: str, snr_db: f
 class ConventionalLink:
     """Codec 2 + LDPC + QAM over a channel, then the unmodified Whisper on the decoded audio."""
 
-    def __init__(self, loaded, cfg: BaselineConfig = BaselineConfig()):
+    def __init__(self, loaded, cfg: BaselineConfig = BaselineConfig(), backend: str = "torch"):
+        """backend: the receiver's Whisper runs in transformers ("torch", fp32) or CTranslate2 ("ct2", int8)."""
         if loaded.kind != "speech":
             raise UserError("the conventional baseline is for speech models", "use a Whisper model")
-        self.loaded, self.cfg = loaded, cfg
+        if backend not in ("torch", "ct2"):
+            raise UserError(f"baseline receiver backend {backend!r} is unknown", "use torch or ct2")
+        self.loaded, self.cfg, self.backend = loaded, cfg, backend
         self._bits: dict[str, np.ndarray] = {}
         self._asr: dict[str, str] = {}  # sha1 of the received bit stream -> transcript (same bits, same audio)
 
@@ -163,9 +166,15 @@ class ConventionalLink:
             chunk = todo[b : b + batch_size]
             audio = [codec2_decode(s, self.cfg.mode) for _, s in chunk]
             feats = fe(audio, sampling_rate=16000, return_tensors="pt").input_features
-            with torch.no_grad():
-                ids = model.generate(input_features=feats, max_new_tokens=96, **generate_kwargs(self.loaded))
-            for (k, _), t in zip(chunk, tok.batch_decode(ids, skip_special_tokens=True)):
+            if self.backend == "ct2":
+                from semedge.semcom.ct2_backend import engine_for
+
+                texts = engine_for(self.loaded, "int8").transcribe(feats.numpy(), 96)
+            else:
+                with torch.no_grad():
+                    ids = model.generate(input_features=feats, max_new_tokens=96, **generate_kwargs(self.loaded))
+                texts = tok.batch_decode(ids, skip_special_tokens=True)
+            for (k, _), t in zip(chunk, texts):
                 self._asr[k] = t.strip()
         return [self._asr[k] for k in keys]
 

@@ -121,13 +121,18 @@ class CT2Whisper:
         self.tokenizer = tok
 
     def generate(self, states: np.ndarray, max_new_tokens: int = 96) -> list[list[int]]:
-        """states [B, 1500, d] float32 -> generated token ids per message (prompt and end token excluded)."""
+        """states [B, 1500, d] float32 (or log-mel [B, 80, 3000]: CTranslate2 then runs the encoder)
+        -> generated token ids per message (prompt and end token excluded)."""
         import ctranslate2
 
         states = np.ascontiguousarray(states, dtype=np.float32)
         res = self.model.generate(ctranslate2.StorageView.from_array(states), [self.prompt] * states.shape[0],
                                   beam_size=1, max_length=len(self.prompt) + max_new_tokens)
         return [list(r.sequences_ids[0]) for r in res]
+
+    def transcribe(self, mel: np.ndarray, max_new_tokens: int = 96) -> list[str]:
+        """Log-mel features [B, 80, 3000] -> transcripts (CTranslate2 runs the encoder too)."""
+        return self.decode(self.generate(mel, max_new_tokens))
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

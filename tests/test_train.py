@@ -189,6 +189,13 @@ def test_conventional_link_bits():
     assert (rx != bits).mean() > 0.05
 
 
+def test_conventional_link_receiver_backend(tiny):
+    from semedge.semcom.baseline import ConventionalLink
+
+    with pytest.raises(UserError, match="backend"):
+        ConventionalLink(tiny, backend="onnx")
+
+
 def test_codec2_roundtrip():
     if shutil.which("c2enc") is None:
         pytest.skip("codec2 not installed")
