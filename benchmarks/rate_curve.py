@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", default="16,24,32,48,64", help="k' values of the JSC curve")
     ap.add_argument("--conventional", default=",".join(CONVENTIONAL), help="MODE:RATE:BITS configurations, comma-separated")
     ap.add_argument("--snr", default="0,5,10", help="AWGN SNRs in dB, comma-separated")
+    ap.add_argument("--reuse-conventional", type=Path, default=None,
+                    help="take the conventional rows from an earlier run's JSON (same n and SNRs) instead of rerunning them")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "rate_curve.json")
     args = ap.parse_args(argv)
@@ -76,6 +78,15 @@ def main(argv=None) -> int:
             print(f"jsc k'={k:<3} {r['snr_db']:>4g} dB  uses {r['channel_uses']:6.0f}  WER {r['wer']:.3f}", flush=True)
     utts = load_split("test", n, progress=False)
     refs = [u.text for u in utts]
+    if args.reuse_conventional is not None:
+        import json
+
+        prev = json.loads(args.reuse_conventional.read_text())
+        if prev.get("n_utterances") != n or prev.get("snrs_db") != snrs:
+            ap.error(f"--reuse-conventional {args.reuse_conventional}: it ran n={prev.get('n_utterances')} at "
+                     f"{prev.get('snrs_db')} dB; this run is n={n} at {snrs} dB")
+        rows += [r for r in prev["rows"] if r["system"] == "conventional"]
+        convs = []
     asr: dict[str, dict] = {}  # per Codec 2 mode: transcripts by received stream, shared by the code rates
     for cfg in convs:
         link = ConventionalLink(base, cfg, backend="ct2")
@@ -90,6 +101,7 @@ def main(argv=None) -> int:
             print(f"{cfg.name:<28} {s:>4g} dB  uses {r['channel_uses']:6.0f}  BER {st['ber']:.4f}  WER {r['wer']:.3f}"
                   f"  ({time.perf_counter() - t1:.0f} s)", flush=True)
     out = {"benchmark": "rate_curve", "quick": args.quick, "n_utterances": n, "jsc": args.jsc, "snrs_db": snrs,
+           "conventional_reused_from": str(args.reuse_conventional) if args.reuse_conventional else None,
            "receivers": "CTranslate2 int8 for both (JSC: the server's decoder; conventional: unmodified Whisper on decoded audio)",
            "channel_uses": "complex channel uses per utterance (JSC: ceil(real symbols / 2))",
            "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}

@@ -8,7 +8,8 @@ layer norm train on
          + hidden_weight * mean over student layers j of MSE(output of layer j,
                            output of the teacher layer it started from)
          + kl_weight     * KL(teacher || student) over the frozen decoder's next-token
-                           distributions, teacher-forced on the teacher's own transcript.
+                           distributions, teacher-forced on calib["ids"] (e.g. the reference
+                           transcripts) or else on the teacher's own greedy transcript.
 MSEs run over content frames; with `feature_norm` each dimension is divided by the
 teacher's standard deviation first, so Whisper's few huge dimensions do not drown the
 rest. The learning rate warms up linearly for `warmup` steps, then decays (cosine) to 0.
