@@ -98,7 +98,11 @@ def convert(loaded, compute_type: str = "int8", progress=None) -> Path:
         if loaded.feature_extractor is not None:
             loaded.feature_extractor.save_pretrained(hf)
         TransformersConverter(str(hf)).convert(str(tmp), quantization=None if compute_type == "float32" else "int8", force=True)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process converted the same weights first: use its folder
+            if not (out / "model.bin").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(hf, ignore_errors=True)
