@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="10 utterances, two conventional configurations")
     ap.add_argument("--n", type=int, default=None, help="test utterances (default 200, --quick 10)")
     ap.add_argument("--jsc", default="semcom/assets/whisper-base-jsc-k64", help="a nested codec (its k' <= k are sent)")
-    ap.add_argument("--k", default="16,24,32,48,64", help="k' values of the JSC curve")
+    ap.add_argument("--k", default="16,24,32,40,48,64", help="k' values of the JSC curve")
     ap.add_argument("--conventional", default=",".join(CONVENTIONAL), help="MODE:RATE:BITS configurations, comma-separated")
     ap.add_argument("--snr", default="0,5,10", help="AWGN SNRs in dB, comma-separated")
     ap.add_argument("--reuse-conventional", type=Path, default=None,
