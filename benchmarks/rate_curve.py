@@ -13,7 +13,6 @@ panel per SNR: WER vs complex channel uses per utterance, one line per system).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

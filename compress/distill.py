@@ -32,7 +32,7 @@ from torch import nn
 
 from semedge.compress.plan import ConfigBase, write_atomic
 from semedge.semcom.errors import UserError
-from semedge.semcom.split import whisper_front, whisper_layers
+from semedge.semcom.split import whisper_front
 
 
 @dataclass(frozen=True)

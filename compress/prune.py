@@ -18,7 +18,6 @@ layers, so layers keep different numbers of heads / neurons.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -160,12 +160,11 @@ def register(app: typer.Typer) -> None:
             raise UserError("--cut and --cut-out go together", "e.g. --cut rule --cut-out runs/codec-cut")
 
         from semedge.semcom import rate as R
-        from semedge.semcom.checkpoint import load_for_inference, rewrite_checkpoint
+        from semedge.semcom.checkpoint import device_encoder, load_for_inference, rewrite_checkpoint
         from semedge.semcom.jsc import cut as cut_codec
         from semedge.semcom.models import load_model
         from semedge.semcom.split import silence_encoding
         from semedge.semcom.train import measure_rate_table, speech_examples
-        from semedge.semcom.checkpoint import device_encoder
 
         base = load_model(model)
         rx, ck = load_for_inference(base, jsc)
@@ -190,7 +189,7 @@ def register(app: typer.Typer) -> None:
             if not 1 <= cut_k <= k:
                 raise UserError(f"--cut {cut_k} is outside [1, {k}]", f"give 1..{k}")
             if cut_k not in cands:
-                raise UserError(f"--cut {cut_k} was not among the measured k' {cands}", f"add it to --candidates")
+                raise UserError(f"--cut {cut_k} was not among the measured k' {cands}", "add it to --candidates")
         if cut_out is not None and cut_out.resolve() in (ck.path.resolve(), out.resolve() if out else None):
             raise UserError(f"--cut-out {cut_out} is the codec's own folder or --out", "give a new folder")
         examples = speech_examples(base, split, n, encoder=device_encoder(ck))

@@ -67,7 +67,6 @@ def test_bad_channel_and_k(tmp_path):
 
 
 def test_k_to_send_nested_auto_and_errors():
-    from pathlib import Path
     from types import SimpleNamespace
 
     from semedge.semcom.checkpoint import Checkpoint
