@@ -32,7 +32,7 @@ from torch import nn
 
 from semedge.compress.plan import ConfigBase, write_atomic
 from semedge.semcom.errors import UserError
-from semedge.semcom.split import whisper_front
+from semedge.semcom.split import whisper_front, whisper_layer_outputs
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, 
         if n_frames is not None:
             f = f[:, :, : min(f.shape[-1], 2 * int(n_frames[i]) + FIT_MARGIN)]
         x = whisper_front(enc, f)
-        hs = _layer_outputs(enc, x)
+        hs = whisper_layer_outputs(enc, x)
         h = enc.layer_norm(hs[-1])
         if ids is not None:
             tok = torch.as_tensor(ids[i], dtype=torch.long)
@@ -152,15 +152,6 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, 
 def _device_model(split):
     """The LoadedModel whose encoder `split`'s device runs (its own, or a pruned / distilled copy)."""
     return split.device_model or split.loaded
-
-
-def _layer_outputs(enc, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each encoder layer's output (before the final layer norm)."""
-    outs = []
-    for layer in enc.layers:
-        x = layer(x, None, layer_head_mask=None)[0]
-        outs.append(x)
-    return outs
 
 
 def _content_mask(shape, idx, n_frames) -> torch.Tensor:
@@ -301,7 +292,7 @@ def train(split, student_model, cfg: DistillConfig, calib, workdir: str | Path |
             raise UserError("fitted windows differ in length within a batch", "use batch_size 1 with n_frames")
         x = torch.stack([targets["front"][i].float() for i in idx])
         ht = torch.stack([targets["target"][i].float() for i in idx])
-        outs = _layer_outputs(enc, x)
+        outs = whisper_layer_outputs(enc, x)
         hs = enc.layer_norm(outs[-1])
         mask = _content_mask(hs.shape[:2], idx, n_frames)
         loss = torch.zeros(())

@@ -92,17 +92,13 @@ def _save_tensors(tensors: dict, path: Path, dtype: torch.dtype | None = None) -
     _write_atomic(path, lambda tmp: save_file({k: conv(v) for k, v in tensors.items()}, str(tmp)))
 
 
-def save_checkpoint(path, loaded, codec: JSCCodec, *, adapters: dict | None = None, trainer_state: dict | None = None,
-                    info: dict | None = None, dtype: str = "float32") -> Path:
-    """Write a checkpoint folder for `codec` (+ LoRA `adapters`) trained on `loaded`. Returns the folder."""
-    if dtype not in ("float32", "float16"):
-        raise UserError(f"checkpoint dtype {dtype!r} is unsupported", "use float32 or float16")
-    path = Path(path)
+def _write_folder(path: Path, codec: JSCCodec, adapters: dict | None, tdtype, manifest: dict,
+                  trainer_state: dict | None = None) -> Path:
+    """Codec, adapters (and trainer state), then the manifest with every file's sha256: a folder
+    being rewritten has no manifest until it is complete again."""
     path.mkdir(parents=True, exist_ok=True)
-    tdtype = torch.float16 if dtype == "float16" else None
-    old = path / MANIFEST
-    if old.exists():  # the folder is being rewritten: it is incomplete until the new manifest lands
-        old.unlink()
+    if (path / MANIFEST).exists():
+        (path / MANIFEST).unlink()
     _save_tensors(codec.state_dict(), path / CODEC_FILE, tdtype)
     files = [CODEC_FILE]
     if adapters:
@@ -112,41 +108,34 @@ def save_checkpoint(path, loaded, codec: JSCCodec, *, adapters: dict | None = No
         (path / ADAPTER_FILE).unlink()
     if trainer_state:
         _save_tensors(trainer_state, path / TRAINER_FILE)
-    manifest = {
-        "format": FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "d_model": loaded.d_model,
-                  "kind": loaded.kind},
-        "jsc": dataclasses.asdict(codec.cfg),
-        "dtype": dtype,
-        "git_commit": git_commit(),
-        **(info or {}),
-        "files": {f: _sha256(path / f) for f in files},
-    }
+    manifest = {**manifest, "jsc": dataclasses.asdict(codec.cfg), "files": {f: _sha256(path / f) for f in files}}
     body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
     _write_atomic(path / MANIFEST, lambda tmp: tmp.write_text(body + "\n"))
     return path
 
 
+def save_checkpoint(path, loaded, codec: JSCCodec, *, adapters: dict | None = None, trainer_state: dict | None = None,
+                    info: dict | None = None, dtype: str = "float32") -> Path:
+    """Write a checkpoint folder for `codec` (+ LoRA `adapters`) trained on `loaded`. Returns the folder."""
+    if dtype not in ("float32", "float16"):
+        raise UserError(f"checkpoint dtype {dtype!r} is unsupported", "use float32 or float16")
+    manifest = {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "d_model": loaded.d_model,
+                  "kind": loaded.kind},
+        "dtype": dtype,
+        "git_commit": git_commit(),
+        **(info or {}),
+    }
+    return _write_folder(Path(path), codec, adapters, torch.float16 if dtype == "float16" else None, manifest, trainer_state)
+
+
 def rewrite_checkpoint(ckpt: Checkpoint, out, codec: JSCCodec | None = None, **fields) -> Path:
     """Write `ckpt` to folder `out` (may be its own folder), with `codec` in place of its own and the
-    manifest's top-level `fields` set; adapters are copied. Same atomic order as save_checkpoint."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    codec = codec or ckpt.codec
-    dtype = torch.float16 if ckpt.manifest.get("dtype") == "float16" else None
-    if (out / MANIFEST).exists():
-        (out / MANIFEST).unlink()
-    _save_tensors(codec.state_dict(), out / CODEC_FILE, dtype)
-    files = [CODEC_FILE]
-    if ckpt.adapters:
-        _save_tensors(ckpt.adapters, out / ADAPTER_FILE, dtype)
-        files.append(ADAPTER_FILE)
-    manifest = {**ckpt.manifest, **fields, "jsc": dataclasses.asdict(codec.cfg),
-                "files": {f: _sha256(out / f) for f in files}}
-    body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
-    _write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(body + "\n"))
-    return out
+    manifest's top-level `fields` set; adapters are copied."""
+    tdtype = torch.float16 if ckpt.manifest.get("dtype") == "float16" else None
+    return _write_folder(Path(out), codec or ckpt.codec, ckpt.adapters, tdtype, {**ckpt.manifest, **fields})
 
 
 def _json_default(o):

@@ -45,11 +45,18 @@ def whisper_front(enc: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return h + enc.embed_positions.weight[: h.shape[1]]
 
 
-def whisper_layers(enc: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Whisper's encoder layers and final norm on [B, N, d]."""
+def whisper_layer_outputs(enc: nn.Module, h: torch.Tensor) -> list[torch.Tensor]:
+    """Each of Whisper's encoder layers' outputs on [B, N, d] (before the final norm)."""
+    outs = []
     for layer in enc.layers:
         h = layer(h, None, layer_head_mask=None)[0]
-    return enc.layer_norm(h)
+        outs.append(h)
+    return outs
+
+
+def whisper_layers(enc: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder layers and final norm on [B, N, d]."""
+    return enc.layer_norm(whisper_layer_outputs(enc, h)[-1])
 
 
 class SpeechDeviceHalf(nn.Module):
