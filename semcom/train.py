@@ -103,7 +103,12 @@ class TrainConfig:
     lr: float = 1e-3
     lora_lr: float = 3e-4
     mse_warmup_steps: int = 100  # feature-MSE-only steps before the decoder loss (cheap warm start)
-    feature_loss: float = 0.0  # weight of feature MSE added to the cross-entropy
+    feature_loss: float = 0.0  # weight of feature MSE added to the decoder loss
+    ce_weight: float = 1.0  # weight of the cross-entropy on the reference transcript
+    kl_weight: float = 0.0  # weight of KL(unsplit teacher || codec) over the decoder's next-token distributions
+    temperature: float = 1.0  # softmax temperature of the KL term
+    voices: str = "espeak"  # voice family of the training data: espeak, piper, flite, mix, or a+b (tasks.speech)
+    augment: float = 0.0  # share of training utterances degraded by an augmentation chain (tasks.augment)
     rate_min: int | None = None  # train random k' in [rate_min, k] (rate adaptation); None = off
     rate_prob: float = 0.5  # share of messages sent truncated when rate training is on
     lora: LoRASpec | None = None
@@ -146,6 +151,17 @@ class TrainConfig:
             raise UserError(f"--rate-min {self.rate_min} must lie in [1, k={self.k}]", f"give e.g. --rate-min {max(1, self.k // 4)}")
         if self.qlora and self.lora is None:
             raise UserError("--qlora needs LoRA adapters to train", "add --lora r=8 (or drop --qlora)")
+        if min(self.ce_weight, self.kl_weight, self.feature_loss) < 0 or not (self.ce_weight or self.kl_weight):
+            raise UserError("--ce-weight and --kl-weight must be >= 0 and not both 0",
+                            "give e.g. --kl-weight 1 --ce-weight 0.1 (the unsplit model as teacher)")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature {self.temperature} must be > 0", "give e.g. --temperature 1")
+        if not 0.0 <= self.augment <= 1.0:
+            raise UserError(f"--augment {self.augment} must lie in [0, 1]", "give the share of augmented utterances, e.g. 0.5")
+
+    def voice_family(self):
+        """The `family` argument of tasks.speech.load_split for --voices."""
+        return tuple(self.voices.split("+")) if "+" in self.voices else self.voices
 
 
 # ------------------------------------------------------------------ data
@@ -236,12 +252,13 @@ def target_ids(loaded, text: str) -> list[int]:
 
 
 def speech_examples(loaded, split: str, n: int, keep_audio: bool = False, progress: bool = True,
-                    encoder=None) -> list[Example]:
+                    encoder=None, family="espeak", augment: float = 0.0) -> list[Example]:
     """Cached encoder outputs + targets; with `encoder` (another LoadedModel), h is that encoder's
-    output and `target` the server model's own."""
+    output and `target` the server model's own. `family` / `augment`: see tasks.speech.load_split."""
     from semedge.semcom.tasks.speech import load_split
 
-    utts = load_split(split, n=n, progress=progress)
+    kw = {} if family == "espeak" and not augment else {"family": family, "augment": augment or None}
+    utts = load_split(split, n=n, progress=progress, **kw)
     if not utts:
         raise UserError(f"the {split} split has no utterances", "check the speech corpus (semcom/tasks/speech.py)")
     feats = cached_speech_features(loaded, utts, progress=progress)
@@ -605,9 +622,11 @@ class Trainer:
         if examples is None:
             if loaded.kind != "speech":
                 raise UserError(f"{loaded.source} is a text model: pass training texts", "train speech models from the CLI")
-            examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress, encoder=self.encoder)
+            examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress, encoder=self.encoder,
+                                       family=cfg.voice_family(), augment=cfg.augment)
         if val_examples is None and loaded.kind == "speech" and cfg.n_val:
-            val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress, encoder=self.encoder)
+            val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress, encoder=self.encoder,
+                                           family=cfg.voice_family())
         self.examples, self.val_examples = examples, val_examples or []
         torch.manual_seed(cfg.seed)
         self.codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden,
@@ -658,22 +677,34 @@ class Trainer:
         mse = (((h_hat - ref) / std) ** 2 * m).sum() / (m.sum() * ref.shape[-1])
         if mse_only:
             return mse
-        if self.silence is not None:
-            states = torch.where(b["mask"].unsqueeze(-1), h_hat, self.silence[: h_hat.shape[1]].unsqueeze(0))
-            sel = b["tgt"] != -100
-            sil, sil_kv = self.silence, self.sil_kv
-            if cfg.tail_frames is not None:  # the context the server will decode with (the batch's longest)
-                from semedge.semcom.split import context_length
+        sel = b["tgt"] != -100
+        logits = self._logits(self.model, h_hat, b, sel)
+        loss = cfg.feature_loss * mse if cfg.feature_loss else 0.0
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * nn.functional.cross_entropy(logits, b["tgt"][sel])
+        if cfg.kl_weight:
+            with torch.no_grad():  # the unsplit model on the same audio: what the codec should deliver
+                teacher = self._logits(self.loaded.model, ref, b, sel)
+            t = cfg.temperature
+            kl = nn.functional.kl_div(nn.functional.log_softmax(logits / t, -1), nn.functional.log_softmax(teacher / t, -1),
+                                      log_target=True, reduction="batchmean")
+            loss = loss + cfg.kl_weight * t * t * kl
+        return loss
 
-                end = context_length(states.shape[1], cfg.tail_frames)
-                sil = sil[:end]
-                sil_kv = None if sil_kv is None else [tuple(t[:, :end] for t in kv) for kv in sil_kv]
-            logits = decoder_logits(self.model, states, b["dec_in"], None, sil, sil_kv, select=sel)
-            ce = nn.functional.cross_entropy(logits, b["tgt"][sel])
-        else:
-            logits = decoder_logits(self.model, h_hat, b["dec_in"], b["mask"].long(), None)
-            ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["tgt"].reshape(-1), ignore_index=-100)
-        return ce + cfg.feature_loss * mse if cfg.feature_loss else ce
+    def _logits(self, model, h: torch.Tensor, b: dict, sel: torch.Tensor) -> torch.Tensor:
+        """Decoder logits [N, V] at the scored positions `sel`, for features h [B, m, d] (silence-filled past each message)."""
+        if self.silence is None:
+            logits = decoder_logits(model, h, b["dec_in"], b["mask"].long(), None)
+            return logits[sel]
+        states = torch.where(b["mask"].unsqueeze(-1), h, self.silence[: h.shape[1]].unsqueeze(0))
+        sil, sil_kv = self.silence, self.sil_kv
+        if self.cfg.tail_frames is not None:  # the context the server will decode with (the batch's longest)
+            from semedge.semcom.split import context_length
+
+            end = context_length(states.shape[1], self.cfg.tail_frames)
+            sil = sil[:end]
+            sil_kv = None if sil_kv is None else [tuple(t[:, :end] for t in kv) for kv in sil_kv]
+        return decoder_logits(model, states, b["dec_in"], None, sil, sil_kv, select=sel)
 
     def train_step(self, step: int) -> float:
         cfg = self.cfg

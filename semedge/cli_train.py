@@ -47,7 +47,12 @@ def register(app: typer.Typer) -> None:
         hidden: int = typer.Option(1024, "--hidden", help="JSC decoder MLP width"),
         tail_frames: Optional[int] = typer.Option(None, "--tail-frames", help="speech: silence frames after the content the server decoder attends to (default: the whole 30 s window; 300 decodes ~2x faster)"),
         mse_warmup: int = typer.Option(150, "--mse-warmup", help="feature-MSE-only steps first (cheap warm start)"),
-        feature_loss: float = typer.Option(0.0, "--feature-loss", help="weight of feature MSE added to cross-entropy"),
+        feature_loss: float = typer.Option(0.0, "--feature-loss", help="weight of feature MSE added to the decoder loss"),
+        kl_weight: float = typer.Option(0.0, "--kl-weight", help="weight of KL(unsplit model || codec) on the decoder's next-token distributions (the unsplit model as teacher)"),
+        ce_weight: float = typer.Option(1.0, "--ce-weight", help="weight of cross-entropy on the reference transcripts"),
+        temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature of the KL term"),
+        voices: str = typer.Option("espeak", "--voices", help="training voices: espeak, piper, flite, mix (all three), or a+b (docs/data.md)"),
+        augment: float = typer.Option(0.0, "--augment", help="share of training utterances degraded (speed, telephone band, codecs, noise, reverb)"),
         rate_min: Optional[int] = typer.Option(None, "--rate-min", help="train truncation to k' in [rate-min, k] (rate adaptation)"),
         n_train: int = typer.Option(240, "--n-train", help="training utterances"),
         n_val: int = typer.Option(16, "--n-val", help="validation utterances (WER at the end)"),
@@ -71,7 +76,8 @@ def register(app: typer.Typer) -> None:
         chans = tuple(str(c) for c in parse_channels(channel))
         cfg = TrainConfig(model=model, encoder=encoder, k=k, hidden=hidden, tail_frames=tail_frames, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
                           steps=steps, batch_size=batch_size, lr=lr, lora_lr=lora_lr, mse_warmup_steps=mse_warmup,
-                          feature_loss=feature_loss, rate_min=rate_min, lora=LoRASpec.parse(lora) if lora is not None else None,
+                          feature_loss=feature_loss, ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
+                          voices=voices, augment=augment, rate_min=rate_min, lora=LoRASpec.parse(lora) if lora is not None else None,
                           qlora=qlora, n_train=n_train, n_val=n_val, seed=seed, eval_every=save_every, max_minutes=max_minutes)
         tr = Trainer(cfg)
         if resume and tr.resume(out):

@@ -236,3 +236,25 @@ def test_rate_cut_needs_a_folder():
 
     r = CliRunner().invoke(app, ["rate", "--cut", "rule"])
     assert isinstance(r.exception, UserError) and "--cut-out" in str(r.exception)
+
+
+def test_teacher_kl_recipe_lowers_the_kl_and_is_zero_for_the_teacher(tiny):
+    """--kl-weight: the unsplit model is the teacher; an identity-perfect codec would score 0."""
+    ex = _examples(tiny)
+    tr = T.Trainer(_cfg(steps=30, lora=None, kl_weight=1.0, ce_weight=0.0), loaded=tiny, examples=ex, progress=False)
+    b, g = tr.batch(0)
+    sel = b["tgt"] != -100
+    with torch.no_grad():
+        a = tr._logits(tr.loaded.model, b["h"], b, sel)
+        same = torch.nn.functional.kl_div(a.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    res = tr.fit()
+    first, last = np.mean(res.losses[:3]), np.mean(res.losses[-3:])
+    assert last < first * 0.8, (first, last)
+
+
+def test_loss_weights_are_validated():
+    with pytest.raises(UserError, match="--kl-weight"):
+        _cfg(kl_weight=0.0, ce_weight=0.0).validate()
+    with pytest.raises(UserError, match="--augment"):
+        _cfg(augment=1.5).validate()
