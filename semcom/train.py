@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -107,6 +108,7 @@ class TrainConfig:
     ce_weight: float = 1.0  # weight of the cross-entropy on the reference transcript
     kl_weight: float = 0.0  # weight of KL(unsplit teacher || codec) over the decoder's next-token distributions
     temperature: float = 1.0  # softmax temperature of the KL term
+    data: str | None = None  # the user's audiofolder (tasks.audiofolder) instead of the built-in speech
     voices: str = "espeak"  # voice family of the training data: espeak, piper, flite, mix, or a+b (tasks.speech)
     augment: float = 0.0  # share of training utterances degraded by an augmentation chain (tasks.augment)
     rate_min: int | None = None  # train random k' in [rate_min, k] (rate adaptation); None = off
@@ -253,20 +255,45 @@ def target_ids(loaded, text: str) -> list[int]:
 
 def speech_examples(loaded, split: str, n: int, keep_audio: bool = False, progress: bool = True,
                     encoder=None, family="espeak", augment: float = 0.0) -> list[Example]:
-    """Cached encoder outputs + targets; with `encoder` (another LoadedModel), h is that encoder's
-    output and `target` the server model's own. `family` / `augment`: see tasks.speech.load_split."""
+    """Cached encoder outputs + targets for the built-in speech data (`family` / `augment`: see
+    tasks.speech.load_split)."""
     from semedge.semcom.tasks.speech import load_split
 
     kw = {} if family == "espeak" and not augment else {"family": family, "augment": augment or None}
     utts = load_split(split, n=n, progress=progress, **kw)
     if not utts:
         raise UserError(f"the {split} split has no utterances", "check the speech corpus (semcom/tasks/speech.py)")
+    return utterance_examples(loaded, utts, keep_audio, progress, encoder)
+
+
+def utterance_examples(loaded, utts, keep_audio: bool = False, progress: bool = True, encoder=None) -> list[Example]:
+    """Examples for given utterances; with `encoder` (another LoadedModel), h is that encoder's
+    output and `target` the server model's own."""
     feats = cached_speech_features(loaded, utts, progress=progress)
     if encoder is None:
         return [Example(u.id, feats[u.id], target_ids(loaded, u.text), u.text, u.audio if keep_audio else None) for u in utts]
     student = cached_speech_features(encoder, utts, progress=progress)
     return [Example(u.id, student[u.id], target_ids(loaded, u.text), u.text, u.audio if keep_audio else None,
                     target=feats[u.id]) for u in utts]
+
+
+def folder_examples(loaded, directory, n_train: int, n_val: int, progress: bool = True, encoder=None):
+    """(train, val) Examples from the user's audiofolder: every 10th row by hash of its id is
+    validation (up to n_val); recordings over 30 s are left out (one window per example)."""
+    from semedge.semcom.tasks.audiofolder import load_audiofolder
+    from semedge.semcom.tasks.speech import SAMPLE_RATE
+
+    utts = load_audiofolder(directory)
+    short = [u for u in utts if len(u.audio) <= 30 * SAMPLE_RATE]
+    if len(short) < len(utts) and progress:
+        print(f"--data: {len(utts) - len(short)} recording(s) over 30 s left out of training", flush=True)
+    is_val = [int(hashlib.sha1(u.id.encode()).hexdigest(), 16) % 10 == 0 for u in short]
+    val = [u for u, v in zip(short, is_val) if v][:n_val]
+    train = [u for u, v in zip(short, is_val) if not v or not n_val][:n_train]
+    if not train:
+        raise UserError(f"{directory} has no recording of 30 s or less to train on", "add shorter recordings (cut long ones)")
+    return (utterance_examples(loaded, train, progress=progress, encoder=encoder),
+            utterance_examples(loaded, val, progress=progress, encoder=encoder) if val else [])
 
 
 def device_encoder_model(name: str, loaded):
@@ -622,8 +649,11 @@ class Trainer:
         if examples is None:
             if loaded.kind != "speech":
                 raise UserError(f"{loaded.source} is a text model: pass training texts", "train speech models from the CLI")
-            examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress, encoder=self.encoder,
-                                       family=cfg.voice_family(), augment=cfg.augment)
+            if cfg.data:
+                examples, val_examples = folder_examples(loaded, cfg.data, cfg.n_train, cfg.n_val, progress, self.encoder)
+            else:
+                examples = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress, encoder=self.encoder,
+                                           family=cfg.voice_family(), augment=cfg.augment)
         if val_examples is None and loaded.kind == "speech" and cfg.n_val:
             val_examples = speech_examples(loaded, "val", cfg.n_val, progress=progress, encoder=self.encoder,
                                            family=cfg.voice_family())
@@ -925,46 +955,100 @@ def score_row(refs, hyps, with_similarity: bool = True) -> dict:
     return out
 
 
+def eval_codec(base, jsc: str):
+    """(receiver, codec, Checkpoint | None) to evaluate: a trained codec, or with jsc='identity'
+    the calibrated identity codec (the unsplit model's features, standardised)."""
+    from semedge.semcom.checkpoint import load_for_inference
+    from semedge.semcom.split import identity_codec
+
+    rx, ck = load_for_inference(base, jsc)
+    if ck is not None:
+        return rx, ck.codec, ck
+    if jsc != "identity":
+        raise UserError(f"no JSC codec to evaluate for {base.source} (--jsc {jsc})",
+                        "pass --jsc CKPT (a folder semedge train wrote), or --jsc identity for unsplit features")
+    return rx, identity_codec(base), None
+
+
+def _k_sent(ck, codec, k, snr_db: float) -> int:
+    """Symbols per token sent at this SNR: the codec's k, a given k' <= k, or the rate policy's ('auto')."""
+    from semedge.semcom.rate import choose_k
+
+    kmax = codec.cfg.k
+    if k == "auto" and ck is not None:
+        return choose_k(ck, snr_db)
+    kk = kmax if k in (None, "auto") else int(k)
+    if codec.cfg.identity and kk != kmax:
+        raise UserError(f"--k {kk}: the identity codec sends all {kmax} features per token", "drop --k")
+    if not 1 <= kk <= kmax:
+        raise UserError(f"--k {kk} is outside [1, {kmax}] for this codec", f"give 1..{kmax} or auto")
+    return kk
+
+
+def data_examples(loaded, utts, encoder=None, max_s: float = 30.0, progress: bool = True):
+    """(examples, groups, max_new_tokens) for the user's utterances: a recording longer than `max_s`
+    is cut at quiet points (runtime.segment) and each segment is its own example (message);
+    groups[i] lists utterance i's segments. Encoder outputs come from the feature cache."""
+    from semedge.runtime.segment import new_tokens_for, segment_bounds
+
+    segs, groups = [], []
+    for u in utts:
+        bounds = segment_bounds(u.audio, max_s)
+        groups.append(list(range(len(segs), len(segs) + len(bounds))))
+        segs += [u if len(bounds) == 1 else dataclasses.replace(u, id=f"{u.id}@{a}-{b}", audio=u.audio[a:b])
+                 for a, b in bounds]
+    feats = cached_speech_features(encoder or loaded, segs, progress=progress)
+    examples = [Example(s.id, feats[s.id], [], "") for s in segs]
+    return examples, groups, new_tokens_for(max(len(s.audio) for s in segs) / 16000)
+
+
+def join_segments(groups, hyps: list[str], sent: list[int]) -> tuple[list[str], list[int]]:
+    """Per utterance: its segments' transcripts joined, and the channel uses (complex symbols) of all of them."""
+    from semedge.runtime.segment import join_texts
+
+    return ([join_texts(hyps[j] for j in g) for g in groups],
+            [sum((sent[j] + 1) // 2 for j in g) for g in groups])
+
+
 def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, split: str = "test", seed: int = 0,
                     with_similarity: bool = True, progress: bool = True, system: str | None = None,
-                    backend: str = "torch") -> list[dict]:
-    """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint.
+                    backend: str = "torch", data=None, max_segment_s: float = 30.0) -> list[dict]:
+    """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint
+    (or jsc='identity': the unsplit model's features).
 
     `k`: None (the codec's k), an int k' <= k, or 'auto' (the checkpoint's rate policy per SNR).
+    `data`: Utterances to measure on (e.g. semcom.tasks.audiofolder.load_audiofolder) instead of
+    the first `n` of the built-in `split`; recordings longer than `max_segment_s` are sent as
+    several messages and their transcripts joined (rows then carry `segments`).
     Encoder outputs come from the feature cache (fp16-rounded), the rest runs as on the link.
     """
     from semedge.semcom.channel_spec import parse_snr
-    from semedge.semcom.checkpoint import load_for_inference
-    from semedge.semcom.models import load_model
-    from semedge.semcom.rate import choose_k
-
-    base = load_model(model)
-    rx, ck = load_for_inference(base, jsc)
-    if ck is None:
-        raise UserError(f"no JSC codec to evaluate for {model} (--jsc {jsc})", "pass --jsc CKPT (a folder semedge train wrote)")
-    codec = ck.codec
     from semedge.semcom.checkpoint import device_encoder
-
-    examples = speech_examples(base, split, n, progress=progress, encoder=device_encoder(ck))
-    refs = [e.text for e in examples]
+    from semedge.semcom.models import load_model
     from semedge.semcom.split import silence_encoding
 
+    base = load_model(model)
+    rx, codec, ck = eval_codec(base, jsc)
+    if data is None:
+        examples = speech_examples(base, split, n, progress=progress, encoder=device_encoder(ck))
+        groups, refs, tokens = [[i] for i in range(len(examples))], [e.text for e in examples], 96
+    else:
+        examples, groups, tokens = data_examples(base, data, device_encoder(ck), max_segment_s, progress)
+        refs = [u.text for u in data]
     silence = silence_encoding(base)
-    name = system or (f"jsc-k{codec.cfg.k}" + ("-auto" if k == "auto" else f"-k{k}" if k else ""))
+    name = system or ("identity" if codec.cfg.identity else
+                      f"jsc-k{codec.cfg.k}" + ("-auto" if k == "auto" else f"-k{k}" if k else ""))
     rows = []
     for ch in channels:
-        for s in snrs:
-            s = parse_snr(s)
-            if k == "auto":
-                kk = choose_k(ck, s)
-            else:
-                kk = int(k) if k is not None else codec.cfg.k
-                if not 1 <= kk <= codec.cfg.k:
-                    raise UserError(f"--k {kk} is outside [1, {codec.cfg.k}] for this codec", f"give 1..{codec.cfg.k} or auto")
+        for s in map(parse_snr, snrs):
+            kk = _k_sent(ck, codec, k, s)
             hyps, sent = transmit_examples(rx, codec, examples, ch, s, k_keep=None if kk == codec.cfg.k else kk,
-                                           seed=seed, silence=silence, backend=backend)
+                                           seed=seed, silence=silence, backend=backend, max_new_tokens=tokens)
+            hyps, uses = join_segments(groups, hyps, sent)
             row = {"system": name, "channel": ch, "snr_db": s, "k_sent": kk, "n": len(refs),
-                   "channel_uses": float(np.mean([(x + 1) // 2 for x in sent])), **score_row(refs, hyps, with_similarity)}
+                   "channel_uses": float(np.mean(uses)), **score_row(refs, hyps, with_similarity)}
+            if data is not None:
+                row["segments"] = len(examples)
             rows.append(row)
             if progress:
                 print(f"  {name} {ch} {s:g} dB: WER {row['wer']:.3f}  uses {row['channel_uses']:.0f}", flush=True)

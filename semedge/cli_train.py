@@ -30,6 +30,26 @@ def _threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
+def _eval_data(data: Optional[Path], n: Optional[int], segment_s: float):
+    """The user's recordings for `semedge eval --data` (all rows checked first), or None for the built-in split."""
+    if not 1.0 <= segment_s <= 30.0:
+        raise UserError(f"--segment-s {segment_s:g} is out of range", "give 1 to 30 seconds (Whisper's window is 30 s)")
+    if data is None:
+        return None
+    from semedge.semcom.tasks.audiofolder import load_audiofolder
+
+    utts = load_audiofolder(data)
+    return utts[:n] if n is not None else utts
+
+
+def _print_eval(rows: list[dict], out: Path) -> None:
+    for r in rows:
+        seg = f"  segments {r['segments']}" if "segments" in r else ""
+        typer.echo(f"{r['system']:>14} {r['channel']:>9} {r['snr_db']:>6g} dB  WER {r['wer']:.3f}  BLEU {r['bleu']:.1f}  "
+                   f"sim {r.get('similarity') or float('nan'):.3f}  uses {r['channel_uses']:.0f}{seg}")
+    typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
@@ -51,6 +71,7 @@ def register(app: typer.Typer) -> None:
         kl_weight: float = typer.Option(0.0, "--kl-weight", help="weight of KL(unsplit model || codec) on the decoder's next-token distributions (the unsplit model as teacher)"),
         ce_weight: float = typer.Option(1.0, "--ce-weight", help="weight of cross-entropy on the reference transcripts"),
         temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature of the KL term"),
+        data: Optional[Path] = typer.Option(None, "--data", help="fine-tune on your recordings: a folder with metadata.csv (file_name, transcription) and WAV/FLAC/OGG files"),
         voices: str = typer.Option("espeak", "--voices", help="training voices: espeak, piper, flite, mix (all three), or a+b (docs/data.md)"),
         augment: float = typer.Option(0.0, "--augment", help="share of training utterances degraded (speed, telephone band, codecs, noise, reverb)"),
         rate_min: Optional[int] = typer.Option(None, "--rate-min", help="train truncation to k' in [rate-min, k] (rate adaptation)"),
@@ -77,7 +98,7 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig(model=model, encoder=encoder, k=k, hidden=hidden, tail_frames=tail_frames, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
                           steps=steps, batch_size=batch_size, lr=lr, lora_lr=lora_lr, mse_warmup_steps=mse_warmup,
                           feature_loss=feature_loss, ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
-                          voices=voices, augment=augment, rate_min=rate_min, lora=LoRASpec.parse(lora) if lora is not None else None,
+                          data=str(data) if data else None, voices=voices, augment=augment, rate_min=rate_min, lora=LoRASpec.parse(lora) if lora is not None else None,
                           qlora=qlora, n_train=n_train, n_val=n_val, seed=seed, eval_every=save_every, max_minutes=max_minutes)
         tr = Trainer(cfg)
         if resume and tr.resume(out):
@@ -109,35 +130,39 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         ctx: typer.Context,
         model: str = typer.Option("whisper-base", "--model"),
-        jsc: str = typer.Option("default", "--jsc", help="checkpoint folder, 'default' (shipped) or 'identity'"),
+        jsc: str = typer.Option("default", "--jsc", help="checkpoint folder, 'default' (shipped) or 'identity' (unsplit features)"),
         channel: str = typer.Option("awgn,rayleigh,rician", "--channel"),
         snr: List[float] = typer.Option([-5, 0, 5, 10, 15, 20], "--snr", help="SNRs in dB: --snr -5 0 5 10 (or repeat the option)"),
         k: Optional[str] = typer.Option(None, "--k", help="symbols per token to send (<= codec k), or 'auto' (rate policy)"),
-        n: int = typer.Option(200, "--n", help="test utterances"),
+        n: Optional[int] = typer.Option(None, "--n", help="utterances: the first N of --split (default 200) or of --data's rows (default all)"),
         split: str = typer.Option("test", "--split"),
+        data: Optional[Path] = typer.Option(None, "--data", help="your recordings instead of --split: a folder with metadata.csv (file_name,transcription) and WAV/FLAC/OGG files (Hugging Face audiofolder)"),
+        segment_s: float = typer.Option(30.0, "--segment-s", help="recordings longer than this are cut at quiet points and sent as several messages (at most 30)"),
         out: Path = typer.Option(Path("eval"), "--out", help="writes OUT.json and OUT.png"),
         seed: int = typer.Option(0, "--seed"),
         no_similarity: bool = typer.Option(False, "--no-similarity", help="skip the sentence-embedding similarity"),
         backend: str = typer.Option("torch", "--backend", help="decoder: torch, ct2 (CTranslate2 int8, the server's default) or ct2-float32"),
         threads: Optional[int] = typer.Option(None, "--threads"),
     ):
-        """WER, BLEU and similarity per channel and SNR; JSON + PNG (metric vs SNR)."""
+        """WER, BLEU and similarity per channel and SNR, on the built-in test split or your recordings (--data); JSON + PNG."""
         _threads(threads)
         snr = list(snr) + _trailing_numbers(ctx.args, "--snr")
         from semedge.semcom.channel_spec import parse_channels
         from semedge.semcom.train import evaluate_system, plot_results, write_json
 
         chans = [str(c) for c in parse_channels(channel)]
-        rows = evaluate_system(model, jsc, chans, snr, k=k, n=n, split=split, seed=seed, with_similarity=not no_similarity,
-                               backend=backend)
+        if n is not None and n < 1:
+            raise UserError(f"--n {n} must be at least 1", "e.g. --n 50")
+        utts = _eval_data(data, n, segment_s)
+        rows = evaluate_system(model, jsc, chans, snr, k=k, n=n or 200, split=split, seed=seed, with_similarity=not no_similarity,
+                               backend=backend, data=utts, max_segment_s=segment_s)
         out = Path(out)
-        write_json({"rows": rows, "args": {"model": model, "jsc": jsc, "channels": chans, "snr": snr, "k": k, "n": n}},
-                   out.with_suffix(".json"))
+        args = {"model": model, "jsc": jsc, "channels": chans, "snr": snr, "k": k, "n": rows[0]["n"] if rows else n}
+        if data is not None:
+            args.update(data=str(data), segment_s=segment_s)
+        write_json({"rows": rows, "args": args}, out.with_suffix(".json"))
         plot_results(rows, out.with_suffix(".png"))
-        for r in rows:
-            typer.echo(f"{r['system']:>14} {r['channel']:>9} {r['snr_db']:>6g} dB  WER {r['wer']:.3f}  BLEU {r['bleu']:.1f}  "
-                       f"sim {r.get('similarity', float('nan')):.3f}  uses {r['channel_uses']:.0f}")
-        typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        _print_eval(rows, out)
 
     @app.command("rate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def rate_cmd(
