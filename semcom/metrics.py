@@ -1,23 +1,40 @@
 """Task metrics: WER (jiwer), BLEU (sacrebleu), semantic similarity (all-MiniLM-L6-v2).
 
-All three score normalised text (`normalize`): lowercase, punctuation removed,
-whitespace collapsed. Numbers are NOT spelled out ("3" and "three" differ), nor
-are spellings unified (Whisper's English normaliser does both; we do not).
+All three score normalised text. `normalizer=` picks how:
+
+- "whisper" (default, recorded as "whisper-english"): Whisper's English text
+  normaliser, `EnglishTextNormalizer` from transformers, the one the Whisper paper and
+  most ASR tables use: lowercase, punctuation out, "Mr." -> "mister", contractions
+  expanded ("won't" -> "will not"), spelled numbers to digits ("twenty one" -> "21"),
+  fillers ("uh", "hmm") dropped, British -> American spelling ("colour" -> "color")
+  through OpenAI Whisper's spelling map (MIT), shipped as
+  `semcom/assets/whisper_english_spelling.json` (the whisper-base package has none).
+- "basic": `normalize` below (lowercase, apostrophes dropped, other punctuation out,
+  whitespace collapsed; numbers and spellings left as they are). The data splits hash
+  `normalize`, so it must never change.
+
 Heavy libraries are imported inside the functions so `normalize` stays cheap.
 """
 
 from __future__ import annotations
 
 import re
+import json
 import threading
 import unicodedata
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from semedge.semcom.errors import UserError
 
 _APOSTROPHES = "'\u2019\u2018`"
+DEFAULT_NORMALIZER = "whisper"
+_LABELS = {"whisper": "whisper-english", "whisper-english": "whisper-english", "basic": "basic"}
+_SPELLING = Path(__file__).resolve().parent / "assets" / "whisper_english_spelling.json"
+_WHISPER = None
+_WHISPER_LOCK = threading.Lock()
 
 
 def normalize(text: str) -> str:
@@ -31,7 +48,39 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", t).strip()
 
 
-def _pairs(refs, hyps) -> tuple[list[str], list[str]]:
+def normalizer_name(normalizer: str = DEFAULT_NORMALIZER) -> str:
+    """The name recorded in eval JSON: "whisper-english" or "basic"."""
+    if normalizer not in _LABELS:
+        raise UserError(f"normalizer must be one of whisper, basic; got {normalizer!r}", "pass normalizer='whisper'")
+    return _LABELS[normalizer]
+
+
+def _whisper_english() -> Callable[[str], str]:
+    """transformers' EnglishTextNormalizer with Whisper's spelling map, built once."""
+    global _WHISPER
+    with _WHISPER_LOCK:
+        if _WHISPER is None:
+            from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+            _WHISPER = EnglishTextNormalizer(json.loads(_SPELLING.read_text(encoding="utf-8")))
+        return _WHISPER
+
+
+def normalizer_fn(normalizer: str = DEFAULT_NORMALIZER) -> Callable[[str], str]:
+    """The text -> normalised text function for a normalizer name."""
+    if normalizer_name(normalizer) == "basic":
+        return normalize
+    w = _whisper_english()
+
+    def whisper(text: str) -> str:
+        if not isinstance(text, str):
+            raise UserError(f"text must be a string, got {type(text).__name__}", "pass str transcripts")
+        return w(text)
+
+    return whisper
+
+
+def _pairs(refs, hyps, normalizer: str = DEFAULT_NORMALIZER) -> tuple[list[str], list[str]]:
     if isinstance(refs, str):
         refs = [refs]
     if isinstance(hyps, str):
@@ -44,7 +93,8 @@ def _pairs(refs, hyps) -> tuple[list[str], list[str]]:
         )
     if not refs:
         raise UserError("refs is empty", "pass at least one reference/hypothesis pair")
-    return [normalize(r) for r in refs], [normalize(h) for h in hyps]
+    f = normalizer_fn(normalizer)
+    return [f(r) for r in refs], [f(h) for h in hyps]
 
 
 def _word_errors(ref: str, hyp: str) -> tuple[int, int]:
@@ -60,30 +110,27 @@ def _word_errors(ref: str, hyp: str) -> tuple[int, int]:
     return o.substitutions + o.deletions + o.insertions, len(r)
 
 
-def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+def word_errors_per_utt(refs: Sequence[str], hyps: Sequence[str],
+                        normalizer: str = DEFAULT_NORMALIZER) -> list[tuple[int, int]]:
+    """(edit errors, reference words) of each pair: what corpus WER and its bootstrap need."""
+    refs, hyps = _pairs(refs, hyps, normalizer)
+    return [_word_errors(r, h) for r, h in zip(refs, hyps)]
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str], normalizer: str = DEFAULT_NORMALIZER) -> float:
     """Corpus WER: total word edits / total reference words (denominator at least 1)."""
-    refs, hyps = _pairs(refs, hyps)
-    errs = words = 0
-    for r, h in zip(refs, hyps):
-        e, n = _word_errors(r, h)
-        errs += e
-        words += n
-    return errs / max(words, 1)
+    pairs = word_errors_per_utt(refs, hyps, normalizer)
+    return sum(e for e, _ in pairs) / max(sum(n for _, n in pairs), 1)
 
 
-def wer_per_utt(refs: Sequence[str], hyps: Sequence[str]) -> list[float]:
+def wer_per_utt(refs: Sequence[str], hyps: Sequence[str], normalizer: str = DEFAULT_NORMALIZER) -> list[float]:
     """WER of each pair (an empty reference scores its insertion count)."""
-    refs, hyps = _pairs(refs, hyps)
-    out = []
-    for r, h in zip(refs, hyps):
-        e, n = _word_errors(r, h)
-        out.append(e / max(n, 1))
-    return out
+    return [e / max(n, 1) for e, n in word_errors_per_utt(refs, hyps, normalizer)]
 
 
-def bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
+def bleu(refs: Sequence[str], hyps: Sequence[str], normalizer: str = DEFAULT_NORMALIZER) -> float:
     """sacrebleu corpus BLEU (0-100, default 13a tokenizer) over normalised texts."""
-    refs, hyps = _pairs(refs, hyps)
+    refs, hyps = _pairs(refs, hyps, normalizer)
     import sacrebleu
 
     return min(100.0, float(sacrebleu.corpus_bleu(hyps, [refs]).score))  # fp sum can give 100.00000000000004
@@ -120,23 +167,35 @@ def _embed(texts: list[str]) -> np.ndarray:
     )
 
 
-def similarity_per_utt(refs: Sequence[str], hyps: Sequence[str]) -> list[float]:
+def similarity_per_utt(refs: Sequence[str], hyps: Sequence[str],
+                       normalizer: str = DEFAULT_NORMALIZER) -> list[float]:
     """Cosine similarity of each pair's sentence embeddings."""
-    refs, hyps = _pairs(refs, hyps)
+    refs, hyps = _pairs(refs, hyps, normalizer)
     e = _embed(refs + hyps)
     a, b = e[: len(refs)], e[len(refs):]
     return [float(x) for x in np.clip(np.sum(a * b, axis=1), -1.0, 1.0)]
 
 
-def similarity(refs: Sequence[str], hyps: Sequence[str]) -> float:
+def similarity(refs: Sequence[str], hyps: Sequence[str], normalizer: str = DEFAULT_NORMALIZER) -> float:
     """Mean cosine similarity of all-MiniLM-L6-v2 embeddings (1 = same meaning)."""
-    return float(np.mean(similarity_per_utt(refs, hyps)))
+    return float(np.mean(similarity_per_utt(refs, hyps, normalizer)))
 
 
-def score(refs: Sequence[str], hyps: Sequence[str], with_similarity: bool = True) -> dict:
-    """{"wer", "bleu", "similarity"} for one corpus (similarity None when skipped)."""
-    return {
-        "wer": wer(refs, hyps),
-        "bleu": bleu(refs, hyps),
-        "similarity": similarity(refs, hyps) if with_similarity else None,
-    }
+def score(refs: Sequence[str], hyps: Sequence[str], with_similarity: bool = True,
+          normalizer: str = DEFAULT_NORMALIZER, n_resamples: int | None = None, seed: int = 0) -> dict:
+    """{"wer", "bleu", "similarity", "wer_ci95", "bleu_ci95", "similarity_ci95", "n", "normalizer"}.
+
+    The *_ci95 entries are bootstrap intervals over utterances (semcom.stats);
+    similarity and its interval are None when skipped.
+    """
+    from semedge.semcom import stats
+
+    r = n_resamples or stats.N_RESAMPLES
+    pairs = word_errors_per_utt(refs, hyps, normalizer)
+    nr, nh = _pairs(refs, hyps, normalizer)
+    out = {"wer_ci95": stats.wer_ci(pairs, r, seed), "bleu_ci95": stats.bleu_ci(nr, nh, r, seed), "similarity_ci95": None}
+    if with_similarity:
+        out["similarity_ci95"] = stats.mean_ci(similarity_per_utt(refs, hyps, normalizer), r, seed)
+    return {"wer": out["wer_ci95"]["value"], "bleu": out["bleu_ci95"]["value"],
+            "similarity": out["similarity_ci95"]["value"] if with_similarity else None,
+            **out, "n": len(pairs), "normalizer": normalizer_name(normalizer)}

@@ -7,6 +7,7 @@ REFS = ["the boy threw the ball", "a visit to a strange place will bring fresh w
 
 
 def test_normalize():
+    # The basic normaliser; the data splits hash it, so this must not change.
     assert metrics.normalize("  Don't STOP—the long-forgotten Ball, ok?! ") == "dont stop the long forgotten ball ok"
     assert metrics.normalize("") == ""
 
@@ -49,5 +50,28 @@ def test_similarity_and_score():
     )
     assert close > 0.7 > far
     s = metrics.score(REFS, ["the boy threw a ball", "the cat sat on the mat"])
-    assert set(s) == {"wer", "bleu", "similarity"}
+    assert set(s) == {"wer", "bleu", "similarity", "wer_ci95", "bleu_ci95", "similarity_ci95", "n", "normalizer"}
     assert s["wer"] > 0.3 and s["bleu"] < 100 and s["similarity"] < 0.9
+    assert s["n"] == 2 and s["normalizer"] == "whisper-english"
+    for m in ("wer", "bleu", "similarity"):
+        lo, hi = s[f"{m}_ci95"]["ci95"]
+        assert s[f"{m}_ci95"]["value"] == s[m] and lo <= s[m] + 1e-9 and s[m] <= hi + 1e-9
+
+
+def test_whisper_normalizer_is_default():
+    # Whisper's English normaliser: titles, British spelling, spelled numbers, contractions, fillers.
+    assert metrics.wer(["Mr. Smith painted the colour red"], ["mister smith painted the color red"]) == 0.0
+    assert metrics.wer(["twenty one apples"], ["21 apples"]) == 0.0
+    assert metrics.wer(["I won't go, uh, today"], ["i will not go today"]) == 0.0
+    # The basic normaliser counts them.
+    assert metrics.wer(["Mr. Smith painted the colour red"], ["mister smith painted the color red"],
+                       normalizer="basic") == pytest.approx(2 / 6)
+    assert metrics.normalizer_name() == "whisper-english" and metrics.normalizer_name("basic") == "basic"
+    with pytest.raises(UserError, match="normalizer"):
+        metrics.wer(["a"], ["a"], normalizer="nope")
+
+
+def test_word_errors_per_utt():
+    pairs = metrics.word_errors_per_utt(REFS, ["the boy threw a ball", REFS[1]])
+    assert pairs == [(1, 5), (0, 10)]
+    assert metrics.wer(REFS, ["the boy threw a ball", REFS[1]]) == pytest.approx(1 / 15)
