@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(espeak-ng wordnet-base fortunes-min codec2 sox)
+APT_PKGS=(espeak-ng wordnet-base fortunes-min codec2 sox flite)
 # Only for `make test-slow` (SEMEDGE_SLOW=1): headless check of the build report.
 [ "${SEMEDGE_SLOW:-0}" = 1 ] && APT_PKGS+=(chromium)
 missing=()
