@@ -2,7 +2,8 @@
 
 For each device-half setting: bytes on disk, peak RSS, ORT latency p50 (a 5 s
 utterance's trimmed input and the 30 s window), WER clean and at 10 dB AWGN, beside
-the fp32 ONNX baseline. For the server half: decoder bytes, time for a 20-token
+the fp32 ONNX baseline. Every WER has its bootstrap 95% interval over utterances, and
+"points lost vs fp32" a paired one (same utterances, same channel noise; semcom.stats). For the server half: decoder bytes, time for a 20-token
 transcript, WER. Writes benchmarks/results/compression.json.
 
     python benchmarks/compression.py [--quick] [--n N] [--threads 1] [--codec NAME=CKPT ...]
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
         settings.append((name, []))
 
     rows = []
+    errors: dict[str, dict] = {}  # setting -> {"clean"/"10dB": per-utterance [errors, words]}, for the paired intervals
     torch_cache: dict[str, object] = {}
     work = Path(tempfile.mkdtemp(prefix="semedge-compress-"))
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "semedge" / "distill"
@@ -180,11 +182,15 @@ def main(argv=None) -> int:
             # (a codec row brings its own LoRA decoder)
             sp.server.ct2 = engine_for(sp.loaded if name in codec_splits else loaded, "int8", threads=args.threads)
         acc = evaluate_onnx(out, sp, test, "awgn", snrs, threads=args.threads)
-        w = {"clean" if math.isinf(k) else f"{k:g}dB": round(v["wer"], 4) for k, v in acc.items()}
+        acc = {"clean" if math.isinf(k) else f"{k:g}dB": v for k, v in acc.items()}
+        errors[name] = {k: v["word_errors"] for k, v in acc.items()}
         row = {"setting": name, "plan": P.describe(plan), "plan_hash": plan.hash()[:12], "bytes": out.stat().st_size,
                "peak_rss_mb": _peak(rss), "p50_ms_5s": lat5["p50_ms"], "cpu_p50_ms_5s": lat5["cpu_p50_ms"],
-               "p50_ms_30s": lat30["p50_ms"], "cpu_p50_ms_30s": lat30["cpu_p50_ms"], "wer_clean": w["clean"],
-               "wer_10dB": w["10dB"], "quant_ops": QO.quantized_nodes(out), "seconds": round(time.time() - t0, 1)}
+               "p50_ms_30s": lat30["p50_ms"], "cpu_p50_ms_30s": lat30["cpu_p50_ms"],
+               "wer_clean": round(acc["clean"]["wer"], 4), "wer_clean_ci95": acc["clean"]["wer_ci95"],
+               "wer_10dB": round(acc["10dB"]["wer"], 4), "wer_10dB_ci95": acc["10dB"]["wer_ci95"],
+               "normalizer": acc["clean"]["normalizer"],
+               "quant_ops": QO.quantized_nodes(out), "seconds": round(time.time() - t0, 1)}
         if name in codec_splits:
             ck = codec_splits[name][1]
             de = ck.manifest.get("device_encoder") or {"source": "whisper-base"}
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
             row["final_loss"] = round(float(np.mean(sp.distill_losses[-5:])), 5) if getattr(sp, "distill_losses", None) else None
         rows.append(row)
         print(f"[{time.time() - t_start:6.0f}s] {name}: {row['bytes'] / 1e6:.1f} MB  5s {row['cpu_p50_ms_5s']:.0f} ms  "
-              f"30s {row['cpu_p50_ms_30s']:.0f} ms  WER {row['wer_clean']:.3f} / {row['wer_10dB']:.3f}", flush=True)
+              f"30s {row['cpu_p50_ms_30s']:.0f} ms  WER {fmt_ci(row['wer_clean_ci95'])} / {fmt_ci(row['wer_10dB_ci95'])}",
+              flush=True)
 
     base = rows[0]
     for r in rows:
@@ -207,11 +214,14 @@ def main(argv=None) -> int:
         r["faster_x_5s"] = round(base["cpu_p50_ms_5s"] / r["cpu_p50_ms_5s"], 2)
         r["faster_x_30s"] = round(base["cpu_p50_ms_30s"] / r["cpu_p50_ms_30s"], 2)
         r["wer_points_lost"] = round(100 * (r["wer_clean"] - base["wer_clean"]), 2)
+        r["wer_points_lost_10dB"] = round(100 * (r["wer_10dB"] - base["wer_10dB"]), 2)
+        for cond, key in (("clean", "wer_points_lost_ci95"), ("10dB", "wer_points_lost_10dB_ci95")):
+            r[key] = points_lost(errors[base["setting"]][cond], errors[r["setting"]][cond])
         if r is not base:  # the fp32 row these ratios are against (same run)
             r["fp32_same_run"] = {k: base[k] for k in ("bytes", "cpu_p50_ms_5s", "cpu_p50_ms_30s", "wer_clean", "wer_10dB")}
 
     # server half
-    from semedge.semcom.metrics import wer
+    from semedge.semcom.metrics import score
     from semedge.semcom.system import device_encode
 
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_start))
@@ -243,11 +253,17 @@ def main(argv=None) -> int:
         hyps = []
         for b in range(0, len(msgs), 8):
             hyps += sp.server.transcribe(msgs[b : b + 8])
+        sc = score(refs, hyps, with_similarity=False, keep_errors=True)
+        errors[f"server:{mode}"] = {"clean": sc["word_errors"]}
         server_rows.append({"mode": mode, "decoder_bytes": nbytes, "ms_20_tokens": round(float(np.median(times)), 1),
-                            "wer_clean": round(wer(refs, hyps), 4), "seconds": round(time.time() - t0, 1)})
-        print(f"server {mode}: {nbytes / 1e6:.1f} MB  20 tokens {server_rows[-1]['ms_20_tokens']:.0f} ms  WER {server_rows[-1]['wer_clean']:.3f}", flush=True)
+                            "wer_clean": round(sc["wer"], 4), "wer_clean_ci95": sc["wer_ci95"],
+                            "wer_points_lost_ci95": points_lost(errors["server:fp32"]["clean"], sc["word_errors"]),
+                            "normalizer": sc["normalizer"], "seconds": round(time.time() - t0, 1)})
+        print(f"server {mode}: {nbytes / 1e6:.1f} MB  20 tokens {server_rows[-1]['ms_20_tokens']:.0f} ms  "
+              f"WER {fmt_ci(sc['wer_ci95'])}", flush=True)
 
     result = {"model": "whisper-base", "quick": quick, "n_test": n, "threads": args.threads, "trim_frames": TRIM_FRAMES,
+              "normalizer": rows[0]["normalizer"], "interval": INTERVAL,
               "wer_setup": f"identity JSC (codec rows: their own), server decoder {args.backend} "
                            "(int8 CTranslate2 unless torch), content + 300 silence frames, fitted device windows",
               "runs": runs, "host_note": "shared 2-core host: wall p50 noisy; cpu_p50 (1 thread) used for speed-ups",
@@ -271,16 +287,44 @@ def main(argv=None) -> int:
     return 0
 
 
+INTERVAL = "bootstrap 95% over utterances; points lost vs fp32: paired bootstrap (same utterances and noise)"
+
+
+def points_lost(fp32_errors, errors) -> dict:
+    """WER points lost vs fp32 (100 x paired WER difference) with its paired 95% interval;
+    worse: significantly worse than fp32 at 95%."""
+    from semedge.semcom.stats import paired_wer_diff
+
+    d = paired_wer_diff(fp32_errors, errors)
+    return {**d, "delta": round(100 * d["delta"], 2), "ci95": [round(100 * x, 2) for x in d["ci95"]]}
+
+
+def fmt_ci(d, digits: int = 3) -> str:
+    from semedge.semcom.stats import fmt_ci as f
+
+    return f(d, digits)
+
+
+def _wer_cell(r: dict, key: str) -> str:
+    """'0.376 [0.351, 0.402]', or the bare figure for a row merged from a run without intervals."""
+    return fmt_ci(r.get(f"{key}_ci95")) if r.get(f"{key}_ci95") else f"{r[key]:.3f}"
+
+
 def print_table(res: dict) -> None:
-    hdr = f"{'setting':26} {'MB':>6} {'x small':>7} {'RSS MB':>7} {'5s ms':>7} {'x':>5} {'30s ms':>7} {'x':>5} {'WER':>6} {'WER10dB':>7}"
+    print(f"n = {res['n_test']} test utterances, text normaliser {res.get('normalizer', 'basic')}; [95% interval]; "
+          "lost = WER points vs fp32, paired")
+    hdr = (f"{'setting':26} {'MB':>6} {'x small':>7} {'RSS MB':>7} {'5s ms':>7} {'x':>5} {'30s ms':>7} {'x':>5} "
+           f"{'WER clean':>21} {'lost':>19} {'WER 10 dB':>21}")
     print(hdr)
     for r in res["device_half"]:
+        lost = fmt_ci(r.get("wer_points_lost_ci95"), 1) if r["setting"] != "fp32" else ""
         print(f"{r['setting']:26} {r['bytes'] / 1e6:6.1f} {r['smaller_x']:7.2f} {r['peak_rss_mb'] or 0:7.0f} "
               f"{r['cpu_p50_ms_5s']:7.0f} {r['faster_x_5s']:5.2f} {r['cpu_p50_ms_30s']:7.0f} {r['faster_x_30s']:5.2f} "
-              f"{r['wer_clean']:6.3f} {r['wer_10dB']:7.3f}")
-    print(f"{'server':12} {'dec MB':>7} {'20 tok ms':>9} {'WER':>6}")
+              f"{_wer_cell(r, 'wer_clean'):>21} {lost:>19} {_wer_cell(r, 'wer_10dB'):>21}")
+    print(f"{'server':12} {'dec MB':>7} {'20 tok ms':>9} {'WER':>21} {'lost':>19}")
     for r in res["server_half"]:
-        print(f"{r['mode']:12} {r['decoder_bytes'] / 1e6:7.1f} {r['ms_20_tokens']:9.0f} {r['wer_clean']:6.3f}")
+        lost = fmt_ci(r.get("wer_points_lost_ci95"), 1) if r["mode"] != "fp32" else ""
+        print(f"{r['mode']:12} {r['decoder_bytes'] / 1e6:7.1f} {r['ms_20_tokens']:9.0f} {_wer_cell(r, 'wer_clean'):>21} {lost:>19}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ Steps (docs/planner.md):
    (n_cheap utterances at each such device's lowest SNR); only the best few per device
    (at most 25% of the candidates in all) are evaluated in full (n_full utterances at
    every SNR the device is evaluated at).
-4. Per device: the fully evaluated candidate with the lowest mean WER that fits;
-   else `closest` (the plan nearest the budgets) and `NoPlanFits` (exit code 3),
+4. Per device: among the fully evaluated candidates that fit, those not significantly
+   worse than the lowest mean WER at 95% (paired bootstrap, `tie_diffs`) are tied, and the
+   least compressed of them wins; else `closest` (the plan nearest the budgets) and `NoPlanFits` (exit code 3),
    raised after plans.json is written.
 5. Realised check: the chosen ONNX measured on this host (p50, peak RSS) and evaluated
    on the test split, beside the predictions.
@@ -37,6 +38,7 @@ from typing import Callable
 
 from semedge.compress.plan import TORCH_OPS, Plan, describe, write_atomic
 from semedge.semcom.errors import UserError
+from semedge.semcom.stats import wer_ci
 
 FORMAT = "semedge-plans/1"
 
@@ -52,10 +54,10 @@ PRECISIONS: dict[str, dict | None] = {
 QUICK_PRECISIONS = ("fp32", "fp16", "int8", "int4-b32", "int4-mixed")
 
 
-# Ties: measured WER differences smaller than these are noise at the sample sizes used
-# (cheap: a few utterances; full: the shortlist's larger sample), so the less compressed plan wins.
-CHEAP_TIE = 0.05
-FULL_TIE = 0.01
+# Ties: a plan whose WER is not significantly worse than the best plan's at 95% (paired
+# bootstrap over the same utterances and channel noise) is tied with it, and among tied
+# plans the less compressed (a priori no less accurate) wins. Replaces fixed thresholds.
+TIE_RULE = "not significantly worse than the best at 95% (paired bootstrap over the same utterances and noise)"
 
 
 def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
@@ -378,6 +380,7 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                             key_parts={**base_parts, "plan": c.plan.hash()}, messages=msgs)
         for s, r in res.items():
             c.accuracy[f"{channel}@{_key(s)}"] = {**{k: r[k] for k in ("wer", "bleu", "similarity", "n")},
+                                                  "wer_ci95": r.get("wer_ci95"), "word_errors": r.get("word_errors"),
                                                   "level": level, "cached": r.get("cached", False)}
         if level == "cheap":
             n_cheap_evals += len(need)
@@ -408,10 +411,11 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
     for d, info in devs.items():
         lo = f"{info['channel']}@{_key(info['eval_snrs'][0])}"
         feas = [c for c in cands if _fits(c, d, info["budgets"])]
-        # cheap WER on a few utterances is noisy: the plans within CHEAP_TIE of the best come
+        # cheap WER on a few utterances is noisy: the plans tied with the best (TIE_RULE) come
         # first, less compressed (a priori no less accurate) first; then the rest by WER
-        best = min((c.accuracy[lo]["wer"] for c in feas), default=0.0)
-        ranked[d] = sorted(feas, key=lambda c: (0, -c.bytes, 0.0) if c.accuracy[lo]["wer"] <= best + CHEAP_TIE
+        diffs = tie_diffs({c.cid: c.accuracy[lo]["word_errors"] for c in feas},
+                          {c.cid: c.accuracy[lo]["wer"] for c in feas})
+        ranked[d] = sorted(feas, key=lambda c: (0, -c.bytes, 0.0) if not diffs[c.cid]["worse"]
                            else (1, c.accuracy[lo]["wer"], c.predicted[d]["latency_ms"]))
     short: dict[str, list[str]] = {d: [] for d in devs}
     for r in range(max(1, shortlist)):
@@ -473,15 +477,17 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
             ok.append((w, p["latency_ms"], c.bytes, c.cid))
         ok.sort()
         if ok:
-            # the most accurate; within FULL_TIE of the best, the least compressed (largest file)
-            tied = [o for o in ok if o[0] <= ok[0][0] + FULL_TIE]
-            best = max(tied, key=lambda o: (o[2], -o[0]))
+            # tied with the most accurate (TIE_RULE): the least compressed (largest file)
+            ks = [f"{info['channel']}@{_key(s)}" for s in info["eval_snrs"]]
+            errs = {o[3]: _summed_errors(by_id[o[3]], ks) for o in ok}
+            diffs = tie_diffs(errs, {o[3]: o[0] for o in ok})
+            best = max((o for o in ok if not diffs[o[3]]["worse"]), key=lambda o: (o[2], -o[0]))
             chosen = best[3]
             for w, _, _, cid in ok:
                 if cid != chosen:
-                    rejected[cid] = (f"accuracy: WER {w:.3f} vs chosen {best[0]:.3f} (full, mean over {info['eval_snrs']} dB; "
-                                     f"within {FULL_TIE:g} of the best the least compressed plan is chosen)")
-            info.update(fits=True, chosen=chosen, closest=None, failing_budget=None, wer=round(best[0], 5))
+                    rejected[cid] = _tie_reason(w, best[0], diffs[cid], info["eval_snrs"])
+            info.update(fits=True, chosen=chosen, closest=None, failing_budget=None, wer=round(best[0], 5),
+                        wer_ci95=wer_ci(errs[chosen]), vs_best=diffs[chosen], tie_rule=TIE_RULE)
         else:
             feasible = [c for c in cands if _fits(c, d, b)]
             if feasible:  # memory and latency are met, the accuracy budget is not
@@ -572,6 +578,38 @@ class _LazySplit:
         return self._ws.torch_split(self._plan).server
 
 
+def tie_diffs(errors: dict[str, list], wers: dict[str, float]) -> dict[str, dict]:
+    """Per candidate: the paired bootstrap of its WER minus the best one's (semcom.stats.paired_wer_diff)
+    on the utterances both have (a shorter list is a prefix: same utterances, same noise).
+    `worse` False means tied with the best (TIE_RULE). errors: per-utterance [errors, words]."""
+    from semedge.semcom.stats import paired_wer_diff
+
+    if not wers:
+        return {}
+    best = min(wers, key=lambda cid: (wers[cid], cid))
+    out = {}
+    for cid, e in errors.items():
+        m = min(len(e), len(errors[best]))
+        out[cid] = paired_wer_diff(errors[best][:m], e[:m])
+    return out
+
+
+def _summed_errors(c: Cand, keys: list[str]) -> list[list[int]]:
+    """Per utterance: [errors, words] summed over the conditions `keys` (its WER is the mean over them)."""
+    lists = [c.accuracy[k]["word_errors"] for k in keys]
+    m = min(len(x) for x in lists)
+    return [[sum(x[i][0] for x in lists), sum(x[i][1] for x in lists)] for i in range(m)]
+
+
+def _tie_reason(w: float, w_chosen: float, diff: dict, snrs) -> str:
+    from semedge.semcom.stats import fmt_ci
+
+    verdict = ("significantly worse than the best at 95%" if diff["worse"]
+               else "tied with the best (not significantly worse at 95%); the least compressed tied plan is chosen")
+    return (f"accuracy: WER {w:.3f} vs chosen {w_chosen:.3f} (full, mean over {snrs} dB); "
+            f"minus the best: {fmt_ci(diff)}, {verdict}")
+
+
 def _fits(c: Cand, d: str, b: dict) -> bool:
     p = c.predicted[d]
     return p["memory_mb"] <= b["memory_mb"] and p["latency_ms"] <= b["latency_ms"]
@@ -586,11 +624,16 @@ def _cand_dict(c: Cand, k: int) -> dict:
     for key, v in c.accuracy.items():
         ch, snr = key.split("@")
         acc.setdefault(snr, {})
-        acc[snr] = {**v, "channel": ch} if not acc[snr] else acc[snr]
+        acc[snr] = {**_public(v), "channel": ch} if not acc[snr] else acc[snr]
     return {"plan": c.plan.to_dict(), "describe": describe(c.plan), "plan_hash": c.plan.hash(), "k": k,
             "bytes": c.bytes, "onnx": str(c.path), "optimized": c.optimized, "host": c.host,
             "predicted": c.predicted, "accuracy": acc,
-            "accuracy_by_channel": {key: v for key, v in sorted(c.accuracy.items())}}
+            "accuracy_by_channel": {key: _public(v) for key, v in sorted(c.accuracy.items())}}
+
+
+def _public(acc: dict) -> dict:
+    """An accuracy entry for plans.json: per-utterance word errors stay in the cache."""
+    return {k: v for k, v in acc.items() if k != "word_errors"}
 
 
 def _json_default(o):
@@ -631,6 +674,7 @@ def _realise(ws, by_id, devs, loaded, test_split, n, acc_cache, base_parts, thre
             "predicted_memory_mb": p["memory_mb"], "host_predicted": host_pred,
             "fits_memory_measured": c.host["model_rss_mb"] <= info["budgets"]["memory_mb"],
             "wer": {_key(s): r["wer"] for s, r in res.items()},
+            "wer_ci95": {_key(s): r.get("wer_ci95") for s, r in res.items()},
             "wer_calibration": {_key(s): c.accuracy.get(f"{info['channel']}@{_key(s)}", {}).get("wer")
                                 for s in info["eval_snrs"]},
             "test_split": test_split, "n": len(test), "package": None,

@@ -1,7 +1,7 @@
 """Accuracy through the link: ONNX device half (ONNX Runtime) -> numpy channel -> PyTorch server half.
 
     msgs = device_messages(onnx_path, loaded, utts)            # once per device half
-    acc = link_accuracy(split.server, msgs, refs, "rayleigh", 5.0)   # per SNR: {"wer", "bleu", ...}
+    acc = link_accuracy(split.server, msgs, refs, "rayleigh", 5.0)   # per SNR: {"wer", "wer_ci95", ...}
 
 This is the host-side evaluator (it needs torch for the server half); the
 compression benchmark and the planner both call it. `AccuracyCache` stores
@@ -25,7 +25,8 @@ import numpy as np
 from semedge.semcom.files import write_atomic
 from semedge.semcom.errors import UserError
 
-METRICS_VERSION = 2  # bump when the way accuracy is computed changes (invalidates caches); 2: fitted windows
+METRICS_VERSION = 3  # bump when the way accuracy is computed changes (invalidates caches)
+# 2: fitted windows; 3: Whisper's English normaliser, 95% intervals and per-utterance word errors
 
 
 def cache_key(**parts) -> str:
@@ -141,11 +142,14 @@ def link_accuracy(server, messages: Sequence[np.ndarray], refs: Sequence[str], c
                   seed: int = 0, batch: int = 8, similarity: bool = False, max_new_tokens: int | None = None) -> dict:
     """WER, BLEU (and sentence similarity) of the server's transcripts of the received messages.
 
+    Beside each figure its bootstrap 95% interval (`wer_ci95` ..., semcom.stats), the
+    normaliser's name, and `word_errors`: per-utterance [errors, reference words], kept
+    for paired comparisons between device halves (same utterances, same noise).
     max_new_tokens defaults to 2 tokens per reference word + 8 (at most 96): a noisy
     message can make the decoder run on, and a transcript that long is wrong anyway."""
     import torch
 
-    from semedge.semcom.metrics import bleu, similarity as sim, wer
+    from semedge.semcom.metrics import score
 
     rx = receive(messages, channel, snr_db, seed)
     refs = list(refs)
@@ -155,8 +159,11 @@ def link_accuracy(server, messages: Sequence[np.ndarray], refs: Sequence[str], c
     with torch.no_grad():
         for b in range(0, len(rx), batch):
             hyps += server.transcribe([torch.from_numpy(x) for x in rx[b : b + batch]], max_new_tokens=max_new_tokens)
-    return {"wer": round(float(wer(refs, hyps)), 5), "bleu": round(float(bleu(refs, hyps)), 3),
-            "similarity": round(float(sim(refs, hyps)), 5) if similarity else None, "n": len(refs)}
+    s = score(refs, hyps, with_similarity=similarity, keep_errors=True)
+    return {"wer": round(float(s["wer"]), 5), "bleu": round(float(s["bleu"]), 3),
+            "similarity": round(float(s["similarity"]), 5) if similarity else None, "n": len(refs),
+            "wer_ci95": s["wer_ci95"], "bleu_ci95": s["bleu_ci95"], "similarity_ci95": s["similarity_ci95"],
+            "normalizer": s["normalizer"], "word_errors": s["word_errors"]}
 
 
 def evaluate_onnx(onnx_path, split, utts, channel: str, snrs: Sequence[float], *, threads: int = 1,

@@ -182,11 +182,13 @@ def similarity(refs: Sequence[str], hyps: Sequence[str], normalizer: str = DEFAU
 
 
 def score(refs: Sequence[str], hyps: Sequence[str], with_similarity: bool = True,
-          normalizer: str = DEFAULT_NORMALIZER, n_resamples: int | None = None, seed: int = 0) -> dict:
+          normalizer: str = DEFAULT_NORMALIZER, n_resamples: int | None = None, seed: int = 0,
+          keep_errors: bool = False) -> dict:
     """{"wer", "bleu", "similarity", "wer_ci95", "bleu_ci95", "similarity_ci95", "n", "normalizer"}.
 
     The *_ci95 entries are bootstrap intervals over utterances (semcom.stats);
-    similarity and its interval are None when skipped.
+    similarity and its interval are None when skipped. keep_errors adds "word_errors":
+    per-utterance [errors, reference words], for paired comparisons (stats.paired_wer_diff).
     """
     from semedge.semcom import stats
 
@@ -196,6 +198,8 @@ def score(refs: Sequence[str], hyps: Sequence[str], with_similarity: bool = True
     out = {"wer_ci95": stats.wer_ci(pairs, r, seed), "bleu_ci95": stats.bleu_ci(nr, nh, r, seed), "similarity_ci95": None}
     if with_similarity:
         out["similarity_ci95"] = stats.mean_ci(similarity_per_utt(refs, hyps, normalizer), r, seed)
+    if keep_errors:
+        out["word_errors"] = [[int(e), int(w)] for e, w in pairs]
     return {"wer": out["wer_ci95"]["value"], "bleu": out["bleu_ci95"]["value"],
             "similarity": out["similarity_ci95"]["value"] if with_similarity else None,
             **out, "n": len(pairs), "normalizer": normalizer_name(normalizer)}

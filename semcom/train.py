@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from semedge.semcom.errors import UserError
+from semedge.semcom.stats import fmt_ci
 
 # ------------------------------------------------------------------ config
 
@@ -943,15 +944,22 @@ def write_json(obj, path) -> None:
     os.replace(tmp, path)
 
 
-def score_row(refs, hyps, with_similarity: bool = True) -> dict:
+def score_row(refs, hyps, with_similarity: bool = True, normalizer: str = "whisper", keep_errors: bool = False) -> dict:
+    """WER, BLEU (and similarity) with their bootstrap 95% intervals (`wer_ci95` ...), the
+    normaliser's name, the median per-utterance WER and the runaway rate. keep_errors adds
+    `word_errors` (per-utterance [errors, words]) for paired comparisons (semcom.stats)."""
     from semedge.semcom import metrics
 
-    per = metrics.wer_per_utt(refs, hyps)
-    out = {"wer": metrics.wer(refs, hyps), "bleu": metrics.bleu(refs, hyps),
+    s = metrics.score(refs, hyps, with_similarity, normalizer, keep_errors=True)
+    per = [e / max(w, 1) for e, w in s["word_errors"]]
+    out = {"wer": s["wer"], "bleu": s["bleu"], "wer_ci95": s["wer_ci95"], "bleu_ci95": s["bleu_ci95"],
+           "normalizer": s["normalizer"],
            "wer_median": float(np.median(per)) if per else float("nan"),
            "runaway_rate": float(np.mean([w > 1.0 for w in per])) if per else float("nan")}  # share of utterances with WER > 1 (repetition loops)
     if with_similarity:
-        out["similarity"] = metrics.similarity(refs, hyps)
+        out.update(similarity=s["similarity"], similarity_ci95=s["similarity_ci95"])
+    if keep_errors:
+        out["word_errors"] = s["word_errors"]
     return out
 
 
@@ -1014,7 +1022,8 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
                     with_similarity: bool = True, progress: bool = True, system: str | None = None,
                     backend: str = "torch", data=None, max_segment_s: float = 30.0) -> list[dict]:
     """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint
-    (or jsc='identity': the unsplit model's features).
+    (or jsc='identity': the unsplit model's features); each figure has its 95% interval beside it
+    (`wer_ci95` ..., see score_row) and the row names its text normaliser.
 
     `k`: None (the codec's k), an int k' <= k, or 'auto' (the checkpoint's rate policy per SNR).
     `data`: Utterances to measure on (e.g. semcom.tasks.audiofolder.load_audiofolder) instead of
@@ -1051,12 +1060,21 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
                 row["segments"] = len(examples)
             rows.append(row)
             if progress:
-                print(f"  {name} {ch} {s:g} dB: WER {row['wer']:.3f}  uses {row['channel_uses']:.0f}", flush=True)
+                print(f"  {name} {ch} {s:g} dB: WER {fmt_ci(row['wer_ci95'])}  uses {row['channel_uses']:.0f}", flush=True)
     return rows
 
 
+def ci_yerr(rows: list[dict], m: str) -> np.ndarray:
+    """(2, len(rows)) distances from each row's `m` to the ends of its 95% interval (0 without one)."""
+    out = []
+    for r in rows:
+        lo, hi = (r.get(f"{m}_ci95") or {}).get("ci95", (r[m], r[m]))
+        out.append((max(0.0, r[m] - lo), max(0.0, hi - r[m])))
+    return np.array(out, dtype=np.float64).reshape(-1, 2).T
+
+
 def plot_results(rows: list[dict], path, metrics_to_plot=("wer", "bleu", "similarity")) -> None:
-    """One panel per metric vs SNR, one line per (system, channel). Written atomically."""
+    """One panel per metric vs SNR, one line per (system, channel), 95% error bars. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1071,8 +1089,8 @@ def plot_results(rows: list[dict], path, metrics_to_plot=("wer", "bleu", "simila
         for (sysname, ch), rs in sorted(series.items()):
             rs = sorted((r for r in rs if m in r and math.isfinite(r["snr_db"])), key=lambda r: r["snr_db"])
             if rs:
-                ax.plot([r["snr_db"] for r in rs], [r[m] for r in rs], marker="o",
-                        linestyle="-" if ch == "awgn" else "--", label=f"{sysname} / {ch}")
+                ax.errorbar([r["snr_db"] for r in rs], [r[m] for r in rs], yerr=ci_yerr(rs, m), marker="o",
+                            capsize=3, linestyle="-" if ch == "awgn" else "--", label=f"{sysname} / {ch}")
         ax.set_xlabel("SNR (dB)")
         ax.set_ylabel(m.upper() if m != "similarity" else "similarity")
         ax.grid(alpha=0.3)

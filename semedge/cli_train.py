@@ -43,10 +43,14 @@ def _eval_data(data: Optional[Path], n: Optional[int], segment_s: float):
 
 
 def _print_eval(rows: list[dict], out: Path) -> None:
+    from semedge.semcom.stats import fmt_ci
+
     for r in rows:
         seg = f"  segments {r['segments']}" if "segments" in r else ""
-        typer.echo(f"{r['system']:>14} {r['channel']:>9} {r['snr_db']:>6g} dB  WER {r['wer']:.3f}  BLEU {r['bleu']:.1f}  "
-                   f"sim {r.get('similarity') or float('nan'):.3f}  uses {r['channel_uses']:.0f}{seg}")
+        typer.echo(f"{r['system']:>14} {r['channel']:>9} {r['snr_db']:>6g} dB  WER {fmt_ci(r.get('wer_ci95'))}  "
+                   f"BLEU {r['bleu']:.1f}  sim {r.get('similarity') or float('nan'):.3f}  uses {r['channel_uses']:.0f}{seg}")
+    if rows:
+        typer.echo(f"n = {rows[0].get('n')} utterances; [95% bootstrap interval]; text normaliser {rows[0].get('normalizer')}")
     typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
@@ -160,7 +164,8 @@ def register(app: typer.Typer) -> None:
         args = {"model": model, "jsc": jsc, "channels": chans, "snr": snr, "k": k, "n": rows[0]["n"] if rows else n}
         if data is not None:
             args.update(data=str(data), segment_s=segment_s)
-        write_json({"rows": rows, "args": args}, out.with_suffix(".json"))
+        write_json({"rows": rows, "args": args, "normalizer": rows[0].get("normalizer") if rows else None,
+                    "interval": "bootstrap 95% over utterances (semcom.stats)"}, out.with_suffix(".json"))
         plot_results(rows, out.with_suffix(".png"))
         _print_eval(rows, out)
 

@@ -141,3 +141,24 @@ def test_accuracy_budget_fails_as_accuracy(first, loaded, profiles):
     info = ei.value.result["devices"]["small"]
     assert info["failing_budget"] == "accuracy" and info["closest"] in ("dense.int8", "h50f50.int4-b32")
     assert "accuracy" in ei.value.problem
+
+
+def test_tie_rule_is_a_paired_bootstrap():
+    import numpy as np
+
+    from semedge.compress.planner import tie_diffs
+    from semedge.semcom.stats import corpus_wer
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(5, 12, 80)
+    a = [[int(rng.binomial(w, 0.2)), int(w)] for w in words]
+    errs = {"a": a,
+            "same-rate": [[int(rng.binomial(w, 0.2)), int(w)] for w in words],  # noise, not a worse plan
+            "worse": [[min(int(w), e + 2), int(w)] for e, w in a]}  # two more errors per utterance
+    d = tie_diffs(errs, {k: corpus_wer(v) for k, v in errs.items()})
+    assert d["worse"]["worse"] and d["worse"]["ci95"][0] > 0
+    assert not d["same-rate"]["worse"] and not d["a"]["worse"]
+    assert d["a"]["n"] == 80
+    # a shorter list (fewer utterances scored) is compared on the prefix both have
+    d = tie_diffs({"a": a, "short": errs["worse"][:30]}, {"a": corpus_wer(a), "short": corpus_wer(errs["worse"][:30])})
+    assert d["short"]["n"] == 30 and d["short"]["worse"]
