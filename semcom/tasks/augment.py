@@ -26,11 +26,11 @@ NOISE_SNRS_DB = (20, 10, 5)
 # ---------------------------------------------------------------- helpers
 
 def _sox(data: bytes, args_in: list[str], args_out: list[str], effects: list[str] = ()) -> bytes:
-    """Run sox on raw bytes (stdin -> stdout)."""
+    """Run sox on raw bytes (stdin -> stdout); -R -D: repeatable, no dither, so the output is deterministic."""
     exe = shutil.which("sox")
     if exe is None:
         raise UserError("sox not found (needed for codec and pitch augmentation)", "apt-get install sox")
-    r = subprocess.run([exe, "-q", *args_in, "-", *args_out, "-", *effects],
+    r = subprocess.run([exe, "-q", "-R", "-D", *args_in, "-", *args_out, "-", *effects],
                        input=data, capture_output=True, timeout=120)
     if r.returncode != 0:
         raise UserError(f"sox failed: {r.stderr.decode(errors='replace').strip()[:200]}",

@@ -51,6 +51,7 @@ PIPER_SPEEDS = (83, 90, 100, 110, 118)  # percent of the voice's own rate: lengt
 # Checked with `flite -lv`; kal16 is kal at 16 kHz (kal is 8 kHz).
 FLITE_VOICES = ("slt", "awb", "rms", "kal16")
 FLITE_SPEEDS = (85, 92, 100, 110)  # percent: duration_stretch = 100 / speed
+PIPER_FRONTEND = 1  # bump when phoneme_ids or the espeak call changes: cached Piper audio is rebuilt
 BABBLE_POOL = 12  # the last train sentences (espeak, clean) are the babble talkers
 _INDEX_FLUSH = 50  # write the index every so many new utterances, so an interrupted run keeps its work
 
@@ -245,7 +246,7 @@ def voice_plan(text: str, family: str) -> tuple[str, int, dict]:
         noise = 0.55 + 0.2 * ((h >> 20) % 1000) / 1000  # noise_scale 0.55-0.75 (default 0.667)
         noise_w = 0.6 + 0.3 * ((h >> 40) % 1000) / 1000  # noise_w 0.6-0.9 (default 0.8)
         scales = [round(noise, 3), round(100 / speed, 4), round(noise_w, 3)]
-        return PIPER_VOICE, speed, {"scales": scales, "model": _piper_version()}
+        return PIPER_VOICE, speed, {"scales": scales, "model": _piper_version(), "frontend": PIPER_FRONTEND}
     voice = FLITE_VOICES[h % len(FLITE_VOICES)]
     speed = FLITE_SPEEDS[(h // len(FLITE_VOICES)) % len(FLITE_SPEEDS)]
     return f"flite:{voice}", speed, {"stretch": round(100 / speed, 4)}
