@@ -225,7 +225,7 @@ def server(quick: bool, log) -> dict:
     import ctranslate2
     from semedge.compress import quantize_torch
     from semedge.semcom.ct2 import ct2_model_dir
-    from semedge.semcom.metrics import wer
+    from semedge.semcom.metrics import score
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
     from semedge.semcom.system import device_encode
@@ -247,9 +247,11 @@ def server(quick: bool, log) -> dict:
 
     def summary(times, ntoks, hyps):
         per_tok = [t / k for t, k in zip(times, ntoks)]
+        sc = score(refs, hyps, with_similarity=False)
         return {"ms_per_token_median": round(1e3 * float(np.median(per_tok)), 2),
                 "ms_per_utterance_median": round(1e3 * float(np.median(times)), 1),
-                "tokens_mean": round(float(np.mean(ntoks)), 1), "wer": round(wer(refs, hyps), 4), "n": n}
+                "tokens_mean": round(float(np.mean(ntoks)), 1), "wer": round(sc["wer"], 4), "wer_ci95": sc["wer_ci95"],
+                "normalizer": sc["normalizer"], "n": n}
 
     def ours(sp):  # torch backend, or CTranslate2 when sp.server.ct2 is set (the server's default)
         sp.server.generate([msgs[0]], max_new_tokens=96)  # warm-up

@@ -8,7 +8,10 @@
 2. The oracle: the same code with full evaluation of every candidate that fits a device
    (full_share=1), reusing the planner's measurements from the shared cache.
 3. Per profile: the planner's pick and its WER vs the oracle's best feasible plan
-   (mean WER at the device's evaluation SNRs, n_full validation utterances).
+   (mean WER at the device's evaluation SNRs, n_full validation utterances), and the
+   paired bootstrap of pick minus best (same utterances and noise): the pick matches the
+   oracle when it is the oracle's pick or not significantly worse than its best at 95%
+   (the planner's tie rule, docs/planner.md).
 Writes benchmarks/results/planner.json and prints a table.
 """
 
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from semedge.compress.plan import write_atomic
-    from semedge.compress.planner import NoPlanFits, candidate_space, plan_devices
+    from semedge.compress.planner import TIE_RULE, NoPlanFits, candidate_space, plan_devices
     from semedge.runtime.profiles import load_profiles
     from semedge.semcom.models import load_model
 
@@ -92,12 +95,15 @@ def main(argv=None) -> int:
         pick, best = info["chosen"], o["chosen"]
         w_pick, w_best = _dev_wer(oracle, dev, pick), _dev_wer(oracle, dev, best)
         gap = None if w_pick is None or w_best is None else round(100 * (w_pick - w_best), 2)
+        vs = (o.get("vs_best_by_plan") or {}).get(pick) if pick else None
         r = info.get("realised") or {}
         rows.append({"device": dev, "class": info["device_class"], "budgets": info["budgets"],
                      "channel": info["channel"], "eval_snrs": info["eval_snrs"],
                      "planner": pick, "planner_plan": planner["candidates"][pick]["describe"] if pick else None,
                      "planner_wer": w_pick, "oracle": best, "oracle_wer": w_best, "gap_wer_points": gap,
                      "within_1_point": gap is not None and gap <= 1.0,
+                     "oracle_wer_ci95": o.get("wer_ci95"), "vs_oracle_best": vs,
+                     "matches_oracle": pick == best or (vs is not None and not vs["worse"]),
                      "closest": info.get("closest"), "failing_budget": info.get("failing_budget"),
                      "oracle_fits": o["fits"], "predicted": info.get("predicted"),
                      "realised": r or None})
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
         "planner_seconds": round(t_plan, 1), "accuracy_cache_kept": args.keep_cache, "planner_timing": planner["timing"],
         "oracle_seconds": round(t_oracle, 1), "oracle_timing": oracle["timing"],
         "all_within_1_point": all(r["within_1_point"] for r in fits) if fits else None,
+        "all_match_oracle": all(r["matches_oracle"] for r in fits) if fits else None,
+        "tie_rule": TIE_RULE,
         "devices_without_plan": [r["device"] for r in rows if r["planner"] is None],
         "host_note": "shared 2-core host, 1 thread; realised latency is wall p50 (cpu p50 beside it)",
         "rows": rows,
@@ -125,15 +133,20 @@ def print_table(res: dict) -> None:
     print(f"candidates {res['candidates']}, fully evaluated {res['fully_evaluated']} "
           f"({100 * res['fully_evaluated_share']:.0f}%), planner {res['planner_seconds']:.0f} s "
           f"(realise {res['planner_timing'].get('realise_seconds', 0):.0f} s), oracle {res['oracle_seconds']:.0f} s")
-    hdr = f"{'device':18} {'MB':>6} {'ms':>6} {'planner':22} {'WER':>6} {'oracle':22} {'WER':>6} {'gap':>5} {'RSS MB':>7}"
+    from semedge.semcom.stats import fmt_ci
+
+    hdr = (f"{'device':18} {'MB':>6} {'ms':>6} {'planner':22} {'WER':>6} {'oracle':22} {'WER [95%]':>21} "
+           f"{'gap, paired [95%]':>19} {'match':>5} {'RSS MB':>7}")
     print(hdr)
     for r in res["rows"]:
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         rz = r.get("realised") or {}
         pick = r["planner"] or f"NONE ({r['failing_budget']}; ~{r['closest']})"
         print(f"{r['device']:18} {r['budgets']['memory_mb']:6.0f} {r['budgets']['latency_ms']:6.0f} {pick:22} "
-              f"{f(r['planner_wer']):>6} {str(r['oracle']):22} {f(r['oracle_wer']):>6} "
-              f"{'-' if r['gap_wer_points'] is None else r['gap_wer_points']:>5} "
+              f"{f(r['planner_wer']):>6} {str(r['oracle']):22} "
+              f"{fmt_ci(r.get('oracle_wer_ci95')) if r.get('oracle_wer_ci95') else f(r['oracle_wer']):>21} "
+              f"{fmt_ci(r.get('vs_oracle_best'), 1, 100) if r.get('vs_oracle_best') else r['gap_wer_points']:>19} "
+              f"{'yes' if r.get('matches_oracle') else 'no':>5} "
               f"{rz.get('model_rss_mb', '-') if rz else '-':>7}")
 
 

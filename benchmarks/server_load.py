@@ -145,7 +145,7 @@ def wer_check(split, utt, symbols, url, pid) -> dict:
 
     from semedge.runtime.client import send
     from semedge.runtime.link import apply_channel, channel_uses
-    from semedge.semcom.metrics import wer
+    from semedge.semcom.metrics import normalizer_name, wer
     from semedge.semcom.system import run_link
 
     refs = [u.text for u in utt]
@@ -173,7 +173,7 @@ def wer_check(split, utt, symbols, url, pid) -> dict:
         t_net = time.perf_counter() - t
         w_in, w_net = 100 * wer(refs, hyp_in), 100 * wer(refs, hyp_net)
         same = sum(a == b for a, b in zip(hyp_in, hyp_net))
-        out[label] = {"wer_in_process": round(w_in, 2), "wer_over_loopback": round(w_net, 2),
+        out[label] = {"wer_in_process": round(w_in, 2), "wer_over_loopback": round(w_net, 2), "normalizer": normalizer_name(),
                       "diff_points": round(w_net - w_in, 2), "identical_texts": same,
                       "within_0_5_points": abs(w_net - w_in) <= 0.5,
                       "seconds_in_process": round(t_in, 1), "seconds_over_loopback": round(t_net, 1)}

@@ -487,7 +487,8 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                 if cid != chosen:
                     rejected[cid] = _tie_reason(w, best[0], diffs[cid], info["eval_snrs"])
             info.update(fits=True, chosen=chosen, closest=None, failing_budget=None, wer=round(best[0], 5),
-                        wer_ci95=wer_ci(errs[chosen]), vs_best=diffs[chosen], tie_rule=TIE_RULE)
+                        wer_ci95=wer_ci(errs[chosen]), vs_best=diffs[chosen], tie_rule=TIE_RULE,
+                        vs_best_by_plan={o[3]: diffs[o[3]] for o in ok})
         else:
             feasible = [c for c in cands if _fits(c, d, b)]
             if feasible:  # memory and latency are met, the accuracy budget is not

@@ -10,7 +10,10 @@ build.json (docs/build.md) and writes, under `out_dir/report/`:
     snr_wer.png, snr_bleu.png, snr_similarity.png    metric vs SNR per chosen package, + the baseline
     latency_breakdown.png      device / link / server per device (predicted and host-measured)
 
-Every figure says which numbers are measured and which are predicted.
+Every figure says which numbers are measured and which are predicted. Accuracy figures
+show their bootstrap 95% interval over utterances ("0.376 [0.351, 0.402]" in tables,
+error bars in plots) where the build recorded one (semcom.stats), and the report names
+the WER text normaliser.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from semedge.semcom.files import write_atomic
+from semedge.semcom.stats import fmt_ci
 
 METRICS = (("wer", "WER", "lower is better"), ("bleu", "BLEU", "higher is better"),
            ("similarity", "semantic similarity", "higher is better"))
@@ -80,6 +84,28 @@ def _wer_at(acc: dict, snrs) -> dict[str, float | None]:
     return out
 
 
+def _ci_at(acc: dict, snrs, metric: str = "wer") -> dict[str, dict | None]:
+    """The 95% interval of `metric` at each SNR (None where the build has none)."""
+    return {_snr_key(s): ((acc or {}).get(_snr_key(s)) or {}).get(f"{metric}_ci95") for s in snrs}
+
+
+def _fmt_ci(v, ci: dict | None, spec: str = ".3f") -> str:
+    """'0.376 [0.351, 0.402]' with an interval, else the bare figure."""
+    if ci and _num(ci.get("value")) is not None:
+        return fmt_ci(ci, int(spec.strip(".f")))
+    return _fmt(v, spec)
+
+
+def _yerr(values, cis) -> list[list[float]]:
+    """matplotlib yerr (2 x n): distances from each value to its interval's ends (0 without one)."""
+    lo, hi = [], []
+    for v, ci in zip(values, cis):
+        a, b = (ci or {}).get("ci95") or (v, v)
+        lo.append(max(0.0, v - a))
+        hi.append(max(0.0, b - v))
+    return [lo, hi]
+
+
 def _device_snrs(dev: dict) -> list[float]:
     return [float(s) for s in (dev.get("eval_snrs") or [])]
 
@@ -117,6 +143,7 @@ def device_rows(build: dict) -> list[dict]:
             "snr_db": d.get("snr_db"),
             "eval_snrs": snrs,
             "wer_at_snr": _wer_at(d.get("accuracy") or {}, snrs),
+            "wer_ci95_at_snr": _ci_at(d.get("accuracy") or {}, snrs),
             "accuracy": d.get("accuracy") or {},
             "link_ms_predicted": lat.get("link_ms_predicted"),
             "server_ms_host": lat.get("server_ms_host"),
@@ -176,6 +203,7 @@ def candidate_points(build: dict, device: str) -> dict:
         if wer is None or _num(x) is None:
             continue
         pts.append({"cid": cid, "x": float(x), "wer": wer, "snr": at, "bytes": c.get("bytes"),
+                    "wer_ci95": (acc.get(at) or {}).get("wer_ci95"),
                     "describe": c.get("describe") or cid, "rejected": rejected.get(cid), "pareto": cid in pareto,
                     "level": (acc.get(at) or {}).get("level")})
     bdev = (build.get("devices") or {}).get(device) or {}
@@ -205,11 +233,13 @@ def plot_footprint(build: dict, path: Path) -> dict:
             ax.text(0.5, 0.5, "no scored candidates", ha="center", va="center", transform=ax.transAxes)
         ok = [p for p in pts if not p["rejected"]]
         bad = [p for p in pts if p["rejected"]]
-        if ok:
-            ax.scatter([p["x"] for p in ok], [p["wer"] for p in ok], s=22, c="tab:blue", label="candidate (fits)", zorder=2)
-        if bad:
-            ax.scatter([p["x"] for p in bad], [p["wer"] for p in bad], s=22, c="tab:gray", marker="x",
-                       label="candidate (rejected)", zorder=2)
+        for group, style in ((ok, dict(c="tab:blue", label="candidate (fits)")),
+                             (bad, dict(c="tab:gray", marker="x", label="candidate (rejected)"))):
+            if group:
+                ys = [p["wer"] for p in group]
+                ax.errorbar([p["x"] for p in group], ys, yerr=_yerr(ys, [p.get("wer_ci95") for p in group]),
+                            fmt="none", ecolor=style["c"], elinewidth=0.6, alpha=0.5, zorder=1)
+                ax.scatter([p["x"] for p in group], ys, s=22, zorder=2, **style)
         front = _pareto_2d([(p["x"], p["wer"]) for p in pts])
         if len(front) > 1:
             ax.plot([f[0] for f in front], [f[1] for f in front], "-", c="tab:orange", lw=1.2, label="Pareto front", zorder=1)
@@ -230,7 +260,7 @@ def plot_footprint(build: dict, path: Path) -> dict:
         ax.set_title(f"{name}" + ("" if (build["devices"][name].get("fits")) else "  (no plan fits)"), fontsize=10)
         ax.set_xlabel(cp["x_label"] + (" [predicted]" if cp["x_is_memory"] else ""), fontsize=8)
         snr_txt = ", ".join(sorted({p["snr"] for p in pts if p["snr"]}, key=float)) or "?"
-        ax.set_ylabel(f"WER at {snr_txt} dB [measured]", fontsize=8)
+        ax.set_ylabel(f"WER at {snr_txt} dB [measured, 95% bars]", fontsize=8)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="best")
@@ -255,7 +285,7 @@ def snr_series(build: dict) -> list[dict]:
         line = {"label": d.get("describe") or d.get("chosen") or name, "devices": [name], "channel": c.get("channel"),
                 "snrs": c["snrs"], "kind": "jsc", "measured": True, "n": c.get("n")}
         for m, _, _ in METRICS:
-            line[m] = c.get(m)
+            line[m], line[f"{m}_ci95"] = c.get(m), c.get(f"{m}_ci95")
         seen[key] = line
         lines.append(line)
     base = build.get("baseline") or {}
@@ -263,7 +293,7 @@ def snr_series(build: dict) -> list[dict]:
         line = {"label": base.get("name", "baseline"), "devices": [], "channel": ch, "snrs": c.get("snrs") or [],
                 "kind": "baseline", "measured": True, "n": c.get("n")}
         for m, _, _ in METRICS:
-            line[m] = c.get(m)
+            line[m], line[f"{m}_ci95"] = c.get(m), c.get(f"{m}_ci95")
         lines.append(line)
     return lines
 
@@ -280,16 +310,19 @@ def plot_snr(build: dict, metric: str, path: Path, lines: list[dict]) -> None:
         if not ys:
             continue
         xs = [float(s) for s in ln["snrs"]]
-        pts = [(x, _num(y)) for x, y in zip(xs, ys) if _num(y) is not None and math.isfinite(x)]
+        cis = ln.get(f"{metric}_ci95") or [None] * len(xs)
+        pts = [(x, _num(y), ci) for x, y, ci in zip(xs, ys, cis) if _num(y) is not None and math.isfinite(x)]
         if not pts:
             continue
+        px, py = [p[0] for p in pts], [p[1] for p in pts]
+        yerr = _yerr(py, [p[2] for p in pts])
         if ln["kind"] == "baseline":
             lab = f"{ln['label']} ({ln['channel']})"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="s", ms=4, lw=1.5, label=lab)
+            ax.errorbar(px, py, yerr=yerr, fmt="k--", marker="s", ms=4, lw=1.5, capsize=2, label=lab)
         else:
             devs = ", ".join(ln["devices"])
             lab = f"{devs}: {ln['label']} ({ln['channel']})"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker="o", ms=4, lw=1.3, label=lab)
+            ax.errorbar(px, py, yerr=yerr, fmt="-", marker="o", ms=4, lw=1.3, capsize=2, label=lab)
         drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, f"no {title} measurements", ha="center", va="center", transform=ax.transAxes)
@@ -299,7 +332,7 @@ def plot_snr(build: dict, metric: str, path: Path, lines: list[dict]) -> None:
                 transform=ax.transAxes, fontsize=7, color="gray")
     n = (build.get("settings") or {}).get("n_eval")
     ax.set_xlabel("SNR (dB, Es/N0 per real symbol)")
-    ax.set_ylabel(f"{title} [measured, {n} test utterances]" if n else f"{title} [measured]")
+    ax.set_ylabel(f"{title} [measured, {n} test utterances, 95% bars]" if n else f"{title} [measured, 95% bars]")
     ax.set_title(f"{title} vs SNR through the channel ({better})", fontsize=10)
     ax.grid(alpha=0.3)
     if drawn:
@@ -362,7 +395,8 @@ def plot_latency(build: dict, path: Path) -> dict:
 
 
 def _wer_cell(r: dict) -> str:
-    parts = [f"{s} dB: {_fmt(w)}" for s, w in r["wer_at_snr"].items()]
+    cis = r.get("wer_ci95_at_snr") or {}
+    parts = [f"{s} dB: {_fmt_ci(w, cis.get(s))}" for s, w in r["wer_at_snr"].items()]
     return "; ".join(parts) or "–"
 
 
@@ -382,8 +416,9 @@ def _acc_cell(r: dict) -> str:
     for s in r["eval_snrs"]:
         a = r["accuracy"].get(_snr_key(s)) or {}
         if a:
-            out.append(f"{_snr_key(s)} dB: WER {_fmt(a.get('wer'))}, BLEU {_fmt(a.get('bleu'), '.1f')}, "
-                       f"sim {_fmt(a.get('similarity'))}")
+            out.append(f"{_snr_key(s)} dB: WER {_fmt_ci(a.get('wer'), a.get('wer_ci95'))}, "
+                       f"BLEU {_fmt_ci(a.get('bleu'), a.get('bleu_ci95'), '.1f')}, "
+                       f"sim {_fmt_ci(a.get('similarity'), a.get('similarity_ci95'))}")
     return "; ".join(out) or "–"
 
 
@@ -428,6 +463,9 @@ def _assumptions(build: dict) -> list[str]:
         "Link airtime = complex channel uses / symbol rate; " + (s.get("link_assumption") or
                                                                  "symbol rate = uplink Mb/s / 2 bits per complex use."),
     ]
+    out.append(f"Accuracy: WER with the {build.get('normalizer') or 'basic'} text normaliser (docs/data.md); "
+               "[brackets] and error bars are bootstrap 95% intervals over the test utterances "
+               "(they cover the choice of utterances, not of voices or training runs).")
     if s.get("host_note"):
         out.append(s["host_note"])
     return out
@@ -518,8 +556,9 @@ def write_report(build_json: dict | str | Path, out_dir: str | Path) -> Path:
     lat = plot_latency(build_json, rep / "latency_breakdown.png")
     plots = list(PLOTS)
     data = {"format": "semedge-report/1", "model": build_json.get("model"), "created": build_json.get("created"),
+            "normalizer": build_json.get("normalizer") or "basic",
             "headline": [{k: r[k] for k in ("device", "fits", "chosen", "plan", "package_bytes", "predicted_latency_ms",
-                                            "wer_at_snr")} for r in rows],
+                                            "wer_at_snr", "wer_ci95_at_snr")} for r in rows],
             "devices": rows, "footprint_accuracy": foot, "snr_curves": lines, "latency_breakdown": lat,
             "assumptions": _assumptions(build_json), "plots": plots}
     write_atomic(rep / "report.json", (json.dumps(data, indent=1, default=str) + "\n").encode())

@@ -126,3 +126,24 @@ def test_bad_input(tmp_path):
     (tmp_path / "b.json").write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
         write_report(tmp_path / "b.json", tmp_path)
+
+
+def test_intervals_in_tables_and_plots(tmp_path):
+    b = _build()
+    ci = lambda v, lo, hi: {"value": v, "ci95": [lo, hi], "n": 16}  # noqa: E731
+    phone = b["devices"]["phone"]
+    phone["accuracy"]["5"].update(wer_ci95=ci(0.3125, 0.25, 0.38), bleu_ci95=ci(55.0, 48.0, 61.5))
+    phone["curve"]["wer_ci95"] = [ci(w, max(0, w - 0.05), w + 0.05) for w in phone["curve"]["wer"]]
+    b["plans"]["candidates"]["int8"]["accuracy"]["5"]["wer_ci95"] = ci(0.31, 0.27, 0.35)
+    b["normalizer"] = "whisper-english"
+    index = write_report(b, tmp_path)
+    html = index.read_text()
+    assert "5 dB: 0.312 [0.250, 0.380]" in html and "BLEU 55.0 [48.0, 61.5]" in html
+    assert "whisper-english" in html and "95% intervals" in html
+    rep = json.loads((index.parent / "report.json").read_text())
+    assert rep["normalizer"] == "whisper-english"
+    assert rep["headline"][0]["wer_ci95_at_snr"]["5"]["ci95"] == [0.25, 0.38]
+    assert rep["snr_curves"][0]["wer_ci95"][0]["ci95"] == pytest.approx([0.85, 0.95])
+    pts = {p["cid"]: p for p in rep["footprint_accuracy"]["phone"]["points"]}
+    assert pts["int8"]["wer_ci95"]["ci95"] == [0.27, 0.35] and pts["fp32"]["wer_ci95"] is None
+    assert (index.parent / "snr_wer.png").read_bytes()[:8] == PNG
