@@ -19,7 +19,9 @@ Heavy libraries are imported inside the functions so `normalize` stays cheap.
 from __future__ import annotations
 
 import re
+import importlib.util
 import json
+import sys
 import threading
 import unicodedata
 from pathlib import Path
@@ -55,14 +57,32 @@ def normalizer_name(normalizer: str = DEFAULT_NORMALIZER) -> str:
     return _LABELS[normalizer]
 
 
+def _english_normalizer_module():
+    """transformers' models/whisper/english_normalizer.py. It needs only `regex`; imported through
+    the package it would first import all of transformers (and torch): seconds. So, unless
+    transformers is already loaded, the file is loaded by its path."""
+    name = "transformers.models.whisper.english_normalizer"
+    spec = None if "transformers" in sys.modules else importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise UserError("transformers is not installed (Whisper's English normaliser)",
+                            "pip install semedge[full], or pass normalizer='basic'") from e
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "whisper" / "english_normalizer.py"
+    fspec = importlib.util.spec_from_file_location("_semedge_whisper_english_normalizer", path)
+    mod = importlib.util.module_from_spec(fspec)
+    fspec.loader.exec_module(mod)
+    return mod
+
+
 def _whisper_english() -> Callable[[str], str]:
     """transformers' EnglishTextNormalizer with Whisper's spelling map, built once."""
     global _WHISPER
     with _WHISPER_LOCK:
         if _WHISPER is None:
-            from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-            _WHISPER = EnglishTextNormalizer(json.loads(_SPELLING.read_text(encoding="utf-8")))
+            spelling = json.loads(_SPELLING.read_text(encoding="utf-8"))
+            _WHISPER = _english_normalizer_module().EnglishTextNormalizer(spelling)
         return _WHISPER
 
 
