@@ -433,11 +433,16 @@ def _evaluate_one(ws: _Workspace, pkg: dict, cand: dict, channel: str, snrs: lis
         if k not in g["acc"]:
             r = link_accuracy(sp.server, g["msgs"], refs, channel, snr, similarity=True,
                               max_new_tokens=ws.settings["max_new_tokens"])
-            g["acc"][k] = {m: r[m] for m in ("wer", "bleu", "similarity", "n")}
+            g["acc"][k] = {m: r.get(m) for m in ACC_KEYS}
         acc[_snr_key(snr)] = g["acc"][k]
     frames = [m.shape[0] for m in g["msgs"]]
     return {"accuracy": acc, "device_encode_ms_host": round(g["enc_ms"], 2), "server_ms_host": round(g["dec_ms"], 2),
             "mean_frames": float(np.mean(frames)), "k": int(g["msgs"][0].shape[-1]), "n": len(g["msgs"])}
+
+
+# what a build keeps of each accuracy figure: the point values, their 95% intervals, the normaliser
+CURVE_KEYS = ("wer", "bleu", "similarity", "wer_ci95", "bleu_ci95", "similarity_ci95")
+ACC_KEYS = (*CURVE_KEYS, "n", "normalizer")
 
 
 def _snr_key(s) -> str:
@@ -460,15 +465,16 @@ def _baseline(ws, channels: list[str], snrs: list[float], log) -> dict:
         link = ConventionalLink(ws.loaded, cfg)
         curves = {}
         for ch in channels:
-            rows = {m: [] for m in ("wer", "bleu", "similarity")}
+            rows = {m: [] for m in CURVE_KEYS}
             uses = []
             for snr in snrs:
                 hyps, u, _ = link.run(utts, ch, snr)
                 sc = score(refs, hyps)
                 for m in rows:
-                    rows[m].append(round(float(sc[m]), 5))
+                    rows[m].append(sc[m] if m.endswith("_ci95") else round(float(sc[m]), 5))
                 uses += u
-            curves[ch] = {"snrs": list(snrs), "n": len(utts), **rows, "channel_uses_mean": float(sum(uses) / len(uses))}
+            curves[ch] = {"snrs": list(snrs), "n": len(utts), **rows, "normalizer": sc["normalizer"],
+                          "channel_uses_mean": float(sum(uses) / len(uses))}
     except UserError as e:  # e.g. c2enc missing: the build goes on without the baseline
         log(f"baseline: {e}")
         return {"curves": {}, "note": str(e)}
@@ -614,7 +620,8 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
             baseline = {"curves": {}}
             for ch in channels:  # one stamp per channel
                 base_inputs = {"channel": ch, "snrs": settings["sweep"], "n": settings["n_eval"],
-                               "weights": _stamped_weights(st, model, ws), "baseline": _baseline_version()}
+                               "weights": _stamped_weights(st, model, ws), "baseline": _baseline_version(),
+                               "metrics": METRICS_VERSION}
                 b = st.run(f"baseline-{ch}", base_inputs, lambda ch=ch: _baseline(ws, [ch], settings["sweep"], ui.log))
                 baseline["curves"].update(b.get("curves") or {})
                 baseline.update({k: v for k, v in b.items() if k != "curves"})
@@ -643,8 +650,8 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
                 rec.update(prof_res[d])
                 rec["accuracy"] = {s: ev["accuracy"][_snr_key(s)] for s in map(_snr_key, ev["eval_snrs"])}
                 rec["curve"] = {"channel": ev["channel"], "snrs": settings["sweep"], "n": ev["n"],
-                                **{m: [ev["accuracy"][_snr_key(s)][m] for s in settings["sweep"]]
-                                   for m in ("wer", "bleu", "similarity")}}
+                                **{m: [ev["accuracy"][_snr_key(s)].get(m) for s in settings["sweep"]]
+                                   for m in CURVE_KEYS}}
                 uses = math.ceil(ev["mean_frames"] * ev["k"] / 2)
                 rate = prof.link.uplink_mbps * 1e6 / BITS_PER_USE
                 rec["latency"] = {"device_ms_host": prof_res[d]["host"]["latency_ms_p50"],
@@ -669,11 +676,13 @@ def build(model: str, profiles_dir, out, devices=None, quick: bool = False, prog
 
         from semedge import __version__
         from semedge.runtime.profiler import _cores, _cpu_name
+        from semedge.semcom.metrics import normalizer_name
 
         record = {
             "format": FORMAT, "semedge_version": __version__, "model": model,
             "weight_hash": _stamped_weights(st, model, ws),
-            "created": _now(), "quick": quick, "out": str(out),
+            "created": _now(), "quick": quick, "out": str(out), "normalizer": normalizer_name(),
+            "interval": "bootstrap 95% over test utterances (semcom.stats)",
             "host": {"cpu": _cpu_name(), "cores": _cores()},
             "settings": {**settings, "threads": 1, "link_assumption": LINK_ASSUMPTION,
                          "host_note": "host timings on a shared machine (other work running); ORT on 1 thread"},

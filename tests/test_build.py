@@ -99,6 +99,8 @@ def test_build_writes_packages_and_report(first):
         assert set(dev["accuracy"]) == {f"{s:g}" for s in dev["eval_snrs"]}
         for a in dev["accuracy"].values():
             assert 0 <= a["wer"] and 0 <= a["bleu"] <= 100 and -1 <= a["similarity"] <= 1 and a["n"] == 2
+            lo, hi = a["wer_ci95"]["ci95"]  # with its bootstrap 95% interval and the normaliser named
+            assert lo <= a["wer"] <= hi and a["wer_ci95"]["n"] == 2 and a["normalizer"] == "whisper-english"
         lat = dev["latency"]
         assert lat["link_ms_predicted"] > 0 and lat["server_ms_host"] > 0 and lat["channel_uses"] > 0
     assert rec["devices"]["phone-a"]["package"]["precision"] == "int8"
@@ -107,6 +109,7 @@ def test_build_writes_packages_and_report(first):
     base = rec["baseline"]  # the conventional link (Codec 2 + LDPC + QAM) on both channels
     assert sorted(base["curves"]) == ["awgn", "rayleigh"] and base["name"].startswith("codec2")
     assert all(0 <= w for c in base["curves"].values() for w in c["wer"])
+    assert all(len(c["wer_ci95"]) == len(c["wer"]) for c in base["curves"].values())
     watch = rec["devices"]["tiny-watch"]
     assert watch["package"] is None and not (out / "packages" / "tiny-watch").exists() and "no plan fits" in watch["note"]
     # the record on disk is the one returned
