@@ -176,6 +176,7 @@ def register(app: typer.Typer) -> None:
         jsc: str = typer.Option("default", "--jsc", help="a nested codec (trained with --rate-min): folder or 'default'"),
         n: int = typer.Option(200, "--n", help="utterances to measure on"),
         split: str = typer.Option("val", "--split", help="measure on val (test stays for reporting)"),
+        voices: Optional[str] = typer.Option(None, "--voices", help="voice families to measure on (default: those the codec trained on; docs/data.md)"),
         snr: List[float] = typer.Option([0, 5, 10, 20], "--snr", help="AWGN SNRs in dB (a clean row is always added)"),
         candidates: str = typer.Option("", "--candidates", help="k' values, comma-separated (default: every 8 from --rate-min to k)"),
         tolerance: float = typer.Option(0.02, "--tolerance", help="WER a smaller k' may lose (0.02 = 2 points)"),
@@ -228,7 +229,8 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--cut {cut_k} was not among the measured k' {cands}", "add it to --candidates")
         if cut_out is not None and cut_out.resolve() in (ck.path.resolve(), out.resolve() if out else None):
             raise UserError(f"--cut-out {cut_out} is the codec's own folder or --out", "give a new folder")
-        examples = speech_examples(base, split, n, encoder=device_encoder(ck))
+        fam = voices or (ck.manifest.get("train_config") or {}).get("voices", "espeak")
+        examples = speech_examples(base, split, n, encoder=device_encoder(ck), family=tuple(fam.split("+")) if "+" in fam else fam)
         table = measure_rate_table(rx, ck.codec, examples, snrs, cands, seed=seed, silence=silence_encoding(base),
                                    backend=backend)
         typer.echo("WER, AWGN, " + f"{len(examples)} {split} utterances, backend {backend}")
@@ -240,7 +242,7 @@ def register(app: typer.Typer) -> None:
         import shlex
         import sys
 
-        fit = {"n": len(examples), "split": split, "backend": backend, "channel": "awgn", "seed": seed, "tolerance": tolerance,
+        fit = {"n": len(examples), "split": split, "voices": fam, "backend": backend, "channel": "awgn", "seed": seed, "tolerance": tolerance,
                "rule_snr": rule_snr, "rule_k": k_rule, "candidates": cands, "command": "semedge " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                "wer": {f"{s:g}": {str(c): round(w, 4) for c, w in sorted(row.items())} for s, row in sorted(table.items())}}
         policy = R.fit_policy(k, table, tolerance)
