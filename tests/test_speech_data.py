@@ -122,7 +122,8 @@ def _fake_synth(calls=None):
             calls.append((text, family))
         rng = np.random.default_rng(speech._hash(f"{text}|{family}|{voice}") % 2**32)
         t = np.arange(16000) / 16000
-        return (0.2 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.02 * rng.standard_normal(16000)).astype(np.float32)
+        x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.02 * rng.standard_normal(16000)
+        return x.astype(np.float32)
     return synth
 
 
