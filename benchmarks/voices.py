@@ -33,7 +33,9 @@ CONDITIONS = (("none", math.inf), ("awgn", 10.0), ("awgn", 5.0), ("awgn", 0.0), 
 def trained_families(ck) -> list[str]:
     """Families a codec trained on, from its manifest (old codecs: espeak only)."""
     v = (ck.manifest.get("train_config") or {}).get("voices", "espeak")
-    return ["espeak", "piper", "flite"] if v == "mix" else v.split("+")
+    if v == "mix" or v.startswith("mix-"):
+        return [f for f in FAMILIES if f not in v[4:].split("-")]
+    return v.split("+")
 
 
 def identity_codec(loaded):

@@ -110,7 +110,7 @@ class TrainConfig:
     kl_weight: float = 0.0  # weight of KL(unsplit teacher || codec) over the decoder's next-token distributions
     temperature: float = 1.0  # softmax temperature of the KL term
     data: str | None = None  # the user's audiofolder (tasks.audiofolder) instead of the built-in speech
-    voices: str = "espeak"  # voice family of the training data: espeak, piper, flite, mix, or a+b (tasks.speech)
+    voices: str = "espeak"  # voice families: espeak, piper, flite, mix, a+b, or mix-a (the mix without a's sentences)
     augment: float = 0.0  # share of training utterances degraded by an augmentation chain (tasks.augment)
     rate_min: int | None = None  # train random k' in [rate_min, k] (rate adaptation); None = off
     rate_prob: float = 0.5  # share of messages sent truncated when rate training is on
@@ -260,8 +260,11 @@ def speech_examples(loaded, split: str, n: int, keep_audio: bool = False, progre
     tasks.speech.load_split)."""
     from semedge.semcom.tasks.speech import load_split
 
+    drop = ()
+    if isinstance(family, str) and family.startswith("mix-"):  # the mix less some families (leave-one-out)
+        family, drop = "mix", tuple(family[4:].split("-"))
     kw = {} if family == "espeak" and not augment else {"family": family, "augment": augment or None}
-    utts = load_split(split, n=n, progress=progress, **kw)
+    utts = [u for u in load_split(split, n=n, progress=progress, **kw) if u.family not in drop]
     if not utts:
         raise UserError(f"the {split} split has no utterances", "check the speech corpus (semcom/tasks/speech.py)")
     return utterance_examples(loaded, utts, keep_audio, progress, encoder)

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         ce_weight: float = typer.Option(1.0, "--ce-weight", help="weight of cross-entropy on the reference transcripts"),
         temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature of the KL term"),
         data: Optional[Path] = typer.Option(None, "--data", help="fine-tune on your recordings: a folder with metadata.csv (file_name, transcription) and WAV/FLAC/OGG files"),
-        voices: str = typer.Option("espeak", "--voices", help="training voices: espeak, piper, flite, mix (all three), or a+b (docs/data.md)"),
+        voices: str = typer.Option("espeak", "--voices", help="training voices: espeak, piper, flite, mix (all three), a+b, or mix-a (the mix without family a's sentences: leave-one-out) (docs/data.md)"),
         augment: float = typer.Option(0.0, "--augment", help="share of training utterances degraded (speed, telephone band, codecs, noise, reverb)"),
         rate_min: Optional[int] = typer.Option(None, "--rate-min", help="train truncation to k' in [rate-min, k] (rate adaptation)"),
         n_train: int = typer.Option(240, "--n-train", help="training utterances"),
