@@ -17,8 +17,8 @@ Steps (docs/planner.md):
    every SNR the device is evaluated at).
 4. Per device: among the fully evaluated candidates that fit, those not significantly
    worse than the lowest mean WER at 95% (paired bootstrap, `tie_diffs`) are tied, and the
-   least compressed of them wins; else `closest` (the plan nearest the budgets) and `NoPlanFits` (exit code 3),
-   raised after plans.json is written.
+   least compressed of them wins; else `closest` (the plan nearest the budgets) and
+   `NoPlanFits` (exit code 3), raised after plans.json is written.
 5. Realised check: the chosen ONNX measured on this host (p50, peak RSS) and evaluated
    on the test split, beside the predictions.
 """
@@ -38,7 +38,7 @@ from typing import Callable
 
 from semedge.compress.plan import TORCH_OPS, Plan, describe, write_atomic
 from semedge.semcom.errors import UserError
-from semedge.semcom.stats import wer_ci
+from semedge.semcom.stats import fmt_ci, paired_wer_diff, wer_ci
 
 FORMAT = "semedge-plans/1"
 
@@ -583,8 +583,6 @@ def tie_diffs(errors: dict[str, list], wers: dict[str, float]) -> dict[str, dict
     """Per candidate: the paired bootstrap of its WER minus the best one's (semcom.stats.paired_wer_diff)
     on the utterances both have (a shorter list is a prefix: same utterances, same noise).
     `worse` False means tied with the best (TIE_RULE). errors: per-utterance [errors, words]."""
-    from semedge.semcom.stats import paired_wer_diff
-
     if not wers:
         return {}
     best = min(wers, key=lambda cid: (wers[cid], cid))
@@ -603,8 +601,6 @@ def _summed_errors(c: Cand, keys: list[str]) -> list[list[int]]:
 
 
 def _tie_reason(w: float, w_chosen: float, diff: dict, snrs) -> str:
-    from semedge.semcom.stats import fmt_ci
-
     verdict = ("significantly worse than the best at 95%" if diff["worse"]
                else "tied with the best (not significantly worse at 95%); the least compressed tied plan is chosen")
     return (f"accuracy: WER {w:.3f} vs chosen {w_chosen:.3f} (full, mean over {snrs} dB); "
