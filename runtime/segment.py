@@ -4,10 +4,10 @@ Whisper encodes 30 s windows, so a longer recording is sent as several messages,
 segment, and the transcripts are joined (the way Whisper's long-form decoding walks a
 recording window by window). Where to cut: a simple energy detector. The audio's power in
 20 ms frames (one encoder frame each) is averaged over a 0.3 s sliding window; within the
-last `search_s` seconds before a segment would reach `max_s`, the cut goes to the middle of
-the quietest such window (the latest one on a tie), so a pause between words is preferred to
-a cut through one. With no pause there, the quietest point still wins; a segment is never
-longer than `max_s`.
+last `search_s` seconds (8 s; 30% of a shorter `max_s`) before a segment would reach
+`max_s`, the cut goes to the middle of the quietest such window (the latest one on a tie),
+so a pause between words is preferred to a cut through one. With no pause there, the
+quietest point still wins; a segment is never longer than `max_s`.
 
     for start, end in segment_bounds(audio):          # sample indices, contiguous, cover the audio
         symbols = runner.encode_audio(audio[start:end])
@@ -24,23 +24,35 @@ import numpy as np
 from semedge.semcom.errors import UserError
 
 SAMPLE_RATE = 16000
-MAX_SECONDS = 30.0  # Whisper's window
+MAX_SECONDS = 30.0  # Whisper's window: the default for unsplit features (the identity codec)
+# A trained JSC codec learned short utterances (espeak-ng, 4-20 words, under ~9 s): on a 56.6 s
+# recording at 10 dB AWGN (whisper-base, k=40 codec) WER was 1.79 with 30 s segments (a repetition
+# loop), 0.77 with 10 s, 0.54 with 6 s; unsplit features read it at 0.15 (30 s) and 0.20 (10 s).
+CODEC_SECONDS = 6.0
 SEARCH_SECONDS = 8.0  # where a cut may go: the last 8 s before a segment reaches MAX_SECONDS
+SEARCH_SHARE = 0.3  # ... or the last 30% of a shorter segment
 FRAME = 320  # 20 ms, one Whisper encoder frame
 SMOOTH_FRAMES = 15  # 0.3 s: a pause between words, not the gap inside a plosive
 TOKENS_PER_SECOND = 8  # decoder budget: about twice the densest speech (~3 words/s, ~1.3 tokens/word)
 MIN_NEW_TOKENS, MAX_NEW_TOKENS = 96, 224  # the short-message default; Whisper's own cap per 30 s window
 
 
-def _check(audio, max_s: float, search_s: float) -> np.ndarray:
+def _check(audio, max_s: float, search_s: float | None) -> tuple[np.ndarray, float]:
     x = np.asarray(audio)
     if x.ndim != 1 or x.size == 0:
         raise UserError(f"audio has shape {x.shape}, expected non-empty 1-D samples", "pass mono 16 kHz audio")
     if not (math.isfinite(max_s) and 1.0 <= max_s <= MAX_SECONDS):
         raise UserError(f"segment length {max_s!r} s is out of range", f"give 1 to {MAX_SECONDS:g} seconds")
+    if search_s is None:
+        search_s = min(SEARCH_SECONDS, SEARCH_SHARE * max_s)
     if not (math.isfinite(search_s) and 0.0 <= search_s < max_s):
         raise UserError(f"cut search span {search_s!r} s is out of range", f"give 0 to less than the segment length ({max_s:g} s)")
-    return x
+    return x, search_s
+
+
+def default_segment_s(identity: bool) -> float:
+    """Longest segment to send: Whisper's 30 s window for unsplit features, 6 s for a trained codec."""
+    return MAX_SECONDS if identity else CODEC_SECONDS
 
 
 def frame_energy(audio: np.ndarray) -> np.ndarray:
@@ -63,9 +75,10 @@ def _cut(energy: np.ndarray, start: int, max_len: int, search: int) -> int:
     return best * FRAME
 
 
-def segment_bounds(audio, max_s: float = MAX_SECONDS, search_s: float = SEARCH_SECONDS) -> list[tuple[int, int]]:
-    """[(start, end)] sample ranges of 16 kHz `audio`, each at most `max_s` long, cut at quiet points."""
-    x = _check(audio, max_s, search_s)
+def segment_bounds(audio, max_s: float = MAX_SECONDS, search_s: float | None = None) -> list[tuple[int, int]]:
+    """[(start, end)] sample ranges of 16 kHz `audio`, each at most `max_s` long, cut at quiet points
+    in the last `search_s` seconds (default: 8 s, or 30% of a shorter `max_s`)."""
+    x, search_s = _check(audio, max_s, search_s)
     n = len(x)
     max_len = int(max_s * SAMPLE_RATE)
     if n <= max_len:
@@ -81,7 +94,7 @@ def segment_bounds(audio, max_s: float = MAX_SECONDS, search_s: float = SEARCH_S
     return bounds
 
 
-def split_audio(audio, max_s: float = MAX_SECONDS, search_s: float = SEARCH_SECONDS) -> list[np.ndarray]:
+def split_audio(audio, max_s: float = MAX_SECONDS, search_s: float | None = None) -> list[np.ndarray]:
     """The segments themselves (views of `audio`)."""
     x = np.asarray(audio)
     return [x[a:b] for a, b in segment_bounds(x, max_s, search_s)]

@@ -1023,15 +1023,16 @@ def join_segments(groups, hyps: list[str], sent: list[int]) -> tuple[list[str], 
 
 def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, split: str = "test", seed: int = 0,
                     with_similarity: bool = True, progress: bool = True, system: str | None = None,
-                    backend: str = "torch", data=None, max_segment_s: float = 30.0) -> list[dict]:
+                    backend: str = "torch", data=None, max_segment_s: float | None = None) -> list[dict]:
     """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint
     (or jsc='identity': the unsplit model's features); each figure has its 95% interval beside it
     (`wer_ci95` ..., see score_row) and the row names its text normaliser.
 
     `k`: None (the codec's k), an int k' <= k, or 'auto' (the checkpoint's rate policy per SNR).
     `data`: Utterances to measure on (e.g. semcom.tasks.audiofolder.load_audiofolder) instead of
-    the first `n` of the built-in `split`; recordings longer than `max_segment_s` are sent as
-    several messages and their transcripts joined (rows then carry `segments`).
+    the first `n` of the built-in `split`; recordings longer than `max_segment_s` (default:
+    runtime.segment.default_segment_s) are sent as several messages and their transcripts
+    joined (rows then carry `segments` and `segment_s`).
     Encoder outputs come from the feature cache (fp16-rounded), the rest runs as on the link.
     """
     from semedge.semcom.channel_spec import parse_snr
@@ -1045,6 +1046,9 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
         examples = speech_examples(base, split, n, progress=progress, encoder=device_encoder(ck))
         groups, refs, tokens = [[i] for i in range(len(examples))], [e.text for e in examples], 96
     else:
+        from semedge.runtime.segment import default_segment_s
+
+        max_segment_s = max_segment_s or default_segment_s(codec.cfg.identity)
         examples, groups, tokens = data_examples(base, data, device_encoder(ck), max_segment_s, progress)
         refs = [u.text for u in data]
     silence = silence_encoding(base)
@@ -1060,7 +1064,7 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
             row = {"system": name, "channel": ch, "snr_db": s, "k_sent": kk, "n": len(refs),
                    "channel_uses": float(np.mean(uses)), **score_row(refs, hyps, with_similarity)}
             if data is not None:
-                row["segments"] = len(examples)
+                row.update(segments=len(examples), segment_s=max_segment_s)
             rows.append(row)
             if progress:
                 print(f"  {name} {ch} {s:g} dB: WER {fmt_ci(row['wer_ci95'])}  uses {row['channel_uses']:.0f}", flush=True)

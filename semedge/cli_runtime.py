@@ -17,28 +17,84 @@ from semedge.semcom.errors import UserError
 device_app = typer.Typer(no_args_is_help=True, help="Run a package on this device and talk to a server.")
 
 
+def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[list, list | None]:
+    """(symbols per message, [(start, end)] sample ranges or None): audio longer than `segment_s`
+    (default: runtime.segment.default_segment_s) is cut at quiet points, one message per segment."""
+    if wav is not None:
+        if pkg.kind != "speech":
+            raise UserError(f"package {pkg.package_id} is a text model", "use --text")
+        from semedge.runtime.segment import default_segment_s, segment_bounds
+        from semedge.semcom.tasks.speech import read_wav
+
+        audio = read_wav(wav)
+        bounds = segment_bounds(audio, segment_s or default_segment_s(pkg.identity))
+        return [runner.encode_audio(audio[a:b], k_keep=k_keep) for a, b in bounds], bounds
+    if pkg.kind != "text":
+        raise UserError(f"package {pkg.package_id} is a speech model", "use --wav")
+    return [runner.encode_text(text, k_keep=k_keep)], None
+
+
+def _send_all(server: str, pkg, messages: list, timeout: float, **link) -> list[dict]:
+    """Each message in its own request, over one connection, in order."""
+    import httpx
+
+    from semedge.runtime.client import send
+
+    with httpx.Client(timeout=timeout) as c:
+        return [send(server, pkg.package_id, m, timeout=timeout, client=c, **link) for m in messages]
+
+
+def _summed(timings: list[dict]) -> dict:
+    """The server's timings summed over the requests (one request: as the server gave them)."""
+    return {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in timings[0]}
+
+
+def _result(pkg, runner, channel: str, snr_db: float, messages: list, bounds, answers: list, times: tuple) -> dict:
+    from semedge.runtime.link import channel_uses
+    from semedge.runtime.segment import describe, join_texts
+
+    t_dev, t_all = times
+    texts = [a["text"][0] for a in answers]
+    out = {
+        "text": join_texts(texts),
+        "package": pkg.package_id,
+        "channel": channel,
+        "snr_db": snr_db if math.isfinite(snr_db) else "inf",
+        "tokens": sum(int(m.shape[0]) for m in messages),
+        "symbols_per_token": int(messages[0].shape[1]),
+        "channel_uses": sum(channel_uses(m.size) for m in messages),
+        "messages": len(messages),
+        "providers": runner.providers,
+        "timings_ms": {"device": round(1000 * t_dev, 2), "server": _summed([a["timings_ms"] for a in answers]),
+                       "round_trip": round(1000 * (t_all - t_dev), 2), "total": round(1000 * t_all, 2)},
+    }
+    if bounds is not None:
+        out["segments"] = [{**d, "text": t, "tokens": int(m.shape[0]), "channel_uses": channel_uses(m.size)}
+                           for d, t, m in zip(describe(bounds), texts, messages)]
+    return out
+
+
 @device_app.command("run")
 def device_run(
     package: Path = typer.Argument(..., help="the package folder (holds manifest.json)"),
-    wav: Optional[Path] = typer.Option(None, help="an audio file to send (speech packages)"),
+    wav: Optional[Path] = typer.Option(None, help="an audio file to send (speech packages; longer than --segment-s: one message per segment)"),
     text: Optional[str] = typer.Option(None, help="a sentence to send (text packages)"),
     server: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     channel: str = typer.Option("awgn", help="link simulated on the device: none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
     snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
     k_keep: Optional[int] = typer.Option(None, "--k-keep", help="send only the first K symbols per token (renormalised)"),
+    segment_s: Optional[float] = typer.Option(None, "--segment-s", help="audio longer than this is cut at quiet points and sent as several messages (1-30; default 30 for an identity-codec package, 6 for a trained codec)"),
     profile: Optional[str] = typer.Option(None, help="device profile whose execution providers and threads to use"),
     seed: Optional[int] = typer.Option(None, help="channel noise seed (default: random)"),
     dtype: str = typer.Option("float32", help="wire format of the symbols: float32 or float16"),
     timeout: float = typer.Option(60.0, help="seconds to wait for the server"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Encode one message with the package's ONNX device half, send it through the link to the server, print the text."""
+    """Encode a message (a long recording: one per segment) with the package's ONNX device half, send it through the link to the server, print the text."""
     import time
 
     import numpy as np
 
-    from semedge.runtime.client import send
-    from semedge.runtime.link import channel_uses
     from semedge.runtime.package import Package
     from semedge.runtime.runner import DeviceRunner
     from semedge.semcom.channel_spec import parse_channel, parse_snr
@@ -57,37 +113,16 @@ def device_run(
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
         raise UserError(f"--k-keep {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
     t0 = time.perf_counter()
-    if wav is not None:
-        if pkg.kind != "speech":
-            raise UserError(f"package {pkg.package_id} is a text model", "use --text")
-        from semedge.semcom.tasks.speech import read_wav
-
-        symbols = runner.encode_audio(read_wav(wav), k_keep=k_keep)
-    else:
-        if pkg.kind != "text":
-            raise UserError(f"package {pkg.package_id} is a speech model", "use --wav")
-        symbols = runner.encode_text(text, k_keep=k_keep)
+    messages, bounds = _messages(runner, pkg, wav, text, k_keep, segment_s)
     t_dev = time.perf_counter() - t0
-    out = send(server, pkg.package_id, symbols, timeout=timeout, channel=channel, snr_db=snr_db,
-               rng=np.random.default_rng(seed), dtype=dtype)
-    t_all = time.perf_counter() - t0
-    result = {
-        "text": out["text"][0],
-        "package": pkg.package_id,
-        "channel": channel,
-        "snr_db": snr_db if math.isfinite(snr_db) else "inf",
-        "tokens": int(symbols.shape[0]),
-        "symbols_per_token": int(symbols.shape[1]),
-        "channel_uses": channel_uses(symbols.size),
-        "providers": runner.providers,
-        "timings_ms": {"device": round(1000 * t_dev, 2), "server": out["timings_ms"],
-                       "round_trip": round(1000 * (t_all - t_dev), 2), "total": round(1000 * t_all, 2)},
-    }
+    answers = _send_all(server, pkg, messages, timeout, channel=channel, snr_db=snr_db, rng=np.random.default_rng(seed), dtype=dtype)
+    result = _result(pkg, runner, channel, snr_db, messages, bounds, answers, (t_dev, time.perf_counter() - t0))
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(result["text"])
-    typer.echo(f"[{result['tokens']} tokens x {result['symbols_per_token']} symbols = {result['channel_uses']} channel uses, "
+    parts = f" in {result['messages']} messages" if result["messages"] > 1 else ""
+    typer.echo(f"[{result['tokens']} tokens x {result['symbols_per_token']} symbols = {result['channel_uses']} channel uses{parts}, "
                f"{channel} {snr} dB; device {result['timings_ms']['device']:.0f} ms, "
                f"round trip {result['timings_ms']['round_trip']:.0f} ms]", err=True)
 

@@ -30,9 +30,9 @@ def _threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-def _eval_data(data: Optional[Path], n: Optional[int], segment_s: float):
+def _eval_data(data: Optional[Path], n: Optional[int], segment_s: Optional[float]):
     """The user's recordings for `semedge eval --data` (all rows checked first), or None for the built-in split."""
-    if not 1.0 <= segment_s <= 30.0:
+    if segment_s is not None and not 1.0 <= segment_s <= 30.0:
         raise UserError(f"--segment-s {segment_s:g} is out of range", "give 1 to 30 seconds (Whisper's window is 30 s)")
     if data is None:
         return None
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         n: Optional[int] = typer.Option(None, "--n", help="utterances: the first N of --split (default 200) or of --data's rows (default all)"),
         split: str = typer.Option("test", "--split"),
         data: Optional[Path] = typer.Option(None, "--data", help="your recordings instead of --split: a folder with metadata.csv (file_name,transcription) and WAV/FLAC/OGG files (Hugging Face audiofolder)"),
-        segment_s: float = typer.Option(30.0, "--segment-s", help="recordings longer than this are cut at quiet points and sent as several messages (at most 30)"),
+        segment_s: Optional[float] = typer.Option(None, "--segment-s", help="recordings longer than this are cut at quiet points and sent as several messages (1-30; default 30 for --jsc identity, 6 for a trained codec)"),
         out: Path = typer.Option(Path("eval"), "--out", help="writes OUT.json and OUT.png"),
         seed: int = typer.Option(0, "--seed"),
         no_similarity: bool = typer.Option(False, "--no-similarity", help="skip the sentence-embedding similarity"),
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
         out = Path(out)
         args = {"model": model, "jsc": jsc, "channels": chans, "snr": snr, "k": k, "n": rows[0]["n"] if rows else n}
         if data is not None:
-            args.update(data=str(data), segment_s=segment_s)
+            args.update(data=str(data), segment_s=rows[0].get("segment_s") if rows else segment_s)
         write_json({"rows": rows, "args": args, "normalizer": rows[0].get("normalizer") if rows else None,
                     "interval": "bootstrap 95% over utterances (semcom.stats)"}, out.with_suffix(".json"))
         plot_results(rows, out.with_suffix(".png"))

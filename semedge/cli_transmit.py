@@ -49,20 +49,68 @@ def _k_to_send(k_opt, ckpt, loaded, snr_db: float) -> int | None:
     return None if kk == ckpt.k else kk
 
 
+def _inputs(loaded, model: str, text, wav, segment_s: float) -> tuple[list, list | None]:
+    """(messages, [(start, end)] sample ranges or None): speech longer than `segment_s` is cut
+    at quiet points (runtime.segment) and each segment is sent as its own message."""
+    if loaded.kind != "speech":
+        if wav is not None:
+            raise UserError(f"{model} is a text model; --wav needs a speech model", "pass --text instead")
+        return [text], None
+    from semedge.runtime.segment import segment_bounds
+    from semedge.semcom.tasks.speech import read_wav, synthesize
+
+    audio = synthesize(text) if text is not None else read_wav(wav)
+    bounds = segment_bounds(audio, segment_s)
+    return [audio[a:b] for a, b in bounds], bounds
+
+
+def _reference(split, inputs, text, reference, tokens: int) -> tuple[str, str]:
+    from semedge.runtime.segment import join_texts
+    from semedge.semcom.system import unsplit_outputs
+
+    if text is not None:
+        return text, "text"
+    if reference is not None:
+        return reference, "given"
+    return join_texts(unsplit_outputs(split, inputs, max_new_tokens=tokens)), "unsplit-model"
+
+
+def _segments_json(bounds, res) -> list[dict]:
+    from semedge.runtime.segment import describe
+
+    return [{**d, "transcript": h, "symbols_sent": s, "tokens_sent": t}
+            for d, h, s, t in zip(describe(bounds), res.hyps, res.symbols_sent, res.tokens_sent)]
+
+
+def _print(out: dict, snr: str) -> None:
+    segs = out.get("segments") or []
+    if len(segs) > 1:
+        for i, sg in enumerate(segs):
+            typer.echo(f"segment {i + 1}/{len(segs)} {sg['start_s']:.1f}-{sg['end_s']:.1f} s: {sg['transcript']}")
+    typer.echo(f"transcript : {out['transcript']}")
+    typer.echo(f"reference  : {out['reference']}  ({out['reference_source']})")
+    parts = f" in {len(segs)} messages" if len(segs) > 1 else ""
+    typer.echo(
+        f"WER {out['wer']:.3f}  BLEU {out['bleu']:.1f}  similarity {out['similarity']:.3f}  |  "
+        f"{out['channel']} {snr} dB, {out['symbols_sent']} real symbols ({out['tokens_sent']} tokens x k={out['k']}){parts}, codec {out['codec']}"
+    )
+
+
 def transmit(
     model: str = typer.Option("whisper-base", help="model source: whisper-base, whisper-tiny.en, a local HF checkpoint dir, or a hub id"),
     channel: str = typer.Option("awgn", help="none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
     snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
     text: Optional[str] = typer.Option(None, help="text to speak with espeak-ng (speech models) or to send (text models)"),
-    wav: Optional[Path] = typer.Option(None, help="a WAV file to send (speech models)"),
+    wav: Optional[Path] = typer.Option(None, help="an audio file to send (speech models; WAV/FLAC/OGG, any rate; longer than --segment-s: several messages)"),
     reference: Optional[str] = typer.Option(None, help="reference transcript for --wav (default: the unsplit model's own output)"),
     k: Optional[str] = typer.Option(None, help="symbols per token to send: up to the codec's k (down to its --rate-min), or 'auto' (rate policy by SNR)"),
     jsc: Optional[Path] = typer.Option(None, help="a JSC checkpoint (safetensors + manifest) from `semedge train`"),
     frames: str = typer.Option("content", help="speech: 'content' (utterance frames + shared silence fill) or 'all' (the padded 30 s window)"),
+    segment_s: Optional[float] = typer.Option(None, "--segment-s", help="speech longer than this is cut at quiet points into segments, each sent as its own message (1-30; default 30 for --jsc identity, 6 for a trained codec)"),
     seed: int = typer.Option(0, help="channel noise seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Send one message through device half -> channel -> server half; print the output and metrics."""
+    """Send one message (a long recording: one per segment) through device half -> channel -> server half; print the output and metrics."""
     from semedge.semcom.channel_spec import parse_channel, parse_snr
 
     snr_db = parse_snr(snr)
@@ -73,65 +121,40 @@ def transmit(
     if (text is None) == (wav is None):
         raise UserError("give exactly one of --text or --wav", 'e.g. --text "the boy threw the ball"')
 
+    from semedge.runtime.segment import default_segment_s, join_texts, new_tokens_for
+    from semedge.semcom.checkpoint import device_encoder, load_for_inference
     from semedge.semcom.models import load_model
+    from semedge.semcom.split import build_split
+    from semedge.semcom.system import run_link
 
     loaded = load_model(model)
-    if loaded.kind == "speech":
-        from semedge.semcom.tasks.speech import read_wav, synthesize
-
-        audio = synthesize(text) if text is not None else read_wav(wav)
-        inputs = [audio]
-    else:
-        if wav is not None:
-            raise UserError(f"{model} is a text model; --wav needs a speech model", "pass --text instead")
-        inputs = [text]
-
-    from semedge.semcom.split import build_split
-    from semedge.semcom.system import run_link, unsplit_outputs
-
-    from semedge.semcom.checkpoint import load_for_inference
-
     receiver, ckpt = load_for_inference(loaded, None if jsc is None else str(jsc))
+    inputs, bounds = _inputs(loaded, model, text, wav, segment_s or default_segment_s(ckpt is None))
     k_keep = _k_to_send(k_opt, ckpt, loaded, snr_db)
-    from semedge.semcom.checkpoint import device_encoder
-
     split = build_split(receiver, None if ckpt is None else ckpt.codec, encoder=device_encoder(ckpt))
-    res = run_link(split, inputs, channel=channel, snr_db=snr_db, k_keep=k_keep, frames=frames, seed=seed)
-    hyp = res.hyps[0]
-    if text is not None:
-        ref, ref_source = text, "text"
-    elif reference is not None:
-        ref, ref_source = reference, "given"
-    else:
-        ref, ref_source = unsplit_outputs(split, inputs)[0], "unsplit-model"
+    tokens = new_tokens_for(max(len(a) for a in inputs) / 16000) if bounds else 96
+    res = run_link(split, inputs, channel=channel, snr_db=snr_db, k_keep=k_keep, frames=frames, seed=seed, max_new_tokens=tokens)
+    hyp = join_texts(res.hyps)
+    ref, ref_source = _reference(split, inputs, text, reference, tokens)
 
     from semedge.semcom.metrics import score
 
     m = score([ref], [hyp])
     out = {
-        "transcript": hyp,
-        "reference": ref,
-        "reference_source": ref_source,
-        "wer": m["wer"],
-        "bleu": m["bleu"],
-        "similarity": m["similarity"],
-        "snr_db": snr_db if math.isfinite(snr_db) else "inf",
-        "channel": channel,
-        "symbols_sent": res.symbols_sent[0],
-        "tokens_sent": res.tokens_sent[0],
-        "k": k_keep or split.k,
-        "model": loaded.source,
+        "transcript": hyp, "reference": ref, "reference_source": ref_source,
+        "wer": m["wer"], "bleu": m["bleu"], "similarity": m["similarity"],
+        "snr_db": snr_db if math.isfinite(snr_db) else "inf", "channel": channel,
+        "symbols_sent": sum(res.symbols_sent), "tokens_sent": sum(res.tokens_sent),
+        "channel_uses": sum((x + 1) // 2 for x in res.symbols_sent), "messages": len(inputs),
+        "k": k_keep or split.k, "model": loaded.source,
         "codec": "identity" if split.codec.cfg.identity else f"jsc k={split.k}",
     }
+    if bounds is not None:
+        out["segments"] = _segments_json(bounds, res)
     if as_json:
         typer.echo(json.dumps(out))
         return
-    typer.echo(f"transcript : {hyp}")
-    typer.echo(f"reference  : {ref}  ({ref_source})")
-    typer.echo(
-        f"WER {m['wer']:.3f}  BLEU {m['bleu']:.1f}  similarity {m['similarity']:.3f}  |  "
-        f"{channel} {snr} dB, {out['symbols_sent']} real symbols ({out['tokens_sent']} tokens x k={out['k']}), codec {out['codec']}"
-    )
+    _print(out, snr)
 
 
 def register(app: typer.Typer) -> None:
