@@ -56,7 +56,17 @@ def wer_cell(refs, hyps, base_hyps=None) -> dict:
     return cell
 
 
-def family_rows(fam: str, n: int, codecs: dict, base, backend: str, seed: int, k: int | None = None) -> list[dict]:
+def parse_conditions(text: str) -> tuple:
+    """'clean,awgn:10,rayleigh:5' -> (("none", inf), ("awgn", 10.0), ("rayleigh", 5.0))."""
+    out = []
+    for c in text.split(","):
+        ch, _, snr = c.strip().partition(":")
+        out.append(("none", math.inf) if ch in ("clean", "none") else (ch, float(snr)))
+    return tuple(out)
+
+
+def family_rows(fam: str, n: int, codecs: dict, base, backend: str, seed: int, k: int | None = None,
+                conditions=CONDITIONS) -> list[dict]:
     from semedge.semcom.checkpoint import device_encoder
     from semedge.semcom.train import speech_examples, transmit_examples
 
@@ -71,7 +81,7 @@ def family_rows(fam: str, n: int, codecs: dict, base, backend: str, seed: int, k
         ex = plain if enc is None else speech_examples(base, "test", n, family=fam, encoder=enc)
         held = fam not in trained_families(ck)
         kk = k if k is not None and k < ck.codec.cfg.k else None  # nested codecs send their first k symbols
-        for ch, snr in CONDITIONS:
+        for ch, snr in conditions:
             hyps, sent = transmit_examples(rx, ck.codec, ex, ch, snr, k_keep=kk, seed=seed, backend=backend)
             rows.append({"family": fam, "system": name, "held_out": held, "channel": ch, "snr_db": snr, "n": len(refs),
                          "channel_uses": sum((s + 1) // 2 for s in sent) / len(sent), **wer_cell(refs, hyps, unsplit),
@@ -100,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--backend", default="ct2", choices=("ct2", "ct2-float32", "torch"), help="server decoder")
     ap.add_argument("--k", type=int, default=None, help="send the first K symbols per token of codecs wider than K (nested)")
+    ap.add_argument("--conditions", default="clean,awgn:10,awgn:5,awgn:0,rayleigh:5", help="channel:SNR list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "voices.json"))
     a = ap.parse_args(argv)
@@ -115,7 +126,7 @@ def main(argv=None) -> int:
         codecs[name or Path(path).name] = load_for_inference(base, path)
     rows = []
     for fam in a.families.split(","):
-        rows += family_rows(fam, n, codecs, base, a.backend, a.seed, a.k)
+        rows += family_rows(fam, n, codecs, base, a.backend, a.seed, a.k, parse_conditions(a.conditions))
     out = {"n_per_family": n, "backend": a.backend, "k_sent": a.k, "normalizer": "whisper-english", "codecs": {
         k: {"path": str(ck.path), "trained_on": trained_families(ck)} for k, (_, ck) in codecs.items()},
         "rows": rows, "command": "python benchmarks/voices.py " + " ".join(sys.argv[1:] if argv is None else argv),
