@@ -162,3 +162,18 @@ def test_tie_rule_is_a_paired_bootstrap():
     # a shorter list (fewer utterances scored) is compared on the prefix both have
     d = tie_diffs({"a": a, "short": errs["worse"][:30]}, {"a": corpus_wer(a), "short": corpus_wer(errs["worse"][:30])})
     assert d["short"]["n"] == 30 and d["short"]["worse"]
+
+
+def test_planner_matches_its_oracle(first, loaded, profiles):
+    """The oracle evaluates every fitting candidate in full; the planner's pick is the oracle's, or
+    not significantly worse than the oracle's best (the tie rule), as benchmarks/planner.py checks."""
+    res, work, _ = first
+    oracle = plan_devices(loaded, profiles, candidates=PLANS, n_cheap=2, n_full=3, workdir=work / "cache",
+                          progress=False, realise=False, full_share=1.0, shortlist=len(PLANS))
+    for d, info in res["devices"].items():
+        o = oracle["devices"][d]
+        assert set(o["vs_best_by_plan"]) >= {info["chosen"]}
+        vs = o["vs_best_by_plan"][info["chosen"]]
+        assert info["chosen"] == o["chosen"] or not vs["worse"], (d, info["chosen"], o["chosen"], vs)
+        lo, hi = o["wer_ci95"]["ci95"]
+        assert lo <= o["wer"] + 1e-9 and o["wer"] <= hi + 1e-9 and o["tie_rule"]
