@@ -218,7 +218,7 @@ def test_eval_takes_snrs_after_one_flag(monkeypatch, tmp_path):
 
     def fake(model, jsc, chans, snrs, **kw):  # noqa: ARG001
         seen["snrs"] = list(snrs)
-        return [{"system": "s", "channel": "awgn", "snr_db": s, "wer": 0.1, "bleu": 1.0, "channel_uses": 1.0} for s in snrs]
+        return [{"system": "s", "channel": "awgn", "snr_db": s, "wer": 0.1, "bleu": 1.0, "channel_uses": 1.0, "n": 10} for s in snrs]
 
     monkeypatch.setattr(T, "evaluate_system", fake)
     monkeypatch.setattr(T, "plot_results", lambda rows, path: None)
