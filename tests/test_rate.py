@@ -27,7 +27,8 @@ def test_cut_is_exactly_truncation():
     with torch.no_grad():
         x_full = c.encoder(h, k_keep=6)[..., :6]
         x_cut = small.encoder(h)
-        assert torch.equal(x_full, x_cut)
+        # The same arithmetic up to float rounding: BLAS may sum a 6-row and a 16-row matmul in another order.
+        assert torch.allclose(x_full, x_cut, rtol=0, atol=2e-6)
         y = x_cut + 0.1 * torch.randn_like(x_cut)
         assert torch.allclose(c.decoder(y), small.decoder(y), atol=1e-6)
     with pytest.raises(UserError):
