@@ -25,9 +25,10 @@ from semedge.semcom.errors import UserError
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0  # Whisper's window: the default for unsplit features (the identity codec)
-# A trained JSC codec learned short utterances (espeak-ng, 4-20 words, under ~9 s): on a 56.6 s
-# recording at 10 dB AWGN (whisper-base, k=40 codec) WER was 1.79 with 30 s segments (a repetition
-# loop), 0.77 with 10 s, 0.54 with 6 s; unsplit features read it at 0.15 (30 s) and 0.20 (10 s).
+# A trained JSC codec learned short utterances (4-20 words, under ~9 s): on a 56.6 s recording at
+# 10 dB AWGN (whisper-base) the k=40 codec read WER 1.79 with 30 s segments (a repetition loop),
+# 0.77 with 10 s, 0.54 with 6 s; the retrained k=64 default 0.92 / 1.02 (loops) / 0.52; unsplit
+# features 0.15 (30 s) and 0.20 (10 s). docs/split.md has the table.
 CODEC_SECONDS = 6.0
 SEARCH_SECONDS = 8.0  # where a cut may go: the last 8 s before a segment reaches MAX_SECONDS
 SEARCH_SHARE = 0.3  # ... or the last 30% of a shorter segment
