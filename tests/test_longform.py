@@ -139,19 +139,11 @@ def test_transmit_long_wav_is_several_messages(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import torch
-
-    from semedge.export.package import build_package
+    from conftest import tiny_whisper_package
     from semedge.runtime.package import Package
     from semedge.runtime.server import ServerConfig, create_app, serve_in_thread
-    from semedge.semcom.jsc import JSCCodec, JSCConfig
-    from semedge.semcom.models import tiny_model
-    from semedge.semcom.split import build_split
 
-    loaded = tiny_model("whisper")
-    torch.manual_seed(1)
-    split = build_split(loaded, JSCCodec(JSCConfig(d_model=64, k=16, hidden=64)))
-    path = build_package(split, tmp_path_factory.mktemp("pkgs") / "tiny")
+    loaded, _, path = tiny_whisper_package(tmp_path_factory.mktemp("pkgs") / "tiny")
     cfg = ServerConfig(max_new_tokens=8, backend="torch")
     with serve_in_thread(create_app([Package.load(path)], loader=lambda src: loaded, config=cfg)) as url:
         yield path, url

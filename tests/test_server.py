@@ -24,14 +24,9 @@ LIMIT = 256 * 1024
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from semedge.semcom.jsc import JSCCodec, JSCConfig
-    from semedge.semcom.models import tiny_model
-    from semedge.semcom.split import build_split
+    from conftest import tiny_whisper_package
 
-    loaded = tiny_model("whisper")
-    torch.manual_seed(1)
-    split = build_split(loaded, JSCCodec(JSCConfig(d_model=64, k=16, hidden=64)))
-    path = build_package(split, tmp_path_factory.mktemp("pkgs") / "tiny")
+    loaded, split, path = tiny_whisper_package(tmp_path_factory.mktemp("pkgs") / "tiny")
     pkg = Package.load(path)
     # torch backend: the answers are compared with the in-process torch decoder token for token
     cfg = ServerConfig(max_body_bytes=LIMIT, max_batch=8, max_wait_ms=10, max_new_tokens=MAX_NEW, backend="torch")
