@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from semedge.runtime.features import N_FRAMES
-from semedge.semcom.errors import UserError
+from semedge.core.frames import N_FRAMES
+from semedge.core.errors import UserError
 
 _ORT_NP = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -32,8 +32,12 @@ _ORT_NP = {
 
 
 def session(model_path: str | Path, threads: int = 1, providers: list[str] | None = None,
-            profile_prefix: str | None = None):
-    """An ORT session with `threads` intra-op threads, sequential execution."""
+            profile_prefix: str | None = None, provider_options: list[dict] | None = None):
+    """An ORT session with `threads` intra-op threads, sequential execution.
+
+    providers without provider_options: the ones this build lacks are dropped (CPU at worst);
+    with provider_options (from runtime.providers.provider_plan) they are used as given.
+    """
     import onnxruntime as ort
 
     p = Path(model_path)
@@ -47,13 +51,17 @@ def session(model_path: str | Path, threads: int = 1, providers: list[str] | Non
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    avail = set(ort.get_available_providers())
-    provs = [pr for pr in (providers or ["CPUExecutionProvider"]) if pr in avail] or ["CPUExecutionProvider"]
+    if provider_options is None:
+        avail = set(ort.get_available_providers())
+        provs = [pr for pr in (providers or ["CPUExecutionProvider"]) if pr in avail] or ["CPUExecutionProvider"]
+        provider_options = [{} for _ in provs]
+    else:
+        provs = list(providers)
     try:
-        return ort.InferenceSession(str(p), so, providers=provs)
+        return ort.InferenceSession(str(p), so, providers=provs, provider_options=provider_options)
     except Exception as e:
-        raise UserError(f"{p}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})",
-                        "re-export the model or check its opset")
+        raise UserError(f"{p}: ONNX Runtime cannot load it with {provs[0]} ({str(e).splitlines()[0][:200]})",
+                        "re-export the model, check its opset, or check the --ep options")
 
 
 def input_lengths(sess) -> bool:
@@ -121,36 +129,60 @@ def time_onnx(model_path, length: int | None = None, threads: int = 1, runs: int
     return out
 
 
-def summarize_ops(events: list[dict], top: int = 10) -> list[dict]:
-    """Sum ORT profile 'Node' events by op type: total ms, share, node-runs, sorted by time."""
-    tot: dict[str, list[float]] = {}
-    for ev in events:
-        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
-            continue
-        op = ev.get("args", {}).get("op_name", "?")
-        d = tot.setdefault(op, [0.0, 0])
+def _node_events(events: list[dict]) -> list[dict]:
+    """ORT profile events of node kernels (one per node per run)."""
+    return [ev for ev in events
+            if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time")]
+
+
+def summarize_ops(events: list[dict], top: int | None = 10) -> list[dict]:
+    """Sum ORT profile node events by op type: total ms, share, node-runs and the EP(s) that ran them."""
+    tot: dict[str, list] = {}
+    for ev in _node_events(events):
+        args = ev.get("args", {})
+        d = tot.setdefault(args.get("op_name", "?"), [0.0, 0, set()])
         d[0] += ev.get("dur", 0) / 1e3
         d[1] += 1
+        d[2].add(str(args.get("provider", "?")))
     total = sum(v[0] for v in tot.values()) or 1.0
-    rows = [{"op": k, "ms": round(v[0], 3), "share": round(v[0] / total, 4), "count": int(v[1])}
-            for k, v in tot.items()]
+    rows = [{"op": k, "ms": round(v[0], 3), "share": round(v[0] / total, 4), "count": int(v[1]),
+             "providers": sorted(v[2])} for k, v in tot.items()]
     rows.sort(key=lambda r: -r["ms"])
-    return rows[:top]
+    return rows[:top] if top else rows
+
+
+def summarize_providers(events: list[dict]) -> dict[str, dict]:
+    """Which EP ran which nodes, from the profile: per provider, its nodes (names), node-runs, ms, share."""
+    out: dict[str, dict] = {}
+    for ev in _node_events(events):
+        prov = str(ev.get("args", {}).get("provider", "?"))
+        d = out.setdefault(prov, {"nodes": set(), "ms": 0.0})
+        d["nodes"].add(str(ev["name"]).removesuffix("_kernel_time"))
+        d["ms"] += ev.get("dur", 0) / 1e3
+    total = sum(d["ms"] for d in out.values()) or 1.0
+    return {p: {"n_nodes": len(d["nodes"]), "nodes": sorted(d["nodes"]), "ms": round(d["ms"], 3),
+                "share": round(d["ms"] / total, 4)} for p, d in out.items()}
 
 
 def op_profile(model_path, length: int | None = None, threads: int = 1, runs: int = 5,
-               providers: list[str] | None = None, top: int = 10) -> list[dict]:
-    """ONNX Runtime's per-operator profile of `runs` runs (after one warm-up), by op type."""
+               providers: list[str] | None = None, top: int | None = 10,
+               provider_options: list[dict] | None = None, with_providers: bool = False):
+    """ONNX Runtime's per-operator profile of `runs` runs (after one warm-up), by op type.
+
+    with_providers: (ops, per-EP node assignment) instead of ops alone.
+    """
     with tempfile.TemporaryDirectory() as d:
-        s = session(model_path, threads, providers, profile_prefix=str(Path(d) / "ort"))
+        s = session(model_path, threads, providers, profile_prefix=str(Path(d) / "ort"),
+                    provider_options=provider_options)
         feeds = make_inputs(s, length)
         s.run(None, feeds)
         for _ in range(runs):
             s.run(None, feeds)
         prof = s.end_profiling()
         events = json.loads(Path(prof).read_text())
-    # drop the warm-up run: keep the last `runs` occurrences per node is overkill; shares barely move
-    return summarize_ops(events, top)
+    # the warm-up run is included: shares barely move
+    ops = summarize_ops(events, top)
+    return (ops, summarize_providers(events)) if with_providers else ops
 
 
 # ---------------------------------------------------------------- peak RSS in a subprocess
@@ -172,7 +204,8 @@ def _maxrss_mb() -> float:
 
 def _rss_child(args: dict) -> dict:
     base = _maxrss_mb()
-    s = session(args["model"], args.get("threads", 1), args.get("providers"))
+    s = session(args["model"], args.get("threads", 1), args.get("providers"),
+                provider_options=args.get("provider_options"))
     loaded = _maxrss_mb()
     out = {}
     for length in args.get("lengths") or [None]:
@@ -195,13 +228,14 @@ def _run_child(mode: str, args: dict, timeout: float = 600) -> dict:
 
 
 def peak_rss(model_path, lengths: list[int | None] | None = None, threads: int = 1,
-             providers: list[str] | None = None) -> dict:
+             providers: list[str] | None = None, provider_options: list[dict] | None = None) -> dict:
     """Peak RSS (MB) of a fresh process that imports ORT, loads the model and runs it.
 
     Peaks are cumulative: lengths run in the given order, so give them ascending.
     """
     return _run_child("rss", {"model": str(model_path), "lengths": list(lengths or [None]),
-                              "threads": threads, "providers": providers})
+                              "threads": threads, "providers": providers,
+                              "provider_options": provider_options})
 
 
 # ---------------------------------------------------------------- bench (on the target)
@@ -217,9 +251,10 @@ def _host_info() -> dict:
 
 
 def bench_onnx(model_path, lengths: list[int | None] | None = None, runs: int = 20, warmup: int = 3,
-               threads: int = 1, providers: list[str] | None = None, rss: bool = True) -> dict:
+               threads: int = 1, providers: list[str] | None = None, rss: bool = True,
+               provider_options: list[dict] | None = None) -> dict:
     """Latency (p50/p95/p99) and peak RSS per input length of one ONNX model on this machine."""
-    s = session(model_path, threads, providers)
+    s = session(model_path, threads, providers, provider_options=provider_options)
     if lengths and not input_lengths(s):
         lengths = [None]  # fixed-shape model: one entry
     lengths = list(lengths or [None])
@@ -227,16 +262,18 @@ def bench_onnx(model_path, lengths: list[int | None] | None = None, runs: int = 
     for length in lengths:
         r = time_onnx(model_path, length, threads, runs, warmup, sess=s)
         rows.append(r)
+    s_providers = s.get_providers()  # what the session registered, in order
     del s
     if rss:
-        mem = peak_rss(model_path, sorted(lengths, key=lambda v: -1 if v is None else v), threads, providers)
+        mem = peak_rss(model_path, sorted(lengths, key=lambda v: -1 if v is None else v), threads, providers,
+                       provider_options)
         for r in rows:
             r["peak_rss_mb"] = mem["peak_mb"][str(r["length"])]
         base = mem["baseline_mb"]
     else:
         base = None
-    return {"model": str(model_path), "threads": threads, "providers": providers or ["CPUExecutionProvider"],
-            "baseline_rss_mb": base, "host": _host_info(), "results": rows}
+    return {"model": str(model_path), "threads": threads, "providers": list(s_providers),
+            "provider_options": provider_options, "baseline_rss_mb": base, "host": _host_info(), "results": rows}
 
 
 # ---------------------------------------------------------------- PyTorch (server half)
@@ -381,6 +418,7 @@ def measure_host(threads: int | None = None, seconds: float = 1.0):
     import onnxruntime as ort
 
     from semedge.runtime.profiles import EXECUTION_PROVIDERS, DeviceProfile
+    from semedge.runtime.providers import canonical_ep
 
     cores = _cores()
     threads = int(threads or cores)
@@ -393,7 +431,7 @@ def measure_host(threads: int | None = None, seconds: float = 1.0):
     except UserError:  # no fp16 MatMul kernel on this CPU build
         fp16 = fp32
     bw = mem_bandwidth_gbs()
-    eps = [p.removesuffix("ExecutionProvider") for p in ort.get_available_providers()]
+    eps = [canonical_ep(p) for p in ort.get_available_providers()]  # ORT's priority order
     eps = [e for e in eps if e in EXECUTION_PROVIDERS] or ["CPU"]
     date = _dt.date.today().isoformat()
     machine = f"{_cpu_name()}, {cores} cores, {platform.system()} {platform.machine()}"

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from semedge.semcom.files import write_atomic
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.files import write_atomic
+from semedge.runtime.providers import (
+    EXECUTION_PROVIDERS, PROVIDER_OPTIONS, PROVIDER_VALUES, ort_name, unit_of,
+)
 
-EXECUTION_PROVIDERS = ("CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT")
 DEVICE_CLASSES = ("phone", "jetson", "watch", "sbc", "server", "host")
 CHANNELS = ("awgn", "rayleigh", "rician")
 # Cost-model classes whose efficiency (achieved / peak) a profile may carry.
@@ -31,11 +33,44 @@ class _Strict(BaseModel):
 
 
 class PeakGflops(_Strict):
-    """Peak throughput in GFLOP/s (GOP/s for int8) over the cores/accelerator ORT runs on."""
+    """Peak throughput in GFLOP/s (GOP/s for int8) of the CPU cores ORT's CPU EP runs on
+    (with `threads`); accelerators carry their own under `accelerators`."""
 
     fp32: float = Field(gt=0)
     fp16: float = Field(gt=0)
     int8: float = Field(gt=0)
+
+
+class ExecutionProvider(_Strict):
+    """One EP of a profile: its name (profile spelling, e.g. TensorRT) and its provider options."""
+
+    name: Literal["CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT"]
+    options: dict[str, str | bool | int | float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_options(self):
+        allowed = PROVIDER_OPTIONS[self.name]
+        for key, value in self.options.items():
+            if key not in allowed:
+                raise ValueError(f"unknown option '{key}' for {self.name} "
+                                 f"(allowed: {', '.join(allowed) or 'none'})")
+            values = PROVIDER_VALUES.get((self.name, key))
+            if values and str(value) not in values:
+                raise ValueError(f"{self.name} option {key}={value!r} (allowed: {', '.join(values)})")
+        return self
+
+    @property
+    def ort_name(self) -> str:
+        return ort_name(self.name)
+
+    @property
+    def unit(self) -> str:
+        """The compute unit it runs nodes on: cpu, gpu or npu."""
+        return unit_of(self.name, self.options)
+
+    def ort_options(self) -> dict[str, str]:
+        """Options as ORT's Python API takes them (strings; booleans as 1/0)."""
+        return {k: (str(int(v)) if isinstance(v, bool) else str(v)) for k, v in self.options.items()}
 
 
 class Link(_Strict):
@@ -75,6 +110,16 @@ class Efficiency(_Strict):
     calibrated_on: str | None = None
 
 
+class UnitPeaks(_Strict):
+    """An accelerator (GPU, NPU) ORT reaches through an EP: its peaks, its memory, its fit."""
+
+    fp32: float = Field(gt=0)
+    fp16: float = Field(gt=0)
+    int8: float = Field(gt=0)
+    mem_bandwidth_gbs: float | None = Field(default=None, gt=0)  # None: the profile's (shared memory)
+    efficiency: Efficiency = Field(default_factory=Efficiency)  # fitted on this unit only
+
+
 class DeviceProfile(_Strict):
     name: str = Field(min_length=1)
     device_class: Literal["phone", "jetson", "watch", "sbc", "server", "host"]
@@ -84,24 +129,53 @@ class DeviceProfile(_Strict):
     mem_bandwidth_gbs: float = Field(gt=0)
     cores: int = Field(ge=1)
     threads: int = Field(ge=1)
-    execution_providers: list[Literal["CPU", "XNNPACK", "NNAPI", "QNN", "CoreML", "CUDA", "TensorRT"]] = Field(
-        min_length=1
-    )
+    # priority order: the first is the EP the package is built for; ORT falls back along the list
+    execution_providers: list[ExecutionProvider] = Field(min_length=1)
+    accelerators: dict[Literal["gpu", "npu"], UnitPeaks] = Field(default_factory=dict)
     latency_budget_ms: float = Field(gt=0)
     link: Link
     efficiency: Efficiency = Field(default_factory=Efficiency)
     sources: list[str] = Field(min_length=1)
     measured_on: str | None = None
 
+    @field_validator("execution_providers", mode="before")
+    @classmethod
+    def _names_to_entries(cls, v):
+        """`[TensorRT, CPU]` is shorthand for `[{name: TensorRT}, {name: CPU}]`."""
+        return [{"name": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+
     @model_validator(mode="after")
-    def _threads_le_cores(self):
+    def _consistent(self):
         if self.threads > self.cores:
             raise ValueError(f"threads ({self.threads}) > cores ({self.cores})")
+        names = [e.name for e in self.execution_providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"execution_providers lists an EP twice ({', '.join(names)})")
         return self
+
+    @property
+    def ep_names(self) -> list[str]:
+        return [e.name for e in self.execution_providers]
+
+    @property
+    def first_ep(self) -> ExecutionProvider:
+        """The EP the package is built for."""
+        return self.execution_providers[0]
 
     def ort_providers(self) -> list[str]:
         """ORT provider names for this profile's EPs (as passed to InferenceSession)."""
-        return [f"{ep}ExecutionProvider" for ep in self.execution_providers]
+        return [e.ort_name for e in self.execution_providers]
+
+    def ort_provider_options(self) -> list[dict[str, str]]:
+        """Per EP, its options as ORT takes them (same order as ort_providers)."""
+        return [e.ort_options() for e in self.execution_providers]
+
+    def unit_peaks(self, unit: str) -> tuple[PeakGflops | UnitPeaks, float] | None:
+        """(peaks, bandwidth GB/s) of a compute unit; None for an accelerator the profile has no peaks for."""
+        if unit == "cpu":
+            return self.peak_gflops, self.mem_bandwidth_gbs
+        acc = self.accelerators.get(unit)
+        return None if acc is None else (acc, acc.mem_bandwidth_gbs or self.mem_bandwidth_gbs)
 
 
 # ---------------------------------------------------------------- locations
@@ -126,10 +200,13 @@ def _fields_at(loc: tuple) -> list[str]:
     """Names of the fields allowed at the schema level of `loc` (minus its last part)."""
     model: type[BaseModel] | None = DeviceProfile
     for part in loc[:-1]:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
+        if isinstance(part, int) or (model is None and part in ("gpu", "npu")):
+            continue  # a list index or a dict key: the item's model is already current
+        if model is None or part not in model.model_fields:
             return []
         ann = model.model_fields[part].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        args = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
     return list(model.model_fields) if model else []
 
 
@@ -168,9 +245,10 @@ def _unit_of(loc: str) -> str:
 def format_errors(path: str | Path, exc: ValidationError) -> list[str]:
     out = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(file)"
-        msg = err["msg"]
-        out.append(f"{path}: {field}: {msg} (allowed: {_allowed(err)})")
+        field = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(file)"
+        msg = err["msg"].removeprefix("Value error, ")
+        tail = "" if "(allowed:" in msg else f" (allowed: {_allowed(err)})"
+        out.append(f"{path}: {field}: {msg}{tail}")
     return out
 
 
@@ -233,6 +311,10 @@ def dump_profile(prof: DeviceProfile, path: str | Path, header: str = "") -> Pat
     data = prof.model_dump(mode="json", exclude_none=True)
     if not data.get("efficiency"):
         data.pop("efficiency", None)
+    if not data.get("accelerators"):
+        data.pop("accelerators", None)
+    # an EP without options in its short form: `[XNNPACK, CPU]`
+    data["execution_providers"] = [e if e["options"] else e["name"] for e in data["execution_providers"]]
     text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     text += yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     return write_atomic(p, text)

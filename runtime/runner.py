@@ -7,25 +7,18 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from semedge.runtime.features import content_frames, log_mel, window_frames
+from semedge.core.frames import content_frames, window_frames
+from semedge.runtime.features import log_mel
 from semedge.runtime.package import Package
-from semedge.semcom.errors import UserError
+from semedge.runtime.providers import ORT_NAMES, ep_session_args, parse_ep_options, provider_plan  # noqa: F401
+from semedge.core.errors import UserError
 
-# Profile names -> ONNX Runtime provider names.
-PROVIDER_NAMES = {
-    "CPU": "CPUExecutionProvider",
-    "XNNPACK": "XnnpackExecutionProvider",
-    "NNAPI": "NnapiExecutionProvider",
-    "QNN": "QNNExecutionProvider",
-    "CoreML": "CoreMLExecutionProvider",
-    "CUDA": "CUDAExecutionProvider",
-    "TensorRT": "TensorrtExecutionProvider",
-}
+# Profile names -> ONNX Runtime provider names (runtime.providers owns them).
+PROVIDER_NAMES = dict(ORT_NAMES)
 
 
 def normalize_power(x: np.ndarray, k_keep: int | None = None, eps: float = 1e-8) -> np.ndarray:
@@ -49,32 +42,17 @@ def truncate(symbols: np.ndarray, k_keep: int | None) -> np.ndarray:
 
 
 def resolve_providers(wanted=None) -> list[str]:
-    """ORT providers to use: the wanted ones (profile names or ORT names) this machine has, then CPU."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    if wanted is None:
-        return ["CPUExecutionProvider"]
-    names = []
-    for w in wanted:
-        name = PROVIDER_NAMES.get(w, w)
-        if name not in PROVIDER_NAMES.values():
-            raise UserError(f"execution provider {w!r} is not known", f"use one of {', '.join(PROVIDER_NAMES)}")
-        names.append(name)
-    chosen = [n for n in names if n in have]
-    missing = [n for n in names if n not in have]
-    if missing:
-        warnings.warn(f"execution providers {missing} are not available in this onnxruntime build "
-                      f"(it has {have}); {'using ' + str(chosen) if chosen else 'falling back to CPU'}", stacklevel=3)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
+    """ORT providers to use: the wanted ones (profile entries or names, ORT names) this machine has, then CPU."""
+    return provider_plan(wanted)[0]
 
 
 class DeviceRunner:
     """Runs a package's device.onnx: audio or text in, channel symbols [n, k] out."""
 
-    def __init__(self, package: Package | str | Path, providers=None, threads: int | None = None):
+    def __init__(self, package: Package | str | Path, providers=None, threads: int | None = None,
+                 provider_options: list[dict] | None = None, strict: bool = False):
+        """providers: a DeviceProfile (its EPs, options, threads), EP names, or None (CPU).
+        provider_options: per wanted EP, options that override the profile's. strict: see provider_plan."""
         import onnxruntime as ort
 
         if not isinstance(package, Package):
@@ -86,13 +64,18 @@ class DeviceRunner:
             threads = threads if threads is not None else getattr(providers, "threads", None)
         elif isinstance(providers, str):
             wanted = [providers]
-        self.providers = resolve_providers(wanted)
+        self.providers, opts_list = provider_plan(wanted, strict)
+        for i, extra in enumerate(provider_options or []):
+            if i < len(opts_list):
+                opts_list[i] = {**opts_list[i], **{k: str(v) for k, v in extra.items()}}
+        self.provider_options = opts_list
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(package.onnx_path), sess_options=opts, providers=self.providers)
+        self.session = ort.InferenceSession(str(package.onnx_path), sess_options=opts, providers=self.providers,
+                                            provider_options=opts_list)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self._tokenizer = None

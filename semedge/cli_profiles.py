@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: list, show, validate, measure, calibrate.")
 
@@ -56,7 +56,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     for p in profs.values():
         typer.echo(f"{p.name:18s} {p.device_class:7s} {p.memory_budget_mb:7.0f} {p.peak_gflops.fp32:10.1f} "
                    f"{p.peak_gflops.int8:10.1f} {p.mem_bandwidth_gbs:8.1f} {p.threads:3d} {p.latency_budget_ms:9.0f}"
-                   f"  {','.join(p.execution_providers)}")
+                   f"  {','.join(p.ep_names)}")
 
 
 @profiles_app.command("show")
@@ -205,40 +205,96 @@ def profile_cmd(
         typer.echo("  top ops (ORT profile): " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in rows[0]["ops"]))
 
 
+def _session_plan(ep: Optional[str], ep_option: Optional[List[str]], profile: Optional[str]):
+    """(ORT providers, their options, threads or None) from --ep/--ep-option/--profile; strict with --ep."""
+    import warnings
+
+    from semedge.runtime.providers import ep_session_args, provider_plan
+
+    prof = None
+    if profile is not None:
+        from semedge.runtime.profiles import load_profile
+
+        prof = load_profile(profile)
+    wanted, extra, strict = ep_session_args(ep, ep_option, prof)
+    with warnings.catch_warnings():  # said once below, as a note
+        warnings.simplefilter("ignore")
+        names, opts = provider_plan(wanted, strict)
+    if prof is not None and ep is None and names[0] != prof.first_ep.ort_name:
+        typer.echo(f"note: {prof.first_ep.ort_name} (profile {prof.name}) is not in this onnxruntime build; "
+                   f"running on {names[0]}", err=True)
+    for i, o in enumerate(extra):
+        opts[i] = {**opts[i], **o}
+    return names, opts, (prof.threads if prof is not None else None)
+
+
+def _write_json(res: dict, out: Path) -> None:
+    import os
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, out)
+
+
+def _echo_bench(res: dict, runs: int) -> None:
+    typer.echo(f"{res['model']} on {res['providers'][0]} ({res['threads']} threads, {runs} runs; "
+               f"baseline RSS {res['baseline_rss_mb']} MB)")
+    for r in res["results"]:
+        typer.echo(f"  length {str(r['length']):>5s}: p50 {r['p50_ms']:9.2f} ms  p95 {r['p95_ms']:9.2f}  "
+                   f"p99 {r['p99_ms']:9.2f}  peak RSS {r.get('peak_rss_mb', float('nan')):7.1f} MB")
+    for prov, d in (res.get("node_assignment") or {}).items():
+        typer.echo(f"  {prov}: {d['n_nodes']} nodes, {100 * d['share']:.0f}% of kernel time")
+    if res.get("ops"):
+        typer.echo(f"  {'op':24s} {'ms':>9s} {'share':>6s} {'runs':>5s}  EP")
+        for o in res["ops"]:
+            typer.echo(f"  {o['op']:24s} {o['ms']:9.3f} {100 * o['share']:5.1f}% {o['count']:5d}  "
+                       f"{','.join(o['providers'])}")
+
+
 def bench_device_cmd(
     pkg: Path = typer.Argument(..., help="an .onnx file or a package folder with device.onnx"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="input lengths, e.g. 16,64,256"),
     runs: int = typer.Option(20, "--runs", help="timed runs per length"),
     warmup: int = typer.Option(3, "--warmup", help="untimed runs first"),
-    threads: int = typer.Option(1, "--threads", help="ORT intra-op threads"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: the profile's, else 1)"),
+    ep: Optional[str] = typer.Option(None, "--ep", help="execution provider: cpu, xnnpack, cuda, tensorrt, qnn, nnapi, "
+                                     "coreml; exit 2 if this onnxruntime build lacks it"),
+    ep_option: Optional[List[str]] = typer.Option(None, "--ep-option", help="KEY=VALUE provider option for --ep "
+                                                  "(repeat), e.g. trt_fp16_enable=1"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="device profile whose EPs (in order, with options) "
+                                          "and threads to use"),
+    profile_ops: bool = typer.Option(False, "--profile-ops", "--op-profile", help="add ORT's per-op profile (by op type, "
+                                     "with the EP that ran each) and the node assignment per EP"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (input of `profiles calibrate`)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON here"),
 ):
-    """Run on the target: latency (p50/p95/p99) and peak RSS per input length."""
-    import os
-    import tempfile
+    """Run on the target: latency (p50/p95/p99) and peak RSS per input length, on the chosen EP."""
+    from semedge.runtime.profiler import bench_onnx, op_profile
 
-    from semedge.runtime.profiler import bench_onnx
-
-    if runs < 1 or threads < 1 or warmup < 0:
+    if runs < 1 or (threads is not None and threads < 1) or warmup < 0:
         raise UserError("--runs and --threads must be >= 1, --warmup >= 0", "e.g. --runs 20 --threads 4")
     mpath = _resolve_model(pkg)
-    res = bench_onnx(mpath, _parse_lengths(lengths), runs=runs, warmup=warmup, threads=threads)
+    names, opts, prof_threads = _session_plan(ep, ep_option, profile)
+    threads = threads or prof_threads or 1
+    lens = _parse_lengths(lengths)
+    res = bench_onnx(mpath, lens, runs=runs, warmup=warmup, threads=threads, providers=names, provider_options=opts)
+    if profile is not None:
+        res["profile"] = profile
+    if profile_ops:
+        length = res["results"][0]["length"]
+        res["ops"], res["node_assignment"] = op_profile(mpath, length, threads, runs=min(runs, 5), providers=names,
+                                                        top=None, provider_options=opts, with_providers=True)
     if pkg.is_dir() and (pkg / "manifest.json").is_file():
         res["package"] = str(pkg)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, out)
+        _write_json(res, out)
     if as_json:
         _echo_json(res)
         return
-    typer.echo(f"{mpath} ({threads} threads, {runs} runs; baseline RSS {res['baseline_rss_mb']} MB)")
-    for r in res["results"]:
-        typer.echo(f"  length {str(r['length']):>5s}: p50 {r['p50_ms']:9.2f} ms  p95 {r['p95_ms']:9.2f}  "
-                   f"p99 {r['p99_ms']:9.2f}  peak RSS {r.get('peak_rss_mb', float('nan')):7.1f} MB")
+    _echo_bench(res, runs)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 device_app = typer.Typer(no_args_is_help=True, help="Run a package on this device and talk to a server.")
 
@@ -23,7 +23,7 @@ def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[
     if wav is not None:
         if pkg.kind != "speech":
             raise UserError(f"package {pkg.package_id} is a text model", "use --text")
-        from semedge.runtime.segment import default_segment_s, segment_bounds
+        from semedge.core.segment import default_segment_s, segment_bounds
         from semedge.semcom.tasks.speech import read_wav
 
         audio = read_wav(wav)
@@ -51,7 +51,7 @@ def _summed(timings: list[dict]) -> dict:
 
 def _result(pkg, runner, channel: str, snr_db: float, messages: list, bounds, answers: list, times: tuple) -> dict:
     from semedge.runtime.link import channel_uses
-    from semedge.runtime.segment import describe, join_texts
+    from semedge.core.segment import describe, join_texts
 
     t_dev, t_all = times
     texts = [a["text"][0] for a in answers]
@@ -85,6 +85,9 @@ def device_run(
     k_keep: Optional[int] = typer.Option(None, "--k-keep", help="send only the first K symbols per token (renormalised)"),
     segment_s: Optional[float] = typer.Option(None, "--segment-s", help="audio longer than this is cut at quiet points and sent as several messages (1-30; default 30 for an identity-codec package, 6 for a trained codec)"),
     profile: Optional[str] = typer.Option(None, help="device profile whose execution providers and threads to use"),
+    ep: Optional[str] = typer.Option(None, "--ep", help="execution provider to run the device half on (cpu, xnnpack, "
+                                     "cuda, tensorrt, qnn, nnapi, coreml); exit 2 if this onnxruntime build lacks it"),
+    ep_option: Optional[List[str]] = typer.Option(None, "--ep-option", help="KEY=VALUE provider option for --ep (repeat)"),
     seed: Optional[int] = typer.Option(None, help="channel noise seed (default: random)"),
     dtype: str = typer.Option("float32", help="wire format of the symbols: float32 or float16"),
     timeout: float = typer.Option(60.0, help="seconds to wait for the server"),
@@ -96,8 +99,9 @@ def device_run(
     import numpy as np
 
     from semedge.runtime.package import Package
+    from semedge.runtime.providers import ep_session_args
     from semedge.runtime.runner import DeviceRunner
-    from semedge.semcom.channel_spec import parse_channel, parse_snr
+    from semedge.core.channel_spec import parse_channel, parse_snr
 
     if (wav is None) == (text is None):
         raise UserError("give exactly one of --wav and --text", "e.g. --wav hello.wav (speech) or --text 'hello' (text)")
@@ -108,8 +112,10 @@ def device_run(
         from semedge.runtime.profiles import load_profile
 
         prof = load_profile(profile)
+    wanted, extra, strict = ep_session_args(ep, ep_option, prof)
     pkg = Package.load(package)
-    runner = DeviceRunner(pkg, providers=prof)
+    runner = DeviceRunner(pkg, providers=wanted, threads=prof.threads if prof else None,
+                          provider_options=extra, strict=strict)
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
         raise UserError(f"--k-keep {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
     t0 = time.perf_counter()

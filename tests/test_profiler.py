@@ -42,13 +42,16 @@ def test_peak_rss_subprocess(tiny):
 
 
 def test_summarize_ops():
-    ev = [{"cat": "Node", "name": "a_kernel_time", "dur": 3000, "args": {"op_name": "MatMul"}},
+    ev = [{"cat": "Node", "name": "a_kernel_time", "dur": 3000, "args": {"op_name": "MatMul",
+                                                                        "provider": "CUDAExecutionProvider"}},
           {"cat": "Node", "name": "b_kernel_time", "dur": 1000, "args": {"op_name": "Add"}},
           {"cat": "Node", "name": "b_fence_before", "dur": 9000, "args": {"op_name": "Add"}},
           {"cat": "Session", "name": "x", "dur": 100000}]
     rows = profiler.summarize_ops(ev)
-    assert rows == [{"op": "MatMul", "ms": 3.0, "share": 0.75, "count": 1},
-                    {"op": "Add", "ms": 1.0, "share": 0.25, "count": 1}]
+    assert rows == [{"op": "MatMul", "ms": 3.0, "share": 0.75, "count": 1, "providers": ["CUDAExecutionProvider"]},
+                    {"op": "Add", "ms": 1.0, "share": 0.25, "count": 1, "providers": ["?"]}]
+    by_ep = profiler.summarize_providers(ev)
+    assert by_ep["CUDAExecutionProvider"] == {"n_nodes": 1, "nodes": ["a"], "ms": 3.0, "share": 0.75}
 
 
 def test_profile_torch_block():
@@ -125,3 +128,59 @@ def test_measure_host_to_tmp(tmp_path):
     from semedge.runtime.profiles import validate_file
 
     assert validate_file(out) == []
+
+
+# ---------------------------------------------------------------- on-target bench through the console script
+
+
+def _semedge(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "semedge"
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def test_bench_ep_cpu_with_op_profile_and_node_assignment(tiny, tmp_path):
+    out = tmp_path / "bench.json"
+    r = _semedge("device", "bench", str(tiny), "--ep", "cpu", "--lengths", "32", "--runs", "3", "--warmup", "1",
+                 "--profile-ops", "--json", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["providers"][0] == "CPUExecutionProvider" and res["results"][0]["p50_ms"] > 0
+    assign = res["node_assignment"]
+    assert list(assign) == ["CPUExecutionProvider"] and assign["CPUExecutionProvider"]["n_nodes"] > 0
+    ops = {o["op"]: o for o in res["ops"]}
+    assert "Softmax" in ops and ops["Softmax"]["providers"] == ["CPUExecutionProvider"]
+    assert sum(o["share"] for o in res["ops"]) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ep", "tensorrt"], ["TensorrtExecutionProvider", "not available", "CPUExecutionProvider"]),
+    (["--ep", "cuda", "--ep-option", "device_id=0"], ["CUDAExecutionProvider", "not available"]),
+    (["--ep", "gpu"], ["--ep 'gpu'", "tensorrt"]),
+    (["--ep", "cpu", "--ep-option", "fp16=1"], ["fp16", "not an option of CPU"]),
+    (["--ep", "xnnpack", "--ep-option", "threads"], ["KEY=VALUE"]),
+    (["--ep-option", "trt_fp16_enable=1"], ["needs --ep"]),
+])
+def test_bench_ep_errors_are_one_line_exit_2(tiny, tmp_path, args, words):
+    """An EP this onnxruntime build lacks is an error naming the ones it has, not a silent CPU run."""
+    r = _semedge("device", "bench", str(tiny), *args, "--out", str(tmp_path / "b.json"), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_profile_without_its_ep_says_so(tiny):
+    """A profile's EPs this build lacks: its list's fallback runs, and a note says which."""
+    r = _semedge("device", "bench", str(tiny), "--profile", "jetson-orin-nano", "--threads", "1",
+                 "--lengths", "16", "--runs", "2", "--warmup", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "TensorrtExecutionProvider" in r.stderr and "not in this onnxruntime build" in r.stderr
+    assert json.loads(r.stdout)["providers"][0] == "CPUExecutionProvider"

@@ -10,7 +10,7 @@ from semedge.runtime.profiles import (
     DeviceProfile, Efficiency, load_profile, load_profiles, profile_names, profiles_dir, update_efficiency,
     validate_file,
 )
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 REQUIRED = {"watch", "raspberry-pi-5", "android-low", "android-mid", "android-flagship", "iphone",
             "jetson-nano", "jetson-orin-nano", "jetson-agx-orin", "edge-server", "host"}
@@ -49,12 +49,20 @@ def _good():
     (lambda d: d.update(memory_budget_mb=-5), "memory_budget_mb", "> 0"),
     (lambda d: d.update(memory_budget_mb="512 MB"), "memory_budget_mb", "in MB"),
     (lambda d: d.update(memory_budget_gb=1, memory_budget_mb=1024), "memory_budget_gb", "memory_budget_mb"),
-    (lambda d: d.update(execution_providers=["CPU", "OpenVINO"]), "execution_providers.1", "'CoreML'"),
+    (lambda d: d.update(execution_providers=["CPU", "OpenVINO"]), "execution_providers.1.name", "'CoreML'"),
     (lambda d: d.update(cores="four"), "cores", "an integer"),
     (lambda d: d["link"].update(channel="ricean"), "link.channel", "'rician'"),
     (lambda d: d["link"].update(snr_db=[20, 5]), "link.snr_db", "allowed"),
     (lambda d: d["peak_gflops"].pop("int8"), "peak_gflops.int8", "allowed"),
     (lambda d: d.update(threads=64), "(file)", "allowed"),
+    (lambda d: d.update(execution_providers=[{"name": "TensorRT", "options": {"fp16": True}}, "CPU"]),
+     "execution_providers.0", "trt_fp16_enable"),
+    (lambda d: d.update(execution_providers=[{"name": "QNN", "options": {"htp_performance_mode": "fast"}}]),
+     "execution_providers.0", "burst"),
+    (lambda d: d.update(execution_providers=[{"name": "CoreML", "option": {}}]), "execution_providers.0.option",
+     "options"),
+    (lambda d: d.update(execution_providers=["CPU", "CPU"]), "(file)", "twice"),
+    (lambda d: d.update(accelerators={"tpu": {"fp32": 1, "fp16": 1, "int8": 1}}), "accelerators.tpu", "'npu'"),
 ])
 def test_invalid_profile_errors(tmp_path, mutate, field, allowed):
     d = _good()
@@ -136,3 +144,25 @@ def test_device_side_imports_no_torch():
     code = ("import sys; import semedge.runtime.profiles, semedge.runtime.costmodel, semedge.runtime.profiler; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_profiles_carry_eps_in_priority_order_with_options():
+    """The first EP is the one a package is built for; ORT names are ORT's (XnnpackExecutionProvider)."""
+    profs = load_profiles()
+    first = {n: p.first_ep.name for n, p in profs.items()}
+    assert first["android-flagship"] == "QNN" and first["android-mid"] == "NNAPI" and first["iphone"] == "CoreML"
+    assert first["jetson-orin-nano"] == "TensorRT" and first["watch"] == "XNNPACK" and first["host"] == "CPU"
+    for p in profs.values():
+        assert p.ep_names[-1] == "CPU", p.name  # the fallback for nodes no accelerator takes
+    orin = profs["jetson-orin-nano"]
+    assert orin.ort_providers() == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert orin.ort_provider_options()[0]["trt_fp16_enable"] == "1"
+    assert orin.first_ep.unit == "gpu" and orin.unit_peaks("gpu")[0].fp16 > orin.unit_peaks("cpu")[0].fp16
+    assert profs["watch"].ort_providers()[0] == "XnnpackExecutionProvider"
+    assert profs["android-flagship"].first_ep.unit == "npu" and profs["android-flagship"].unit_peaks("npu") is None
+
+
+def test_shorthand_and_full_ep_entries_are_the_same():
+    a = DeviceProfile.model_validate({**_good(), "execution_providers": ["XNNPACK", "CPU"]})
+    b = DeviceProfile.model_validate({**_good(), "execution_providers": [{"name": "XNNPACK"}, {"name": "CPU"}]})
+    assert a.execution_providers == b.execution_providers

@@ -16,8 +16,8 @@ import torch
 
 from semedge.export.package import build_package
 from semedge.runtime.package import Package
-from semedge.runtime.runner import DeviceRunner, normalize_power, resolve_providers, truncate
-from semedge.semcom.errors import UserError
+from semedge.runtime.runner import DeviceRunner, normalize_power, provider_plan, resolve_providers, truncate
+from semedge.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,9 +165,13 @@ def test_providers_fall_back_to_cpu():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert resolve_providers(["TensorRT", "CUDA"]) == ["CPUExecutionProvider"]
-    assert any("falling back to CPU" in str(x.message) for x in w)
+    assert any("not available in this onnxruntime build" in str(x.message) for x in w)
     with pytest.raises(UserError, match="not known"):
         resolve_providers(["TPU"])
+    # asked for explicitly (`--ep`): an error naming what this build has, no silent CPU run
+    with pytest.raises(UserError, match="CPUExecutionProvider"):
+        provider_plan(["CUDA"], strict=True)
+    assert provider_plan(["XnnpackExecutionProvider"])[0] == ["CPUExecutionProvider"]  # ORT's spelling
     prof = load_profile("jetson-orin-nano")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
