@@ -7,7 +7,9 @@ A step is {"op": OP, "config": {...}} with OP one of
 - "quantize_server" quantization of the PyTorch server half (compress/quantize_torch.py)
 
 Torch steps run first (in plan order), then the model is exported, then the ONNX
-steps run on the exported file; server steps change the server half only.
+steps run on the exported file, in plan order (several may follow each other); server
+steps change the server half only. `STEPS` is the registry from op to its kind and
+config class; a new op is one StepKind line there.
 Every step is deterministic, so applying a plan twice gives the same bytes.
 """
 
@@ -20,13 +22,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from semedge.semcom.files import write_atomic  # noqa: F401 (re-exported)
-from semedge.semcom.errors import UserError
+from semedge.core.files import write_atomic  # noqa: F401 (re-exported)
+from semedge.core.errors import UserError
 
-TORCH_OPS = ("prune", "distill")
-ONNX_OPS = ("quantize_onnx",)
-SERVER_OPS = ("quantize_server",)
-OPS = TORCH_OPS + ONNX_OPS + SERVER_OPS
+
+@dataclass(frozen=True)
+class StepKind:
+    """What a plan op is: when it runs ("torch" before export, "onnx" after it, "server") and
+    its config class, named "module:Class" and imported on first use (the modules import this one)."""
+
+    runs: str
+    config: str
+
+    def config_class(self):
+        import importlib
+
+        mod, _, cls = self.config.partition(":")
+        return getattr(importlib.import_module(mod), cls)
+
+
+# The registry: a step's "op" -> its kind.
+STEPS: dict[str, StepKind] = {
+    "prune": StepKind("torch", "semedge.compress.prune:PruneConfig"),
+    "distill": StepKind("torch", "semedge.compress.distill:DistillConfig"),
+    "quantize_onnx": StepKind("onnx", "semedge.compress.quantize_onnx:OnnxQuantConfig"),
+    "quantize_server": StepKind("server", "semedge.compress.quantize_torch:ServerQuantConfig"),
+}
+TORCH_OPS = tuple(op for op, k in STEPS.items() if k.runs == "torch")
+ONNX_OPS = tuple(op for op, k in STEPS.items() if k.runs == "onnx")
+SERVER_OPS = tuple(op for op, k in STEPS.items() if k.runs == "server")
+OPS = tuple(STEPS)
 
 
 # ---------------------------------------------------------------- config base
@@ -93,26 +118,6 @@ def check_choice(name: str, value, allowed) -> str:
 # ---------------------------------------------------------------- plans
 
 
-def _config_class(op: str):
-    if op == "prune":
-        from semedge.compress.prune import PruneConfig
-
-        return PruneConfig
-    if op == "distill":
-        from semedge.compress.distill import DistillConfig
-
-        return DistillConfig
-    if op == "quantize_onnx":
-        from semedge.compress.quantize_onnx import OnnxQuantConfig
-
-        return OnnxQuantConfig
-    if op == "quantize_server":
-        from semedge.compress.quantize_torch import ServerQuantConfig
-
-        return ServerQuantConfig
-    raise UserError(f"step op {op!r} is unknown", f"use one of {', '.join(OPS)}")
-
-
 @dataclass(frozen=True)
 class Step:
     op: str
@@ -123,7 +128,7 @@ class Step:
         where = f"plan step {index}" if index is not None else "plan step"
         if op not in OPS:
             raise UserError(f"{where}: op {op!r} is unknown", f"use one of {', '.join(OPS)}")
-        klass = _config_class(op)
+        klass = STEPS[op].config_class()
         if isinstance(config, klass):
             return cls(op, config)
         return cls(op, klass.from_dict(config, where=f"{where} ({op}) config"))
@@ -144,8 +149,6 @@ class Plan:
             if not isinstance(s, Step):
                 raise UserError(f"plan step {i} is not a Step", "build steps with Step.make(op, config)")
             if s.op in ONNX_OPS:
-                if seen_onnx:
-                    raise UserError(f"plan step {i}: a second quantize_onnx step", "quantize the device half once per plan")
                 seen_onnx = True
             elif s.op in TORCH_OPS and seen_onnx:
                 raise UserError(f"plan step {i} ({s.op}) comes after quantize_onnx",
@@ -215,32 +218,50 @@ def describe(plan: Plan) -> str:
 # ---------------------------------------------------------------- applying
 
 
+def _prune(split, step: Step, calib, teacher, progress, workdir):
+    from semedge.compress import prune
+
+    # ranks on log-mel features only (a distillation set gives its "features")
+    pcal = calib["features"][:8] if isinstance(calib, dict) and "features" in calib else calib
+    return prune.apply(split, step.config, pcal)
+
+
+def _distill(split, step: Step, calib, teacher, progress, workdir):
+    from semedge.compress import distill
+
+    return distill.apply(split, step.config, calib, progress=progress, workdir=workdir, teacher=teacher)
+
+
+_TORCH_APPLY = {"prune": _prune, "distill": _distill}  # torch op -> how it runs
+
+
 def apply_torch_steps(split, plan: Plan, calib=None, progress: bool = False, workdir: str | Path | None = None):
     """Run the plan's prune/distill steps in order on a copy of `split`; returns the new split."""
-    from semedge.compress import distill, prune
-
     teacher = split  # distillation after pruning learns from the unpruned model (recovery)
     for step in plan.ops(TORCH_OPS):
-        if step.op == "prune":  # ranks on log-mel features only (a distillation set gives its "features")
-            pcal = calib["features"][:8] if isinstance(calib, dict) and "features" in calib else calib
-            split = prune.apply(split, step.config, pcal)
-        else:
-            split = distill.apply(split, step.config, calib, progress=progress, workdir=workdir, teacher=teacher)
+        split = _TORCH_APPLY[step.op](split, step, calib, teacher, progress, workdir)
     return split
 
 
 def apply_onnx_steps(onnx_in: str | Path, onnx_out: str | Path, plan: Plan, calib=None) -> Path:
-    """Quantize the exported device half per the plan's quantize_onnx step (a plain copy if none)."""
+    """Run the plan's quantize_onnx steps in order on the exported device half (a plain copy if none)."""
+    import tempfile
+
     from semedge.compress import quantize_onnx
 
     steps = plan.ops(ONNX_OPS)
     if not steps:
         return Path(write_atomic(onnx_out, Path(onnx_in).read_bytes()))
-    return quantize_onnx.apply(onnx_in, onnx_out, steps[0].config, calib)
+    onnx_out = Path(onnx_out)
+    with tempfile.TemporaryDirectory(dir=onnx_out.parent if onnx_out.parent.exists() else None) as td:
+        src = Path(onnx_in)
+        for i, step in enumerate(steps[:-1]):  # intermediate graphs in a scratch folder
+            src = quantize_onnx.apply(src, Path(td) / f"step{i}.onnx", step.config, calib)
+        return quantize_onnx.apply(src, onnx_out, steps[-1].config, calib)
 
 
 def apply_server_steps(split, plan: Plan):
-    """Quantize the server half's decoder per the plan's quantize_server steps (in place)."""
+    """Quantize the server half's decoder per the plan's quantize_server steps."""
     from semedge.compress import quantize_torch
 
     for step in plan.ops(SERVER_OPS):

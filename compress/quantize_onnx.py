@@ -1,33 +1,41 @@
-"""Quantization of the exported device half (ONNX in, ONNX out).
+"""Quantization of the exported device half (ONNX in, ONNX out), torchao style.
+
+    quantize(model, Int4(block_size=32), keep_fp32_filter(model, ["critical"]))
+
+One class per mode, each with its own `quantize`; `MODES` maps a mode's name (the
+step config's "mode") to its class. A filter over (node, name) chooses what is touched:
+`keep_fp32_filter` keeps the nodes a pattern matches in fp32 (mixed precision).
 
 Modes
-- "int8_dynamic": int8 weights (per output channel), activations quantized at run
-  time (DynamicQuantizeMatMul / MatMulInteger): CPU.
-- "int8_static":  QDQ graph (QuantizeLinear/DequantizeLinear pairs), activation ranges
-  calibrated on real inputs: the format NPU execution providers (QNN, NNAPI) take.
+- "int8_dynamic" (Int8Dynamic): int8 weights (per output channel), activations quantized
+  at run time (DynamicQuantizeMatMul / MatMulInteger): CPU.
+- "int8_static" (Int8Static): QDQ graph (QuantizeLinear/DequantizeLinear pairs), activation
+  ranges calibrated on real inputs: the format NPU execution providers (QNN, NNAPI) take.
   `activations="uint16"` keeps int8 weights but 16-bit activations (A16W8), for
   encoders whose activations have outliers too wide for 8 bits (Whisper's do).
-- "fp16":         weights and compute in float16, float32 inputs/outputs (GPUs, Jetson).
-- "int4":         weight-only 4-bit MatMulNBits (block-wise scales, `block_size`); with
+- "fp16" (Fp16): weights and compute in float16, float32 inputs/outputs (GPUs, Jetson).
+- "int4" (Int4): weight-only 4-bit MatMulNBits (block-wise scales, `block_size`); with
   `other_weights="int8"` the remaining big weights (conv front end, position table)
   are stored as int8 + DequantizeLinear.
-Mixed precision: `keep_fp32` is a list of regexes (or preset names, see PRESETS)
-matched against each node's name and its input names; matching nodes stay fp32.
+A plan step's config (`OnnxQuantConfig`) is one flat JSON object, as written in plans on
+disk: `mode` picks the class, which reads the fields it needs. `keep_fp32` is a list of
+regexes (or preset names, see PRESETS) matched against each node's name and its input names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from semedge.compress.plan import ConfigBase, check_choice, write_atomic
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
-MODES = ("int8_dynamic", "int8_static", "fp16", "int4")
 LAYER_RE = re.compile(r"layers\.(\d+)[./]")
 # Presets for keep_fp32; "{last}" is the model's last encoder layer index.
 PRESETS = {
@@ -36,11 +44,166 @@ PRESETS = {
     "first_last": [r"layers\.0[./]", r"layers\.{last}[./]"],
 }
 PRESETS["critical"] = PRESETS["jsc"] + PRESETS["frontend"] + PRESETS["first_last"]
-SHORT = {"int8_dynamic": "int8", "int8_static": "int8-qdq", "fp16": "fp16", "int4": "int4"}
+
+NodeFilter = Callable[[object, str], bool]  # (onnx NodeProto, node name) -> True to quantize it
+
+
+# ---------------------------------------------------------------- modes
+
+
+class OnnxMode:
+    """A quantization mode: a frozen dataclass of its own settings that quantizes a graph.
+
+    `quantize(model, exclude, calib, tmp)` returns the quantized ModelProto; `exclude` names
+    the nodes to leave fp32, `tmp` is a scratch folder for quantizers that work on files."""
+
+    name: ClassVar[str]
+    short: ClassVar[str]
+
+    @classmethod
+    def from_step(cls, cfg: "OnnxQuantConfig") -> "OnnxMode":
+        """The mode's settings, read from the step config's fields of the same names."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def tag(self) -> str:
+        return self.short
+
+    def quantize(self, model, exclude: list[str], calib, tmp: Path):
+        raise NotImplementedError
+
+
+def _run_on_files(model, tmp: Path, fn) -> object:
+    """Save `model`, run the file-based quantizer `fn(src, dst)`, load the result."""
+    import onnx
+
+    src, dst = tmp / "in.onnx", tmp / "out.onnx"
+    onnx.save(model, str(src))
+    fn(src, dst)
+    return onnx.load(str(dst))
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(OnnxMode):
+    name: ClassVar[str] = "int8_dynamic"
+    short: ClassVar[str] = "int8"
+    per_channel: bool = True
+    quantize_conv: bool = False  # quantize the conv front end too (ConvInteger)
+    other_weights: str = "fp32"  # "int8": the remaining big weights as int8 + DequantizeLinear
+
+    def tag(self) -> str:
+        return self.short + ("+w8" if self.other_weights == "int8" else "")
+
+    def quantize(self, model, exclude, calib, tmp):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        ops = ["MatMul"] + (["Conv"] if self.quantize_conv else [])
+        model = _run_on_files(model, tmp, lambda src, dst: quantize_dynamic(
+            src, dst, op_types_to_quantize=ops, per_channel=self.per_channel, weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True}))
+        return int8_weight_storage(model, exclude) if self.other_weights == "int8" else model
+
+
+class _Reader:
+    def __init__(self, name: str, calib):
+        self.items = [{name: np.ascontiguousarray(c[None] if c.ndim == 2 else c, dtype=np.float32)} for c in calib]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.items):
+            return None
+        self.i += 1
+        return self.items[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+@dataclass(frozen=True)
+class Int8Static(OnnxMode):
+    name: ClassVar[str] = "int8_static"
+    short: ClassVar[str] = "int8-qdq"
+    per_channel: bool = True
+    op_types: tuple = ()  # op types to quantize (empty = every op ORT can quantize)
+    calib_size: int = 8  # calibration inputs used
+    calibrate: str = "minmax"  # activation ranges from minmax, percentile (99.999) or entropy
+    activations: str = "uint8"  # "uint16" = A16W8 (int8 weights, 16-bit activations; QNN's HTP runs it)
+
+    def tag(self) -> str:
+        return self.short + ("(a16)" if self.activations == "uint16" else "")
+
+    def quantize(self, model, exclude, calib, tmp):
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if calib is None or len(calib) == 0:
+            raise UserError("int8_static needs calibration inputs", "pass calib (device-half inputs of a few real messages)")
+        inputs = [i.name for i in model.graph.input]
+        if len(inputs) != 1:
+            raise UserError(f"int8_static calibration supports one-input graphs; this one has {inputs}", "use int8_dynamic for text encoders")
+        calib = [np.asarray(c) for c in calib][: self.calib_size]
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        a16 = self.activations == "uint16"
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[self.calibrate]
+        return _run_on_files(model, tmp, lambda src, dst: quantize_static(
+            src, dst, _Reader(inputs[0], calib), quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
+            activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude, op_types_to_quantize=list(self.op_types) or None, calibrate_method=method,
+            # 16-bit Q/DQ before opset 21 lives in the com.microsoft domain
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "UseQDQContribOps": a16 and opset < 21}))
+
+
+@dataclass(frozen=True)
+class Fp16(OnnxMode):
+    name: ClassVar[str] = "fp16"
+    short: ClassVar[str] = "fp16"
+
+    def quantize(self, model, exclude, calib, tmp):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        return convert_float_to_float16(model, keep_io_types=True, node_block_list=exclude or None, disable_shape_infer=True)
+
+
+@dataclass(frozen=True)
+class Int4(OnnxMode):
+    name: ClassVar[str] = "int4"
+    short: ClassVar[str] = "int4"
+    block_size: int = 128  # weights per scale
+    symmetric: bool = True  # symmetric blocks (no zero points)
+    accuracy_level: int = 4  # MatMulNBits compute type (4 = int8 activations, fastest on CPU; 0 = fp32)
+    other_weights: str = "fp32"  # "int8": the remaining big weights (conv, positions) as int8 + DequantizeLinear
+
+    def tag(self) -> str:
+        return f"{self.short}(b={self.block_size})" + ("+w8" if self.other_weights == "int8" else "")
+
+    def quantize(self, model, exclude, calib, tmp):
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=self.block_size, is_symmetric=self.symmetric,
+                                 accuracy_level=self.accuracy_level, nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+        q.process()
+        m = q.model.model
+        return int8_weight_storage(m, exclude) if self.other_weights == "int8" else m
+
+
+# The registry: a step config's "mode" -> the class that applies it.
+MODES: dict[str, type[OnnxMode]] = {
+    "int8_dynamic": Int8Dynamic,
+    "int8_static": Int8Static,
+    "fp16": Fp16,
+    "int4": Int4,
+}
+
+
+# ---------------------------------------------------------------- the step config (plan JSON)
 
 
 @dataclass(frozen=True)
 class OnnxQuantConfig(ConfigBase):
+    """A quantize_onnx step as plans store it: one flat object, `mode` naming a class in MODES.
+
+    The fields are those of every mode (the JSON and the plan hashes on disk keep them all);
+    `mode_config()` gives the mode's own settings."""
+
     mode: str = "int8_dynamic"
     per_channel: bool = True  # int8: one scale per output channel
     keep_fp32: tuple = ()  # regexes or preset names (jsc, frontend, first_last, critical)
@@ -55,7 +218,7 @@ class OnnxQuantConfig(ConfigBase):
     activations: str = "uint8"  # int8_static: activation type; "uint16" = A16W8 (int8 weights, 16-bit activations; QNN's HTP runs it)
 
     def __post_init__(self):
-        check_choice("mode", self.mode, MODES)
+        check_choice("mode", self.mode, tuple(MODES))
         check_choice("other_weights", self.other_weights, ("fp32", "int8"))
         for name in ("keep_fp32", "op_types"):
             v = getattr(self, name)
@@ -77,14 +240,11 @@ class OnnxQuantConfig(ConfigBase):
         if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
             raise UserError(f"calib_size={self.calib_size!r} must be a positive integer", "e.g. 8")
 
+    def mode_config(self) -> OnnxMode:
+        return MODES[self.mode].from_step(self)
+
     def describe(self) -> str:
-        s = SHORT[self.mode]
-        if self.mode == "int4":
-            s += f"(b={self.block_size})"
-        if self.other_weights == "int8" and self.mode in ("int4", "int8_dynamic"):
-            s += "+w8"
-        if self.mode == "int8_static" and self.activations == "uint16":
-            s += "(a16)"
+        s = self.mode_config().tag()
         if self.keep_fp32:
             s += "+fp32[" + ",".join(self.keep_fp32) + "]"
         return s
@@ -105,16 +265,10 @@ def expand_patterns(patterns, model) -> list[str]:
     return out
 
 
-def select_nodes(model, patterns) -> list[str]:
-    """Names of nodes whose name or any input name matches one of the regexes."""
+def keep_fp32_filter(model, patterns) -> NodeFilter:
+    """A filter over (node, name): False for the nodes `patterns` keep fp32 (name or an input matches)."""
     regs = [re.compile(p) for p in expand_patterns(patterns, model)]
-    if not regs:
-        return []
-    hit = []
-    for n in model.graph.node:
-        if any(r.search(s) for r in regs for s in [n.name, *n.input]):
-            hit.append(n.name)
-    return hit
+    return lambda node, name: not any(r.search(s) for r in regs for s in [name, *node.input])
 
 
 def _check_names(model) -> None:
@@ -125,74 +279,6 @@ def _check_names(model) -> None:
         if n.name in seen:
             n.name = f"{n.name}_{i}"
         seen.add(n.name)
-
-
-# ---------------------------------------------------------------- modes
-
-
-def _dynamic(model_path: Path, out: Path, cfg: OnnxQuantConfig, exclude: list[str]) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    ops = ["MatMul"] + (["Conv"] if cfg.quantize_conv else [])
-    quantize_dynamic(model_path, out, op_types_to_quantize=ops, per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
-
-
-class _Reader:
-    def __init__(self, name: str, calib):
-        self.items = [{name: np.ascontiguousarray(c[None] if c.ndim == 2 else c, dtype=np.float32)} for c in calib]
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.items):
-            return None
-        self.i += 1
-        return self.items[self.i - 1]
-
-    def rewind(self):
-        self.i = 0
-
-
-def _static(model_path: Path, out: Path, cfg: OnnxQuantConfig, exclude: list[str], calib) -> None:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    if calib is None or len(calib) == 0:
-        raise UserError("int8_static needs calibration inputs", "pass calib (device-half inputs of a few real messages)")
-    model = onnx.load(str(model_path), load_external_data=False)
-    inputs = [i.name for i in model.graph.input]
-    if len(inputs) != 1:
-        raise UserError(f"int8_static calibration supports one-input graphs; this one has {inputs}", "use int8_dynamic for text encoders")
-    calib = [np.asarray(c) for c in calib][: cfg.calib_size]
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    a16 = cfg.activations == "uint16"
-    quantize_static(model_path, out, _Reader(inputs[0], calib), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                    activation_type=QuantType.QUInt16 if a16 else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude,
-                    op_types_to_quantize=list(cfg.op_types) or None,
-                    calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                                      "entropy": CalibrationMethod.Entropy}[cfg.calibrate],
-                    # 16-bit Q/DQ before opset 21 lives in the com.microsoft domain
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                   "UseQDQContribOps": a16 and opset < 21})
-
-
-def _fp16(model, cfg: OnnxQuantConfig, exclude: list[str]):
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    return convert_float_to_float16(model, keep_io_types=True, node_block_list=exclude or None, disable_shape_infer=True)
-
-
-def _int4(model, cfg: OnnxQuantConfig, exclude: list[str]):
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
-                             nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
-    q.process()
-    m = q.model.model
-    if cfg.other_weights == "int8":
-        m = int8_weight_storage(m, exclude)
-    return m
 
 
 _PLAIN_READERS = ("Conv", "Slice", "Gather", "Add", "Mul", "MatMul")  # not quantized ops' scales/zero points
@@ -244,6 +330,16 @@ def int8_weight_storage(model, exclude: list[str], min_elements: int = 4096):
 # ---------------------------------------------------------------- apply
 
 
+def quantize(model, mode: OnnxMode, filter_fn: NodeFilter | None = None, calib=None, tmp_dir=None):
+    """Quantize the ModelProto `model` with `mode`, touching only the nodes `filter_fn(node, name)` accepts."""
+    _check_names(model)
+    exclude = [] if filter_fn is None else [n.name for n in model.graph.node if not filter_fn(n, n.name)]
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as td:
+        model = mode.quantize(model, exclude, calib, Path(td))
+    _strip_nondeterminism(model)
+    return model
+
+
 def apply(onnx_in: str | Path, onnx_out: str | Path, config: OnnxQuantConfig | dict, calib=None) -> Path:
     """Quantize the ONNX file `onnx_in` into `onnx_out` (written atomically); returns onnx_out.
 
@@ -257,27 +353,9 @@ def apply(onnx_in: str | Path, onnx_out: str | Path, config: OnnxQuantConfig | d
     if not onnx_in.is_file():
         raise UserError(f"ONNX file {onnx_in} does not exist", "export the device half first")
     model = onnx.load(str(onnx_in))
-    _check_names(model)
-    exclude = select_nodes(model, config.keep_fp32)
-    with tempfile.TemporaryDirectory(dir=onnx_out.parent if onnx_out.parent.exists() else None) as td:
-        src = Path(td) / "in.onnx"
-        dst = Path(td) / "out.onnx"
-        if config.mode in ("int8_dynamic", "int8_static"):
-            onnx.save(model, str(src))
-            if config.mode == "int8_dynamic":
-                _dynamic(src, dst, config, exclude)
-            else:
-                _static(src, dst, config, exclude, calib)
-            model = onnx.load(str(dst))
-            if config.mode == "int8_dynamic" and config.other_weights == "int8":
-                model = int8_weight_storage(model, exclude)
-        elif config.mode == "fp16":
-            model = _fp16(model, config, exclude)
-        else:
-            model = _int4(model, config, exclude)
-        _strip_nondeterminism(model)
-        data = model.SerializeToString()
-    write_atomic(onnx_out, data)
+    model = quantize(model, config.mode_config(), keep_fp32_filter(model, config.keep_fp32), calib,
+                     tmp_dir=onnx_out.parent if onnx_out.parent.exists() else None)
+    write_atomic(onnx_out, model.SerializeToString())
     return onnx_out
 
 

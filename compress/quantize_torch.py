@@ -1,9 +1,12 @@
-"""Quantization of the PyTorch server half (the decoder's nn.Linear layers).
+"""Quantization of the PyTorch server half (the decoder's nn.Linear layers), torchao style.
 
-Modes
-- "torch_int8": torch dynamic int8 (qint8 weights, activations quantized per call).
-- "bnb_int8":   bitsandbytes Linear8bitLt (LLM.int8 weights, outlier threshold).
-- "bnb_nf4":    bitsandbytes Linear4bit, NF4 blocks, fp32 compute. On CPU without the
+    quantize_(decoder, BnbNf4(blocksize=64), skip_filter(["layers\\.0\\."]))
+
+One class per mode, each replacing one nn.Linear (`swap`); `MODES` maps a mode's name
+(the step config's "mode") to its class; a filter over (module, name) chooses the layers.
+- "torch_int8" (TorchInt8): torch dynamic int8 (qint8 weights, activations quantized per call).
+- "bnb_int8" (BnbInt8):     bitsandbytes Linear8bitLt (LLM.int8 weights, outlier threshold).
+- "bnb_nf4" (BnbNf4):       bitsandbytes Linear4bit, NF4 blocks, fp32 compute. On CPU without the
   `kernels` package bnb 0.50 takes a slow dequantize-then-matmul path.
 The encoder (device half), the JSC decoder, the token embeddings and the LM head
 (tied to the embeddings in Whisper) stay fp32; `skip` adds more module-name regexes.
@@ -15,25 +18,102 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from semedge.compress.plan import ConfigBase, check_choice
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
-MODES = ("torch_int8", "bnb_int8", "bnb_nf4")
+ModuleFilter = Callable[[nn.Module, str], bool]  # (module, qualified name) -> True to quantize it
+
+
+# ---------------------------------------------------------------- modes
+
+
+class TorchMode:
+    """A server quantization mode: a frozen dataclass of its settings; `swap` returns a layer's replacement."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+
+    @classmethod
+    def from_step(cls, cfg: "ServerQuantConfig") -> "TorchMode":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def swap(self, lin: nn.Linear) -> nn.Module:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TorchInt8(TorchMode):
+    name: ClassVar[str] = "torch_int8"
+    label: ClassVar[str] = "server:torch-int8"
+
+    def swap(self, lin: nn.Linear) -> nn.Module:
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+
+
+@dataclass(frozen=True)
+class BnbInt8(TorchMode):
+    name: ClassVar[str] = "bnb_int8"
+    label: ClassVar[str] = "server:bnb-int8"
+    threshold: float = 6.0  # outlier threshold (LLM.int8)
+
+    def swap(self, lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
+                                threshold=self.threshold, device="meta")
+        q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        return q.to("cpu")  # quantizes the weight
+
+
+@dataclass(frozen=True)
+class BnbNf4(TorchMode):
+    name: ClassVar[str] = "bnb_nf4"
+    label: ClassVar[str] = "server:nf4"
+    blocksize: int = 64  # weights per absmax scale
+
+    def swap(self, lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32,
+                              compress_statistics=False, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     blocksize=self.blocksize, compress_statistics=False)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        return q.to("cpu")
+
+
+# The registry: a step config's "mode" -> the class that applies it.
+MODES: dict[str, type[TorchMode]] = {
+    "torch_int8": TorchInt8,
+    "bnb_int8": BnbInt8,
+    "bnb_nf4": BnbNf4,
+}
+
+
+# ---------------------------------------------------------------- the step config (plan JSON)
 
 
 @dataclass(frozen=True)
 class ServerQuantConfig(ConfigBase):
+    """A quantize_server step as plans store it: `mode` names a class in MODES, `skip` filters layers."""
+
     mode: str = "torch_int8"
     skip: tuple = ()  # regexes on decoder module names kept fp32
     threshold: float = 6.0  # bnb_int8: outlier threshold (LLM.int8)
     blocksize: int = 64  # bnb_nf4: weights per absmax scale
 
     def __post_init__(self):
-        check_choice("mode", self.mode, MODES)
+        check_choice("mode", self.mode, tuple(MODES))
         if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)):
             raise UserError(f"skip={self.skip!r} must be a list of regexes", 'e.g. ["layers\\\\.0\\\\."]')
         for p in self.skip:
@@ -46,8 +126,14 @@ class ServerQuantConfig(ConfigBase):
             raise UserError(f"threshold={self.threshold!r} must be a number >= 0", "6.0 is the LLM.int8 default")
         check_choice("blocksize", self.blocksize, (64, 128, 256, 512, 1024, 2048, 4096))
 
+    def mode_config(self) -> TorchMode:
+        return MODES[self.mode].from_step(self)
+
     def describe(self) -> str:
-        return {"torch_int8": "server:torch-int8", "bnb_int8": "server:bnb-int8", "bnb_nf4": "server:nf4"}[self.mode]
+        return self.mode_config().label
+
+
+# ---------------------------------------------------------------- apply
 
 
 def _decoder(model) -> nn.Module:
@@ -58,9 +144,10 @@ def _decoder(model) -> nn.Module:
     raise UserError(f"{type(model).__name__} has no decoder to quantize", "quantize_server works on encoder-decoder models")
 
 
-def _linear_names(dec: nn.Module, skip) -> list[str]:
+def skip_filter(skip) -> ModuleFilter:
+    """A filter over (module, name): the nn.Linear layers whose name no `skip` regex matches."""
     regs = [re.compile(p) for p in skip]
-    return [n for n, m in dec.named_modules() if isinstance(m, nn.Linear) and not any(r.search(n) for r in regs)]
+    return lambda m, name: isinstance(m, nn.Linear) and not any(r.search(name) for r in regs)
 
 
 def _set(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -68,44 +155,18 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _bnb_int8(lin: nn.Linear, cfg: ServerQuantConfig) -> nn.Module:
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
-                            threshold=cfg.threshold, device="meta")
-    q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")  # quantizes the weight
-
-
-def _bnb_nf4(lin: nn.Linear, cfg: ServerQuantConfig) -> nn.Module:
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32,
-                          compress_statistics=False, quant_type="nf4", device="meta")
-    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=cfg.blocksize,
-                                 compress_statistics=False)
-    if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")
+def quantize_(root: nn.Module, mode: TorchMode, filter_fn: ModuleFilter) -> int:
+    """Replace, in place, each submodule of `root` that `filter_fn(module, name)` accepts; returns how many."""
+    names = [n for n, m in root.named_modules() if n and filter_fn(m, n)]
+    with torch.no_grad():
+        for n in names:
+            _set(root, n, mode.swap(root.get_submodule(n)))
+    return len(names)
 
 
 def quantize_decoder_(model, config: ServerQuantConfig) -> int:
     """Replace the decoder's nn.Linear layers of `model` in place; returns how many."""
-    dec = _decoder(model)
-    names = _linear_names(dec, config.skip)
-    if config.mode == "torch_int8":
-        from torch.ao.quantization import quantize_dynamic
-
-        for n in names:
-            _set(dec, n, quantize_dynamic(nn.Sequential(dec.get_submodule(n)), {nn.Linear}, dtype=torch.qint8)[0])
-    else:
-        make = _bnb_int8 if config.mode == "bnb_int8" else _bnb_nf4
-        with torch.no_grad():
-            for n in names:
-                _set(dec, n, make(dec.get_submodule(n), config))
-    return len(names)
+    return quantize_(_decoder(model), config.mode_config(), skip_filter(config.skip))
 
 
 def apply(split, config: ServerQuantConfig | dict):

@@ -1,0 +1,126 @@
+"""The planner's accuracy stage: successive halving over the candidates (docs/planner.md).
+
+Accuracy depends on (plan, channel, SNR, data), not on the device: it is measured through
+the link (runtime/evaluate.py) once per condition any device needs, cached by content.
+A cheap pass scores every candidate that fits some device; the best few per device are
+shortlisted (at most `full_share` of the candidates in all) and evaluated in full.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+from semedge.compress.candidates import Cand
+from semedge.compress.choose import cond_key, fits, tie_diffs
+from semedge.compress.workspace import LazySplit, Workspace
+
+
+class Evaluator:
+    """Accuracy of a candidate at some SNRs of a channel, on the first n calibration utterances."""
+
+    def __init__(self, ws: Workspace, utts: list, cache, threads: int):
+        self.ws, self.utts, self.cache, self.threads = ws, utts, cache, threads
+        self.base_parts = {"weights": ws.loaded.weight_hash, "codec": ws.chash}
+        self.messages: dict[str, list] = {}  # device outputs per candidate, reused across conditions
+        self.counts = {"cheap": 0, "full": 0}  # conditions evaluated per level
+
+    def __call__(self, c: Cand, channel: str, snrs: list[float], n: int, level: str) -> None:
+        from semedge.runtime.evaluate import device_messages, evaluate_onnx
+
+        utts = self.utts[:n]
+        need = [s for s in snrs if cond_key(channel, s) not in c.accuracy or c.accuracy[cond_key(channel, s)]["n"] < n]
+        if not need:
+            return
+
+        def msgs():  # device outputs, kept per candidate for the next condition
+            have = self.messages.get(c.cid, [])
+            if len(have) < n:
+                have = self.messages[c.cid] = device_messages(c.path, self.ws.loaded, utts, self.threads)
+            return have[:n]
+
+        res = evaluate_onnx(c.path, LazySplit(self.ws, c.plan), utts, channel, need, threads=self.threads, cache=self.cache,
+                            key_parts={**self.base_parts, "plan": c.plan.hash()}, messages=msgs)
+        for s, r in res.items():
+            c.accuracy[cond_key(channel, s)] = {**{k: r[k] for k in ("wer", "bleu", "similarity", "n")},
+                                                "wer_ci95": r.get("wer_ci95"), "word_errors": r.get("word_errors"),
+                                                "level": level, "cached": r.get("cached", False)}
+        self.counts[level] += len(need)
+
+
+def _line(c: Cand, level: str | None = None) -> str:
+    return ", ".join(f"{k} WER {v['wer']:.3f}" for k, v in sorted(c.accuracy.items()) if level is None or v["level"] == level)
+
+
+def cheap_pass(ev: Evaluator, cands: list[Cand], devs: dict, n_cheap: int, say: Callable[[str], None],
+               on_candidate=None) -> None:
+    """Every candidate that fits some device, at each such device's lowest SNR, on n_cheap utterances."""
+    from semedge.runtime.evaluate import trim_memory
+
+    need: dict[str, set] = {}
+    for d, info in devs.items():
+        for c in cands:
+            if fits(c, d, info["budgets"]):
+                need.setdefault(c.cid, set()).add((info["channel"], info["eval_snrs"][0]))
+    say(f"cheap accuracy: {len(need)} candidates x {n_cheap} utterances")
+    todo = [c for c in cands if c.cid in need]
+    for i, c in enumerate(todo, 1):
+        tc = time.time()
+        for ch in sorted({ch for ch, _ in need[c.cid]}):
+            ev(c, ch, sorted({s for cc, s in need[c.cid] if cc == ch}), n_cheap, "cheap")
+        trim_memory()
+        say(f"  [{i}/{len(need)}] {c.cid}: {_line(c)}  ({time.time() - tc:.0f} s)")
+        if on_candidate:
+            on_candidate("cheap", c.cid)
+
+
+def rank(cands: list[Cand], devs: dict) -> dict[str, list[Cand]]:
+    """Per device, the fitting candidates by cheap WER at its lowest SNR. Cheap WER on a few utterances
+    is noisy: plans tied with the best (TIE_RULE) come first, less compressed first; then the rest by WER."""
+    ranked = {}
+    for d, info in devs.items():
+        lo = cond_key(info["channel"], info["eval_snrs"][0])
+        feas = [c for c in cands if fits(c, d, info["budgets"])]
+        diffs = tie_diffs({c.cid: c.accuracy[lo]["word_errors"] for c in feas}, {c.cid: c.accuracy[lo]["wer"] for c in feas})
+        ranked[d] = sorted(feas, key=lambda c: (0, -c.bytes, 0.0) if not diffs[c.cid]["worse"]
+                           else (1, c.accuracy[lo]["wer"], c.predicted[d]["latency_ms"]))
+    return ranked
+
+
+def shortlists(ranked: dict[str, list[Cand]], n_cands: int, full_share: float, per_device: int) -> tuple[dict, set]:
+    """Round-robin over devices down their rankings, at most full_share of the candidates in all:
+    (device -> shortlisted ids, every shortlisted id)."""
+    cap = max(1, int(math.floor(full_share * n_cands + 1e-9)))
+    full: set[str] = set()
+    short: dict[str, list[str]] = {d: [] for d in ranked}
+    for r in range(max(1, per_device)):
+        for d in ranked:
+            if len(ranked[d]) > r:
+                cid = ranked[d][r].cid
+                if cid in full or len(full) < cap:
+                    full.add(cid)
+                    short[d].append(cid)
+    return short, full
+
+
+def full_pass(ev: Evaluator, cands: list[Cand], devs: dict, short: dict, full: set, n_full: int,
+              say: Callable[[str], None], on_candidate=None) -> None:
+    """Each shortlisted candidate at every SNR of the devices that shortlisted it, on n_full utterances."""
+    from semedge.runtime.evaluate import trim_memory
+
+    say(f"full accuracy: {len(full)} of {len(cands)} candidates x {n_full} utterances")
+    by_id = {c.cid: c for c in cands}
+    for i, cid in enumerate(sorted(full), 1):
+        c = by_id[cid]
+        tc = time.time()
+        conds: dict[str, set] = {}
+        for d, info in devs.items():
+            if cid in short[d]:
+                conds.setdefault(info["channel"], set()).update(info["eval_snrs"])
+        for ch, snrs in sorted(conds.items()):
+            ev(c, ch, sorted(snrs), n_full, "full")
+        trim_memory()
+        say(f"  [{i}/{len(full)}] {cid}: {_line(c, 'full')}  ({time.time() - tc:.0f} s)")
+        if on_candidate:
+            on_candidate("full", cid)

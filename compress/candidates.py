@@ -1,0 +1,72 @@
+"""The planner's candidate space: pruning x precision, as plans (docs/planner.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from semedge.compress.plan import Plan
+
+# Precisions of the device half (quantize_onnx configs; None = fp32).
+PRECISIONS: dict[str, dict | None] = {
+    "fp32": None,
+    "fp16": {"mode": "fp16"},
+    "int8": {"mode": "int8_dynamic", "other_weights": "int8"},
+    "int4-b128": {"mode": "int4", "block_size": 128, "other_weights": "int8"},
+    "int4-b32": {"mode": "int4", "block_size": 32, "other_weights": "int8"},
+    "int4-mixed": {"mode": "int4", "block_size": 64, "keep_fp32": ["critical"]},
+}
+QUICK_PRECISIONS = ("fp32", "fp16", "int8", "int4-b32", "int4-mixed")
+
+
+def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
+    p: dict[str, dict | None] = {"dense": None, "h25f25": {"heads": 0.25, "ffn": 0.25},
+                                 "h50f50": {"heads": 0.5, "ffn": 0.5}}
+    if n_layers >= 4 and not quick:  # first and last layer stay, so 2 of >= 4 can go
+        p["drop2"] = {"layers": round(2 / n_layers, 4)}
+    return p
+
+
+def candidate_space(loaded, quick: bool = False) -> list[Plan]:
+    """pruning {dense, heads+ffn 25%, 50%, drop 2 layers} x precision {fp32, fp16, int8, int4 b128/b32,
+    int4 with fp32 critical parts}: 24 plans for a 6-layer encoder; quick: 15.
+    Distillation is not in the space: it needs training (give `candidates=` with a distill step to include it)."""
+    n_layers = int(getattr(loaded.model.config, "encoder_layers", 0) or 0)
+    precs = QUICK_PRECISIONS if quick else tuple(PRECISIONS)
+    out = []
+    for pname, pcfg in _prunings(n_layers, quick).items():
+        for qname in precs:
+            steps = []
+            if pcfg:
+                steps.append({"op": "prune", "config": pcfg})
+            if PRECISIONS[qname]:
+                steps.append({"op": "quantize_onnx", "config": PRECISIONS[qname]})
+            out.append(Plan.make(steps, f"{pname}.{qname}"))
+    return out
+
+
+@dataclass
+class Cand:
+    """A candidate plan and what the planner learns about it, stage by stage."""
+
+    cid: str
+    plan: Plan
+    path: Path | None = None
+    bytes: int = 0
+    optimized: bool = True
+    predicted: dict = field(default_factory=dict)  # device -> {"latency_ms", "memory_mb"}
+    accuracy: dict = field(default_factory=dict)  # "channel@snr" -> {"wer", ..., "level"}
+    host: dict | None = None
+
+
+def make_candidates(plans: list[Plan]) -> list[Cand]:
+    """One Cand per plan, named by the plan's name (or hash); a repeated name gets the hash appended."""
+    cands: list[Cand] = []
+    seen = set()
+    for p in plans:
+        cid = p.name or p.hash()[:12]
+        if cid in seen:
+            cid = f"{cid}-{p.hash()[:8]}"
+        seen.add(cid)
+        cands.append(Cand(cid, p))
+    return cands

@@ -1,0 +1,107 @@
+"""The planner's workspace: candidates built (plan → ONNX) and what they cost, cached by content."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+from pathlib import Path
+
+from semedge.compress.candidates import Cand
+from semedge.compress.plan import TORCH_OPS, Plan, write_atomic
+from semedge.compress.realise import RealiseFiles, realise
+
+
+def sha(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def codec_hash(codec) -> str:
+    """sha256 of the JSC codec's config and weights."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(codec.cfg), sort_keys=True).encode())
+    for k, v in sorted(codec.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Workspace:
+    """Builds candidates and caches what they cost (ONNX files under workdir/onnx/<model key>/,
+    cost-model predictions in workdir/costs.json)."""
+
+    def __init__(self, loaded, split, workdir: Path, calib):
+        self.loaded, self.split = loaded, split
+        self.calib = calib  # torch tensor [N, 80, 3000]: pruning ranks on it
+        self.chash = codec_hash(split.codec)
+        self.mkey = sha(loaded.weight_hash, self.chash)[:16]
+        self.dir = workdir / "onnx" / self.mkey
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.splits: dict[str, object] = {}
+        self.costs_path = workdir / "costs.json"
+        try:
+            self.costs = json.loads(self.costs_path.read_text()) if self.costs_path.exists() else {}
+        except json.JSONDecodeError:
+            self.costs = {}
+        self.built = 0
+
+    def torch_split(self, plan: Plan):
+        """The split after the plan's torch steps (the server's silence encoding follows the pruned encoder)."""
+        from semedge.compress.plan import apply_torch_steps
+
+        tplan = Plan.make(plan.ops(TORCH_OPS))
+        th = tplan.hash()
+        if th not in self.splits:
+            self.splits.clear()  # one pruned copy at a time: each is a whole model
+            gc.collect()
+            self.splits[th] = apply_torch_steps(self.split, tplan, self.calib) if tplan.steps else self.split
+        return self.splits[th]
+
+    def files(self, plan: Plan) -> RealiseFiles:
+        """The plan's graph by plan hash; its fp32 export by the hash of its torch steps (shared)."""
+        tplan = Plan.make(plan.ops(TORCH_OPS))
+        return RealiseFiles(self.dir / f"{plan.hash()[:20]}.onnx", self.dir / f"{tplan.hash()[:20]}.fp32.onnx")
+
+    def build(self, cand: Cand) -> Path:
+        """plan → ONNX (compress/realise.py; fused when parity holds), cached by plan hash."""
+        calib = self.calib.numpy() if hasattr(self.calib, "numpy") else self.calib
+        r = realise(cand.plan, lambda: self.torch_split(cand.plan), self.files(cand.plan), calib=calib, optimize=True)
+        self.built += int(r.built)
+        cand.path, cand.bytes, cand.optimized = r.path, r.bytes, r.optimized
+        return r.path
+
+    def predict(self, cand: Cand, profiles) -> None:
+        """Cost-model latency and memory per profile (the graph analysed once per candidate)."""
+        from semedge.runtime import costmodel
+
+        cost = None
+        changed = False
+        for prof in profiles:
+            k = sha(self.mkey, "model-memory", cand.plan.hash(), cand.bytes, prof.model_dump_json())
+            if k not in self.costs:
+                cost = cost or costmodel.analyze(cand.path)
+                self.costs[k] = {"latency_ms": round(costmodel.predict_latency_ms(cost, prof), 2),
+                                 # the budget is for the model, measured as peak RSS minus the runtime's own
+                                 "memory_mb": round(costmodel.predict_model_memory_mb(cost, prof), 2),
+                                 "process_memory_mb": round(costmodel.predict_memory_mb(cost, prof), 2),
+                                 "weights_mb": round(cost.weight_bytes / 1e6, 2),
+                                 "activations_mb": round(cost.peak_activation_bytes / 1e6, 2)}
+                changed = True
+            cand.predicted[prof.name] = dict(self.costs[k])
+        if changed:
+            write_atomic(self.costs_path, json.dumps(self.costs, sort_keys=True, indent=0).encode())
+
+
+class LazySplit:
+    """A split-like object whose torch steps run only when the server half is needed (cache misses)."""
+
+    def __init__(self, ws: Workspace, plan: Plan):
+        self._ws, self._plan = ws, plan
+
+    @property
+    def loaded(self):
+        return self._ws.loaded
+
+    @property
+    def server(self):
+        return self._ws.torch_split(self._plan).server
