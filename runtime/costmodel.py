@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-from semedge.runtime.features import N_FRAMES
+from semedge.core.frames import N_FRAMES
 from semedge.runtime.profiles import DeviceProfile, Efficiency
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 # Classes with their own efficiency factor. Compute classes are bounded by a peak,
 # "memory" by bandwidth.
@@ -65,6 +65,9 @@ class NodeCost:
     flops: float
     bytes: float
     weight_bytes: float
+    domain: str = ""
+    inputs: tuple[tuple[str, float], ...] = ()  # (tensor, bytes) of non-constant inputs
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,6 +76,7 @@ class GraphCost:
     weight_bytes: float
     peak_activation_bytes: float
     unresolved: list[str] = field(default_factory=list)  # nodes whose shapes stayed unknown
+    dynamic: bool = False  # the file's inputs have symbolic dims (NNAPI/CoreML/QNN need fixed ones)
 
     @property
     def flops(self) -> float:
@@ -265,7 +269,7 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
     w_bytes = sum(_nbytes(i, shapes, types) for i in ins if i in consts)
     io_bytes = sum(_nbytes(i, shapes, types) for i in ins) + sum(_nbytes(o, shapes, types) for o in outs)
     if all(i in consts for i in ins) or op in _VIEW_OPS:
-        return NodeCost(node.name, op, "free", 0.0, 0.0, 0.0)
+        return NodeCost(node.name, op, "free", 0.0, 0.0, 0.0, node.domain)
     attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
     flops, cls = 0.0, "memory"
     a = shapes.get(ins[0]) if ins else None
@@ -292,7 +296,8 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
         cls = "conv"
     else:
         flops = _numel(out_shape) * _ELEM_FLOPS.get(op, 1)
-    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes)
+    edges = tuple((i, _nbytes(i, shapes, types)) for i in ins if i not in consts)
+    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes, node.domain, edges, tuple(outs))
 
 
 def _const_names(model: onnx.ModelProto) -> set[str]:
@@ -335,6 +340,8 @@ def analyze(model, length: int | None = None, batch: int = 1,
     after its basic optimisations (constant folding), not the file's raw nodes.
     """
     m = _load(model)
+    dynamic = any(not d.HasField("dim_value") for i in m.graph.input for d in i.type.tensor_type.shape.dim
+                  if i.name not in {t.name for t in m.graph.initializer})
     inputs = concrete_input_shapes(m, length, batch, shapes)
     if fold:
         m = ort_folded(model, inputs) or m
@@ -347,46 +354,179 @@ def analyze(model, length: int | None = None, batch: int = 1,
             unresolved.append(node.name or node.op_type)
         nodes.append(nc)
     weight_bytes = sum(_nbytes(i.name, all_shapes, types) for i in m.graph.initializer)
-    return GraphCost(nodes, weight_bytes, _peak_activation(m, all_shapes, types, consts), unresolved)
+    return GraphCost(nodes, weight_bytes, _peak_activation(m, all_shapes, types, consts), unresolved, dynamic)
 
 
 # ---------------------------------------------------------------- prediction
 
 
-def _eff(profile: DeviceProfile) -> dict[str, float]:
+def _eff(profile: DeviceProfile, unit: str = "cpu") -> dict[str, float]:
+    """Efficiency factors of a compute unit: defaults, then what the profile fitted for that unit."""
     e = dict(DEFAULT_EFFICIENCY)
-    e.update({k: v for k, v in profile.efficiency.model_dump().items() if isinstance(v, (int, float))})
+    acc = profile.accelerators.get(unit) if unit != "cpu" else None
+    fitted = acc.efficiency if acc is not None else profile.efficiency
+    e.update({k: v for k, v in fitted.model_dump().items() if isinstance(v, (int, float))})
     return e
 
 
-def _peak(profile: DeviceProfile, cls: str) -> float:
-    """Peak in FLOP/s for a compute class."""
-    p = profile.peak_gflops
-    g = {"matmul_fp16": p.fp16, "matmul_int8": p.int8}.get(cls, p.fp32)
+def _peak(peaks, cls: str) -> float:
+    """Peak in FLOP/s for a compute class, from a unit's peaks (GFLOP/s)."""
+    g = {"matmul_fp16": peaks.fp16, "matmul_int8": peaks.int8}.get(cls, peaks.fp32)
     return g * 1e9
 
 
-def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | None = None
-               ) -> list[tuple[str, float]]:
-    """(bound class, seconds) per non-free node: the roofline max of compute and memory time."""
-    e = eff or _eff(profile)
-    bw = profile.mem_bandwidth_gbs * 1e9
+# ---------------------------------------------------------------- partition (which EP takes which node)
+
+# Stated op-support rules per EP (what is not listed runs on the next EP, finally CPU):
+# - TensorRT: standard-domain ops, minus the integer/dynamic-quant ops its ONNX parser lacks
+#   (onnx-tensorrt operators.md: no MatMulInteger/ConvInteger/DynamicQuantizeLinear); no contrib ops.
+# - CUDA: standard ops minus the same integer ops (not in the CUDA EP's kernel registry, per issue 15;
+#   unverified here, no GPU), plus the contrib ops it has CUDA kernels for.
+# - NNAPI, CoreML: the op tables onnxruntime ships (tools/mobile_helpers/*_supported_ops.md); fixed shapes.
+# - QNN: standard-domain ops with fixed shapes (ORT's QNN op list is not shipped in the wheel: approximate).
+# - XNNPACK: the ops ORT's XNNPACK EP registers (fp32/QDQ conv, pooling, softmax, resize, gemm/matmul).
+_NO_INTEGER = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
+_CUDA_CONTRIB = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+                 "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd", "MatMulNBits", "FusedMatMul"}
+_XNNPACK_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Softmax", "Resize", "Gemm", "MatMul",
+                "QLinearConv", "QLinearAveragePool", "QLinearSoftmax"}
+_FIXED_SHAPES = ("NNAPI", "CoreML", "QNN")
+ACCELERATOR_OP_SOURCES = {
+    "TensorRT": "onnx-tensorrt operators.md (no integer matmul/conv, no contrib ops)",
+    "CUDA": "ORT CUDA kernel registry as stated in issue 15 (not verified here)",
+    "NNAPI": "onnxruntime/tools/mobile_helpers/nnapi_supported_ops.md",
+    "CoreML": "onnxruntime/tools/mobile_helpers/coreml_supported_{mlprogram,neuralnetwork}_ops.md",
+    "QNN": "approximation: standard-domain ops with fixed shapes",
+    "XNNPACK": "ORT XNNPACK EP op list", "CPU": "every op",
+}
+
+
+def _mobile_table(name: str) -> set[str] | None:
+    """'domain:Op' names from an op table onnxruntime ships; None when it is not installed."""
+    try:
+        import onnxruntime
+
+        path = Path(onnxruntime.__file__).parent / "tools" / "mobile_helpers" / name
+        lines = path.read_text().splitlines()
+    except (ImportError, OSError):
+        return None
+    return {ln.split("|")[1] for ln in lines if ln.startswith("|") and ":" in ln.split("|")[1]}
+
+
+def _op_key(n: NodeCost) -> str:
+    return f"{n.domain or 'ai.onnx'}:{n.op_type}"
+
+
+def why_not(ep, n: NodeCost, dynamic: bool) -> str | None:
+    """None when `ep` (a profile EP entry) takes node `n`, else the reason it falls back."""
+    name, std = ep.name, n.domain in ("", "ai.onnx")
+    if name == "CPU":
+        return None
+    if name in _FIXED_SHAPES and dynamic:
+        return "dynamic shapes"
+    if name == "XNNPACK":
+        return None if std and n.op_type in _XNNPACK_OPS else "not in XNNPACK's op set"
+    if name == "CUDA" and not std:
+        return None if n.op_type in _CUDA_CONTRIB else f"contrib op {n.op_type} has no CUDA kernel"
+    if not std:
+        return f"contrib op {_op_key(n)}"
+    if name in ("TensorRT", "CUDA"):
+        return f"{n.op_type} (integer op)" if n.op_type in _NO_INTEGER else None
+    if name in ("NNAPI", "CoreML"):
+        fmt = "mlprogram" if ep.options.get("ModelFormat", "MLProgram") == "MLProgram" else "neuralnetwork"
+        table = _mobile_table("nnapi_supported_ops.md" if name == "NNAPI" else f"coreml_supported_{fmt}_ops.md")
+        if table is not None and _op_key(n) not in table:
+            return f"{n.op_type} not in ORT's {name} op table"
+    return None
+
+
+def partition(cost: GraphCost, profile: DeviceProfile) -> list[tuple[NodeCost, object]]:
+    """(node, EP entry) for each non-free node: the first EP in the profile's order that takes it."""
     out = []
     for n in cost.nodes:
         if n.cls == "free":
             continue
-        t_mem = n.bytes / (bw * e["memory"])
+        ep = next(e for e in profile.execution_providers if why_not(e, n, cost.dynamic) is None
+                  or e.name == "CPU")
+        out.append((n, ep))
+    return out
+
+
+def _modelled_unit(profile: DeviceProfile, ep) -> str:
+    """The unit whose peaks cost an EP's nodes: its own, or cpu when the profile has no peaks for it."""
+    return ep.unit if profile.unit_peaks(ep.unit) is not None else "cpu"
+
+
+def partition_report(cost: GraphCost, profile: DeviceProfile) -> dict:
+    """Which ops each EP takes, why the rest fall back, and the accelerator's share of nodes and FLOPs."""
+    parts = partition(cost, profile)
+    first = profile.first_ep
+    by_ep: dict[str, dict] = {}
+    for n, ep in parts:
+        d = by_ep.setdefault(ep.name, {"unit": ep.unit, "nodes": 0, "gflops": 0.0, "ops": {}})
+        d["nodes"] += 1
+        d["gflops"] += n.flops / 1e9
+        d["ops"][n.op_type] = d["ops"].get(n.op_type, 0) + 1
+    fallback: dict[str, str] = {}
+    for n, ep in parts:
+        if ep is not first:
+            fallback.setdefault(n.op_type, why_not(first, n, cost.dynamic) or "")
+    total_nodes = max(1, len(parts))
+    total_fl = sum(n.flops for n, _ in parts) or 1.0
+    on_first = by_ep.get(first.name, {"nodes": 0, "gflops": 0.0})
+    unmodelled = sorted({ep.unit for _, ep in parts if profile.unit_peaks(ep.unit) is None})
+    for d in by_ep.values():
+        d["gflops"] = round(d["gflops"], 4)
+    return {
+        "first_ep": first.name, "by_ep": by_ep, "fallback_ops": fallback,
+        "first_ep_node_share": round(on_first["nodes"] / total_nodes, 4),
+        "first_ep_flop_share": round(on_first["gflops"] * 1e9 / total_fl, 4),
+        "boundaries": len(_boundaries(parts, profile)),
+        "unmodelled_units": unmodelled,  # their nodes are costed on the CPU's peaks
+        "sources": {e.name: ACCELERATOR_OP_SOURCES[e.name] for e in profile.execution_providers},
+    }
+
+
+# A tensor crossing between compute units: copied at the profile's bandwidth plus a fixed
+# launch/sync cost (assumed, not measured: no accelerator here).
+TRANSFER_US = 20.0
+
+
+def _boundaries(parts, profile: DeviceProfile) -> list[float]:
+    """Bytes of each tensor that crosses from one modelled compute unit to another."""
+    unit_of_tensor = {o: _modelled_unit(profile, ep) for n, ep in parts for o in n.outputs}
+    out = []
+    for n, ep in parts:
+        u = _modelled_unit(profile, ep)
+        out += [b for t, b in n.inputs if t in unit_of_tensor and unit_of_tensor[t] != u]
+    return out
+
+
+def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | None = None,
+               unit: str | None = None) -> list[tuple[str, float]]:
+    """(bound class, seconds) per non-free node: the roofline max of compute and memory time, each
+    node on the unit of the EP that takes it (`unit`: every node on that unit, e.g. for calibration)."""
+    out = []
+    for n, ep in partition(cost, profile):
+        u = unit or _modelled_unit(profile, ep)
+        peaks, bw_gbs = profile.unit_peaks(u) or profile.unit_peaks("cpu")
+        e = eff if (eff is not None and (unit or u == "cpu")) else _eff(profile, u)
+        t_mem = n.bytes / (bw_gbs * 1e9 * e["memory"])
         if n.cls == "memory":
             out.append(("memory", t_mem))
             continue
-        t_comp = n.flops / (_peak(profile, n.cls) * e[n.cls])
+        t_comp = n.flops / (_peak(peaks, n.cls) * e[n.cls])
         out.append((n.cls, t_comp) if t_comp >= t_mem else ("memory", t_mem))
     return out
 
 
-def predict_latency_ms(cost: GraphCost, profile: DeviceProfile) -> float:
-    e = _eff(profile)
-    t = sum(s for _, s in node_times(cost, profile, e))
+def predict_latency_ms(cost: GraphCost, profile: DeviceProfile, unit: str | None = None) -> float:
+    """Sum of node times on their units + per-node overhead + fixed cost + transfers between units."""
+    e = _eff(profile, unit or "cpu")
+    t = sum(s for _, s in node_times(cost, profile, e if unit else None, unit))
+    if unit is None:
+        t += sum(b / (profile.mem_bandwidth_gbs * 1e9) + TRANSFER_US * 1e-6
+                 for b in _boundaries(partition(cost, profile), profile))
     return 1e3 * t + cost.n_nodes * e["overhead_us_per_node"] * 1e-3 + e["fixed_ms"]
 
 
@@ -415,6 +555,8 @@ def predict(model, profile: DeviceProfile, length: int | None = None) -> dict:
         "nodes": cost.n_nodes, "predicted_model_mb": round(predict_model_memory_mb(cost, profile), 1),
         "fits_memory": predict_model_memory_mb(cost, profile) <= profile.memory_budget_mb,
         "unresolved_nodes": len(cost.unresolved),
+        "ep": profile.first_ep.name, "partition": partition_report(cost, profile),
+        "calibrated": profile.efficiency.calibrated_on is not None,
     }
 
 
@@ -437,7 +579,7 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, iters: int = 4,
-              label: str = "", min_full: int = 8) -> Efficiency:
+              label: str = "", min_full: int = 8, unit: str = "cpu") -> Efficiency:
     """Fit efficiency factors, per-node overhead and fixed cost from (cost, measured_ms) pairs.
 
     Minimises the relative error. Classes with no time in the samples keep their
@@ -445,11 +587,14 @@ def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, it
     """
     if not samples:
         raise UserError("no calibration samples", "measure at least a few model variants first")
-    e = _eff(profile)
+    if unit != "cpu":
+        raise UserError(f"fitting the {unit} entry is not implemented (no {unit} to test it on here)",
+                        "calibrate the CPU entry from CPU timings; accelerator entries keep the defaults")
+    e = _eff(profile, unit)
     meas = np.array([m for _, m in samples], float)
     if len(samples) < min_full:
         # too few samples for one factor per class: scale all compute/memory factors at once
-        pred = np.array([predict_latency_ms(c, profile) for c, _ in samples])
+        pred = np.array([predict_latency_ms(c, profile, unit) for c, _ in samples])
         ratio = float(np.exp(np.mean(np.log(pred / meas))))  # >1: device faster than predicted
         for c in CLASSES:
             e[c] = float(e[c] * ratio)
@@ -460,7 +605,7 @@ def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, it
         cols = CLASSES + ("overhead", "fixed")
         a = np.zeros((len(samples), len(cols)))
         for r, (cost, _) in enumerate(samples):
-            for cls, s in node_times(cost, profile, e):
+            for cls, s in node_times(cost, profile, e, unit):
                 # s * eff = nominal time at the peak; coefficient to fit is 1/eff
                 a[r, cols.index(cls)] += 1e3 * s * e[cls]
             a[r, cols.index("overhead")] = cost.n_nodes * 1e-3
@@ -493,3 +638,38 @@ def calibrate_memory(samples: list[tuple[GraphCost, float]], eff: Efficiency) ->
     d.update(runtime_mb=round(float(x[0]) - session, 2), session_mb=round(session, 2), weights_factor=round(float(x[1]), 4),
              arena_factor=round(float(x[2]), 4))
     return Efficiency(**d)
+
+
+# ---------------------------------------------------------------- formats a target runs natively
+
+# Per first EP: the package formats (precision/quantization) it runs itself, best first.
+# fp16: a float16 graph (or fp32 with TensorRT's fp16 builder); qdq_a8w8 / qdq_a16w8: static
+# QuantizeLinear/DequantizeLinear with fixed input shapes; int8_dynamic: DynamicQuantizeLinear +
+# MatMulInteger; int4: MatMulNBits (com.microsoft).
+_FORMATS = {
+    "TensorRT": ["fp16", "fp32", "qdq_a8w8"],
+    "CUDA": ["fp16", "fp32", "int4"],
+    "CoreML": ["fp16", "fp32"],
+    "QNN": ["qdq_a8w8", "qdq_a16w8"],
+    "NNAPI": ["qdq_a8w8", "fp32"],
+    "XNNPACK": ["fp32", "int8_dynamic", "int4"],
+    "CPU": ["fp32", "int8_dynamic", "int4"],
+}
+
+
+def formats_for(profile: DeviceProfile) -> list[str]:
+    """Formats the profile's first EP runs natively, best first (for the planner's candidate space).
+
+    Anything else still runs, but its nodes fall back to the CPU EP (see `partition_report`).
+    """
+    ep = profile.first_ep
+    if ep.name == "QNN" and ep.unit != "npu":  # QNN's GPU or CPU backend
+        return ["fp16", "fp32"] if ep.unit == "gpu" else ["fp32"]
+    if ep.name == "CoreML" and ep.unit == "cpu":
+        return ["fp32"]
+    return list(_FORMATS[ep.name])
+
+
+def needs_fixed_shapes(profile: DeviceProfile) -> bool:
+    """True when the first EP takes only fixed-shape graphs (NNAPI, CoreML, QNN)."""
+    return profile.first_ep.name in _FIXED_SHAPES

@@ -114,14 +114,34 @@ def measure_host_cmd(
         typer.echo(yaml.safe_dump(prof.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip())
 
 
+def _calibration_unit(prof, bench_data: dict, unit: Optional[str], bench: Path) -> str:
+    """The compute unit a bench's timings can fit: the unit its EP ran on, never another one."""
+    from semedge.runtime.providers import canonical_ep, unit_of
+
+    ran = (bench_data.get("providers") or ["CPUExecutionProvider"])[0]
+    ran_unit = unit_of(canonical_ep(ran) or "CPU")
+    if unit is not None and unit != ran_unit:
+        raise UserError(f"--unit {unit}: {bench} ran on {ran} ({ran_unit}), so it can fit only the {ran_unit} entry",
+                        f"use --unit {ran_unit}, or bench on the {unit} with `semedge device bench --ep ...`")
+    target = prof.first_ep.unit
+    if ran_unit != target and unit is None:
+        raise UserError(f"{bench} ran on {ran} ({ran_unit}) but {prof.name} runs on {prof.first_ep.ort_name} "
+                        f"({target}): {ran_unit} timings cannot fit its {target} roofline",
+                        f"bench on the device with `semedge device bench PKG --ep {prof.first_ep.name.lower()} --json`, "
+                        f"or add `--unit {ran_unit}` to fit only its {ran_unit} entry (the fallback nodes)")
+    return ran_unit
+
+
 @profiles_app.command("calibrate")
 def calibrate_cmd(
     name: str = typer.Argument(..., help="profile name or path"),
     bench: Path = typer.Argument(..., help="JSON written by `semedge device bench --json`"),
     model: Optional[Path] = typer.Option(None, "--model", help="the benched model here, if its path differs"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the calibrated profile here instead"),
+    unit: Optional[str] = typer.Option(None, "--unit", help="fit only this compute unit's entry: cpu (the CPU EP "
+                                       "and fallback nodes) when the profile's first EP is a GPU/NPU"),
 ):
-    """Fit a profile's efficiency factors from a bench run on that device."""
+    """Fit a profile's efficiency factors from a bench run on that device, on the unit the bench ran on."""
     import shutil
 
     from semedge.runtime import costmodel
@@ -138,6 +158,7 @@ def calibrate_cmd(
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{bench}: not a bench JSON (needs 'model' and 'results')",
                         "use the output of `semedge device bench --json`")
+    fit_unit = _calibration_unit(prof, data, unit, bench)
     lat, mem = [], []
     for r in rows:
         cost = costmodel.analyze(mpath, r.get("length"))
@@ -146,12 +167,13 @@ def calibrate_cmd(
             mem.append((cost, float(r["peak_rss_mb"])))
     if not lat:
         raise UserError(f"{bench}: no results", "bench at least one input length")
-    before = [costmodel.predict_latency_ms(c, prof) for c, _ in lat]
-    eff = costmodel.calibrate(lat, prof, label=f"{bench.name} ({len(lat)} lengths, {mpath.name})")
+    before = [costmodel.predict_latency_ms(c, prof, fit_unit) for c, _ in lat]
+    eff = costmodel.calibrate(lat, prof, label=f"{bench.name} ({len(lat)} lengths, {mpath.name}, "
+                              f"{fit_unit} only)", unit=fit_unit)
     if len(mem) >= 3:
         eff = costmodel.calibrate_memory(mem, eff)
     cal = prof.model_copy(update={"efficiency": eff})
-    after = [costmodel.predict_latency_ms(c, cal) for c, _ in lat]
+    after = [costmodel.predict_latency_ms(c, cal, fit_unit) for c, _ in lat]
     target = out or src
     if out:
         shutil.copyfile(src, out)

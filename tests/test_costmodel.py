@@ -29,7 +29,7 @@ def test_flops_exact(tiny):
 
 
 def test_symbolic_length_required(tiny):
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     with pytest.raises(UserError, match="length"):
         costmodel.analyze(tiny)
@@ -101,3 +101,46 @@ def test_nnls_nonnegative():
     b = a @ np.array([1.0, 0.0, 2.0]) - 0.3 * a[:, 1]
     x = costmodel._nnls(a, b)
     assert (x >= 0).all() and x[0] > 0.5
+
+
+# ---------------------------------------------------------------- per-EP partition
+
+
+def test_partition_int8_on_tensorrt_falls_back_to_cpu(tiny, tmp_path):
+    """TensorRT takes no MatMulInteger/DynamicQuantizeLinear: those are costed on the Jetson's CPU."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q = tmp_path / "q.onnx"
+    quantize_dynamic(str(tiny), str(q), weight_type=QuantType.QInt8)
+    orin = load_profile("jetson-orin-nano")
+    cq, cf = costmodel.analyze(q, 64), costmodel.analyze(tiny, 64)
+    rep = costmodel.partition_report(cq, orin)
+    assert rep["by_ep"]["CPU"]["ops"]["MatMulInteger"] > 0 and "MatMulInteger" in rep["fallback_ops"]
+    assert "TensorRT" in rep["by_ep"] and rep["boundaries"] > 0 and rep["first_ep_flop_share"] < 0.5
+    assert costmodel.partition_report(cf, orin)["first_ep_node_share"] == 1.0
+    # the int8 graph is predicted slower than fp32 there (CPU fallback + transfers), not faster
+    assert costmodel.predict_latency_ms(cq, orin) > costmodel.predict_latency_ms(cf, orin)
+
+
+def test_partition_mobile_eps_need_fixed_shapes(tiny, tmp_path):
+    from _tinyonnx import tiny_encoder
+
+    mid, phone = load_profile("android-mid"), load_profile("iphone")
+    dyn = costmodel.partition_report(costmodel.analyze(tiny, 64), mid)
+    assert "NNAPI" not in dyn["by_ep"] and set(dyn["fallback_ops"].values()) == {"dynamic shapes"}
+    fixed = costmodel.analyze(tiny_encoder(tmp_path / "fx.onnx", d=64, ffn=256, seq=32), None)
+    rep = costmodel.partition_report(fixed, mid)
+    assert rep["by_ep"]["NNAPI"]["nodes"] > 0 and rep["unmodelled_units"] == ["npu"]  # no published NPU peaks
+    assert costmodel.partition_report(fixed, phone)["first_ep_node_share"] > 0.5
+    p = costmodel.predict(tiny, load_profile("host"), 64)
+    assert p["ep"] == "CPU" and p["partition"]["first_ep_node_share"] == 1.0
+
+
+def test_formats_for_first_ep():
+    assert costmodel.formats_for(load_profile("jetson-orin-nano"))[0] == "fp16"
+    assert costmodel.formats_for(load_profile("iphone"))[0] == "fp16"
+    assert costmodel.formats_for(load_profile("android-flagship"))[0] == "qdq_a8w8"
+    assert costmodel.formats_for(load_profile("android-mid"))[0] == "qdq_a8w8"
+    assert "int8_dynamic" in costmodel.formats_for(load_profile("watch"))
+    assert costmodel.needs_fixed_shapes(load_profile("android-mid"))
+    assert not costmodel.needs_fixed_shapes(load_profile("raspberry-pi-5"))

@@ -3,6 +3,7 @@ bench -> calibrate with the host standing in for the target, measure-host into t
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,6 +94,18 @@ def test_bench_then_calibrate_host_as_target(tiny, tmp_path, monkeypatch):
     assert sum(e * e for e in after) < sum(e * e for e in before)
     assert abs(sum(after)) < 1e-2
     assert (tmp_path / "raspberry-pi-5.yaml").read_text().startswith("# Raspberry Pi 5")
+    # a GPU-first profile is not fitted from CPU timings: refused (exit 2, file untouched) ...
+    jet = tmp_path / "jetson-orin-nano.yaml"
+    jet.write_text((Path(__file__).resolve().parent.parent / "device_profiles" / "jetson-orin-nano.yaml").read_text())
+    text = jet.read_text()
+    r = CliRunner().invoke(app, ["profiles", "calibrate", "jetson-orin-nano", str(bench)])
+    assert type(r.exception).__name__ == "UserError" and "cannot fit its gpu roofline" in str(r.exception)
+    assert jet.read_text() == text
+    # ... unless only its CPU entry (the fallback nodes) is fitted, and said so
+    r = CliRunner().invoke(app, ["profiles", "calibrate", "jetson-orin-nano", str(bench), "--unit", "cpu"])
+    assert r.exit_code == 0, r.output
+    cal = load_profile("jetson-orin-nano")
+    assert "cpu only" in cal.efficiency.calibrated_on and not cal.accelerators["gpu"].efficiency.calibrated_on
 
 
 def test_profile_cmd_host_measured_beside_predicted(tiny):
