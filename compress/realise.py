@@ -68,7 +68,8 @@ def realise(plan: Plan, torch_split: Callable[[], object], files: RealiseFiles, 
     """The plan's device graph at `files.onnx`: torch steps → export → ONNX steps, cached.
 
     torch_split: returns the split after the plan's torch steps (called only when the export
-    is not cached). calib: numpy device-half inputs for calibrated ONNX steps (int8_static)."""
+    is not cached). calib: numpy device-half inputs for calibrated ONNX steps (int8_static), or a
+    function returning them (called only when the ONNX steps run)."""
     hit = _cached(files.onnx, files.meta)
     if hit is not None:
         return Realised(files.onnx, files.onnx.stat().st_size, hit.get("optimized", True) if files.meta else None, False)
@@ -80,7 +81,7 @@ def realise(plan: Plan, torch_split: Callable[[], object], files: RealiseFiles, 
             write_atomic(files.base.with_suffix(".json"), json.dumps({"optimized": opt}).encode())
     else:
         opt = base["optimized"] if files.meta else None
-    apply_onnx_steps(files.base, files.onnx, plan, calib=calib)
+    apply_onnx_steps(files.base, files.onnx, plan, calib=calib() if callable(calib) else calib)
     if files.meta:
         write_atomic(files.onnx.with_suffix(".json"), json.dumps({"optimized": opt, "plan": plan.to_dict()}).encode())
     return Realised(files.onnx, files.onnx.stat().st_size, opt, True)
