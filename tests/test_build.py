@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 from semedge.runtime.package import Package
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 warnings.filterwarnings("ignore")
 MODEL = "tiny:whisper:0"
@@ -202,3 +202,46 @@ def test_index_html_loads_every_plot_in_chromium(first, tmp_path):
     m = re.search(r'data-imgs="([01]*)"', r.stdout)
     assert m, f"chromium printed no DOM with the probe: {r.stderr[-500:]}"
     assert m.group(1) == "1" * 5, f"images that failed to load: {m.group(1)}"
+
+
+# ---------------------------------------------------------------- stage functions alone
+
+
+def test_stamps_skip_until_an_output_changes(tmp_path):
+    from semedge.stamps import Stamps
+
+    st = Stamps(tmp_path, lambda msg: None)
+    runs = []
+
+    def make():
+        runs.append(1)
+        (tmp_path / "f.txt").write_text("x")
+        return {"n": len(runs)}
+
+    outs = lambda r: [tmp_path / "f.txt"]  # noqa: E731
+    assert st.run("s", {"a": 1}, make, outs) == {"n": 1}
+    assert st.run("s", {"a": 1}, make, outs) == {"n": 1} and st.stages["s"]["skipped"]
+    (tmp_path / "f.txt").write_text("changed")
+    assert st.run("s", {"a": 1}, make, outs) == {"n": 2}
+    assert st.run("s", {"a": 2}, make, outs) == {"n": 3}
+
+
+def test_plan_checks_and_fitting_devices(setup):
+    from semedge.runtime.profiles import load_profiles
+    from semedge.stages import check_plans, device_record, fitting_devices
+
+    _, prof, plans = setup
+    doc = json.loads(plans.read_text())
+    profs = load_profiles(prof)
+    check_plans(doc, profs)
+    assert fitting_devices(doc, profs) == (["phone-a", "phone-b"], ["tiny-watch"])
+    rec = device_record("tiny-watch", profs["tiny-watch"], doc, ["phone-a", "phone-b"], [0.0], {}, {}, {})
+    assert rec["package"] is None and not rec["fits"] and rec["closest"] == "int8"
+    assert set(rec["accuracy"]) == {"0", "10"} and rec["predicted"]["memory_mb"] == 75.0
+    bad = json.loads(plans.read_text())
+    bad["devices"]["phone-a"]["chosen"] = "nope"
+    with pytest.raises(UserError, match="not a candidate"):
+        check_plans(bad, profs)
+    del bad["devices"]["phone-b"]
+    with pytest.raises(UserError, match="no entry"):
+        check_plans(bad, profs)

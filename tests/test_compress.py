@@ -11,7 +11,7 @@ import torch
 
 from semedge.compress import distill, prune, quantize_onnx, quantize_torch
 from semedge.compress.plan import Plan, Step, apply_onnx_steps, apply_torch_steps, describe
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 from semedge.semcom.models import tiny_model
 from semedge.semcom.split import build_split
 
@@ -340,3 +340,70 @@ def test_plan_apply_twice_same_bytes(split, feats, tmp_path):
         outs.append(apply_onnx_steps(raw, tmp_path / f"q{i}.onnx", p).read_bytes())
     assert outs[0] == outs[1]
     assert isinstance(p.steps[0], Step)
+
+
+# ---------------------------------------------------------------- registries and the realise step
+
+
+def test_mode_registries_map_names_to_classes():
+    assert set(quantize_onnx.MODES) == {"int8_dynamic", "int8_static", "fp16", "int4"}
+    m = quantize_onnx.OnnxQuantConfig(mode="int4", block_size=32, per_channel=False).mode_config()
+    assert isinstance(m, quantize_onnx.Int4) and m.block_size == 32 and not hasattr(m, "per_channel")
+    assert set(quantize_torch.MODES) == {"torch_int8", "bnb_int8", "bnb_nf4"}
+    assert quantize_torch.ServerQuantConfig(mode="bnb_nf4", blocksize=128).mode_config() == quantize_torch.BnbNf4(blocksize=128)
+    from semedge.compress.plan import STEPS
+
+    assert STEPS["quantize_onnx"].config_class() is quantize_onnx.OnnxQuantConfig
+    assert {op: k.runs for op, k in STEPS.items()} == {"prune": "torch", "distill": "torch", "quantize_onnx": "onnx",
+                                                       "quantize_server": "server"}
+
+
+def test_keep_fp32_is_a_node_filter(fp32_onnx):
+    import onnx
+
+    m = onnx.load(str(fp32_onnx))
+    keep = quantize_onnx.keep_fp32_filter(m, [r"layers\.0[./]"])
+    kept = [n.name for n in m.graph.node if not keep(n, n.name)]
+    assert kept and all("layers.0" in n.name or any("layers.0" in i for i in n.input)
+                        for n in m.graph.node if n.name in kept)
+    assert all(quantize_onnx.keep_fp32_filter(m, [])(n, n.name) for n in m.graph.node)
+
+
+def test_quantize_torch_filter_over_module_and_name():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    n = quantize_torch.quantize_(net, quantize_torch.TorchInt8(), quantize_torch.skip_filter([r"^2$"]))
+    assert n == 1 and type(net[0]) is not torch.nn.Linear and type(net[2]) is torch.nn.Linear
+
+
+def test_several_onnx_steps_run_in_order(fp32_onnx, tmp_path):
+    first = {"mode": "int4", "block_size": 32, "keep_fp32": [r"layers\.0[./]"]}
+    p = Plan.make([{"op": "quantize_onnx", "config": first}, {"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 32}}])
+    assert describe(p) == r"int4(b=32)+fp32[layers\.0[./]] → int4(b=32)"
+    two = apply_onnx_steps(fp32_onnx, tmp_path / "two.onnx", p)
+    step1 = quantize_onnx.apply(fp32_onnx, tmp_path / "s1.onnx", first)
+    by_hand = quantize_onnx.apply(step1, tmp_path / "s2.onnx", {"mode": "int4", "block_size": 32})
+    assert two.read_bytes() == by_hand.read_bytes()
+    everywhere = quantize_onnx.apply(fp32_onnx, tmp_path / "all.onnx", {"mode": "int4", "block_size": 32})
+    n = quantize_onnx.quantized_nodes
+    assert n(step1)["MatMulNBits"] < n(two)["MatMulNBits"] == n(everywhere)["MatMulNBits"]
+
+
+def test_realise_builds_once_and_caches(split, feats, tmp_path):
+    from semedge.compress.realise import RealiseFiles, realise
+
+    p = Plan.make([{"op": "quantize_onnx", "config": {"mode": "int8_dynamic"}}])
+    files = RealiseFiles(tmp_path / "q.onnx", tmp_path / "base.fp32.onnx")
+    calls = []
+
+    def torch_split():
+        calls.append(1)
+        return split
+
+    r = realise(p, torch_split, files, optimize=True)
+    assert r.built and r.path.is_file() and r.bytes == r.path.stat().st_size and calls == [1]
+    assert json.loads(files.onnx.with_suffix(".json").read_text())["plan"] == p.to_dict()
+    again = realise(p, torch_split, files)
+    assert not again.built and again.optimized == r.optimized and calls == [1]
+    # another plan on the same export: the fp32 file is reused, not exported again
+    other = realise(Plan.make([]), torch_split, RealiseFiles(tmp_path / "fp32.onnx", files.base))
+    assert other.built and calls == [1] and other.path.read_bytes() == files.base.read_bytes()

@@ -177,3 +177,62 @@ def test_planner_matches_its_oracle(first, loaded, profiles):
         assert info["chosen"] == o["chosen"] or not vs["worse"], (d, info["chosen"], o["chosen"], vs)
         lo, hi = o["wer_ci95"]["ci95"]
         assert lo <= o["wer"] + 1e-9 and o["wer"] <= hi + 1e-9 and o["tie_rule"]
+
+
+# ---------------------------------------------------------------- stage functions alone
+
+
+def _cand(cid, nbytes, mem, wer_errs, level="full", snrs=(0.0,), channel="awgn"):
+    from semedge.compress.candidates import Cand
+
+    c = Cand(cid, Plan.make([], cid), bytes=nbytes)
+    c.predicted = {"d": {"memory_mb": mem, "latency_ms": 1.0}}
+    for s in snrs:
+        errs = [[e, 10] for e in wer_errs]
+        c.accuracy[f"{channel}@{s:g}"] = {"wer": sum(e for e, _ in errs) / (10 * len(errs)), "n": len(errs),
+                                          "word_errors": errs, "level": level}
+    return c
+
+
+def test_make_candidates_names_repeats_apart():
+    from semedge.compress.candidates import make_candidates
+
+    cands = make_candidates([Plan.make([], "a"), Plan.make([{"op": "prune", "config": {"heads": 0.5}}], "a"), Plan.make([])])
+    ids = [c.cid for c in cands]
+    assert ids[0] == "a" and ids[1].startswith("a-") and len(set(ids)) == 3
+
+
+def test_device_entries_apply_overrides(profiles):
+    from semedge.compress.planner import Budgets, device_entries
+
+    devs = device_entries(profiles, Budgets(memory_mb=3.0, max_wer=0.5), quick=True)
+    assert devs["big"]["budgets"] == {"memory_mb": 3.0, "latency_ms": 5000.0, "wer": 0.5}
+    assert devs["small"]["eval_snrs"] == [0.0] and devs["small"]["channel"] == "rayleigh"
+    with pytest.raises(Exception, match="memory_mb"):
+        Budgets(memory_mb=-1)
+
+
+def test_shortlists_round_robin_under_the_cap():
+    from semedge.compress.accuracy import shortlists
+
+    ranked = {"x": [_cand("a", 1, 1, [1]), _cand("b", 1, 1, [1])], "y": [_cand("c", 1, 1, [1]), _cand("a", 1, 1, [1])]}
+    short, full = shortlists(ranked, n_cands=8, full_share=0.25, per_device=2)  # cap 2
+    assert short == {"x": ["a"], "y": ["c", "a"]} and full == {"a", "c"}
+
+
+def test_choose_device_ties_go_to_the_least_compressed_and_nothing_fits_names_closest():
+    from semedge.compress.choose import choose_device
+
+    info = {"channel": "awgn", "eval_snrs": [0.0], "budgets": {"memory_mb": 10.0, "latency_ms": 5.0}}
+    big = _cand("big", 900, 9.0, [2] * 20)  # tied with the best: same errors on the same utterances
+    small = _cand("small", 100, 1.0, [2] * 19 + [1])
+    worse = _cand("worse", 50, 0.5, [9] * 20)
+    over = _cand("over", 2000, 20.0, [0] * 20)
+    cands = [big, small, worse, over]
+    out = choose_device("d", info, cands, ranked=[small, big, worse], short=["small", "big"], n_cheap=4)
+    assert out["fits"] and out["chosen"] == "big" and not out["vs_best"]["worse"]
+    assert "memory" in out["rejected"]["over"] and "significantly worse" in out["rejected"]["worse"]
+    assert out["shortlist"] == ["small", "big"] and out["predicted"] == big.predicted["d"]
+    tight = dict(info, budgets={"memory_mb": 0.1, "latency_ms": 5.0})
+    none = choose_device("d", tight, cands, ranked=[], short=[], n_cheap=4)
+    assert not none["fits"] and none["closest"] == "worse" and none["failing_budget"] == "memory"
