@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,3 +214,42 @@ def test_device_runtime_imports_without_torch(speech, text):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("ok")
+
+
+def _cli_without_torch(*args: str) -> subprocess.CompletedProcess:
+    """The `semedge` command in a fresh process where importing torch or transformers fails."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from semedge.cli import main\n"
+            f"rc = main({list(args)!r})\n"
+            "bad = [m for m in ('torch', 'transformers') if sys.modules.get(m) is not None]\n"
+            "assert not bad, bad\n"
+            "sys.exit(rc)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+
+def test_device_cli_runs_without_torch(speech, tmp_path):
+    """`semedge device run/bench` need only the base install: no torch, no transformers (a real
+    server in this process decodes; the device side runs in the torch-free subprocess)."""
+    import json
+    import wave
+
+    from semedge.runtime.server import ServerConfig, create_app, serve_in_thread
+
+    split, path = speech
+    r = _cli_without_torch("device", "run", "--help")
+    assert r.returncode == 0 and "--ep" in r.stdout, r.stderr[-2000:]
+    r = _cli_without_torch("device", "bench", str(path), "--ep", "cpu", "--runs", "2", "--warmup", "0", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["p50_ms"] > 0, r.stderr[-2000:]
+    pcm = np.round(_audio(1.0) * 32767).astype("<i2")
+    with wave.open(str(tmp_path / "a.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(pcm.tobytes())
+    pkg = Package.load(path)
+    app = create_app([pkg], loader=lambda src: split.loaded,
+                     config=ServerConfig(max_new_tokens=4, backend="torch"))
+    with serve_in_thread(app) as url:
+        r = _cli_without_torch("device", "run", str(path), "--wav", str(tmp_path / "a.wav"), "--server", url,
+                               "--ep", "cpu", "--channel", "none", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["providers"] == ["CPUExecutionProvider"] and out["tokens"] == 50 and isinstance(out["text"], str)
