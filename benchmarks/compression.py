@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
     from semedge.semcom.tasks.speech import load_split
-    from semedge.semcom.train import target_ids
+    from semedge.semcom.training.data import target_ids
 
     t_start = time.time()
     loaded = load_model("whisper-base")
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         h = torch.cat([split.device.encoder(calib[i : i + 1]).last_hidden_state for i in range(4)])
     split.codec.set_stats(h)
     snrs = [math.inf, 10.0]
-    from semedge.runtime.features import window_frames
+    from semedge.core.frames import window_frames
 
     # static quantization calibrates on what the device runs: fitted windows of training utterances
     fit_calib = [tfeats[i][:, : window_frames(len(u.audio))] for i, u in enumerate(train[:8])]

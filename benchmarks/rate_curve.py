@@ -60,11 +60,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from semedge.semcom.baseline import BaselineConfig, ConventionalLink, LinkCache
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
     from semedge.semcom.models import load_model
     from semedge.semcom.stats import fmt_ci
     from semedge.semcom.tasks.speech import load_split
-    from semedge.semcom.train import evaluate_system, score_row, write_json
+    from semedge.semcom.training.artifacts import write_json
+    from semedge.semcom.training.evaluate import evaluate_system, score_row
 
     try:
         convs = [BaselineConfig.parse(s) for s in args.conventional.split(",") if s.strip()]
@@ -138,7 +139,7 @@ def plot(rows, snrs, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from semedge.semcom.train import ci_yerr
+    from semedge.semcom.training.artifacts import ci_yerr
 
     fig, axes = plt.subplots(1, len(snrs), figsize=(5 * len(snrs), 4), squeeze=False)
     for ax, s in zip(axes[0], snrs):
@@ -163,11 +164,11 @@ def plot(rows, snrs, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    from semedge.core.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _line(config: str) -> str:

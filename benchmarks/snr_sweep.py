@@ -62,11 +62,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from semedge.semcom.baseline import BaselineConfig
     from semedge.semcom.checkpoint import load_for_inference
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
     from semedge.semcom.models import load_model
     from semedge.semcom.stats import fmt_ci
     from semedge.semcom.tasks.speech import load_split
-    from semedge.semcom.train import evaluate_system, plot_results, write_json
+    from semedge.semcom.training.artifacts import plot_results, write_json
+    from semedge.semcom.training.evaluate import evaluate_system
 
     try:
         cfgs = [BaselineConfig.parse(b) for b in args.baseline.split(",") if b.strip()]
@@ -143,7 +144,7 @@ def _baseline(base, cfg, utts, sim: bool):
 
     from semedge.semcom.baseline import ConventionalLink
     from semedge.semcom.stats import fmt_ci
-    from semedge.semcom.train import score_row
+    from semedge.semcom.training.evaluate import score_row
 
     link = ConventionalLink(base, cfg)
     refs = [u.text for u in utts]
@@ -168,7 +169,7 @@ def _clean_reference(base, utts, sim: bool) -> dict:
     """The unsplit Whisper on the clean audio."""
     from semedge.semcom.split import build_split
     from semedge.semcom.system import unsplit_outputs
-    from semedge.semcom.train import score_row
+    from semedge.semcom.training.evaluate import score_row
 
     hyps = unsplit_outputs(build_split(base), [u.audio for u in utts])
     return {"system": "whisper-clean-audio", "n": len(utts), **score_row([u.text for u in utts], hyps, sim, keep_errors=True)}

@@ -68,7 +68,8 @@ def parse_conditions(text: str) -> tuple:
 def family_rows(fam: str, n: int, codecs: dict, base, backend: str, seed: int, k: int | None = None,
                 conditions=CONDITIONS) -> list[dict]:
     from semedge.semcom.checkpoint import device_encoder
-    from semedge.semcom.train import speech_examples, transmit_examples
+    from semedge.semcom.training.data import speech_examples
+    from semedge.semcom.training.evaluate import transmit_examples
 
     plain = speech_examples(base, "test", n, family=fam)
     refs = [e.text for e in plain]
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from semedge.semcom.checkpoint import load_for_inference
     from semedge.semcom.models import load_model
-    from semedge.semcom.train import write_json
+    from semedge.semcom.training.artifacts import write_json
 
     n = 20 if a.quick else a.n
     base = load_model("whisper-base")

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from semedge.compress.plan import ConfigBase, write_atomic
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 from semedge.semcom.split import whisper_front, whisper_layer_outputs
+from semedge.semcom.training.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def teacher_targets(split, feats: torch.Tensor, max_tokens: int, n_frames=None, 
 
     With `n_frames` (content frames per utterance) each utterance runs on its fitted window,
     as the device runs it (runtime.features.window_frames), which also makes a step ~10x cheaper."""
-    from semedge.runtime.features import FIT_MARGIN
+    from semedge.core.frames import FIT_MARGIN
     from transformers.modeling_outputs import BaseModelOutput
 
     from semedge.semcom.split import generate_kwargs
@@ -176,14 +177,7 @@ def _masked_mse(a, b, mask, inv_std=None) -> torch.Tensor:
 
 def lr_factor(step: int, cfg: "DistillConfig") -> float:
     """Linear warm-up over cfg.warmup steps, then cosine decay to 0 (constant without warm-up)."""
-    import math
-
-    if not cfg.warmup:
-        return 1.0
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * t))
+    return warmup_cosine(step, cfg.steps, cfg.warmup) if cfg.warmup else 1.0
 
 
 def _kl(model, h_s, h_t, ids, temperature):

@@ -9,7 +9,6 @@ Runtime output against PyTorch on calibration inputs (`check_parity`).
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from semedge.core.files import replace_atomic
 
 TWO_GB = 2 * 1024**3
 
@@ -141,7 +142,7 @@ def _resolve_tol(tol, precision: str) -> Tolerance:
         return tol
     if isinstance(tol, str):
         if tol not in TOLERANCES:
-            from semedge.semcom.errors import UserError
+            from semedge.core.errors import UserError
 
             raise UserError(f"unknown precision {tol!r} for the parity tolerance", f"use one of {', '.join(TOLERANCES)}")
         return TOLERANCES[tol]
@@ -283,7 +284,7 @@ def export_device_half(
     1500 frames, loses ~5% on a 128-token BART encoder). Raises ExportParityError when
     ORT's output is out of tolerance (the file is not written).
     """
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     say = progress or (lambda msg: None)
     out_path = Path(out_path)
@@ -293,7 +294,7 @@ def export_device_half(
         raise UserError(f"optimize={optimize!r} is unknown", "use True, False or 'auto'")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    from semedge.semcom.train import merge_lora
+    from semedge.semcom.training.adapters import merge_lora
 
     module = merge_lora(split.device).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -331,7 +332,7 @@ def export_device_half(
         export_s = time.perf_counter() - t0
         say(f"checking parity against PyTorch ({precision})")
         parity = check_parity(final, module, calib, precision=precision, tol=tol)
-        os.replace(final, out_path)
+        replace_atomic(final, out_path)
     ins, outs = describe_io(out_path)
     return ExportReport(out_path, out_path.stat().st_size, int(opset), ins, outs, parity, export_s, final != raw, fused,
                         precision, choice)

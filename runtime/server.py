@@ -1,7 +1,7 @@
 """The edge server: JSC decoder + the model's decoder behind HTTP (FastAPI + uvicorn).
 
 One model object per model source is shared by every package built on it; each
-package brings its own JSC decoder (server/jsc.safetensors + server/jsc.json).
+package brings its own JSC decoder (core.layout: JSC_WEIGHTS + JSC_CONFIG).
 Requests for one package are batched dynamically: an asyncio queue per package,
 up to `max_batch` messages or `max_wait_ms` after the first, decoded in one
 `ServerHalf.transcribe` call on the model's decode thread.
@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # module level: endpoint annotations are resolved by name
 
+from semedge.core.errors import UserError
+from semedge.core.layout import ADAPTERS, JSC_CONFIG, JSC_WEIGHTS, MANIFEST
 from semedge.runtime.package import Package
-from semedge.semcom.errors import UserError
 
 log = logging.getLogger("semedge.server")
 
@@ -128,7 +129,7 @@ class Metrics:
 
 
 def load_jsc_decoder(pkg: Package):
-    """The package's JSC decoder (torch) from server/jsc.json + server/jsc.safetensors."""
+    """The package's JSC decoder (torch) from JSC_CONFIG + JSC_WEIGHTS (server/jsc.json, .safetensors)."""
     import dataclasses
 
     from safetensors.torch import load_file
@@ -139,29 +140,29 @@ def load_jsc_decoder(pkg: Package):
     cfg_d = {"d_model": pkg.d_model, "k": pkg.k, "identity": pkg.identity}
     if "hidden" in pkg.manifest["jsc"]:
         cfg_d["hidden"] = pkg.manifest["jsc"]["hidden"]
-    if pkg.has("server/jsc.json"):
+    if pkg.has(JSC_CONFIG):
         try:
-            raw = json.loads(pkg.file("server/jsc.json").read_text())
+            raw = json.loads(pkg.file(JSC_CONFIG).read_text())
         except ValueError as e:
-            raise UserError(f"package {pkg.path}: server/jsc.json is not valid JSON ({e})", fix) from None
+            raise UserError(f"package {pkg.path}: {JSC_CONFIG} is not valid JSON ({e})", fix) from None
         raw = raw.get("config", raw) if isinstance(raw, dict) else {}
         names = {f.name for f in dataclasses.fields(JSCConfig)}
         cfg_d.update({k: v for k, v in raw.items() if k in names})
     cfg = JSCConfig(**cfg_d)
     if cfg.k != pkg.k or cfg.d_model != pkg.d_model:
-        raise UserError(f"package {pkg.path}: server/jsc.json (k={cfg.k}, d_model={cfg.d_model}) disagrees with "
-                        f"manifest.json (k={pkg.k}, d_model={pkg.d_model})", fix)
+        raise UserError(f"package {pkg.path}: {JSC_CONFIG} (k={cfg.k}, d_model={cfg.d_model}) disagrees with "
+                        f"{MANIFEST} (k={pkg.k}, d_model={pkg.d_model})", fix)
     dec = JSCDecoder(cfg)
-    if pkg.has("server/jsc.safetensors"):
-        state = load_file(str(pkg.file("server/jsc.safetensors")))
+    if pkg.has(JSC_WEIGHTS):
+        state = load_file(str(pkg.file(JSC_WEIGHTS)))
         if any(k.startswith("decoder.") for k in state):
             state = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
         try:
             dec.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise UserError(f"package {pkg.path}: server/jsc.safetensors does not fit the JSC decoder ({e})", fix) from None
+            raise UserError(f"package {pkg.path}: {JSC_WEIGHTS} does not fit the JSC decoder ({e})", fix) from None
     elif not cfg.identity:
-        raise UserError(f"package {pkg.path} has no server/jsc.safetensors (needed for a learned JSC)", fix)
+        raise UserError(f"package {pkg.path} has no {JSC_WEIGHTS} (needed for a learned JSC)", fix)
     return dec.eval()
 
 
@@ -175,11 +176,9 @@ class _Model:
 
 def _adapters_of(pkg: Package):
     """(sha256, LoRASpec, qlora) of the package's decoder adapters, or None."""
-    from semedge.export.package import ADAPTERS, JSC_CONFIG
-
     if not pkg.has(ADAPTERS):
         return None
-    from semedge.semcom.train import LoRASpec
+    from semedge.semcom.training.config import LoRASpec
 
     meta = json.loads(pkg.file(JSC_CONFIG).read_text())
     lo = meta.get("lora")
@@ -204,7 +203,8 @@ class Registry:
     """Packages being served, with one shared model per model source."""
 
     def __init__(self, packages: list[Package], loader=None, config: ServerConfig | None = None):
-        from semedge.semcom.split import ENC_FRAMES, ServerHalf, silence_encoding
+        from semedge.core.frames import ENC_FRAMES
+        from semedge.semcom.split import ServerHalf, silence_encoding
 
         loader = loader or default_loader
         self.config = config or ServerConfig()
@@ -229,7 +229,6 @@ class Registry:
                 if adapters is not None:
                     from safetensors.torch import load_file
 
-                    from semedge.export.package import ADAPTERS
                     from semedge.semcom.checkpoint import with_adapters
 
                     state = {k: v.float() for k, v in load_file(str(pkg.file(ADAPTERS))).items()}
@@ -284,9 +283,9 @@ def find_packages(directory) -> list[Package]:
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise UserError(f"packages folder {d} does not exist", "give the folder that holds your exported packages")
-    if (d / "manifest.json").is_file():
+    if (d / MANIFEST).is_file():
         return [Package.load(d)]
-    pkgs = [Package.load(p.parent) for p in sorted(d.glob("*/manifest.json"))]
+    pkgs = [Package.load(p.parent) for p in sorted(d.glob(f"*/{MANIFEST}"))]
     if not pkgs:
         raise UserError(f"no packages under {d} (no */manifest.json)", "export one with `semedge export` into that folder")
     return pkgs

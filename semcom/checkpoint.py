@@ -16,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from semedge.semcom.files import sha256_file as _sha256
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.files import atomic_path, write_atomic
+from semedge.core.files import sha256_file as _sha256
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 
 FORMAT = "semedge-jsc/1"
@@ -50,7 +50,7 @@ class Checkpoint:
 
     @property
     def lora(self):
-        from semedge.semcom.train import LoRASpec
+        from semedge.semcom.training.config import LoRASpec
 
         lo = self.manifest.get("lora")
         return LoRASpec.from_dict(lo) if lo else None
@@ -72,16 +72,6 @@ def git_commit() -> str | None:
         return None
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_tensors(tensors: dict, path: Path, dtype: torch.dtype | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -89,7 +79,8 @@ def _save_tensors(tensors: dict, path: Path, dtype: torch.dtype | None = None) -
         t = t.detach().cpu().contiguous()
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    _write_atomic(path, lambda tmp: save_file({k: conv(v) for k, v in tensors.items()}, str(tmp)))
+    with atomic_path(path) as tmp:
+        save_file({k: conv(v) for k, v in tensors.items()}, str(tmp))
 
 
 def _write_folder(path: Path, codec: JSCCodec, adapters: dict | None, tdtype, manifest: dict,
@@ -110,7 +101,7 @@ def _write_folder(path: Path, codec: JSCCodec, adapters: dict | None, tdtype, ma
         _save_tensors(trainer_state, path / TRAINER_FILE)
     manifest = {**manifest, "jsc": dataclasses.asdict(codec.cfg), "files": {f: _sha256(path / f) for f in files}}
     body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
-    _write_atomic(path / MANIFEST, lambda tmp: tmp.write_text(body + "\n"))
+    write_atomic(path / MANIFEST, body + "\n")
     return path
 
 
@@ -225,7 +216,7 @@ def apply_checkpoint(loaded, ckpt: Checkpoint):
 
 def with_adapters(loaded, lora, qlora: bool, state: dict):
     """A copy of `loaded` whose model carries LoRA adapters `lora` with weights `state` (nf4 base if `qlora`)."""
-    from semedge.semcom.train import load_adapter_state, prepare_model
+    from semedge.semcom.training.adapters import load_adapter_state, prepare_model
 
     model = prepare_model(loaded, lora, qlora)
     load_adapter_state(model, state)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from semedge.core.errors import UserError
+from semedge.core.files import atomic_dir
 from semedge.semcom.ct2 import cache_root
-from semedge.semcom.errors import UserError
 
 COMPUTE_TYPES = ("int8", "float32", "int8_float32")
 
@@ -49,9 +50,9 @@ def _dense(lin: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def merged_copy(model: nn.Module) -> nn.Module:
-    """`model` with nf4 layers dequantized (QLoRA bases) and LoRA merged in (`train.merge_lora`);
+    """`model` with nf4 layers dequantized (QLoRA bases) and LoRA merged in (`training.adapters.merge_lora`);
     `model` itself when it has neither."""
-    from semedge.semcom.train import merge_lora
+    from semedge.semcom.training.adapters import merge_lora
 
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         model = copy.deepcopy(model)
@@ -89,22 +90,17 @@ def convert(loaded, compute_type: str = "int8", progress=None) -> Path:
 
     if progress:
         progress(f"converting {loaded.source} to CTranslate2 ({compute_type}) for the server")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     hf = out.with_name(f"{out.name}.hf-{os.getpid()}")
     try:
-        model.save_pretrained(hf, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(hf)
-        if loaded.feature_extractor is not None:
-            loaded.feature_extractor.save_pretrained(hf)
-        TransformersConverter(str(hf)).convert(str(tmp), quantization=None if compute_type == "float32" else "int8", force=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process converted the same weights first: use its folder
-            if not (out / "model.bin").is_file():
-                raise
+        # keep_existing: another process may convert the same weights first; its folder is used
+        with atomic_dir(out, keep_existing=True) as tmp:
+            model.save_pretrained(hf, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(hf)
+            if loaded.feature_extractor is not None:
+                loaded.feature_extractor.save_pretrained(hf)
+            quant = None if compute_type == "float32" else "int8"
+            TransformersConverter(str(hf)).convert(str(tmp), quantization=quant, force=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(hf, ignore_errors=True)
     return out
 

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from semedge.semcom import train as T
 from semedge.semcom.checkpoint import apply_checkpoint, load_checkpoint
 from semedge.semcom.ct2_backend import CT2Whisper, convert, merged_copy
 from semedge.semcom.models import tiny_model
 from semedge.semcom.split import ENC_FRAMES, ServerHalf, build_split
+from semedge.semcom.training.config import LoRASpec, TrainConfig
+from semedge.semcom.training.data import Example, target_ids
+from semedge.semcom.training.forward import decoder_logits
+from semedge.semcom.training.trainer import Trainer
 
 TEXTS = ["the cat sat on the mat", "a quick brown fox", "hello world again", "one two three four"]
 MAX_NEW = 10
@@ -21,11 +24,11 @@ def trained(tmp_path_factory):
     """Tiny Whisper, a codec + decoder LoRA trained a few steps with a 20-frame silence tail."""
     loaded = tiny_model("whisper", seed=3)
     g = torch.Generator().manual_seed(0)
-    ex = [T.Example(f"e{i}", torch.randn(12 + 3 * i, loaded.d_model, generator=g), T.target_ids(loaded, t), t)
+    ex = [Example(f"e{i}", torch.randn(12 + 3 * i, loaded.d_model, generator=g), target_ids(loaded, t), t)
           for i, t in enumerate(TEXTS)]
-    cfg = T.TrainConfig(model="tiny", k=8, hidden=64, steps=8, batch_size=4, lr=3e-3, lora_lr=5e-2, mse_warmup_steps=0,
-                        n_val=0, lora=T.LoRASpec(r=4), snr_low=10, snr_high=20, tail_frames=20)
-    tr = T.Trainer(cfg, loaded=loaded, examples=ex, progress=False)
+    cfg = TrainConfig(model="tiny", k=8, hidden=64, steps=8, batch_size=4, lr=3e-3, lora_lr=5e-2, mse_warmup_steps=0,
+                      n_val=0, lora=LoRASpec(r=4), snr_low=10, snr_high=20, tail_frames=20)
+    tr = Trainer(cfg, loaded=loaded, examples=ex, progress=False)
     path = tr.fit(out=tmp_path_factory.mktemp("ct2") / "ck").path
     ck = load_checkpoint(path, loaded, k=8)
     rx = apply_checkpoint(loaded, ck)
@@ -67,12 +70,12 @@ def test_merged_copy_equals_the_lora_model(trained):
     states = torch.randn(2, 40, loaded.d_model)
     dec_in = torch.tensor([[50258, 50259, 50359, 50363]] * 2) % rx.model.config.vocab_size
     with torch.no_grad():
-        a = T.decoder_logits(rx.model, states, dec_in, None, None)
-        b = T.decoder_logits(merged, states, dec_in, None, None)
+        a = decoder_logits(rx.model, states, dec_in, None, None)
+        b = decoder_logits(merged, states, dec_in, None, None)
     assert torch.allclose(a, b, atol=1e-5)
     # the merged weights differ from the base: the adapters are really in there
     with torch.no_grad():
-        c = T.decoder_logits(loaded.model, states, dec_in, None, None)
+        c = decoder_logits(loaded.model, states, dec_in, None, None)
     assert not torch.allclose(a, c, atol=1e-3)
 
 
@@ -103,7 +106,7 @@ def test_ct2_int8_runs_and_the_conversion_is_cached(trained):
 
 
 def test_ct2_refuses_text_models():
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     with pytest.raises(UserError, match="Whisper"):
         convert(tiny_model("bart"), "int8")

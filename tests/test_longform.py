@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semedge.runtime.segment import SAMPLE_RATE, join_texts, new_tokens_for, segment_bounds
-from semedge.semcom.errors import UserError
+from semedge.core.segment import SAMPLE_RATE, join_texts, new_tokens_for, segment_bounds
+from semedge.core.errors import UserError
 
 SR = SAMPLE_RATE
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_token_budget_and_join():
 
 
 def test_join_segments_sums_channel_uses():
-    from semedge.semcom.train import join_segments
+    from semedge.semcom.training.evaluate import join_segments
 
     hyps, uses = join_segments([[0, 1], [2]], ["a b", "c", "d"], [10, 7, 4])
     assert hyps == ["a b c", "d"] and uses == [5 + 4, 2]
@@ -98,7 +98,7 @@ def test_segment_module_imports_without_torch():
         sys.modules["torch"] = None
         sys.modules["scipy"] = None
         import numpy as np
-        from semedge.runtime.segment import segment_bounds
+        from semedge.core.segment import segment_bounds
         print(len(segment_bounds(np.ones(16000 * 45, np.float32))))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -171,7 +171,7 @@ def test_device_run_trained_codec_defaults_to_short_segments(served, tmp_path, c
     import soundfile as sf
 
     from semedge.cli import main
-    from semedge.runtime.segment import CODEC_SECONDS
+    from semedge.core.segment import CODEC_SECONDS
 
     path, url = served
     sf.write(tmp_path / "a.wav", _bursts(20.0), SR)

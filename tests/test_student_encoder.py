@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from semedge.semcom import train as T
+from semedge.core.errors import UserError
 from semedge.semcom.checkpoint import load_checkpoint
-from semedge.semcom.errors import UserError
 from semedge.semcom.models import tiny_model
 from semedge.semcom.split import build_split
+from semedge.semcom.training.config import TrainConfig
+from semedge.semcom.training.data import Example, target_ids
+from semedge.semcom.training.trainer import Trainer
 
 TEXTS = ["the cat sat on the mat", "a quick brown fox", "hello world again", "one two three four"]
 
@@ -25,11 +27,11 @@ def run(tmp_path_factory):
     ex = []
     for i, t in enumerate(TEXTS):
         n = 10 + 2 * i
-        ex.append(T.Example(f"e{i}", torch.randn(n, 32, generator=g), T.target_ids(teacher, t), t,
-                            target=torch.randn(n, 64, generator=g) * 2 + 1))
-    cfg = T.TrainConfig(model="tiny", encoder="tiny-student", k=8, hidden=64, steps=16, batch_size=4, lr=3e-3,
-                        mse_warmup_steps=8, n_val=0, snr_low=10, snr_high=20, tail_frames=20)
-    tr = T.Trainer(cfg, loaded=teacher, examples=ex, progress=False, encoder=student)
+        ex.append(Example(f"e{i}", torch.randn(n, 32, generator=g), target_ids(teacher, t), t,
+                          target=torch.randn(n, 64, generator=g) * 2 + 1))
+    cfg = TrainConfig(model="tiny", encoder="tiny-student", k=8, hidden=64, steps=16, batch_size=4, lr=3e-3,
+                      mse_warmup_steps=8, n_val=0, snr_low=10, snr_high=20, tail_frames=20)
+    tr = Trainer(cfg, loaded=teacher, examples=ex, progress=False, encoder=student)
     res = tr.fit(out=tmp_path_factory.mktemp("student") / "ck")
     return teacher, student, ex, tr, res
 

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from semedge.semcom import train as T
+from semedge.core.errors import UserError
 from semedge.semcom.checkpoint import apply_checkpoint, load_checkpoint, load_default_codec
-from semedge.semcom.errors import UserError
 from semedge.semcom.models import tiny_model
 from semedge.semcom.rate import RatePolicy, fit_policy
+from semedge.semcom.training import artifacts, evaluate
+from semedge.semcom.training.config import LoRASpec, TrainConfig
+from semedge.semcom.training.data import Example, target_ids, text_examples
+from semedge.semcom.training.evaluate import transmit_examples
+from semedge.semcom.training.forward import decoder_logits
+from semedge.semcom.training.trainer import Trainer
 
 TEXTS = ["the cat sat on the mat", "a quick brown fox", "hello world again", "one two three four"]
 
@@ -26,22 +31,22 @@ def tiny():
 
 def _examples(loaded, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [T.Example(f"e{i}", torch.randn(12 + 3 * i, loaded.d_model, generator=g), T.target_ids(loaded, t), t)
+    return [Example(f"e{i}", torch.randn(12 + 3 * i, loaded.d_model, generator=g), target_ids(loaded, t), t)
             for i, t in enumerate(TEXTS)]
 
 
 def _cfg(**kw):
     base = dict(model="tiny", k=8, hidden=64, steps=24, batch_size=4, lr=3e-3, lora_lr=2e-2, mse_warmup_steps=0,
-                n_val=0, lora=T.LoRASpec(r=4), snr_low=10, snr_high=20)
+                n_val=0, lora=LoRASpec(r=4), snr_low=10, snr_high=20)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """One short run shared by the tests below: LoRA + rate training, checkpoint written."""
     out = tmp_path_factory.mktemp("train") / "ck"
-    tr = T.Trainer(_cfg(steps=14, rate_min=2), loaded=tiny, examples=_examples(tiny), progress=False)
+    tr = Trainer(_cfg(steps=14, rate_min=2), loaded=tiny, examples=_examples(tiny), progress=False)
     res = tr.fit(out=out)
     return tr, res, out
 
@@ -59,8 +64,8 @@ def test_fast_cross_attention_matches_full_window(trained):
     b, _ = tr.batch(0)
     states = torch.where(b["mask"].unsqueeze(-1), b["h"], tr.silence[: b["h"].shape[1]].unsqueeze(0))
     with torch.no_grad():
-        fast = T.decoder_logits(tr.model, states, b["dec_in"], None, tr.silence, tr.sil_kv, fast=True)
-        full = T.decoder_logits(tr.model, states, b["dec_in"], None, tr.silence, None, fast=False)
+        fast = decoder_logits(tr.model, states, b["dec_in"], None, tr.silence, tr.sil_kv, fast=True)
+        full = decoder_logits(tr.model, states, b["dec_in"], None, tr.silence, None, fast=False)
     assert torch.allclose(fast, full, atol=1e-4)
 
 
@@ -82,24 +87,24 @@ def test_checkpoint_roundtrip_identical_outputs(tiny, trained, tmp_path):
         assert torch.equal(ct.decoder(y), ck.codec.decoder(y))
         b, _ = tr.batch(0)
         states = torch.where(b["mask"].unsqueeze(-1), b["h"], tr.silence[: b["h"].shape[1]].unsqueeze(0))
-        a = T.decoder_logits(lt.model, states, b["dec_in"], None, tr.silence, None, fast=False)
-        c = T.decoder_logits(rx.model, states, b["dec_in"], None, tr.silence, None, fast=False)
+        a = decoder_logits(lt.model, states, b["dec_in"], None, tr.silence, None, fast=False)
+        c = decoder_logits(rx.model, states, b["dec_in"], None, tr.silence, None, fast=False)
     assert torch.equal(a, c)
-    h1, _ = T.transmit_examples(lt, ct, ex[:2], "awgn", 5.0, seed=3, max_new_tokens=4)
-    h2, _ = T.transmit_examples(rx, ck.codec, ex[:2], "awgn", 5.0, seed=3, max_new_tokens=4)
+    h1, _ = transmit_examples(lt, ct, ex[:2], "awgn", 5.0, seed=3, max_new_tokens=4)
+    h2, _ = transmit_examples(rx, ck.codec, ex[:2], "awgn", 5.0, seed=3, max_new_tokens=4)
     assert h1 == h2
 
 
 def test_resume_continues_from_checkpoint(tiny, tmp_path):
     ex = _examples(tiny)
-    tr = T.Trainer(_cfg(steps=2, lora=None), loaded=tiny, examples=ex, progress=False)
+    tr = Trainer(_cfg(steps=2, lora=None), loaded=tiny, examples=ex, progress=False)
     tr.fit(out=tmp_path / "ck")
-    tr2 = T.Trainer(_cfg(steps=3, lora=None), loaded=tiny, examples=ex, progress=False)
+    tr2 = Trainer(_cfg(steps=3, lora=None), loaded=tiny, examples=ex, progress=False)
     assert tr2.resume(tmp_path / "ck") and tr2.step == 2
     assert torch.equal(tr2.codec.encoder.proj.weight, tr.codec.encoder.proj.weight)
     tr2.fit(out=tmp_path / "ck")
     assert tr2.step == 3
-    tr3 = T.Trainer(_cfg(steps=3, k=16, lora=None), loaded=tiny, examples=ex, progress=False)
+    tr3 = Trainer(_cfg(steps=3, k=16, lora=None), loaded=tiny, examples=ex, progress=False)
     with pytest.raises(UserError, match="different settings"):
         tr3.resume(tmp_path / "ck")
 
@@ -129,7 +134,7 @@ def test_wrong_checkpoint_is_a_clear_error(tiny, trained, tmp_path):
 
 
 def test_nan_stops_with_message_and_keeps_last_good(tiny, tmp_path, monkeypatch):
-    tr = T.Trainer(_cfg(steps=4, eval_every=2, lora=None), loaded=tiny, examples=_examples(tiny), progress=False)
+    tr = Trainer(_cfg(steps=4, save_every=2, lora=None), loaded=tiny, examples=_examples(tiny), progress=False)
     real = tr.train_step
     monkeypatch.setattr(tr, "train_step", lambda s: float("nan") if s == 3 else real(s))
     with pytest.raises(UserError, match="NaN") as e:
@@ -140,27 +145,27 @@ def test_nan_stops_with_message_and_keeps_last_good(tiny, tmp_path, monkeypatch)
 
 def test_text_model_trains(tmp_path):
     bart = tiny_model("bart")
-    ex = T.text_examples(bart, TEXTS)
-    tr = T.Trainer(_cfg(steps=2, lora=None), loaded=bart, examples=ex, progress=False)
+    ex = text_examples(bart, TEXTS)
+    tr = Trainer(_cfg(steps=2, lora=None), loaded=bart, examples=ex, progress=False)
     res = tr.fit()
     assert all(math.isfinite(x) for x in res.losses)
 
 
 def test_qlora_trains_on_nf4_base(tiny):
     pytest.importorskip("bitsandbytes")
-    tr = T.Trainer(_cfg(steps=2, qlora=True), loaded=tiny, examples=_examples(tiny), progress=False)
+    tr = Trainer(_cfg(steps=2, qlora=True), loaded=tiny, examples=_examples(tiny), progress=False)
     assert any(type(m).__name__ == "Linear4bit" for m in tr.model.modules())
     res = tr.fit()
     assert all(math.isfinite(x) for x in res.losses)
 
 
 def test_lora_spec_parsing_and_errors():
-    s = T.LoRASpec.parse("r=4,alpha=8,targets=decoder.encoder_attn,proj=q_proj")
+    s = LoRASpec.parse("r=4,alpha=8,targets=decoder.encoder_attn,proj=q_proj")
     assert (s.r, s.alpha, s.targets, s.projections) == (4, 8, ("decoder.encoder_attn",), ("q_proj",))
     with pytest.raises(UserError):
-        T.LoRASpec.parse("r=x")
+        LoRASpec.parse("r=x")
     with pytest.raises(UserError):
-        T.LoRASpec.parse("targets=middle.attn")
+        LoRASpec.parse("targets=middle.attn")
     with pytest.raises(UserError):
         _cfg(qlora=True, lora=None).validate()
 
@@ -220,8 +225,8 @@ def test_eval_takes_snrs_after_one_flag(monkeypatch, tmp_path):
         seen["snrs"] = list(snrs)
         return [{"system": "s", "channel": "awgn", "snr_db": s, "wer": 0.1, "bleu": 1.0, "channel_uses": 1.0, "n": 10} for s in snrs]
 
-    monkeypatch.setattr(T, "evaluate_system", fake)
-    monkeypatch.setattr(T, "plot_results", lambda rows, path: None)
+    monkeypatch.setattr(evaluate, "evaluate_system", fake)
+    monkeypatch.setattr(artifacts, "plot_results", lambda rows, path: None)
     r = CliRunner().invoke(app, ["eval", "--jsc", "x", "--channel", "awgn", "--snr", "-5", "0", "5.5", "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     assert seen["snrs"] == [-5.0, 0.0, 5.5]
@@ -241,7 +246,7 @@ def test_rate_cut_needs_a_folder():
 def test_teacher_kl_recipe_lowers_the_kl_and_is_zero_for_the_teacher(tiny):
     """--kl-weight: the unsplit model is the teacher; an identity-perfect codec would score 0."""
     ex = _examples(tiny)
-    tr = T.Trainer(_cfg(steps=30, lora=None, kl_weight=1.0, ce_weight=0.0), loaded=tiny, examples=ex, progress=False)
+    tr = Trainer(_cfg(steps=30, lora=None, kl_weight=1.0, ce_weight=0.0), loaded=tiny, examples=ex, progress=False)
     b, g = tr.batch(0)
     sel = b["tgt"] != -100
     with torch.no_grad():
@@ -274,7 +279,7 @@ def test_train_on_an_audiofolder(tiny, tmp_path, monkeypatch):
         sf.write(d / f"c{i}.wav", synthesize(t)[::2], 8000)  # 8 kHz mono, as a phone records
         rows.append(f"c{i}.wav,{t}")
     (d / "metadata.csv").write_text("\n".join(rows) + "\n")
-    tr = T.Trainer(_cfg(steps=2, lora=None, data=str(d), n_val=4), loaded=tiny, progress=False)
+    tr = Trainer(_cfg(steps=2, lora=None, data=str(d), n_val=4), loaded=tiny, progress=False)
     assert len(tr.examples) + len(tr.val_examples) == 12 and tr.val_examples
     assert {e.text for e in tr.examples} <= set(TEXTS)
     assert math.isfinite(tr.fit().losses[-1])
