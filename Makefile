@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow lint-imports bench clean
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -14,6 +14,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -x --timeout=900
+
+# The import contracts alone (also run by `make test`: tests/test_imports.py).
+lint-imports: venv
+	$(PY) scripts/lint_imports.py
 
 test-slow:
 	@SEMEDGE_SLOW=1 bash scripts/bootstrap.sh

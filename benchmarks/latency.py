@@ -391,10 +391,9 @@ def main(argv=None) -> int:
         results["server"] = server(a.quick, log)
     results["host"]["load_avg_end"] = os.getloadavg()
     results["seconds"] = round(time.time() - t0, 1)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = RESULTS.with_suffix(f".json.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp_out, RESULTS)
+    from semedge.core.files import write_atomic
+
+    write_atomic(RESULTS, json.dumps(results, indent=2, default=str) + "\n")
     print_table(results)
     print_server(results.get("server", {}))
     print(f"wrote {RESULTS} ({results['seconds']} s)")

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +44,10 @@ def cache_dir() -> Path:
 def _atomic_save(model, path: Path) -> None:
     import onnx
 
-    tmp = path.with_suffix(".tmp.onnx")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    from semedge.core.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def export_fp32(name: str, length: int) -> Path:
@@ -84,11 +84,11 @@ def export_fp32(name: str, length: int) -> Path:
         def forward(self, *a):
             return self.m(*a, return_dict=False)[0]
 
-    tmp = out.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    from semedge.core.files import atomic_path
+
+    with torch.no_grad(), atomic_path(out) as tmp:
         torch.onnx.export(Wrap(enc), args, str(tmp), input_names=names, output_names=["hidden"],
                           opset_version=17, dynamo=False)
-    os.replace(tmp, out)
     return out
 
 
@@ -104,9 +104,10 @@ def quantized(name: str, length: int, prec: str) -> Path:
     if prec == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = out.with_suffix(".tmp.onnx")
-        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-        os.replace(tmp, out)
+        from semedge.core.files import atomic_path
+
+        with atomic_path(out) as tmp:
+            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -242,11 +243,9 @@ def main(argv=None) -> int:
         "test": rows["test"], "calib": rows["calib"], "seconds": round(time.time() - t_start, 1),
     }
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    from semedge.core.files import write_atomic
+
+    write_atomic(out, json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -301,10 +301,9 @@ def main(argv=None) -> int:
             print(f"{sec} {k}: in-process {w['wer_in_process']:.2f}, over loopback {w['wer_over_loopback']:.2f} "
                   f"(diff {w['diff_points']:+.2f} points, {w['identical_texts']}/{n_wer} identical)")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = RESULTS.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp_out, RESULTS)
+    from semedge.core.files import write_atomic
+
+    write_atomic(RESULTS, json.dumps(result, indent=2, default=str))
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     errors = sum(x["errors"] for x in result["levels"])
     return 1 if errors else 0

@@ -63,10 +63,9 @@ def main() -> None:
     for src, rows in res["models"].items():
         for frames, r in rows.items():
             print(f"{src:18} {frames:8} {r['wer']:6.3f} {r['bleu']:6.1f} {r['similarity']:6.3f} {r['frames_sent_mean']:7.1f} {r['frames_sent_share']:6.1%}")
-    RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / "split_wer.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(RESULTS / "split_wer.json")
+    from semedge.core.files import write_atomic
+
+    write_atomic(RESULTS / "split_wer.json", json.dumps(res, indent=2))
     print(f"wrote {RESULTS / 'split_wer.json'}")
 
 

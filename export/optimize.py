@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from semedge.core.files import atomic_path
 
 FUSED_OPS = {
     "gelu": ("Gelu", "FastGelu", "BiasGelu", "QuickGelu"),
@@ -108,13 +109,8 @@ def type_contrib_outputs(model: onnx.ModelProto) -> None:
 
 def save_model(model: onnx.ModelProto, out_path: str | Path) -> None:
     """Write a single-file ONNX model atomically (weights inside; < 2 GB)."""
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out_path) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- attention fusion

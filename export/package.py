@@ -1,12 +1,7 @@
 """Device packages: a folder (and a .zip of it) holding everything one device needs.
 
-Layout (see docs/export.md for the manifest, field by field):
-    device.onnx                the device half (encoder + JSC encoder)
-    frontend.json, mel_filters.npy            speech: log-mel parameters + filterbank
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json   text
-    server/jsc.safetensors, server/jsc.json   the JSC decoder (the server's; the device ignores server/)
-    server/adapters.safetensors               the decoder's LoRA adapters, when the codec was trained with them
-    manifest.json              sha256 of every other file, io, plan, profile, measured figures
+Layout: semedge.core.layout (file names, format); docs/export.md has the manifest,
+field by field.
 
 The loader/verifier lives in runtime/package.py (device side); this module only writes.
 """
@@ -14,23 +9,18 @@ The loader/verifier lives in runtime/package.py (device side); this module only 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable
 
-from semedge.semcom.files import sha256_file
-
-FORMAT = "semedge-package/1"
-MANIFEST = "manifest.json"
-ONNX_FILE = "device.onnx"
-JSC_WEIGHTS = "server/jsc.safetensors"
-JSC_CONFIG = "server/jsc.json"
-ADAPTERS = "server/adapters.safetensors"
-TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from semedge.core.files import atomic_dir, atomic_path, sha256_bytes, sha256_file
+from semedge.core.layout import (  # noqa: F401 (ADAPTERS, JSC_CONFIG: part of the writer's API)
+    ADAPTERS, FORMAT, FRONTEND_FILE, JSC_CONFIG, JSC_WEIGHTS, MANIFEST, MEL_FILTERS_FILE, ONNX_FILE,
+    TEXT_TOKENIZER_FILES, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+)
+from semedge.core.version import __version__
 
 
 def graph_precision(path: str | Path) -> str:
@@ -66,9 +56,9 @@ def speech_frontend(loaded) -> tuple[dict, "object"]:
         "n_frames": int(n_frames),
         "samples_per_frame": int(2 * fe.hop_length),  # one encoder frame = 2 mel frames (conv stride 2)
         "max_frames": int(n_frames // 2),
-        "mel_filters": "mel_filters.npy",
+        "mel_filters": MEL_FILTERS_FILE,
         "mel_filters_shape": list(fb.shape),
-        "window": "fit",  # the encoder runs on the utterance + 0.4 s (runtime.features.window_frames)
+        "window": "fit",  # the encoder runs on the utterance + 0.4 s (core.frames.window_frames)
     }
     return front, fb
 
@@ -81,20 +71,20 @@ def _write_frontend(split, root: Path) -> dict:
     """Write the front-end files; return the manifest's `frontend` section."""
     import numpy as np
 
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     loaded = split.loaded
     if split.kind == "speech":
         front, fb = speech_frontend(loaded)
-        with open(root / "mel_filters.npy", "wb") as f:
+        with open(root / MEL_FILTERS_FILE, "wb") as f:
             np.save(f, fb, allow_pickle=False)
-        _write_json(root / "frontend.json", front)
+        _write_json(root / FRONTEND_FILE, front)
         return front
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded.tokenizer.save_pretrained(tmp)
-        if not (Path(tmp) / "tokenizer.json").is_file():
+        if not (Path(tmp) / TOKENIZER_FILE).is_file():
             raise UserError(f"the tokenizer of {loaded.source} has no fast (tokenizer.json) form",
                             "use a model with a fast tokenizer; the device reads tokenizer.json with the `tokenizers` library")
         names = [n for n in TEXT_TOKENIZER_FILES if (Path(tmp) / n).is_file()]
@@ -104,8 +94,8 @@ def _write_frontend(split, root: Path) -> dict:
     cfg = loaded.model.config
     pos = getattr(cfg, "max_position_embeddings", None)
     limits = [int(x) for x in (max_len, pos) if isinstance(x, int) and 0 < x < 1_000_000]
-    return {"type": "tokenizer", "tokenizer": "tokenizer.json",
-            "tokenizer_config": "tokenizer_config.json" if "tokenizer_config.json" in names else None,
+    return {"type": "tokenizer", "tokenizer": TOKENIZER_FILE,
+            "tokenizer_config": TOKENIZER_CONFIG_FILE if TOKENIZER_CONFIG_FILE in names else None,
             "max_length": min(limits) if limits else None}
 
 
@@ -173,9 +163,7 @@ def build_package(
     `split` here (fp32, optimised, parity-checked). export_report: the ExportReport of
     that graph, recorded in the manifest when given.
     """
-    from semedge import __version__
-    from semedge.export.onnx import describe_io, export_device_half
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir).expanduser().absolute()
@@ -185,74 +173,65 @@ def build_package(
         raise UserError(f"package path {out_dir} exists and is not a folder", "choose another --out")
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise UserError(f"ONNX file {onnx_path} does not exist", "export it first, or leave onnx_path out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{pid}")
     zip_final = out_dir.with_name(out_dir.name + ".zip")
-    zip_tmp = out_dir.with_name(f"{out_dir.name}.zip.tmp-{pid}")
-    old = out_dir.with_name(f"{out_dir.name}.old-{pid}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        if onnx_path is None:
-            export_report = export_device_half(split, tmp / ONNX_FILE, opset=opset, optimize=optimize, progress=say)
-        else:
-            say(f"copying {onnx_path}")
-            shutil.copyfile(onnx_path, tmp / ONNX_FILE)
-        say("writing front end and JSC decoder")
-        frontend = _write_frontend(split, tmp)
-        jsc_cfg = _write_jsc(split, tmp, jsc_ckpt)
-        say("hashing files")
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
-        ins, outs = describe_io(tmp / ONNX_FILE)
-        onnx_sec = {"file": ONNX_FILE, "opset": _opset_of(tmp / ONNX_FILE), "inputs": ins, "outputs": outs,
-                    "precision": export_report.precision if export_report is not None and onnx_path is None else graph_precision(tmp / ONNX_FILE)}
-        if export_report is not None:
-            onnx_sec["optimized"] = bool(export_report.optimized)
-            onnx_sec["fused"] = dict(export_report.fused)
-            if export_report.choice:
-                onnx_sec["optimize_choice"] = dict(export_report.choice)
-            onnx_sec["export_seconds"] = round(float(export_report.export_seconds), 3)
-            if export_report.parity is not None:
-                from dataclasses import asdict
-
-                onnx_sec["parity"] = asdict(export_report.parity)
-        loaded = split.loaded
-        manifest = {
-            "format": FORMAT,
-            "package_id": f"{out_dir.name}-{content[:8]}",
-            "semedge_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "kind": loaded.kind, "d_model": int(loaded.d_model)},
-            "device_encoder": None if getattr(split, "device_model", None) is None else {
-                "source": split.device_model.source, "weight_hash": split.device_model.weight_hash,
-                "d_model": int(split.device_model.d_model)},
-            "jsc": {"k": int(jsc_cfg["k"]), "identity": bool(jsc_cfg["identity"]), "hidden": int(jsc_cfg["hidden"]),
-                    "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None},
-            "plan": _plan_dict(plan),
-            "profile": _name_of(profile),
-            "onnx": onnx_sec,
-            "frontend": frontend,
-            "files": files,
-            "measured": dict(measured or {}),
-        }
-        _write_json(tmp / MANIFEST, manifest)
+    # The folder is swapped in first (an old one is kept until then), then the zip.
+    with atomic_path(zip_final) as zip_tmp, atomic_dir(out_dir) as tmp:
+        _fill_package(tmp, out_dir.name, split, onnx_path, plan, profile, measured, jsc_ckpt,
+                      export_report, opset, optimize, say)
         say("zipping")
         _zip_dir(tmp, zip_tmp, out_dir.name)
-        # Swap in: old folder aside, new folder in, old deleted; then the zip.
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        os.replace(zip_tmp, zip_final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        zip_tmp.unlink(missing_ok=True)
-        if old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measured, jsc_ckpt,
+                  export_report, opset, optimize, say) -> None:
+    """Write the package's files into the folder `tmp`, the manifest last."""
+    from semedge.export.onnx import describe_io, export_device_half
+
+    if onnx_path is None:
+        export_report = export_device_half(split, tmp / ONNX_FILE, opset=opset, optimize=optimize, progress=say)
+    else:
+        say(f"copying {onnx_path}")
+        shutil.copyfile(onnx_path, tmp / ONNX_FILE)
+    say("writing front end and JSC decoder")
+    frontend = _write_frontend(split, tmp)
+    jsc_cfg = _write_jsc(split, tmp, jsc_ckpt)
+    say("hashing files")
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    content = sha256_bytes("".join(f"{k}:{v}\n" for k, v in sorted(files.items())))
+    ins, outs = describe_io(tmp / ONNX_FILE)
+    onnx_sec = {"file": ONNX_FILE, "opset": _opset_of(tmp / ONNX_FILE), "inputs": ins, "outputs": outs,
+                "precision": export_report.precision if export_report is not None and onnx_path is None else graph_precision(tmp / ONNX_FILE)}
+    if export_report is not None:
+        onnx_sec["optimized"] = bool(export_report.optimized)
+        onnx_sec["fused"] = dict(export_report.fused)
+        if export_report.choice:
+            onnx_sec["optimize_choice"] = dict(export_report.choice)
+        onnx_sec["export_seconds"] = round(float(export_report.export_seconds), 3)
+        if export_report.parity is not None:
+            from dataclasses import asdict
+
+            onnx_sec["parity"] = asdict(export_report.parity)
+    loaded = split.loaded
+    manifest = {
+        "format": FORMAT,
+        "package_id": f"{name}-{content[:8]}",
+        "semedge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"source": loaded.source, "weight_hash": loaded.weight_hash, "kind": loaded.kind, "d_model": int(loaded.d_model)},
+        "device_encoder": None if getattr(split, "device_model", None) is None else {
+            "source": split.device_model.source, "weight_hash": split.device_model.weight_hash,
+            "d_model": int(split.device_model.d_model)},
+        "jsc": {"k": int(jsc_cfg["k"]), "identity": bool(jsc_cfg["identity"]), "hidden": int(jsc_cfg["hidden"]),
+                "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None},
+        "plan": _plan_dict(plan),
+        "profile": _name_of(profile),
+        "onnx": onnx_sec,
+        "frontend": frontend,
+        "files": files,
+        "measured": dict(measured or {}),
+    }
+    _write_json(tmp / MANIFEST, manifest)
 
 
 def _opset_of(path: Path) -> int:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 NPY_TYPE = "application/x-npy"
 DTYPES = ("float32", "float16")

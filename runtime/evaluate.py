@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from semedge.semcom.files import write_atomic
-from semedge.semcom.errors import UserError
+from semedge.core.files import write_atomic
+from semedge.core.errors import UserError
 
 METRICS_VERSION = 3  # bump when the way accuracy is computed changes (invalidates caches)
 # 2: fitted windows; 3: Whisper's English normaliser, 95% intervals and per-utterance word errors
@@ -96,10 +96,10 @@ def speech_features(loaded, utts) -> np.ndarray:
 def device_messages(onnx_path, loaded, utts, threads: int = 1, batch: int = 4, sess=None) -> list[np.ndarray]:
     """Run the device half in ONNX Runtime; one [content_frames, k] float32 array per utterance.
 
-    Each utterance runs on its own window (runtime.features.window_frames, as the device
+    Each utterance runs on its own window (core.frames.window_frames, as the device
     runner does) when the graph takes any frame count; a fixed 3000-frame graph runs in batches.
     """
-    from semedge.runtime.features import content_frames, window_frames
+    from semedge.core.frames import content_frames, window_frames
     from semedge.runtime.profiler import session
 
     if loaded.kind != "speech":

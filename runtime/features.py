@@ -2,26 +2,20 @@
 
 `log_mel(audio)` reproduces `transformers.WhisperFeatureExtractor` (80 Slaney mel
 bins, n_fft 400, hop 160, 30 s window) so the device can make the encoder's input.
+The frame constants and window arithmetic live in semedge.core.frames.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.frames import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 N_FFT = 400
-HOP_LENGTH = 160
 N_MELS = 80
-CHUNK_SECONDS = 30
-N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames
-ENC_FRAMES = N_FRAMES // 2  # 1500 encoder frames (conv stride 2)
-SAMPLES_PER_ENC_FRAME = 2 * HOP_LENGTH  # 320 samples = 20 ms
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -112,24 +106,3 @@ def log_mel(audio) -> np.ndarray:
     logm = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]  # drop last frame -> [80, 3000]
     logm = np.maximum(logm, logm.max() - 8.0)
     return ((logm + 4.0) / 4.0).astype(np.float32)
-
-
-def content_frames(n_samples: int) -> int:
-    """Encoder frames (20 ms each) that cover `n_samples` of audio, at most 1500."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 0:
-        raise UserError(f"n_samples must be a non-negative int, got {n_samples!r}", "pass len(audio)")
-    return min(ENC_FRAMES, math.ceil(int(n_samples) / SAMPLES_PER_ENC_FRAME))
-
-
-FIT_MARGIN = 40  # mel frames (0.4 s) the "fit" window keeps past the utterance's end
-WINDOWS = ("fit", "full")
-
-
-def window_frames(n_samples: int, window: str = "fit") -> int:
-    """Mel frames the device encoder runs on: "full" = the 30 s window (3000); "fit" = the
-    utterance plus FIT_MARGIN, even, at most 3000 (the encoder's cost grows with it)."""
-    if window == "full":
-        return N_FRAMES
-    if window != "fit":
-        raise UserError(f"window {window!r} is unknown", "use fit or full")
-    return min(N_FRAMES, 2 * content_frames(n_samples) + FIT_MARGIN)

@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from semedge.semcom.channel_spec import ChannelSpec, parse_channel, parse_snr
-from semedge.semcom.errors import UserError
+from semedge.core.channel_spec import ChannelSpec, parse_channel, parse_snr
+from semedge.core.errors import UserError
 
 EQUALIZERS = ("mmse", "zf")
 

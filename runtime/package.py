@@ -12,11 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from semedge.semcom.files import sha256_file
-from semedge.semcom.errors import UserError
-
-FORMAT = "semedge-package/1"
-MANIFEST = "manifest.json"
+from semedge.core.errors import UserError
+from semedge.core.files import sha256_file
+from semedge.core.layout import FORMAT, MANIFEST
 _REEXPORT = "re-export the package (semedge export ...) and copy the whole folder"
 
 

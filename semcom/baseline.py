@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.frames import SAMPLE_RATE
 
 CODEC2_MODES = ("3200", "2400", "1600", "1400", "1300", "1200", "700C")
 OPUS_BITRATES = (6000, 16000)  # b/s, the range the baseline accepts (libopus: 6 ... 256 kb/s per channel)
-SAMPLE_RATE = 16000
 
 
 # ------------------------------------------------------------------ source codecs
@@ -384,7 +384,7 @@ def bits_to_bytes(bits: np.ndarray) -> bytes:
 def transmit_bits(bits: np.ndarray, cfg: BaselineConfig, channel: str, snr_db: float,
                   generator: torch.Generator | None = None) -> tuple[np.ndarray, int]:
     """One message's bits through LDPC + QAM + channel + receiver. Returns (received bits, complex channel uses)."""
-    from semedge.semcom.channel_spec import parse_channel, parse_snr
+    from semedge.core.channel_spec import parse_channel, parse_snr
     from semedge.semcom.channels import draw_fading, draw_noise
 
     spec = parse_channel(channel)

@@ -27,8 +27,8 @@ import math
 import torch
 from torch import nn
 
-from semedge.semcom.channel_spec import ChannelSpec, parse_channel, parse_snr
-from semedge.semcom.errors import UserError
+from semedge.core.channel_spec import ChannelSpec, parse_channel, parse_snr
+from semedge.core.errors import UserError
 
 EQUALIZERS = ("mmse", "zf")
 

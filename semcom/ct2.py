@@ -17,15 +17,14 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 
-from semedge.semcom.files import write_atomic
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.files import atomic_dir, write_atomic
 
 # CTranslate2 DataType enum order.
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
@@ -247,9 +246,7 @@ def ct2_model_dir(name: str) -> Path:
     out = cache_root() / "models" / f"ct2-{name}-{digest[:16]}"
     if (out / "model.bin").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process may finish first
         with open(tmp / "model.bin", "wb") as dst:
             for p in files.weights:
                 with open(p, "rb") as src:
@@ -257,13 +254,6 @@ def ct2_model_dir(name: str) -> Path:
         for f in ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json"):
             if (files.files_dir / f).is_file():
                 shutil.copyfile(files.files_dir / f, tmp / f)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

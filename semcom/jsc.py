@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.frames import ENC_FRAMES
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ class JSCConfig:
             raise UserError(f"an identity JSC cannot map d_in={self.d_in} to d_model={self.d_model}", "train a codec for this encoder")
         if self.identity and self.k != self.d_model:
             raise UserError(f"identity JSC needs k == d_model ({self.d_model}), got k={self.k}", "drop --k or set it to d_model")
-        if self.tail_frames is not None and not 0 <= self.tail_frames <= 1500:
-            raise UserError(f"tail_frames={self.tail_frames} is out of range", "choose 0..1500 frames (or none for the whole window)")
+        if self.tail_frames is not None and not 0 <= self.tail_frames <= ENC_FRAMES:
+            raise UserError(f"tail_frames={self.tail_frames} is out of range",
+                            f"choose 0..{ENC_FRAMES} frames (or none for the whole window)")
         if not 1 <= self.k <= 4 * self.d_model:
             raise UserError(f"k={self.k} symbols per token is out of range", f"choose 1 <= k <= {4 * self.d_model}")
 

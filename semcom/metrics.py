@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 _APOSTROPHES = "'\u2019\u2018`"
 DEFAULT_NORMALIZER = "whisper"

@@ -11,15 +11,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from semedge.semcom import ct2
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.files import atomic_dir
 
 BUILTIN_NAMES = tuple(ct2.BUILTINS)
 TINY_ARCHS = ("whisper", "bart", "t5", "marian")
@@ -109,17 +108,8 @@ def _load_builtin(name: str) -> LoadedModel:
 
 
 def _save_atomic(model, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process may write it first
         model.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- local / hub

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 
 @dataclass

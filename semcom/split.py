@@ -1,7 +1,7 @@
 """The model split at the radio link: DeviceHalf (ONNX-exportable) and ServerHalf.
 
 Speech (Whisper): the device encodes a 30 s log-mel window and sends only the
-utterance's frames (`n_frames`, see runtime.features.content_frames); the server
+utterance's frames (`n_frames`, see core.frames.content_frames); the server
 fills frames n..1500 with the encoder's output for silence, computed once from
 silent audio (knowledge both ends share), then decodes.
 Text (BART, T5, Marian): the device encodes the tokens; the server decodes from
@@ -18,10 +18,10 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging as hf_logging
 
+from semedge.core.files import atomic_path
+from semedge.core.frames import ENC_FRAMES, SAMPLE_RATE
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 from semedge.semcom.models import LoadedModel
-
-ENC_FRAMES = 1500  # Whisper encoder frames per 30 s window (20 ms each)
 
 
 def context_length(n: int, tail: int | None) -> int:
@@ -63,7 +63,7 @@ class SpeechDeviceHalf(nn.Module):
     """input_features [B, 80, T] (T <= 3000, even) -> channel symbols [B, T/2, k].
 
     Whisper's encoder with its positions cut to the input: T = 3000 is exactly
-    `encoder(input_features)`; a shorter window (runtime.features.window_frames) runs
+    `encoder(input_features)`; a shorter window (core.frames.window_frames) runs
     the encoder on the utterance only, which is what makes short messages cheap.
     """
 
@@ -237,7 +237,7 @@ def generate_kwargs(loaded: LoadedModel) -> dict:
 def silence_features(loaded: LoadedModel) -> np.ndarray:
     """Log-mel features of one second of digital silence, padded to the 30 s window."""
     fe = loaded.feature_extractor
-    return fe(np.zeros(16000, dtype=np.float32), sampling_rate=16000, return_tensors="np").input_features
+    return fe(np.zeros(SAMPLE_RATE, dtype=np.float32), sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
 
 
 @torch.no_grad()
@@ -270,7 +270,7 @@ def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
         from semedge.semcom.system import content_frames
 
         utts = load_split("train", n_calib, progress=False)
-        feats = loaded.feature_extractor([u.audio for u in utts], sampling_rate=16000, return_tensors="pt").input_features
+        feats = loaded.feature_extractor([u.audio for u in utts], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         h = encoder(feats).last_hidden_state
         h = torch.cat([h[i, : content_frames(len(u.audio))] for i, u in enumerate(utts)])
     else:
@@ -278,10 +278,8 @@ def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
         h = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         h = h[enc["attention_mask"].bool()]
     codec.set_stats(h)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(h)}")
-    save_file({"mean": codec.encoder.mean.contiguous(), "std": codec.encoder.std.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"mean": codec.encoder.mean.contiguous(), "std": codec.encoder.std.contiguous()}, str(tmp))
     return codec
 
 
@@ -292,7 +290,7 @@ def build_split(loaded: LoadedModel, codec: JSCCodec | None = None, encoder: Loa
     `semedge train --encoder`, or a pruned / distilled copy of `loaded`); the server
     keeps `loaded`'s decoder and silence encoding.
     """
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     if codec is None:
         codec = identity_codec(loaded)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 N_RESAMPLES = 1000
 BLEU_RESAMPLES = 1000  # BLEU resamples summed statistics, so it is as cheap as WER

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from semedge.runtime.features import content_frames as _frames
+from semedge.core.frames import ENC_FRAMES, SAMPLE_RATE
+from semedge.core.frames import content_frames as _frames
 from semedge.semcom.channels import make_channel
 from semedge.semcom.jsc import normalize_power
-from semedge.semcom.split import ENC_FRAMES, SplitModel
+from semedge.semcom.split import SplitModel
 
 def content_frames(n_samples: int) -> int:
-    """Encoder frames sent for an utterance of n_samples (16 kHz): runtime.features.content_frames, at least 1."""
+    """Encoder frames sent for an utterance of n_samples (16 kHz): core.frames.content_frames, at least 1."""
     return max(1, _frames(int(n_samples)))
 
 
@@ -35,14 +36,14 @@ def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_ke
                   window: str = "fit") -> list[torch.Tensor]:
     """Run the device half (PyTorch) on a batch; one [n_i, k_keep] tensor per message.
 
-    Speech: each utterance's encoder runs on its own window (runtime.features.window_frames:
+    Speech: each utterance's encoder runs on its own window (core.frames.window_frames:
     "fit" = the utterance + 0.4 s, as the device runtime does; "full" = 30 s)."""
-    from semedge.runtime.features import window_frames
+    from semedge.core.frames import window_frames
 
     loaded = split.loaded
     if split.kind == "speech":
         feats = loaded.feature_extractor(
-            [np.asarray(a, dtype=np.float32) for a in inputs], sampling_rate=16000, return_tensors="pt"
+            [np.asarray(a, dtype=np.float32) for a in inputs], sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features
         if frames == "all":
             window = "full"
@@ -103,7 +104,7 @@ def unsplit_outputs(split: SplitModel, inputs: list, batch_size: int = 8, max_ne
         chunk = inputs[b : b + batch_size]
         if split.kind == "speech":
             feats = loaded.feature_extractor(
-                [np.asarray(a, dtype=np.float32) for a in chunk], sampling_rate=16000, return_tensors="pt"
+                [np.asarray(a, dtype=np.float32) for a in chunk], sampling_rate=SAMPLE_RATE, return_tensors="pt"
             ).input_features
             ids = loaded.model.generate(input_features=feats, max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
         else:

@@ -1,3 +1,3 @@
 """semedge: an edge deployment runtime for large-model semantic communication."""
 
-__version__ = "0.1.0"
+from semedge.core.version import __version__  # noqa: F401

@@ -75,7 +75,7 @@ def _global_options(
 # have been raised, so nothing heavy is imported to test against. Code None: the
 # exception's own `exit_code` (UserError 2, NoPlanFits 3; click's FileError 1).
 EXIT_CODES = (
-    ("semedge.semcom.errors", "UserError", None, ""),
+    ("semedge.core.errors", "UserError", None, ""),
     ("typer._click.exceptions", "NoArgsIsHelpError", 2, ""),
     ("typer._click.exceptions", "UsageError", 2, "see {help}"),
     ("click.exceptions", "UsageError", 2, "see {help}"),

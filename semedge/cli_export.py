@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
         from semedge.export.package import build_package, package_bytes
         from semedge.runtime.profiles import load_profile
-        from semedge.semcom.errors import UserError
+        from semedge.core.errors import UserError
 
         con = Console(stderr=True)
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 
 def _parse_k(k: Optional[str]) -> Optional[str | int]:
@@ -51,12 +51,12 @@ def _k_to_send(k_opt, ckpt, loaded, snr_db: float) -> int | None:
 
 def _inputs(loaded, model: str, text, wav, segment_s: float) -> tuple[list, list | None]:
     """(messages, [(start, end)] sample ranges or None): speech longer than `segment_s` is cut
-    at quiet points (runtime.segment) and each segment is sent as its own message."""
+    at quiet points (core.segment) and each segment is sent as its own message."""
     if loaded.kind != "speech":
         if wav is not None:
             raise UserError(f"{model} is a text model; --wav needs a speech model", "pass --text instead")
         return [text], None
-    from semedge.runtime.segment import segment_bounds
+    from semedge.core.segment import segment_bounds
     from semedge.semcom.tasks.speech import read_wav, synthesize
 
     audio = synthesize(text) if text is not None else read_wav(wav)
@@ -65,7 +65,7 @@ def _inputs(loaded, model: str, text, wav, segment_s: float) -> tuple[list, list
 
 
 def _reference(split, inputs, text, reference, tokens: int) -> tuple[str, str]:
-    from semedge.runtime.segment import join_texts
+    from semedge.core.segment import join_texts
     from semedge.semcom.system import unsplit_outputs
 
     if text is not None:
@@ -76,7 +76,7 @@ def _reference(split, inputs, text, reference, tokens: int) -> tuple[str, str]:
 
 
 def _segments_json(bounds, res) -> list[dict]:
-    from semedge.runtime.segment import describe
+    from semedge.core.segment import describe
 
     return [{**d, "transcript": h, "symbols_sent": s, "tokens_sent": t}
             for d, h, s, t in zip(describe(bounds), res.hyps, res.symbols_sent, res.tokens_sent)]
@@ -111,7 +111,7 @@ def transmit(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Send one message (a long recording: one per segment) through device half -> channel -> server half; print the output and metrics."""
-    from semedge.semcom.channel_spec import parse_channel, parse_snr
+    from semedge.core.channel_spec import parse_channel, parse_snr
 
     snr_db = parse_snr(snr)
     parse_channel(channel)
@@ -121,7 +121,7 @@ def transmit(
     if (text is None) == (wav is None):
         raise UserError("give exactly one of --text or --wav", 'e.g. --text "the boy threw the ball"')
 
-    from semedge.runtime.segment import default_segment_s, join_texts, new_tokens_for
+    from semedge.core.segment import default_segment_s, join_texts, new_tokens_for
     from semedge.semcom.checkpoint import device_encoder, load_for_inference
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split

@@ -21,11 +21,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
-from semedge.semcom.files import write_atomic
+from semedge.core.channel_spec import snr_key as _snr_key
+from semedge.core.files import atomic_path, write_atomic
 from semedge.semcom.stats import fmt_ci
 
 METRICS = (("wer", "WER", "lower is better"), ("bleu", "BLEU", "higher is better"),
@@ -39,15 +38,11 @@ PLOTS = ("footprint_accuracy.png", "snr_wer.png", "snr_bleu.png", "snr_similarit
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _num(v) -> float | None:
@@ -56,14 +51,6 @@ def _num(v) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-def _snr_key(s) -> str:
-    """SNR as a dict key: '10', '2.5', 'inf'."""
-    f = float(s)
-    if math.isinf(f):
-        return "inf"
-    return f"{f:g}"
 
 
 def _fmt(v, spec: str = ".3f", unit: str = "") -> str:
@@ -534,7 +521,7 @@ def write_report(build_json: dict | str | Path, out_dir: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     if not isinstance(build_json, dict):
         p = Path(build_json)

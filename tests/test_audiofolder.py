@@ -13,7 +13,7 @@ import pytest
 
 sf = pytest.importorskip("soundfile")
 
-from semedge.semcom.errors import UserError  # noqa: E402
+from semedge.core.errors import UserError  # noqa: E402
 from semedge.semcom.tasks.audiofolder import load_audiofolder  # noqa: E402
 
 SENTENCES = ("the boy threw the ball", "a cat sat on the warm mat", "she sells sea shells", "green trees grow tall")

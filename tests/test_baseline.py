@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from semedge.semcom import baseline as B
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 
 def _speech(seconds: float = 1.5) -> np.ndarray:

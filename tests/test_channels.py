@@ -12,8 +12,8 @@ from scipy import stats
 
 from semedge.runtime import link
 from semedge.semcom import channels as tch
-from semedge.semcom.channel_spec import ChannelSpec, noise_std, parse_channel, parse_channels, parse_snr
-from semedge.semcom.errors import UserError
+from semedge.core.channel_spec import ChannelSpec, noise_std, parse_channel, parse_channels, parse_snr
+from semedge.core.errors import UserError
 
 SPECS = ["none", "awgn", "rayleigh", "rayleigh-fast", "rician", "rician:K=10", "rician-fast:K=2"]
 

@@ -95,7 +95,7 @@ STAND_INS = textwrap.dedent("""
     import logging, sys, warnings
     import typer
     from semedge import cli
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     @cli.app.command("noisy")
     def noisy():

@@ -73,7 +73,7 @@ def test_k_to_send_nested_auto_and_errors():
     from semedge.semcom.jsc import JSCCodec, JSCConfig
     from semedge.semcom.rate import RatePolicy
     from semedge.cli_transmit import _k_to_send
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     loaded = SimpleNamespace(source="m", d_model=16)
     man = {"rate_training": {"rate_min": 8}, "cut_from": {"folder": "parent-k64", "k": 64},

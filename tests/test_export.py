@@ -21,7 +21,7 @@ from semedge.export.onnx import (
 )
 from semedge.export.optimize import fused_op_counts, op_counts
 from semedge.export.package import build_package
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 from semedge.semcom.models import tiny_model
 from semedge.semcom.split import build_split

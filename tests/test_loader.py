@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from semedge.semcom import ct2, models
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 SENTENCES = [
     "The weather is nice today.",

@@ -1,7 +1,7 @@
 import pytest
 
 from semedge.semcom import metrics
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 REFS = ["the boy threw the ball", "a visit to a strange place will bring fresh work"]
 

@@ -8,7 +8,7 @@ import torch
 
 from semedge.semcom import rate as R
 from semedge.semcom.checkpoint import load_checkpoint, rewrite_checkpoint, save_checkpoint
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 from semedge.semcom.jsc import JSCCodec, JSCConfig, cut
 
 

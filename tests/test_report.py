@@ -8,7 +8,7 @@ import re
 import pytest
 
 from semedge.report import PLOTS, _pareto_2d, candidate_points, write_report
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

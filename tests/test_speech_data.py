@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from semedge.semcom import metrics
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 from semedge.semcom.tasks import speech
 
 

@@ -63,7 +63,7 @@ def test_learned_codec_power_and_rate_mask():
 
 
 def test_codec_wrong_model_is_clear_error():
-    from semedge.semcom.errors import UserError
+    from semedge.core.errors import UserError
 
     with pytest.raises(UserError, match="d_model"):
         build_split(tiny_model("whisper"), JSCCodec(JSCConfig(d_model=999, k=8)))
@@ -83,7 +83,7 @@ def test_cached_silence_kv_equals_plain_decoding():
 
 
 def test_device_half_window_full_equals_hf_encoder_and_fit_is_shorter():
-    from semedge.runtime.features import FIT_MARGIN, window_frames
+    from semedge.core.frames import FIT_MARGIN, window_frames
     from semedge.semcom.system import device_encode
 
     loaded = tiny_model("whisper")

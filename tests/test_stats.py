@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from semedge.semcom import stats
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 
 def _pairs(n, seed=0, p=0.2):

@@ -19,7 +19,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 from semedge.semcom.tasks.speech import Utterance, read_wav
 
 METADATA = "metadata.csv"

@@ -15,9 +15,9 @@ import subprocess
 
 import numpy as np
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.frames import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 # Bump when a step's output changes, so cached augmented audio is rebuilt.
 AUGMENT_VERSION = 1
 NOISE_SNRS_DB = (20, 10, 5)

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
+from semedge.core.files import atomic_path
+from semedge.core.frames import SAMPLE_RATE
 from semedge.semcom.metrics import normalize
 
-SAMPLE_RATE = 16000
 ESPEAK_RATE = 22050
 SPLITS = ("train", "val", "test")
 # Hash buckets out of 100: [0, 10) test, [10, 20) val, the rest train.
@@ -452,15 +453,8 @@ def cache_dir(split: str | None = None) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 @contextlib.contextmanager

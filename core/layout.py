@@ -1,0 +1,25 @@
+"""The device package's layout: file names and the manifest format.
+
+export/package.py writes this layout; runtime/package.py and runtime/server.py read
+it. Both sides import these names, so the writer and the readers cannot drift.
+
+    device.onnx                                   the device half (ONNX_FILE)
+    frontend.json, mel_filters.npy                speech: log-mel parameters + filterbank
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   text
+    server/jsc.safetensors, server/jsc.json       the JSC decoder (the device ignores server/)
+    server/adapters.safetensors                   the decoder's LoRA adapters, when trained with them
+    manifest.json                                 sha256 of every other file, io, plan, profile, figures
+"""
+
+FORMAT = "semedge-package/1"
+MANIFEST = "manifest.json"
+ONNX_FILE = "device.onnx"
+FRONTEND_FILE = "frontend.json"
+MEL_FILTERS_FILE = "mel_filters.npy"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TEXT_TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "special_tokens_map.json")
+SERVER_DIR = "server"
+JSC_WEIGHTS = f"{SERVER_DIR}/jsc.safetensors"
+JSC_CONFIG = f"{SERVER_DIR}/jsc.json"
+ADAPTERS = f"{SERVER_DIR}/adapters.safetensors"
