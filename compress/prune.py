@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from semedge.compress.plan import ConfigBase, check_choice, check_ratio
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 DEMO_MODEL = "whisper-base"
 DEMO_OUT = "build"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from semedge.semcom.errors import UserError
+from semedge.core.errors import UserError
 
 
 def _select_profiles(profiles_dir: Optional[Path], devices: Optional[str]):
