@@ -1,6 +1,8 @@
 """The link between device and server: channel simulation in numpy (no torch).
 
-Convention (the same as `semedge.semcom.channels`, see docs/channels.md):
+This docstring states the channel convention; `semedge.semcom.channels` (torch,
+differentiable) implements the same and refers here. docs/channels.md has the
+derivations and the measured checks.
 
 - Input x: real, shape [B, ...]; each batch element is one message; unit mean
   power per real symbol.
@@ -9,14 +11,19 @@ Convention (the same as `semedge.semcom.channels`, see docs/channels.md):
   count gets one zero pad, removed after. `channel_uses(n) = ceil(n/2)`.
 - SNR is Es/N0 per real symbol in dB: noise variance per real dimension
   sigma2 = 10**(-snr_db/10), so the complex noise n has E|n|^2 = 2*sigma2.
-- y = h*s + n. h = 1 (awgn); CN(0,1) (rayleigh); sqrt(K/(K+1))*e^{j*phi} +
-  sqrt(1/(K+1))*CN(0,1) (rician, phi uniform, one phi per message). Block fading:
-  one h per message; fast: one h per complex use. E|h|^2 = 1 in all cases.
+- y = h*s + n. Each channel class draws its own h (`fading`), with E|h|^2 = 1:
+  h = 1 (awgn); CN(0,1) (rayleigh); sqrt(K/(K+1))*e^{j*phi} + sqrt(1/(K+1))*CN(0,1)
+  (rician, phi uniform, one phi per message). Block fading: one h per message;
+  fast: one h per complex use.
 - The receiver knows h and equalises with LMMSE:
   s_hat = conj(h)*y / (|h|^2 + N0/Es) = conj(h)*y / (|h|^2 + sigma2),
   since N0/Es = 2*sigma2/2. x_hat = (Re s_hat, Im s_hat) unpaired. With no
   noise (snr_db = inf) x_hat = x exactly; for `none`, x_hat = x.
-- Draws: h first (`draw_fading`), then the noise (`draw_noise`).
+- Draws: h first (`fading`), then the noise (`draw_noise`), from one generator.
+
+Channels are classes in `CHANNELS` (kind name -> class; the names are declared in
+`semedge.core.channel_spec.KINDS`). A new channel is one `Channel` subclass with
+its `fading`, plus one line in `CHANNELS`.
 """
 
 from __future__ import annotations
@@ -44,21 +51,6 @@ def draw_noise(batch: int, n_uses: int, rng: np.random.Generator) -> np.ndarray:
     """Complex noise [batch, n_uses] with unit variance per real dimension (E|n|^2 = 2)."""
     z = rng.standard_normal((batch, n_uses, 2))
     return z[..., 0] + 1j * z[..., 1]
-
-
-def draw_fading(spec, batch: int, n_uses: int, rng: np.random.Generator) -> np.ndarray:
-    """Complex gains: [batch, 1] for block fading, [batch, n_uses] for fast; ones for none/awgn."""
-    spec = parse_channel(spec)
-    if not spec.fading:
-        return np.ones((batch, 1), dtype=np.complex128)
-    n = n_uses if spec.fast else 1
-    z = rng.standard_normal((batch, n, 2))
-    scatter = (z[..., 0] + 1j * z[..., 1]) / math.sqrt(2.0)  # CN(0, 1)
-    if spec.kind == "rayleigh":
-        return scatter
-    k = spec.k_factor
-    phi = rng.uniform(0.0, 2.0 * math.pi, size=(batch, 1))
-    return math.sqrt(k / (k + 1.0)) * np.exp(1j * phi) + math.sqrt(1.0 / (k + 1.0)) * scatter
 
 
 def _sigma2(snr_db, batch: int) -> np.ndarray:
@@ -127,20 +119,91 @@ def apply_channel(x, h, noise, snr_db, equalizer: str = "mmse") -> np.ndarray:
     return out[:, :n_real].reshape(x.shape).astype(out_dtype, copy=False)
 
 
-def transmit(x, spec, snr_db, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Send x [B, ...] through the channel `spec` at `snr_db` (number or [B]); returns x_hat."""
-    spec = parse_channel(spec)
-    x = _check_x(x)
-    _sigma2(snr_db, x.shape[0])  # validates snr_db
-    if spec.kind == "none":
-        return x.copy()
+def _rng(rng) -> np.random.Generator:
+    """None -> a fresh generator; anything but a numpy Generator is refused."""
     if rng is None:
-        rng = np.random.default_rng()
-    elif not isinstance(rng, np.random.Generator):
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
         raise UserError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}",
                         "pass np.random.default_rng(seed)")
-    b = x.shape[0]
-    n_uses = channel_uses(x[0].size)
-    h = draw_fading(spec, b, n_uses, rng)
-    noise = draw_noise(b, n_uses, rng)
-    return apply_channel(x, h, noise, snr_db)
+    return rng
+
+
+class Channel:
+    """y = h*s + n with h = 1 (the base draws no fading). Subclasses draw their h in
+    `fading`: None (h = 1), [batch, 1] (block) or [batch, n_uses] (fast)."""
+
+    def __init__(self, spec: ChannelSpec):
+        self.spec = spec
+
+    def fading(self, batch: int, n_uses: int, rng: np.random.Generator) -> np.ndarray | None:
+        return None
+
+    def transmit(self, x: np.ndarray, snr_db, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Draw h, then the noise, and run `apply_channel`."""
+        rng = _rng(rng)
+        b = x.shape[0]
+        n_uses = channel_uses(x[0].size)
+        h = self.fading(b, n_uses, rng)
+        return apply_channel(x, h, draw_noise(b, n_uses, rng), snr_db)
+
+    def _gain_count(self, n_uses: int) -> int:
+        """Gains per message: one (block) or one per complex use (fast)."""
+        return n_uses if self.spec.fast else 1
+
+
+class NoChannel(Channel):
+    """y = x: no draws."""
+
+    def transmit(self, x, snr_db, rng=None):
+        return x.copy()
+
+
+class AWGN(Channel):
+    """y = s + n."""
+
+
+def _cn01(batch: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """[batch, n] draws of CN(0, 1)."""
+    z = rng.standard_normal((batch, n, 2))
+    return (z[..., 0] + 1j * z[..., 1]) / math.sqrt(2.0)
+
+
+class Rayleigh(Channel):
+    """h ~ CN(0, 1)."""
+
+    def fading(self, batch, n_uses, rng):
+        return _cn01(batch, self._gain_count(n_uses), rng)
+
+
+class Rician(Channel):
+    """h = sqrt(K/(K+1)) e^{j phi} + sqrt(1/(K+1)) CN(0,1), one phi per message."""
+
+    def fading(self, batch, n_uses, rng):
+        scatter = _cn01(batch, self._gain_count(n_uses), rng)
+        k = self.spec.k_factor
+        phi = rng.uniform(0.0, 2.0 * math.pi, size=(batch, 1))
+        return math.sqrt(k / (k + 1.0)) * np.exp(1j * phi) + math.sqrt(1.0 / (k + 1.0)) * scatter
+
+
+CHANNELS: dict[str, type[Channel]] = {"none": NoChannel, "awgn": AWGN, "rayleigh": Rayleigh, "rician": Rician}
+
+
+def make_channel(spec: "str | ChannelSpec") -> Channel:
+    """`make_channel("rician-fast:K=2")` -> Rician(ChannelSpec("rician", True, 2.0))."""
+    spec = parse_channel(spec)
+    return CHANNELS[spec.kind](spec)
+
+
+def draw_fading(spec, batch: int, n_uses: int, rng: np.random.Generator) -> np.ndarray:
+    """Complex gains: [batch, 1] for block fading, [batch, n_uses] for fast; ones for none/awgn."""
+    h = make_channel(spec).fading(batch, n_uses, rng)
+    return np.ones((batch, 1), dtype=np.complex128) if h is None else h
+
+
+def transmit(x, spec, snr_db, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Send x [B, ...] through the channel `spec` at `snr_db` (number or [B]); returns x_hat."""
+    channel = make_channel(spec)
+    x = _check_x(x)
+    _sigma2(snr_db, x.shape[0])  # validates snr_db
+    return channel.transmit(x, snr_db, rng)

@@ -1,27 +1,21 @@
-"""Differentiable channels in torch, one small layer per model (after Sionna).
+"""Differentiable channels in torch, one small layer per channel (after Sionna).
 
-Convention (the same as `semedge.runtime.link`, see docs/channels.md):
+The convention (symbol pairing, SNR definition and noise variance, fading, LMMSE
+equalisation, draw order) is stated once, in `semedge.runtime.link`, the numpy
+link; these layers implement the same, and tests/test_channels.py checks that the
+two agree on the same draws. Torch specifics: draws come from `generator` when
+given; x_hat is differentiable w.r.t. x (draws and snr_db are constants);
+float16/bfloat16 inputs are computed in float32 and cast back.
 
-- Input x: real, shape [B, ...]; each batch element is one message; unit mean
-  power per real symbol.
-- Per message, the flattened real symbols are paired in order,
-  s_i = x[2i] + j*x[2i+1], one complex channel use each (Es = E|s|^2 = 2). An odd
-  count gets one zero pad, removed after.
-- SNR is Es/N0 per real symbol in dB: noise variance per real dimension
-  sigma2 = 10**(-snr_db/10), so the complex noise n has E|n|^2 = 2*sigma2.
-- y = h*s + n. h = 1 (AWGN); CN(0,1) (Rayleigh); sqrt(K/(K+1))*e^{j*phi} +
-  sqrt(1/(K+1))*CN(0,1) (Rician, phi uniform, one phi per message). Block fading:
-  one h per message; fast: one h per complex use. E|h|^2 = 1 in all cases.
-- The receiver knows h and equalises with LMMSE:
-  s_hat = conj(h)*y / (|h|^2 + N0/Es) = conj(h)*y / (|h|^2 + sigma2),
-  since N0/Es = 2*sigma2/2. x_hat = (Re s_hat, Im s_hat) unpaired. With no
-  noise (snr_db = inf) x_hat = x exactly; NoChannel returns x.
-- Draws (from `generator` when given): h first (`draw_fading`), then the noise
-  (`draw_noise`). x_hat is differentiable w.r.t. x.
+Layers are classes in `CHANNELS` (kind name -> class; the names are declared in
+`semedge.core.channel_spec.KINDS`). A new channel is one `Channel` subclass with
+its `fading`, plus one line in `CHANNELS`; its constructor takes ChannelSpec
+fields by name (`fast`, `k_factor`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -51,24 +45,6 @@ def draw_noise(batch: int, n_uses: int, generator=None, device=None, dtype=torch
     dtype = _compute_dtype(dtype)
     z = torch.randn(batch, n_uses, 2, generator=generator, device=device, dtype=dtype)
     return torch.complex(z[..., 0], z[..., 1])
-
-
-def draw_fading(spec, batch: int, n_uses: int, generator=None, device=None,
-                dtype=torch.float32) -> torch.Tensor:
-    """Complex gains: [batch, 1] for block fading, [batch, n_uses] for fast; ones for none/awgn."""
-    spec = parse_channel(spec)
-    dtype = _compute_dtype(dtype)
-    if not spec.fading:
-        return torch.ones(batch, 1, device=device, dtype=_complex_dtype(dtype))
-    n = n_uses if spec.fast else 1
-    z = torch.randn(batch, n, 2, generator=generator, device=device, dtype=dtype) / math.sqrt(2.0)
-    scatter = torch.complex(z[..., 0], z[..., 1])  # CN(0, 1)
-    if spec.kind == "rayleigh":
-        return scatter
-    k = spec.k_factor
-    phi = torch.rand(batch, 1, generator=generator, device=device, dtype=dtype) * (2.0 * math.pi)
-    los = torch.polar(torch.full_like(phi, math.sqrt(k / (k + 1.0))), phi)
-    return los + math.sqrt(1.0 / (k + 1.0)) * scatter
 
 
 def _sigma2(snr_db, batch: int, device, dtype) -> torch.Tensor:
@@ -151,36 +127,60 @@ def sample_snr(batch: int, low_db: float, high_db: float, generator=None, per_me
     return (low + (high - low) * u).expand(batch).to(torch.float32)
 
 
-class _Channel(nn.Module):
+def _cn01(batch: int, n: int, generator, device, dtype) -> torch.Tensor:
+    """[batch, n] draws of CN(0, 1)."""
+    z = torch.randn(batch, n, 2, generator=generator, device=device, dtype=dtype) / math.sqrt(2.0)
+    return torch.complex(z[..., 0], z[..., 1])
+
+
+class Channel(nn.Module):
+    """y = h*s + n with h = 1 (the base draws no fading). Subclasses draw their h in
+    `fading`: None (h = 1), [batch, 1] (block) or [batch, n_uses] (fast)."""
+
     spec: ChannelSpec
+
+    @classmethod
+    def from_spec(cls, spec: ChannelSpec) -> "Channel":
+        """The layer for `spec`: its constructor's parameters are read from the spec by name."""
+        names = [n for n in inspect.signature(cls).parameters]
+        return cls(**{n: getattr(spec, n) for n in names})
+
+    def fading(self, batch: int, n_uses: int, generator=None, device=None,
+               dtype=torch.float32) -> torch.Tensor | None:
+        return None
 
     def forward(self, x: torch.Tensor, snr_db, generator: torch.Generator | None = None) -> torch.Tensor:
         """x [B, ...] real, snr_db a number, "inf" or tensor [B] -> x_hat (MMSE estimate of x)."""
         _check_x(x)
         b = x.shape[0]
         _sigma2(snr_db, b, x.device, _compute_dtype(x.dtype))  # validates snr_db
-        if self.spec.kind == "none":
-            return x
         n_uses = channel_uses(x[0].numel())
-        h = None
-        if self.spec.fading:
-            h = draw_fading(self.spec, b, n_uses, generator, x.device, x.dtype)
+        h = self.fading(b, n_uses, generator, x.device, _compute_dtype(x.dtype))
         noise = draw_noise(b, n_uses, generator, x.device, x.dtype)
         return apply_channel(x, h, noise, snr_db)
+
+    def _gain_count(self, n_uses: int) -> int:
+        """Gains per message: one (block) or one per complex use (fast)."""
+        return n_uses if self.spec.fast else 1
 
     def extra_repr(self) -> str:
         return str(self.spec)
 
 
-class NoChannel(_Channel):
-    """y = x."""
+class NoChannel(Channel):
+    """y = x: no draws."""
 
     def __init__(self):
         super().__init__()
         self.spec = ChannelSpec("none")
 
+    def forward(self, x: torch.Tensor, snr_db, generator: torch.Generator | None = None) -> torch.Tensor:
+        _check_x(x)
+        _sigma2(snr_db, x.shape[0], x.device, _compute_dtype(x.dtype))  # validates snr_db
+        return x
 
-class AWGN(_Channel):
+
+class AWGN(Channel):
     """y = s + n, n ~ CN(0, 2*sigma2), LMMSE output x_hat = y / (1 + sigma2)."""
 
     def __init__(self):
@@ -188,29 +188,46 @@ class AWGN(_Channel):
         self.spec = ChannelSpec("awgn")
 
 
-class Rayleigh(_Channel):
+class Rayleigh(Channel):
     """y = h*s + n, h ~ CN(0,1): one h per message (block) or per complex use (fast)."""
 
     def __init__(self, fast: bool = False):
         super().__init__()
         self.spec = ChannelSpec("rayleigh", fast=fast)
 
+    def fading(self, batch, n_uses, generator=None, device=None, dtype=torch.float32):
+        return _cn01(batch, self._gain_count(n_uses), generator, device, _compute_dtype(dtype))
 
-class Rician(_Channel):
-    """y = h*s + n, h = sqrt(K/(K+1)) e^{j phi} + sqrt(1/(K+1)) CN(0,1), K linear."""
+
+class Rician(Channel):
+    """y = h*s + n, h = sqrt(K/(K+1)) e^{j phi} + sqrt(1/(K+1)) CN(0,1), K linear, one phi per message."""
 
     def __init__(self, k_factor: float = 4.0, fast: bool = False):
         super().__init__()
         self.spec = ChannelSpec("rician", fast=fast, k_factor=k_factor)
 
+    def fading(self, batch, n_uses, generator=None, device=None, dtype=torch.float32):
+        dtype = _compute_dtype(dtype)
+        scatter = _cn01(batch, self._gain_count(n_uses), generator, device, dtype)
+        k = self.spec.k_factor
+        phi = torch.rand(batch, 1, generator=generator, device=device, dtype=dtype) * (2.0 * math.pi)
+        los = torch.polar(torch.full_like(phi, math.sqrt(k / (k + 1.0))), phi)
+        return los + math.sqrt(1.0 / (k + 1.0)) * scatter
 
-def make_channel(spec: "str | ChannelSpec") -> nn.Module:
+
+CHANNELS: dict[str, type[Channel]] = {"none": NoChannel, "awgn": AWGN, "rayleigh": Rayleigh, "rician": Rician}
+
+
+def make_channel(spec: "str | ChannelSpec") -> Channel:
     """`make_channel("rician-fast:K=2")` -> Rician(2.0, fast=True)."""
     spec = parse_channel(spec)
-    if spec.kind == "none":
-        return NoChannel()
-    if spec.kind == "awgn":
-        return AWGN()
-    if spec.kind == "rayleigh":
-        return Rayleigh(fast=spec.fast)
-    return Rician(spec.k_factor, fast=spec.fast)
+    return CHANNELS[spec.kind].from_spec(spec)
+
+
+def draw_fading(spec, batch: int, n_uses: int, generator=None, device=None,
+                dtype=torch.float32) -> torch.Tensor:
+    """Complex gains: [batch, 1] for block fading, [batch, n_uses] for fast; ones for none/awgn."""
+    h = make_channel(spec).fading(batch, n_uses, generator, device, dtype)
+    if h is None:
+        return torch.ones(batch, 1, device=device, dtype=_complex_dtype(_compute_dtype(dtype)))
+    return h

@@ -325,3 +325,13 @@ def test_link_imports_without_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+def test_registries_cover_the_declared_kinds():
+    """One class per channel name in each implementation; the names come from core."""
+    from semedge.core.channel_spec import KINDS
+
+    assert tuple(link.CHANNELS) == KINDS and tuple(tch.CHANNELS) == KINDS
+    for spec in SPECS:
+        assert link.make_channel(spec).spec == parse_channel(spec)
+        assert tch.make_channel(spec).spec == parse_channel(spec)

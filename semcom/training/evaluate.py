@@ -224,7 +224,7 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
     default_segment_s) are sent as several messages and their transcripts joined (rows then
     carry `segments` and `segment_s`).
     """
-    from semedge.semcom.channel_spec import parse_snr
+    from semedge.core.channel_spec import parse_snr
     from semedge.semcom.models import load_model
     from semedge.semcom.split import silence_encoding
 
