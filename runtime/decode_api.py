@@ -1,0 +1,235 @@
+"""The decode API's request path, shared by both hosts of the server half.
+
+`semedge serve` (FastAPI + an asyncio batcher, runtime/server.py) and `semedge serve
+--engine ray` (Ray Serve, runtime/ray_serve.py) differ only in how messages reach a
+decoder. Everything a request goes through before and after that is here, once:
+package lookup (404), body limits (400/413), .npy parsing (422), the message id and
+its replay cache (409 on reuse with another body), the answer's JSON, the decode call.
+
+A host is any object with `cfg` (ServerConfig), `metrics` (Metrics), `cache`
+(ReplayCache), `package_ids()`, `async limits(pid) -> (k, max_tokens)` and
+`async decode(pid, arr) -> [(text, queue_s, decode_s, batch)]`, which may raise
+HTTPError (503 when its queue is full or a replica is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+NPY_MAGIC = b"\x93NUMPY"
+MESSAGE_ID_HEADER = "x-semedge-message-id"
+_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
+        self.status = status
+        self.detail = detail
+        self.headers = headers  # e.g. Retry-After on 503
+        super().__init__(detail)
+
+
+def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int) -> np.ndarray:
+    """A .npy body -> float32 [batch, tokens, k'] (1 <= k' <= k); HTTPError(422) with the reason."""
+    if not body.startswith(NPY_MAGIC):
+        raise HTTPError(422, "body is not a .npy array (np.save, no pickle)")
+    fp = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"npy version {version}")
+    except Exception as e:  # noqa: BLE001 - any malformed header
+        raise HTTPError(422, f"body is not a valid .npy array ({e})") from None
+    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4):
+        raise HTTPError(422, f"dtype {dtype} is not accepted: send float16 or float32")
+    if len(shape) not in (2, 3):
+        raise HTTPError(422, f"shape {shape} is not accepted: send [tokens, k] or [batch, tokens, k]")
+    if len(shape) == 2:
+        shape = (1, *shape)
+    b, t, kk = shape
+    if b < 1 or b > max_messages:
+        raise HTTPError(422, f"batch of {b} messages: send 1 to {max_messages} per request")
+    if t < 1 or t > max_tokens:
+        raise HTTPError(422, f"{t} tokens per message: this package takes 1 to {max_tokens}")
+    if kk < 1 or kk > k:
+        raise HTTPError(422, f"{kk} symbols per token: this package has k={k} (send 1 to {k})")
+    expect = b * t * kk * dtype.itemsize
+    data = body[fp.tell():]
+    if len(data) != expect:
+        raise HTTPError(422, f"body holds {len(data)} data bytes, the header's shape needs {expect}")
+    arr = np.frombuffer(data, dtype=dtype)
+    arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise HTTPError(422, "symbols contain NaN or inf")
+    return arr
+
+
+def check_content_length(header: str | None, limit: int) -> None:
+    """400 for a Content-Length that is not a number, 413 over `limit` (before the body is read)."""
+    if header is None:
+        return
+    try:
+        n = int(header)
+    except ValueError:
+        raise HTTPError(400, "Content-Length is not a number") from None
+    if n > limit:
+        raise HTTPError(413, f"body of {n} bytes is over the limit of {limit} bytes")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The streamed body; 413 as soon as it grows past `limit` (chunked bodies included)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def message_id(request) -> str | None:
+    """The request's X-Semedge-Message-Id (1-128 of [A-Za-z0-9-_.:]), or None; 422 if malformed."""
+    mid = request.headers.get(MESSAGE_ID_HEADER)
+    if mid is None:
+        return None
+    if not 1 <= len(mid) <= 128 or not set(mid) <= _ID_CHARS:
+        raise HTTPError(422, f"{MESSAGE_ID_HEADER} must be 1 to 128 characters of A-Z a-z 0-9 - _ . :")
+    return mid
+
+
+class ReplayCache:
+    """Answers by (package, message id) for `ttl_s`, so a retried message is answered, not decoded twice.
+
+    A repeat that arrives while the first is still decoding waits for that decode. Only
+    200 answers are kept (a failed message may be retried and decoded). Single event loop.
+    """
+
+    def __init__(self, ttl_s: float = 300.0, max_entries: int = 100_000):
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._done: OrderedDict[tuple, tuple[float, str, dict]] = OrderedDict()  # key -> (expiry, body sha, answer)
+        self._pending: dict[tuple, tuple[str, asyncio.Future]] = {}
+        self.replays = 0
+
+    def _expire(self, now: float) -> None:
+        while self._done and (len(self._done) > self.max_entries or next(iter(self._done.values()))[0] < now):
+            self._done.popitem(last=False)
+
+    async def lookup(self, key: tuple, digest: str) -> dict | None:
+        """The cached answer for `key` (awaiting one in flight), or None: then the caller decodes and calls done()."""
+        self._expire(time.monotonic())
+        hit = self._done.get(key)
+        if hit is None and key in self._pending:
+            d, fut = self._pending[key]
+            if d == digest:
+                try:
+                    answer = await asyncio.shield(fut)
+                except Exception:  # noqa: BLE001 - the first try failed: this one decodes
+                    answer = None
+                if answer is not None:
+                    self.replays += 1
+                    return answer
+                return await self.lookup(key, digest)
+            hit = (0.0, d, None)
+        if hit is not None:
+            if hit[1] != digest:
+                raise HTTPError(409, f"message id {key[1]!r} was used for another body; give each message its own id")
+            self.replays += 1
+            return hit[2]
+        self._pending[key] = (digest, asyncio.get_running_loop().create_future())
+        return None
+
+    def done(self, key: tuple, answer: dict | None) -> None:
+        """Record the decode of `key`: its 200 answer, or None when it failed."""
+        digest, fut = self._pending.pop(key)
+        if answer is not None:
+            self._done[key] = (time.monotonic() + self.ttl_s, digest, answer)
+        if not fut.done():
+            fut.set_result(answer)
+
+
+def decode_texts(half, messages: list[np.ndarray], max_new_tokens: int) -> list[str]:
+    """One batch through the server half (JSC decoder + generation), on the calling thread."""
+    import torch
+
+    with torch.inference_mode():
+        return half.transcribe([torch.from_numpy(m) for m in messages], max_new_tokens=max_new_tokens)
+
+
+def answer_body(results: list, pid: str, tokens: int, total_s: float) -> dict:
+    """The 200 JSON: texts, timings (ms; the slowest message's queue and decode), batch size."""
+    return {
+        "text": [r[0] for r in results],
+        "timings_ms": {"queue": round(1000 * max(r[1] for r in results), 3),
+                       "decode": round(1000 * max(r[2] for r in results), 3),
+                       "total": round(1000 * total_s, 3)},
+        "batch": max(r[3] for r in results),
+        "package": pid,
+        "tokens": tokens,
+    }
+
+
+async def _decode_once(host, request, pid: str) -> dict:
+    """Body -> symbols -> the host's decoder -> answer, through the replay cache when the request has an id."""
+    t_start = time.perf_counter()
+    cfg = host.cfg
+    check_content_length(request.headers.get("content-length"), cfg.max_body_bytes)
+    mid = message_id(request)
+    k, max_tokens = await host.limits(pid)
+    body = await read_body(request, cfg.max_body_bytes)
+    arr = parse_npy(body, k, max_tokens, cfg.max_messages_per_request)
+    key = (pid, mid)
+    if mid is not None:
+        cached = await host.cache.lookup(key, hashlib.sha256(body).hexdigest())
+        if cached is not None:
+            return {**cached, "replayed": True}
+    answer = None
+    try:
+        results = await host.decode(pid, arr)
+        answer = answer_body(results, pid, int(arr.shape[1]), time.perf_counter() - t_start)
+        return answer
+    finally:
+        if mid is not None:
+            host.cache.done(key, answer)
+
+
+async def handle_decode(host, request, package: str):
+    """POST /v1/decode?package=ID on either host: the JSON answer, or a JSONResponse with the refusal."""
+    from fastapi.responses import JSONResponse
+
+    if package not in host.package_ids():
+        host.metrics.count("", 404)
+        return JSONResponse({"detail": f"unknown package {package!r}; served: {sorted(host.package_ids())}"}, 404)
+    t0 = time.perf_counter()
+    try:
+        out = await _decode_once(host, request, package)
+    except HTTPError as e:
+        host.metrics.count(package, e.status)
+        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a decode that failed answers 500 with its reason
+        host.metrics.count(package, 500)
+        return JSONResponse({"detail": f"decode failed: {type(e).__name__}: {e}"}, status_code=500)
+    host.metrics.count(package, 200)
+    host.metrics.observe("semedge_request_seconds", package, time.perf_counter() - t0)
+    return out
+
+
+def health_body(limits: dict) -> dict:
+    """GET /healthz: {pid: {model, kind, k, max_tokens}} for every served package."""
+    return {"status": "ok", "packages": limits}
+
+
+__all__ = ["HTTPError", "MESSAGE_ID_HEADER", "ReplayCache", "answer_body", "check_content_length", "decode_texts",
+           "handle_decode", "health_body", "message_id", "parse_npy", "read_body"]
