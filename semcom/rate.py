@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from semedge.core.channel_spec import snr_key
 from semedge.core.errors import UserError
 
 
@@ -70,7 +71,7 @@ def fit_policy(k: int, wer_table: dict[float, dict[int, float]], tolerance: floa
         entries.append([snr, min(ok)])
     for i in range(len(entries) - 2, -1, -1):  # lower SNR: at least as many symbols as any higher SNR
         entries[i][1] = max(entries[i][1], entries[i + 1][1])
-    measured = {f"{s:g}": {str(kk): round(w, 4) for kk, w in sorted(r.items())} for s, r in sorted(wer_table.items())}
+    measured = {snr_key(s): {str(kk): round(w, 4) for kk, w in sorted(r.items())} for s, r in sorted(wer_table.items())}
     return RatePolicy(k, [(s, kk) for s, kk in entries], tolerance, measured)
 
 
