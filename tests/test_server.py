@@ -218,7 +218,8 @@ def test_semedge_serve_subprocess(served, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "semedge.cli", "serve", "--packages", str(pkgs), "--port", str(port),
-                             "--max-new-tokens", str(MAX_NEW), "--log-level", "warning"],
+                             "--max-new-tokens", str(MAX_NEW), "--log-level", "warning",
+                             "--backend", "torch"],  # as the fixture: compared token for token with torch
                             env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
