@@ -40,6 +40,13 @@ class LoadedModel:
     feature_extractor: Any  # WhisperFeatureExtractor for speech, None for text
     d_model: int
 
+    @property
+    def task(self):
+        """The task plug-in for this model's kind (semcom.tasks.registry): what varies by task."""
+        from semedge.semcom.tasks.registry import get_task
+
+        return get_task(self.kind)
+
 
 def load_model(source: str) -> LoadedModel:
     """Load `source`: a built-in name, a local HF checkpoint directory, or a hub id."""
@@ -53,12 +60,6 @@ def load_model(source: str) -> LoadedModel:
         loaded = _load_uncached(source)
         _cache[key] = loaded
         return loaded
-
-
-def clear_cache() -> None:
-    """Forget memoised models (tests)."""
-    with _lock:
-        _cache.clear()
 
 
 def _local_key(source: str) -> str:
@@ -230,6 +231,23 @@ def _text_tokenizer():
 @functools.lru_cache(maxsize=None)
 def _tiny_whisper_tokenizer():
     return ct2.whisper_tokenizer(_whisper_files().files_dir / "tokenizer.json", multilingual=True)
+
+
+def load_source(source: str) -> LoadedModel:
+    """`load_model(source)`, or for `tiny:ARCH[:SEED[:D_MODEL]]` (the source a tiny model
+    records; SEED defaults to 0) that tiny model rebuilt: same seed, same weights."""
+    if isinstance(source, str) and source.startswith("tiny:"):
+        return tiny_model(**_tiny_args(source))
+    return load_model(source)
+
+
+def _tiny_args(source: str) -> dict:
+    """`tiny:whisper:3:128` -> {"arch": "whisper", "seed": 3, "d_model": 128}."""
+    arch, *nums = source.split(":")[1:]
+    if len(nums) > 2 or not all(n.isdigit() for n in nums):
+        raise UserError(f"tiny model source {source!r} is not understood",
+                        "write tiny:ARCH[:SEED[:D_MODEL]], e.g. tiny:whisper:0")
+    return dict(zip(("arch", "seed", "d_model"), [arch, *map(int, nums)]))
 
 
 def tiny_model(arch: str, seed: int = 0, d_model: int = 64) -> LoadedModel:

@@ -223,6 +223,10 @@ class SplitModel:
     def kind(self) -> str:
         return self.loaded.kind
 
+    @property
+    def task(self):
+        return self.loaded.task
+
 
 def generate_kwargs(loaded: LoadedModel) -> dict:
     """Greedy decoding; Whisper: English transcription without timestamps."""
