@@ -9,10 +9,12 @@ it. Both sides import these names, so the writer and the readers cannot drift.
     server/jsc.safetensors, server/jsc.json       the JSC decoder (the device ignores server/)
     server/adapters.safetensors                   the decoder's LoRA adapters, when trained with them
     manifest.json                                 sha256 of every other file, io, plan, profile, figures
+    signature.json                                signed packages: Ed25519 over manifest.json (not listed in it)
 """
 
 FORMAT = "semedge-package/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"  # runtime/trust.py; the one file besides manifest.json that files does not list
 ONNX_FILE = "device.onnx"
 FRONTEND_FILE = "frontend.json"
 MEL_FILTERS_FILE = "mel_filters.npy"

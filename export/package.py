@@ -21,6 +21,7 @@ from semedge.core.layout import (  # noqa: F401 (ADAPTERS, JSC_CONFIG: part of t
     TEXT_TOKENIZER_FILES, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
 )
 from semedge.core.version import __version__
+from semedge.runtime.trust import load_private_key, write_signature
 
 
 def graph_precision(path: str | Path) -> str:
@@ -156,12 +157,14 @@ def build_package(
     opset: int = 17,
     optimize: bool | str = "auto",
     progress: Callable[[str], None] | None = None,
+    sign_key=None,
 ) -> Path:
     """Write the package folder `out_dir` and `<out_dir>.zip` atomically; return `out_dir`.
 
     onnx_path: an already exported (e.g. quantized) device graph to ship; None exports
     `split` here (fp32, optimised, parity-checked). export_report: the ExportReport of
-    that graph, recorded in the manifest when given.
+    that graph, recorded in the manifest when given. sign_key: a signing.key path (or an
+    Ed25519 private key): the package gets signature.json (runtime/trust.py).
     """
     from semedge.core.errors import UserError
 
@@ -173,14 +176,39 @@ def build_package(
         raise UserError(f"package path {out_dir} exists and is not a folder", "choose another --out")
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise UserError(f"ONNX file {onnx_path} does not exist", "export it first, or leave onnx_path out")
+    private = _private_key(sign_key)  # a bad key fails before any work
     zip_final = out_dir.with_name(out_dir.name + ".zip")
     # The folder is swapped in first (an old one is kept until then), then the zip.
     with atomic_path(zip_final) as zip_tmp, atomic_dir(out_dir) as tmp:
         _fill_package(tmp, out_dir.name, split, onnx_path, plan, profile, measured, jsc_ckpt,
                       export_report, opset, optimize, say)
+        if private is not None:
+            say("signing the manifest")
+            write_signature(tmp, private)
         say("zipping")
         _zip_dir(tmp, zip_tmp, out_dir.name)
     return out_dir
+
+
+def _private_key(sign_key):
+    if sign_key is None or not isinstance(sign_key, (str, Path)):
+        return sign_key
+    return load_private_key(sign_key)
+
+
+def sign_package(out_dir: str | Path, sign_key) -> dict:
+    """Sign an existing package (hashes checked first: a changed package is refused, not signed);
+    `<out_dir>.zip`, when there, is rewritten with the signature. Returns signature.json's record."""
+    from semedge.runtime.package import Package
+
+    private = _private_key(sign_key)
+    pkg = Package.load(out_dir)  # refuses changed, missing or unlisted files
+    rec = write_signature(pkg.path, private)
+    zip_path = pkg.path.with_name(pkg.path.name + ".zip")
+    if zip_path.is_file():
+        with atomic_path(zip_path) as tmp:
+            _zip_dir(pkg.path, tmp, pkg.path.name)
+    return rec
 
 
 def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measured, jsc_ckpt,

@@ -50,13 +50,15 @@ def send(
     rng: np.random.Generator | None = None,
     dtype: str = "float32",
     client=None,
+    token: str | None = None,
+    ca: str | None = None,
 ) -> dict:
     """POST symbols to `server_url`/v1/decode?package=ID; returns the server's JSON.
 
     With `channel` (e.g. "awgn"), the symbols go through runtime.link.transmit at
     `snr_db` first (the received symbols are what the server gets). `client`: an
-    httpx.Client to reuse connections. Errors from the server raise UserError
-    with its status code and reason.
+    httpx.Client to reuse connections (`make_client`); else one is made with `token`
+    and `ca`. Errors from the server raise ServerError with its status code and reason.
     """
     import httpx
 
@@ -66,14 +68,15 @@ def send(
     url = server_url.rstrip("/") + "/v1/decode"
     try:
         if client is None:
-            with httpx.Client(timeout=timeout) as c:
+            with make_client(timeout, token=token, ca=ca) as c:
                 r = c.post(url, params={"package": package_id}, content=body, headers={"content-type": NPY_TYPE})
         else:
             r = client.post(url, params={"package": package_id}, content=body, headers={"content-type": NPY_TYPE},
                             timeout=timeout)
     except httpx.HTTPError as e:
-        raise UserError(f"could not reach the server at {server_url} ({type(e).__name__}: {e})",
-                        "start it with `semedge serve --packages DIR` and check --server") from None
+        fix = ("pass the server's certificate with --ca (or check that --server names the host it was made for)"
+               if "CERTIFICATE_VERIFY_FAILED" in str(e) else "start it with `semedge serve --packages DIR` and check --server")
+        raise UserError(f"could not reach the server at {server_url} ({type(e).__name__}: {e})", fix) from None
     if r.status_code != 200:
         try:
             detail = r.json().get("detail", r.text)
@@ -83,13 +86,36 @@ def send(
     return r.json()
 
 
+def make_client(timeout: float = 60.0, *, token: str | None = None, ca: str | None = None):
+    """An httpx.Client that sends `Authorization: Bearer TOKEN` (when given) and, with `ca`,
+    trusts only that PEM certificate (or CA bundle) for HTTPS: the server's is pinned."""
+    import os
+    import ssl
+
+    import httpx
+
+    verify: ssl.SSLContext | bool = True
+    if ca is not None:
+        if not os.path.isfile(ca):
+            raise UserError(f"CA file {ca} does not exist", "give the server's certificate (PEM) to --ca")
+        try:
+            verify = ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as e:
+            raise UserError(f"CA file {ca} is not a PEM certificate ({e})", "give the server's certificate (PEM) to --ca") from None
+    headers = {"authorization": f"Bearer {token.strip()}"} if token else {}
+    return httpx.Client(timeout=timeout, headers=headers, verify=verify)
+
+
 class ServerError(UserError):
     """The server refused a request: `status` is the HTTP code, `detail` its reason."""
 
     def __init__(self, status: int, detail: str):
         self.status = status
         self.detail = detail
-        fix = {404: "check the package id (GET /healthz lists the served packages)",
+        fix = {401: "give this device's token (--token or SEMEDGE_TOKEN; `semedge auth add` makes one)",
+               403: "use a package this device's token is scoped to, or widen its packages in the auth file",
+               429: "slow down: this device is over its rate or concurrency limit (see Retry-After)",
+               404: "check the package id (GET /healthz lists the served packages)",
                413: "send fewer tokens per request", 422: "send the runner's output for this package",
                503: "retry later (the server is busy or shutting down)"}.get(status, "see the server's log")
         super().__init__(f"server answered {status}: {detail}", fix)

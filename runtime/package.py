@@ -1,8 +1,10 @@
 """A package on the device: a folder with `manifest.json` and the files it lists.
 
 `Package.load(path)` checks the manifest's format and the sha256 of every file,
-and refuses a package with a changed, missing or unlisted file. numpy-free and
-torch-free: this runs on the device.
+and refuses a package with a changed, missing or unlisted file. With `trust` (a
+signing.pub path or key, or a list of them) it first checks that manifest.json is
+signed by one of those keys (runtime/trust.py). numpy-free and torch-free: this runs
+on the device.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path, PurePosixPath
 
 from semedge.core.errors import UserError
 from semedge.core.files import sha256_file
-from semedge.core.layout import FORMAT, MANIFEST
+from semedge.core.layout import FORMAT, MANIFEST, SIGNATURE
+
 _REEXPORT = "re-export the package (semedge export ...) and copy the whole folder"
 
 
@@ -31,7 +34,7 @@ def _listed_on_disk(root: Path) -> set[str]:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             rel = Path(dirpath, name).relative_to(root).as_posix()
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, SIGNATURE):
                 out.add(rel)
     return out
 
@@ -44,16 +47,22 @@ class Package:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path, verify: bool = True) -> "Package":
-        """Read `path/manifest.json`; with verify, check every file's sha256 (refuses on mismatch)."""
+    def load(cls, path, verify: bool = True, trust=None) -> "Package":
+        """Read `path/manifest.json`; with verify, check every file's sha256 (refuses on mismatch).
+        trust: refuse (trust.UntrustedPackage) unless the manifest is signed by one of these keys."""
         root = Path(path).expanduser()
         if not root.is_dir():
             raise UserError(f"package {root} is not a folder", "give the package folder (the one holding manifest.json)")
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise UserError(f"package {root} has no {MANIFEST}", _REEXPORT)
+        raw = mpath.read_bytes()  # read once: the bytes checked are the bytes parsed
+        if trust is not None:
+            from semedge.runtime.trust import check_signature
+
+            check_signature(root, trust, manifest_bytes=raw)
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            manifest = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"package {root}: {MANIFEST} is not valid JSON ({e})", _REEXPORT) from None
         cls._check_manifest(root, manifest)

@@ -30,6 +30,7 @@ from fastapi import Request  # module level: endpoint annotations are resolved b
 
 from semedge.core.errors import UserError
 from semedge.core.layout import ADAPTERS, JSC_CONFIG, JSC_WEIGHTS, MANIFEST
+from semedge.runtime.auth import AuthError
 from semedge.runtime.package import Package
 
 log = logging.getLogger("semedge.server")
@@ -278,14 +279,15 @@ def default_loader(source: str):
     return models.load_model(source)
 
 
-def find_packages(directory) -> list[Package]:
-    """Every package under `directory` (itself, or its subfolders holding manifest.json), verified."""
+def find_packages(directory, trust=None) -> list[Package]:
+    """Every package under `directory` (itself, or its subfolders holding manifest.json), verified;
+    with `trust` (signing.pub paths or keys), each must be signed by one of them (runtime/trust.py)."""
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise UserError(f"packages folder {d} does not exist", "give the folder that holds your exported packages")
     if (d / MANIFEST).is_file():
-        return [Package.load(d)]
-    pkgs = [Package.load(p.parent) for p in sorted(d.glob(f"*/{MANIFEST}"))]
+        return [Package.load(d, trust=trust)]
+    pkgs = [Package.load(p.parent, trust=trust) for p in sorted(d.glob(f"*/{MANIFEST}"))]
     if not pkgs:
         raise UserError(f"no packages under {d} (no */manifest.json)", "export one with `semedge export` into that folder")
     return pkgs
@@ -344,8 +346,9 @@ class _Item:
     t_enqueued: float
 
 
-def create_app(packages: list[Package], loader=None, config: ServerConfig | None = None):
-    """The FastAPI app serving `packages` (Package objects, verified); `loader(source)` -> LoadedModel."""
+def create_app(packages: list[Package], loader=None, config: ServerConfig | None = None, gate=None):
+    """The FastAPI app serving `packages` (Package objects, verified); `loader(source)` -> LoadedModel.
+    gate: a runtime.auth.Gate (bearer tokens, scopes, per-device limits), or None: no auth."""
     from fastapi import FastAPI, Query
     from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -434,12 +437,22 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
     app.state.registry = reg
     app.state.metrics = metrics
 
-    def fail(pkg_label: str, status: int, detail: str):
+    def fail(pkg_label: str, status: int, detail: str, headers: dict | None = None):
         metrics.count(pkg_label, status)
-        return JSONResponse({"detail": detail}, status_code=status)
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.post("/v1/decode")
     async def decode(request: Request, package: str = Query(..., max_length=200)):
+        if gate is None:
+            return await _decode(request, package)
+        try:  # runtime/auth.py: 401 / 403 / 429 before anything else is looked at
+            lease = gate.admit(request.headers.get("authorization"), package)
+        except AuthError as e:
+            return fail(package if package in reg.served else "", e.status, e.detail, e.headers)
+        with lease:
+            return await _decode(request, package)
+
+    async def _decode(request: Request, package: str):
         t_start = time.perf_counter()
         s = reg.served.get(package)
         if s is None:
@@ -464,7 +477,7 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
         except HTTPError as e:
             return fail(pid, e.status, e.detail)
         if s.queue.qsize() + arr.shape[0] > cfg.max_queue:
-            return fail(pid, 503, f"the queue for {pid} is full ({cfg.max_queue} messages)")
+            return fail(pid, 503, f"the queue for {pid} is full ({cfg.max_queue} messages)", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(np.ascontiguousarray(m), loop.create_future(), now) for m in arr]
@@ -492,13 +505,21 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
         }
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz(request: Request):
+        try:  # with auth: a valid token, and only the packages that device may use
+            may = gate.identify(request.headers.get("authorization")).may_use if gate else (lambda pid: True)
+        except AuthError as e:
+            return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
         return {"status": "ok", "packages": {pid: {"model": s.package.model_source, "kind": s.package.kind,
                                                    "k": s.package.k, "max_tokens": s.max_tokens}
-                                             for pid, s in reg.served.items()}}
+                                             for pid, s in reg.served.items() if may(pid)}}
 
     @app.get("/metrics")
-    async def prom():
+    async def prom(request: Request):
+        try:
+            gate and gate.identify(request.headers.get("authorization"))
+        except AuthError as e:
+            return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
@@ -519,13 +540,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 120.0):
-    """Run `app` with uvicorn on a background thread; yields the base URL; stops cleanly on exit."""
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 120.0, **uvicorn_kw):
+    """Run `app` with uvicorn on a background thread; yields the base URL; stops cleanly on exit.
+    uvicorn_kw: more uvicorn.Config options (ssl_certfile/ssl_keyfile: the URL is https)."""
     import uvicorn
 
     sock = _bind(host, port)
     real_port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, **uvicorn_kw))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="semedge-server", daemon=True)
     thread.start()
     t0 = time.monotonic()
@@ -540,7 +562,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout
             raise RuntimeError(f"the server did not start within {startup_timeout} s")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{real_port}"
+        yield f"{'https' if uvicorn_kw.get('ssl_certfile') else 'http'}://{host}:{real_port}"
     finally:
         server.should_exit = True
         thread.join(30)
@@ -548,13 +570,19 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout
 
 
 def serve(packages_dir, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
-          log_level: str = "info") -> None:
-    """Serve every package under `packages_dir` until interrupted (the `semedge serve` command)."""
+          log_level: str = "info", *, trust=None, auth=None, ssl_certfile=None, ssl_keyfile=None) -> None:
+    """Serve every package under `packages_dir` until interrupted (the `semedge serve` command).
+    trust: signing.pub path(s) every package must be signed by; auth: the auth file (runtime/auth.py);
+    ssl_certfile/ssl_keyfile: PEM files for HTTPS."""
     import uvicorn
 
-    app = create_app(find_packages(packages_dir), config=config)
+    from semedge.runtime.auth import Gate, check_tls_files
+
+    tls = check_tls_files(ssl_certfile, ssl_keyfile)  # bad files fail before the model loads
+    gate = Gate.from_file(auth) if auth is not None else None
+    app = create_app(find_packages(packages_dir, trust=trust), config=config, gate=gate)
     sock = _bind(host, port)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False, **tls)).run(sockets=[sock])
 
 
 __all__ = ["ServerConfig", "Metrics", "Registry", "create_app", "find_packages", "load_jsc_decoder", "parse_npy",

@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "semedge.cli_profiles",   # profiles ..., profile, device bench
     "semedge.cli_export",     # export
     "semedge.cli_runtime",    # device run, serve
+    "semedge.cli_trust",      # keys new/sign, auth add
     "semedge.cli_compress",   # plan
     "semedge.cli_build",      # build, demo
 ]

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         opset: int = typer.Option(17, "--opset", help="ONNX opset"),
         no_optimize: bool = typer.Option(False, "--no-optimize", help="skip the offline attention/GELU/LayerNorm fusions (default: build both graphs, keep the faster, timed at export)"),
         tail_frames: Optional[str] = typer.Option(None, "--tail-frames", help="identity JSC only: silence frames after the content the server decoder sees (e.g. 300; 'full': the 30 s window)"),
+        sign: Optional[Path] = typer.Option(None, "--sign", help="signing.key (semedge keys new): sign the manifest (Ed25519); devices check it with --trust"),
     ) -> None:
         """Export the device half to ONNX, check parity, and write a device package."""
         import tempfile
@@ -30,6 +31,11 @@ def register(app: typer.Typer) -> None:
         from semedge.core.errors import UserError
 
         con = Console(stderr=True)
+        sign_key = None
+        if sign is not None:  # a bad key fails before the model loads
+            from semedge.runtime.trust import load_private_key
+
+            sign_key = load_private_key(sign)
 
         def say(msg: str) -> None:
             con.print(f"[dim]…[/dim] {msg}")
@@ -74,11 +80,13 @@ def register(app: typer.Typer) -> None:
                     report = None  # quantized: its parity is compress/'s to record
             pkg = build_package(split, out, onnx_path=onnx_path, plan=plan_obj, profile=prof.name,
                                 jsc_ckpt=ckpt.path if ckpt is not None else None, export_report=report,
-                                opset=opset, optimize=False if no_optimize else "auto", progress=say)
+                                opset=opset, optimize=False if no_optimize else "auto", progress=say,
+                                sign_key=sign_key)
         import json
 
         man = json.loads((pkg / "manifest.json").read_text())
         par = man["onnx"].get("parity")
         par_s = f"max|Δ| {par['max_abs']:.2e} ({par['max_abs_rel']:.1e} of scale), cos {par['cosine']:.6f}" if par else "parity: n/a"
-        con.print(f"[green]package[/green] {man['package_id']} ({man['onnx']['precision']})")
+        signed = " signed" if sign_key is not None else ""
+        con.print(f"[green]package[/green] {man['package_id']} ({man['onnx']['precision']}){signed}")
         typer.echo(f"{pkg}  {package_bytes(pkg)} bytes  {par_s}")

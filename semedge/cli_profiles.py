@@ -292,13 +292,20 @@ def bench_device_cmd(
                                      "with the EP that ran each) and the node assignment per EP"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (input of `profiles calibrate`)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON here"),
+    trust: Optional[Path] = typer.Option(None, "--trust", help="signing.pub: refuse the package unless it is "
+                                         "signed by this key (needs a package folder)"),
 ):
     """Run on the target: latency (p50/p95/p99) and peak RSS per input length, on the chosen EP."""
     from semedge.runtime.profiler import bench_onnx, op_profile
 
     if runs < 1 or (threads is not None and threads < 1) or warmup < 0:
         raise UserError("--runs and --threads must be >= 1, --warmup >= 0", "e.g. --runs 20 --threads 4")
-    mpath = _resolve_model(pkg)
+    if trust is not None:  # signature + every file's hash (runtime/trust.py)
+        from semedge.runtime.package import Package
+
+        mpath = Package.load(pkg, trust=trust).onnx_path
+    else:
+        mpath = _resolve_model(pkg)
     names, opts, prof_threads = _session_plan(ep, ep_option, profile)
     threads = threads or prof_threads or 1
     lens = _parse_lengths(lengths)

@@ -34,13 +34,11 @@ def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[
     return [runner.encode_text(text, k_keep=k_keep)], None
 
 
-def _send_all(server: str, pkg, messages: list, timeout: float, **link) -> list[dict]:
+def _send_all(server: str, pkg, messages: list, timeout: float, token=None, ca=None, **link) -> list[dict]:
     """Each message in its own request, over one connection, in order."""
-    import httpx
+    from semedge.runtime.client import make_client, send
 
-    from semedge.runtime.client import send
-
-    with httpx.Client(timeout=timeout) as c:
+    with make_client(timeout, token=token, ca=ca) as c:
         return [send(server, pkg.package_id, m, timeout=timeout, client=c, **link) for m in messages]
 
 
@@ -92,6 +90,10 @@ def device_run(
     dtype: str = typer.Option("float32", help="wire format of the symbols: float32 or float16"),
     timeout: float = typer.Option(60.0, help="seconds to wait for the server"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    trust: Optional[Path] = typer.Option(None, "--trust", help="signing.pub: refuse the package unless it is signed by this key"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="SEMEDGE_TOKEN", show_envvar=True,
+                                        help="this device's bearer token for a server run with --auth"),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="the server's TLS certificate (PEM): trust only it (https)"),
 ):
     """Encode a message (a long recording: one per segment) with the package's ONNX device half, send it through the link to the server, print the text."""
     import time
@@ -113,7 +115,7 @@ def device_run(
 
         prof = load_profile(profile)
     wanted, extra, strict = ep_session_args(ep, ep_option, prof)
-    pkg = Package.load(package)
+    pkg = Package.load(package, trust=trust)
     runner = DeviceRunner(pkg, providers=wanted, threads=prof.threads if prof else None,
                           provider_options=extra, strict=strict)
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
@@ -121,7 +123,7 @@ def device_run(
     t0 = time.perf_counter()
     messages, bounds = _messages(runner, pkg, wav, text, k_keep, segment_s)
     t_dev = time.perf_counter() - t0
-    answers = _send_all(server, pkg, messages, timeout, channel=channel, snr_db=snr_db, rng=np.random.default_rng(seed), dtype=dtype)
+    answers = _send_all(server, pkg, messages, timeout, token=token, ca=str(ca) if ca else None, channel=channel, snr_db=snr_db, rng=np.random.default_rng(seed), dtype=dtype)
     result = _result(pkg, runner, channel, snr_db, messages, bounds, answers, (t_dev, time.perf_counter() - t0))
     if as_json:
         typer.echo(json.dumps(result))
@@ -146,6 +148,10 @@ def serve(
     workers: int = typer.Option(1, help="batches decoded at the same time (2 on a 2-core host doubles throughput under load)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads per batch (default 1 for ct2, torch's default for torch)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    trust: Optional[Path] = typer.Option(None, "--trust", help="signing.pub: refuse to start unless every package is signed by this key"),
+    auth: Optional[Path] = typer.Option(None, "--auth", help="auth file (YAML): per-device bearer tokens, package scopes, limits (`semedge auth add`)"),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM): serve https"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile"),
 ):
     """Serve every package under --packages: POST /v1/decode?package=ID, GET /healthz, GET /metrics."""
     from semedge.runtime.server import ServerConfig
@@ -163,8 +169,10 @@ def serve(
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
                        threads=max(1, threads or 1))
-    typer.echo(f"serving {packages} on http://{host}:{port}", err=True)
-    run_server(packages, host=host, port=port, config=cfg, log_level=log_level)
+    scheme = "https" if ssl_certfile else "http"
+    typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
+    run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,
+               ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
 
 def register(app: typer.Typer) -> None:
