@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,13 +46,60 @@ def replace_atomic(tmp: str | Path, path: str | Path) -> None:
     fsync_path(Path(path).parent)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a reused id counts as alive: nothing is removed)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+# What a writer killed mid-way leaves (PID: the writer's process id): atomic_dir's folders
+# `<name>.tmp-PID` and `<name>.old-PID` (killed between its two renames), atomic_path's
+# files `.<stem>.PID.<random>.tmp<suffix>`.
+_LITTER = re.compile(r"(?P<old>.+)\.old-(?P<pid1>\d+)|.+\.tmp-(?P<pid2>\d+)|\..+\.(?P<pid3>\d+)\.\w+\.tmp(\.[^.]*)?")
+_cleaned: set[str] = set()  # folders already cleaned by this process (a killed writer's litter stays dead)
+
+
+def clean_stale(folder: str | Path) -> list[Path]:
+    """Remove what killed writers (dead PIDs) left in `folder`; a `<name>.old-PID` is put back as
+    `<name>` when `<name>` is missing (the previous complete output), else removed. Returns what went."""
+    folder = Path(folder)
+    gone = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
+        m = _LITTER.fullmatch(p.name)
+        pid = int(next((g for g in (m.group("pid1"), m.group("pid2"), m.group("pid3")) if g), 0)) if m else 0
+        if not m or pid == os.getpid() or pid_alive(pid):
+            continue
+        if m.group("old") and not (folder / m.group("old")).exists():
+            os.replace(p, folder / m.group("old"))
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+def _clean_once(folder: Path) -> None:
+    key = str(folder.absolute())
+    if key not in _cleaned:
+        _cleaned.add(key)
+        clean_stale(folder)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """A temp path beside `path` (same suffix, so tools that read it still work); on a clean
-    exit it becomes `path` atomically, on an error it is removed."""
+    exit it becomes `path` atomically, on an error it is removed. What killed writers (dead
+    PIDs) left in the folder is cleaned first, once per process (clean_stale)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    _clean_once(path.parent)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -85,9 +133,11 @@ def atomic_dir(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
     keep_existing=False: an old `path` is replaced (moved aside, then deleted; put back
     if the swap fails). keep_existing=True (caches): if `path` appeared meanwhile (another
     process filled it first), the new folder is dropped and the existing one kept.
-    On an error nothing is left behind and an old `path` is untouched."""
+    On an error nothing is left behind and an old `path` is untouched. What killed writers
+    (dead PIDs) left in the folder is cleaned first, once per process (clean_stale)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_once(path.parent)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
