@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from semedge.compress.candidates import Cand
+from semedge.core.channel_spec import snr_key
 from semedge.semcom.stats import fmt_ci, paired_wer_diff, wer_ci
 
 # Ties: a plan whose WER is not significantly worse than the best plan's at 95% (paired
 # bootstrap over the same utterances and channel noise) is tied with it, and among tied
 # plans the less compressed (a priori no less accurate) wins. Replaces fixed thresholds.
 TIE_RULE = "not significantly worse than the best at 95% (paired bootstrap over the same utterances and noise)"
-
-
-def snr_key(snr: float) -> str:
-    return f"{snr:g}"
 
 
 def cond_key(channel: str, snr: float) -> str:

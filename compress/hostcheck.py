@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from semedge.compress.candidates import Cand
-from semedge.compress.choose import cond_key, snr_key
+from semedge.compress.choose import cond_key
 from semedge.compress.workspace import LazySplit, Workspace
+from semedge.core.channel_spec import snr_key
 from semedge.core.errors import UserError
 
 

@@ -337,8 +337,3 @@ def apply(model, config: PruneConfig | dict, calib=None):
     new = copy.deepcopy(model)
     prune_encoder_(new, config, calib)
     return new
-
-
-def param_count(model) -> int:
-    return sum(p.numel() for p in find_encoder(model).parameters())
-

@@ -55,7 +55,8 @@ def mel_filter_bank(
 
 
 @functools.lru_cache(maxsize=1)
-def _whisper_filters() -> np.ndarray:
+def whisper_filters() -> np.ndarray:
+    """The filterbank log_mel uses, [n_fft/2+1, n_mels] float64, read-only."""
     fb = mel_filter_bank()
     fb.setflags(write=False)
     return fb
@@ -102,7 +103,7 @@ def log_mel(audio) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH]
     spec = np.fft.rfft(frames * _hann(), n=N_FFT, axis=-1)  # [3001, 201]
     power = spec.real**2 + spec.imag**2
-    mel = power @ _whisper_filters()  # [3001, 80]
+    mel = power @ whisper_filters()  # [3001, 80]
     logm = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]  # drop last frame -> [80, 3000]
     logm = np.maximum(logm, logm.max() - 8.0)
     return ((logm + 4.0) / 4.0).astype(np.float32)

@@ -20,14 +20,6 @@ from semedge.runtime.providers import (
     EXECUTION_PROVIDERS, PROVIDER_OPTIONS, PROVIDER_VALUES, ort_name, unit_of,
 )
 
-DEVICE_CLASSES = ("phone", "jetson", "watch", "sbc", "server", "host")
-CHANNELS = ("awgn", "rayleigh", "rician")
-# Cost-model classes whose efficiency (achieved / peak) a profile may carry.
-EFFICIENCY_KEYS = (
-    "matmul_fp32", "matmul_fp16", "matmul_int8", "matmul_int4", "attention", "conv", "memory",
-)
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from semedge.core.frames import content_frames, window_frames
-from semedge.runtime.features import log_mel
+from semedge.runtime.features import log_mel, whisper_filters
 from semedge.runtime.package import Package
 from semedge.runtime.providers import ORT_NAMES, ep_session_args, parse_ep_options, provider_plan  # noqa: F401
 from semedge.core.errors import UserError
@@ -46,6 +46,20 @@ def resolve_providers(wanted=None) -> list[str]:
     return provider_plan(wanted)[0]
 
 
+def check_mel_filters(package: Package) -> None:
+    """A speech package's filterbank (mel_filters.npy) must be the one `log_mel` computes,
+    else the device's features would not be those the model was exported with."""
+    rel = package.frontend.get("mel_filters")
+    if package.kind != "speech" or not rel:
+        return
+    theirs = np.load(package.file(rel), allow_pickle=False)  # [n_mels, n_fft/2+1]
+    ours = whisper_filters().T
+    if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=0, atol=1e-6):
+        raise UserError(f"package {package.package_id}: {rel} {list(theirs.shape)} is not the Whisper "
+                        f"log-mel filterbank {list(ours.shape)} this runtime computes",
+                        "export the package from a Whisper model with the 80-mel front end")
+
+
 class DeviceRunner:
     """Runs a package's device.onnx: audio or text in, channel symbols [n, k] out."""
 
@@ -57,6 +71,7 @@ class DeviceRunner:
 
         if not isinstance(package, Package):
             package = Package.load(package)
+        check_mel_filters(package)
         self.package = package
         wanted = providers
         if providers is not None and hasattr(providers, "execution_providers"):  # a DeviceProfile

@@ -270,13 +270,9 @@ class Registry:
 
 def default_loader(source: str):
     """load_model(source); `tiny:ARCH:SEED` (packages of test models) rebuilds that tiny model."""
-    from semedge.semcom import models
+    from semedge.semcom.models import load_source
 
-    if source.startswith("tiny:"):
-        parts = source.split(":")
-        if len(parts) in (3, 4) and all(p.isdigit() for p in parts[2:]):
-            return models.tiny_model(parts[1], seed=int(parts[2]), **({"d_model": int(parts[3])} if len(parts) == 4 else {}))
-    return models.load_model(source)
+    return load_source(source)
 
 
 def find_packages(directory, trust=None) -> list[Package]:

@@ -16,15 +16,9 @@ CALIB = ("train", 4)
 
 def load_source(model: str):
     """A LoadedModel: `tiny:whisper[:seed]` (random tiny model, tests) or any load_model source."""
-    if isinstance(model, str) and model.startswith("tiny:"):
-        from semedge.semcom.models import tiny_model
+    from semedge.semcom.models import load_source as load
 
-        parts = model.split(":")
-        seed = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
-        return tiny_model(parts[1] if len(parts) > 1 else "whisper", seed=seed)
-    from semedge.semcom.models import load_model
-
-    return load_model(model)
+    return load(model)
 
 
 def select_profiles(profiles_dir, devices):

@@ -118,6 +118,8 @@ def run_build(model: str, profs: dict, prof_files: dict, cfg: BuildConfig, t_sta
         ui.advance()
         record = build_record(run, cfg.quick, plan_res, plans_doc, devices_out, baseline, unfit)
         ui.stage("report")
+        # the report's header shows the time so far; build.json gets the total, report included
+        record["timing"] = {"seconds": round(time.perf_counter() - t_start, 1)}
         record["report"] = stage_report(run, record)
         ui.advance()
         record["stages"] = run.st.stages

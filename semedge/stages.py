@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semedge.build_workspace import CALIB, Workspace, stamped_weights
+from semedge.core.channel_spec import snr_key
 from semedge.core.errors import UserError
 from semedge.core.files import sha256_file, write_atomic
 from semedge.stamps import Stamps, group, now
@@ -121,12 +122,12 @@ def _evaluate_one(ws: Workspace, pkg: dict, cand: dict, channel: str, snrs: list
     refs = [u.text for u in utts]
     acc = {}
     for snr in snrs:
-        k = (channel, _snr_key(snr))
+        k = (channel, snr_key(snr))
         if k not in g["acc"]:
             r = link_accuracy(sp.server, g["msgs"], refs, channel, snr, similarity=True,
                               max_new_tokens=ws.settings["max_new_tokens"])
             g["acc"][k] = {m: r.get(m) for m in ACC_KEYS}
-        acc[_snr_key(snr)] = g["acc"][k]
+        acc[snr_key(snr)] = g["acc"][k]
     frames = [m.shape[0] for m in g["msgs"]]
     return {"accuracy": acc, "device_encode_ms_host": round(g["enc_ms"], 2), "server_ms_host": round(g["dec_ms"], 2),
             "mean_frames": float(np.mean(frames)), "k": int(g["msgs"][0].shape[-1]), "n": len(g["msgs"])}
@@ -135,11 +136,6 @@ def _evaluate_one(ws: Workspace, pkg: dict, cand: dict, channel: str, snrs: list
 # what a build keeps of each accuracy figure: the point values, their 95% intervals, the normaliser
 CURVE_KEYS = ("wer", "bleu", "similarity", "wer_ci95", "bleu_ci95", "similarity_ci95")
 ACC_KEYS = (*CURVE_KEYS, "n", "normalizer")
-
-
-def _snr_key(s) -> str:
-    f = float(s)
-    return "inf" if math.isinf(f) else f"{f:g}"
 
 
 def _baseline(ws, channels: list[str], snrs: list[float], log) -> dict:
@@ -367,7 +363,7 @@ def device_record(d: str, prof, plans_doc: dict, fitting: list[str], sweep: list
         pred = (cand.get("predicted") or {}).get(d) or {}
         rec["predicted"] = {"latency_ms": pred.get("latency_ms"), "memory_mb": pred.get("memory_mb")}
         rec["accuracy"] = {k: v for k, v in (cand.get("accuracy") or {}).items()
-                           if k in {_snr_key(s) for s in rec["eval_snrs"]}}
+                           if k in {snr_key(s) for s in rec["eval_snrs"]}}
         rec["package"] = None
         rec["note"] = (f"no plan fits ({entry.get('failing_budget') or 'budget'}); "
                        f"closest plan {cand.get('describe') or shown or '–'} shown from the planner's figures, not packaged")
@@ -377,9 +373,9 @@ def device_record(d: str, prof, plans_doc: dict, fitting: list[str], sweep: list
 def _measured(prof, sweep: list, pkg: dict, prof_res: dict, ev: dict) -> dict:
     """A packaged device's figures: package, host and predicted costs, accuracy, curve, latency breakdown."""
     rec = {"package": pkg, **prof_res}
-    rec["accuracy"] = {s: ev["accuracy"][_snr_key(s)] for s in map(_snr_key, ev["eval_snrs"])}
+    rec["accuracy"] = {s: ev["accuracy"][snr_key(s)] for s in map(_snr_key, ev["eval_snrs"])}
     rec["curve"] = {"channel": ev["channel"], "snrs": sweep, "n": ev["n"],
-                    **{m: [ev["accuracy"][_snr_key(s)].get(m) for s in sweep] for m in CURVE_KEYS}}
+                    **{m: [ev["accuracy"][snr_key(s)].get(m) for s in sweep] for m in CURVE_KEYS}}
     uses = math.ceil(ev["mean_frames"] * ev["k"] / 2)
     rate = prof.link.uplink_mbps * 1e6 / BITS_PER_USE
     rec["latency"] = {"device_ms_host": prof_res["host"]["latency_ms_p50"],

@@ -134,6 +134,15 @@ def test_runner_matches_torch_device_half(speech):
     np.testing.assert_allclose(np.mean(got8**2, axis=-1), 1.0, atol=1e-4)
 
 
+def test_runner_refuses_a_foreign_filterbank(speech, tmp_path):
+    """The runner reads the package's mel_filters.npy: a filterbank log_mel does not compute is refused."""
+    p = _copy(speech[1], tmp_path)
+    fb = np.load(p / "mel_filters.npy")
+    np.save(p / "mel_filters.npy", fb * 1.01)
+    with pytest.raises(UserError, match="mel_filters.npy"):
+        DeviceRunner(Package.load(p, verify=False))
+
+
 def test_runner_text_matches_torch(text):
     from semedge.semcom.system import device_encode
 
