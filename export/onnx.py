@@ -1,6 +1,7 @@
 """ONNX export of the device half, with graph optimisation and a parity check.
 
-`export_device_half(split, out_path)` writes one .onnx file:
+`export_device_half(split, out_path)` writes one .onnx file with the inputs, dynamic axes
+and output the task's export spec names (`split.task.export`, semcom/tasks/), e.g.
   speech: input_features [batch, 80, frames<=3000] float32 -> symbols [batch, frames/2, k]
   text:   input_ids, attention_mask [batch, tokens] int64 -> symbols [batch, tokens, k]
 then fuses GELU / LayerNorm / attention (export/optimize.py) and checks the ONNX
@@ -105,28 +106,10 @@ def describe_io(path: str | Path) -> tuple[list[dict], list[dict]]:
     return [one(v) for v in m.graph.input if v.name not in inits], [one(v) for v in m.graph.output]
 
 
-def input_names(kind: str) -> list[str]:
-    return ["input_features"] if kind == "speech" else ["input_ids", "attention_mask"]
-
-
 def calibration_inputs(split, n: int = 2) -> dict[str, np.ndarray]:
-    """Deterministic inputs for the parity check: speech = log-mel of tones + noise of
-    different lengths; text = sentences of different lengths, padded."""
-    loaded = split.loaded
-    rng = np.random.default_rng(0)
-    if split.kind == "speech":
-        audios = []
-        for i in range(n):
-            t = np.arange(int(16000 * (1.5 + 2.0 * i))) / 16000
-            a = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t * (1 + t)) + 0.05 * rng.standard_normal(t.size)
-            audios.append(a.astype(np.float32))
-        feats = loaded.feature_extractor(audios, sampling_rate=16000, return_tensors="np").input_features
-        return {"input_features": feats.astype(np.float32)}
-    base = ["the radio link carries only the symbols", "a short one",
-            "semantic communication sends meaning rather than bits over a noisy channel", "hello"]
-    texts = [base[i % len(base)] for i in range(n)]
-    enc = loaded.tokenizer(texts, return_tensors="np", padding=True)
-    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    """Deterministic inputs for the parity check, from the task: speech = log-mel of tones +
+    noise of different lengths; text = sentences of different lengths, padded."""
+    return split.task.calibration_inputs(split.loaded, n)
 
 
 def _as_batches(calib) -> list[dict[str, np.ndarray]]:
@@ -210,26 +193,23 @@ def _model_shape(split) -> tuple[int, int]:
     return int(heads), int(dev.d_model)
 
 
-def _torch_export(module, kind: str, out: Path, opset: int, sample: dict[str, np.ndarray]) -> None:
+def _torch_export(module, spec, out: Path, opset: int, sample: dict[str, np.ndarray]) -> None:
+    """torch.onnx.export of `module` with the task's ExportSpec `spec` (names, dynamic axes)."""
     import warnings
 
     import torch
 
-    names = input_names(kind)
+    names = list(spec.inputs)
     args = tuple(torch.from_numpy(np.asarray(sample[k][:1])) for k in names)
-    if kind == "speech":  # frames: the device runs its encoder on a window fitted to the utterance
-        dyn = {"input_features": {0: "batch", 2: "frames"}, "symbols": {0: "batch", 1: "tokens"}}
-    else:
-        dyn = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-               "symbols": {0: "batch", 1: "tokens"}}
+    dyn = {name: dict(axes) for name, axes in spec.dynamic_axes.items()}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks in HF code
         # TorchScript exporter: its graphs match ORT's fusion patterns (the dynamo exporter's did not).
-        torch.onnx.export(module, args, str(out), input_names=names, output_names=["symbols"], dynamic_axes=dyn,
+        torch.onnx.export(module, args, str(out), input_names=names, output_names=[spec.output], dynamic_axes=dyn,
                           opset_version=opset, dynamo=False, do_constant_folding=True, external_data=False)
 
 
-def _set_output_shape(path: Path, kind: str, k: int) -> None:
+def _set_output_shape(path: Path, k: int) -> None:
     """Name the output dims: [batch, tokens, k] (speech: tokens = frames / 2)."""
     import onnx
 
@@ -306,9 +286,9 @@ def export_device_half(
     heads, hidden = _model_shape(split)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        say(f"exporting the {split.kind} device half to ONNX (opset {opset})")
-        _torch_export(module, split.kind, raw, int(opset), first)
-        _set_output_shape(raw, split.kind, split.k)
+        say(f"exporting the {split.task.name} device half to ONNX (opset {opset})")
+        _torch_export(module, split.task.export, raw, int(opset), first)
+        _set_output_shape(raw, split.k)
         final, fused, choice = raw, {}, {}
         if optimize:
             from semedge.export.optimize import optimize_graph

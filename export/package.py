@@ -39,65 +39,14 @@ def graph_precision(path: str | Path) -> str:
     return "fp32"
 
 
-def speech_frontend(loaded) -> tuple[dict, "object"]:
-    """(frontend dict, mel filterbank [n_mels, n_fft//2+1] float32) from the Whisper feature extractor."""
-    import numpy as np
-
-    fe = loaded.feature_extractor
-    fb = np.ascontiguousarray(np.asarray(fe.mel_filters, dtype=np.float32).T)  # [80, 201]
-    n_frames = fe.n_samples // fe.hop_length
-    front = {
-        "type": "whisper-log-mel",
-        "sample_rate": int(fe.sampling_rate),
-        "n_fft": int(fe.n_fft),
-        "hop_length": int(fe.hop_length),
-        "n_mels": int(fb.shape[0]),
-        "chunk_seconds": int(fe.chunk_length),
-        "n_samples": int(fe.n_samples),
-        "n_frames": int(n_frames),
-        "samples_per_frame": int(2 * fe.hop_length),  # one encoder frame = 2 mel frames (conv stride 2)
-        "max_frames": int(n_frames // 2),
-        "mel_filters": MEL_FILTERS_FILE,
-        "mel_filters_shape": list(fb.shape),
-        "window": "fit",  # the encoder runs on the utterance + 0.4 s (core.frames.window_frames)
-    }
-    return front, fb
-
-
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_frontend(split, root: Path) -> dict:
-    """Write the front-end files; return the manifest's `frontend` section."""
-    import numpy as np
-
-    from semedge.core.errors import UserError
-
-    loaded = split.loaded
-    if split.kind == "speech":
-        front, fb = speech_frontend(loaded)
-        with open(root / MEL_FILTERS_FILE, "wb") as f:
-            np.save(f, fb, allow_pickle=False)
-        _write_json(root / FRONTEND_FILE, front)
-        return front
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded.tokenizer.save_pretrained(tmp)
-        if not (Path(tmp) / TOKENIZER_FILE).is_file():
-            raise UserError(f"the tokenizer of {loaded.source} has no fast (tokenizer.json) form",
-                            "use a model with a fast tokenizer; the device reads tokenizer.json with the `tokenizers` library")
-        names = [n for n in TEXT_TOKENIZER_FILES if (Path(tmp) / n).is_file()]
-        for n in names:
-            shutil.copyfile(Path(tmp) / n, root / n)
-    max_len = getattr(loaded.tokenizer, "model_max_length", None)
-    cfg = loaded.model.config
-    pos = getattr(cfg, "max_position_embeddings", None)
-    limits = [int(x) for x in (max_len, pos) if isinstance(x, int) and 0 < x < 1_000_000]
-    return {"type": "tokenizer", "tokenizer": TOKENIZER_FILE,
-            "tokenizer_config": TOKENIZER_CONFIG_FILE if TOKENIZER_CONFIG_FILE in names else None,
-            "max_length": min(limits) if limits else None}
+    """Write the task's front-end files (speech: mel filters + frontend.json; text: the
+    tokenizer); return the manifest's `frontend` section."""
+    return split.task.write_frontend(split.loaded, root)
 
 
 def _write_jsc(split, root: Path, jsc_ckpt: str | Path | None = None) -> dict:

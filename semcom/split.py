@@ -1,11 +1,11 @@
 """The model split at the radio link: DeviceHalf (ONNX-exportable) and ServerHalf.
 
-Speech (Whisper): the device encodes a 30 s log-mel window and sends only the
-utterance's frames (`n_frames`, see core.frames.content_frames); the server
-fills frames n..1500 with the encoder's output for silence, computed once from
-silent audio (knowledge both ends share), then decodes.
-Text (BART, T5, Marian): the device encodes the tokens; the server decodes from
-the received token features.
+What varies by task (device inputs, silence fill, generation settings) comes from the
+task plug-in (`loaded.task`, semcom/tasks/). Speech (Whisper): the device encodes a log-mel
+window and sends only the utterance's frames (`n_frames`, see core.frames.content_frames);
+the server fills frames n..1500 with the encoder's output for silence, computed once from
+silent audio (knowledge both ends share), then decodes. Text (BART, T5, Marian): the
+device encodes the tokens; the server decodes from the received token features (masked).
 """
 
 from __future__ import annotations
@@ -90,14 +90,18 @@ class TextDeviceHalf(nn.Module):
 
 
 class ServerHalf(nn.Module):
-    """JSC decoder + the model's decoder and generation."""
+    """JSC decoder + the model's decoder and generation. `silence` [1500, d]: the encoder's
+    output for silence, given when the task fills it in (task.fills_silence), else None."""
 
     def __init__(self, loaded: LoadedModel, jsc_decoder: nn.Module, silence: torch.Tensor | None):
         super().__init__()
         self.loaded = loaded
         self.model = loaded.model
         self.jsc = jsc_decoder
-        if silence is not None:
+        self.fills_silence = loaded.task.fills_silence
+        if self.fills_silence != (silence is not None):
+            raise ValueError(f"the {loaded.task.name} task {'needs' if self.fills_silence else 'takes no'} a silence encoding")
+        if self.fills_silence:
             self.register_buffer("silence", silence)  # [1500, d]
         else:
             self.silence = None
@@ -110,7 +114,7 @@ class ServerHalf(nn.Module):
     def encoder_states(self, messages: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Received symbols, one [n_i, k] tensor per message -> (states [B, N, d], mask [B, N])."""
         feats = [self.jsc(y.float()) for y in messages]
-        if self.silence is not None:  # speech: content + silence, to the window or to the trained tail
+        if self.fills_silence:  # content + silence, to the window or to the trained tail
             end = self.context_frames([f.shape[0] for f in feats])  # equal within a group (generate)
             states = []
             for f in feats:
@@ -170,9 +174,9 @@ class ServerHalf(nn.Module):
     def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96):
         """Token ids per message: a [B, L] tensor (torch backend) or lists of ids (CTranslate2).
 
-        Speech with a trained tail: messages whose contexts differ are decoded in separate
+        Silence-filled with a trained tail: messages whose contexts differ are decoded in separate
         groups (then the torch backend returns a list of 1-D tensors)."""
-        if self.silence is not None and self.tail is not None and len(messages) > 1:
+        if self.fills_silence and self.tail is not None and len(messages) > 1:
             groups: dict[int, list[int]] = {}
             for i, m in enumerate(messages):
                 groups.setdefault(context_length(m.shape[0], self.tail), []).append(i)
@@ -187,14 +191,14 @@ class ServerHalf(nn.Module):
             return self.ct2.generate(self.encoder_states(messages)[0].numpy(), max_new_tokens)
         kwargs = generate_kwargs(self.loaded)
         tail = getattr(getattr(self.jsc, "cfg", None), "tail_frames", None)
-        sil_kv = self._silence_cross_kv() if self.silence is not None and tail is None else None
-        if sil_kv is not None:  # speech: cross K/V from the cache, the states only give the shape
+        sil_kv = self._silence_cross_kv() if self.fills_silence and tail is None else None
+        if sil_kv is not None:  # silence-filled: cross K/V from the cache, the states only give the shape
             feats = [self.jsc(y.float()) for y in messages]
             h = self.silence.expand(len(feats), -1, -1)
             kwargs["past_key_values"] = self._speech_cache(feats, sil_kv)
-        else:  # text, or speech with a trained tail (a short context: no cache to gain)
+        else:  # masked padding (text), or silence with a trained tail (a short context: no cache to gain)
             h, mask = self.encoder_states(messages)
-            if self.silence is None:
+            if not self.fills_silence:
                 kwargs["attention_mask"] = mask
         return self.model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_new_tokens, **kwargs
@@ -229,13 +233,8 @@ class SplitModel:
 
 
 def generate_kwargs(loaded: LoadedModel) -> dict:
-    """Greedy decoding; Whisper: English transcription without timestamps."""
-    kw = {"do_sample": False, "num_beams": 1}
-    if loaded.kind == "speech":
-        if getattr(loaded.model.generation_config, "is_multilingual", False):
-            kw.update(language="en", task="transcribe")
-        kw["return_timestamps"] = False
-    return kw
+    """Greedy decoding with the task's settings (Whisper: English transcription without timestamps)."""
+    return loaded.task.generate_kwargs(loaded)
 
 
 def silence_features(loaded: LoadedModel) -> np.ndarray:
@@ -254,7 +253,7 @@ def silence_encoding(loaded: LoadedModel) -> torch.Tensor:
 @torch.no_grad()
 def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
     """Identity codec (k = d_model) standardised with per-dimension statistics of the
-    encoder's output on training utterances (cached per model weights)."""
+    encoder's output on the task's training inputs (task.calibration_states; cached per model weights)."""
     from safetensors.torch import load_file, save_file
 
     from semedge.semcom.tasks.speech import cache_dir
@@ -267,20 +266,7 @@ def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
             m.mean.copy_(st["mean"])
             m.std.copy_(st["std"])
         return codec
-    from semedge.semcom.tasks.speech import load_split, sentences
-
-    encoder = loaded.model.get_encoder()
-    if loaded.kind == "speech":
-        from semedge.semcom.system import content_frames
-
-        utts = load_split("train", n_calib, progress=False)
-        feats = loaded.feature_extractor([u.audio for u in utts], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        h = encoder(feats).last_hidden_state
-        h = torch.cat([h[i, : content_frames(len(u.audio))] for i, u in enumerate(utts)])
-    else:
-        enc = loaded.tokenizer(sentences("train")[:n_calib], return_tensors="pt", padding=True)
-        h = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        h = h[enc["attention_mask"].bool()]
+    h = loaded.task.calibration_states(loaded, n_calib)
     codec.set_stats(h)
     with atomic_path(path) as tmp:
         save_file({"mean": codec.encoder.mean.contiguous(), "std": codec.encoder.std.contiguous()}, str(tmp))
@@ -308,13 +294,9 @@ def build_split(loaded: LoadedModel, codec: JSCCodec | None = None, encoder: Loa
         raise UserError(f"the JSC codec takes {codec.cfg.d_enc}-wide features but {dev.source}'s encoder gives {dev.d_model}",
                         "pass the encoder the codec was trained with (its manifest's device_encoder)")
     codec.eval()
-    encoder_mod = dev.model.get_encoder()
-    if loaded.kind == "speech":
-        device = SpeechDeviceHalf(encoder_mod, codec.encoder)
-        server = ServerHalf(loaded, codec.decoder, silence_encoding(loaded))
-    else:
-        if encoder is not None and encoder.tokenizer is not loaded.tokenizer:  # a pruned copy shares the tokenizer
-            raise UserError("another model's encoder is supported for speech models only", "drop the encoder")
-        device = TextDeviceHalf(encoder_mod, codec.encoder)
-        server = ServerHalf(loaded, codec.decoder, None)
+    task = loaded.task
+    if encoder is not None:
+        task.check_device_encoder(loaded, encoder)
+    device = task.make_device_half(dev.model.get_encoder(), codec.encoder)
+    server = ServerHalf(loaded, codec.decoder, silence_encoding(loaded) if task.fills_silence else None)
     return SplitModel(loaded, codec, device.eval(), server.eval(), encoder)

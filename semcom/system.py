@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from semedge.core.frames import ENC_FRAMES, SAMPLE_RATE
 from semedge.core.frames import content_frames as _frames
 from semedge.semcom.channels import make_channel
 from semedge.semcom.jsc import normalize_power
@@ -36,27 +34,11 @@ def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_ke
                   window: str = "fit") -> list[torch.Tensor]:
     """Run the device half (PyTorch) on a batch; one [n_i, k_keep] tensor per message.
 
-    Speech: each utterance's encoder runs on its own window (core.frames.window_frames:
-    "fit" = the utterance + 0.4 s, as the device runtime does; "full" = 30 s)."""
-    from semedge.core.frames import window_frames
-
-    loaded = split.loaded
-    if split.kind == "speech":
-        feats = loaded.feature_extractor(
-            [np.asarray(a, dtype=np.float32) for a in inputs], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-        ).input_features
-        if frames == "all":
-            window = "full"
-        xs = [split.device(feats[i : i + 1, :, : window_frames(len(a), window)])[0] for i, a in enumerate(inputs)]
-        ns = [ENC_FRAMES if frames == "all" else content_frames(len(a)) for a in inputs]
-        x = xs
-    else:
-        enc = loaded.tokenizer(list(inputs), return_tensors="pt", padding=True, truncation=True)
-        x = split.device(enc["input_ids"], enc["attention_mask"])
-        ns = enc["attention_mask"].sum(1).tolist()
+    The task computes the device inputs (split.task.device_encode). Speech: each
+    utterance's encoder runs on its own window (core.frames.window_frames: "fit" = the
+    utterance + 0.4 s, as the device runtime does; "full" = 30 s)."""
     out = []
-    for i, n in enumerate(ns):
-        xi = x[i][:n]
+    for xi in split.task.device_encode(split, inputs, frames=frames, window=window):
         if k_keep is not None and k_keep < xi.shape[-1]:
             xi = normalize_power(xi, k_keep)[:, :k_keep]
         out.append(xi)
@@ -96,19 +78,9 @@ def run_link(
 @torch.no_grad()
 def unsplit_outputs(split: SplitModel, inputs: list, batch_size: int = 8, max_new_tokens: int = 96) -> list[str]:
     """The unsplit model's own greedy outputs (the reference for the split)."""
-    from semedge.semcom.split import generate_kwargs
-
     loaded = split.loaded
     out = []
     for b in range(0, len(inputs), batch_size):
-        chunk = inputs[b : b + batch_size]
-        if split.kind == "speech":
-            feats = loaded.feature_extractor(
-                [np.asarray(a, dtype=np.float32) for a in chunk], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-            ).input_features
-            ids = loaded.model.generate(input_features=feats, max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
-        else:
-            enc = loaded.tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True)
-            ids = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **generate_kwargs(loaded))
+        ids = split.task.unsplit_ids(loaded, inputs[b : b + batch_size], max_new_tokens)
         out += [t.strip() for t in loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
