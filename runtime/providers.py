@@ -148,7 +148,7 @@ def parse_ep_options(items: list[str] | None, ep: str) -> dict[str, str]:
 
 
 def ep_session_args(ep: str | None, options: list[str] | None, profile=None) -> tuple[list, list[dict], bool]:
-    """(wanted EPs, extra options for the first, strict) from `--ep/--ep-option/--profile`."""
+    """(wanted EPs, extra options for the first, strict) from `--ep/--ep-option/--device`."""
     if ep is None:
         if options:
             raise UserError("--ep-option needs --ep", "e.g. --ep tensorrt --ep-option trt_fp16_enable=1")

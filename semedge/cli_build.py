@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from semedge.cli_options import echo_json
 from semedge.core.errors import UserError
 
 DEMO_MODEL = "whisper-base"
@@ -28,7 +29,7 @@ def _devices(values: Optional[List[str]]) -> list[str] | None:
     return out
 
 
-def _summary(record: dict) -> None:
+def _summary(record: dict, to_stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -45,7 +46,7 @@ def _summary(record: dict) -> None:
                   f"{pred['latency_ms']:.0f} ms" if pred.get("latency_ms") is not None else "–",
                   f"{host['latency_ms_p50']:.0f} ms" if host.get("latency_ms_p50") is not None else "–",
                   f"{host['peak_rss_mb']:.0f} MB" if host.get("peak_rss_mb") is not None else "–", wer or "–")
-    c = Console()
+    c = Console(stderr=to_stderr)
     c.print(t)
     skipped = [k for k, v in (record.get("stages") or {}).items() if v.get("skipped")]
     if skipped:
@@ -54,13 +55,17 @@ def _summary(record: dict) -> None:
 
 
 def _run(model, profiles, out, devices, quick, plans, jsc, n_eval, progress, strict: bool = True,
-         plan_quick: bool | None = None) -> dict:
+         plan_quick: bool | None = None, as_json: bool = False) -> dict:
     from semedge.pipeline import build as run_build
 
     record = run_build(model, profiles, out, devices=_devices(devices), quick=quick, progress=progress, plans=plans,
                        jsc=jsc, n_eval=n_eval, plan_quick=plan_quick)
-    _summary(record)
-    typer.echo(f"Report: {Path(out) / record['report']}")
+    _summary(record, as_json)
+    typer.echo(f"Report: {Path(out) / record['report']}", err=as_json)
+    if as_json:
+        echo_json({"build": str(Path(out) / "build.json"), "report": str(Path(out) / record["report"]),
+                   "exit_code": record.get("exit_code", 0), "unfit": record.get("unfit", []),
+                   "devices": record["devices"]})
     if record.get("exit_code"):
         typer.echo(f"no plan fits: {', '.join(record['unfit'])} (packages built for the others)", err=True)
         if strict:  # build: exit 3; the demo still succeeds, the report marks those devices
@@ -78,9 +83,10 @@ def build(
     jsc: Optional[str] = typer.Option(None, help="JSC codec: a checkpoint folder, 'default' or 'identity' (default: shipped, else identity)"),
     n_eval: Optional[int] = typer.Option(None, help="test utterances for accuracy (default 16, --quick 4)"),
     progress: bool = typer.Option(True, help="progress bars"),
+    as_json: bool = typer.Option(False, "--json", help="print the result (build.json's devices, report, exit code) as JSON; the table goes to stderr"),
 ):
     """Plan, compress, export, package, profile and evaluate per device; write a report. Exit 3 if some device has no plan that fits."""
-    _run(model, profiles or _shipped_profiles(), out, devices, quick, plans, jsc, n_eval, progress)
+    _run(model, profiles or _shipped_profiles(), out, devices, quick, plans, jsc, n_eval, progress, as_json=as_json)
 
 
 def demo(

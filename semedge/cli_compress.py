@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from semedge.cli_options import echo_json
 from semedge.core.errors import UserError
 
 
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
         n_full: Optional[int] = typer.Option(None, "--n-full", help="utterances for the full pass (default 40; quick 12)"),
         candidates: Optional[Path] = typer.Option(None, "--candidates", help="JSON list of plans to search instead of the built-in space"),
         no_realise: bool = typer.Option(False, "--no-realise", help="skip measuring the chosen plans on this host"),
+        as_json: bool = typer.Option(False, "--json", help="print the result (plans.json's devices, exit code) as JSON; the table goes to stderr"),
     ):
         """Choose a compression plan per device: predicted bytes/memory/latency, accuracy measured through the channel."""
         import json
@@ -86,18 +88,23 @@ def register(app: typer.Typer) -> None:
                                progress=lambda msg: con.print(msg, markup=False, highlight=False),
                                jsc=jsc, memory_mb=memory_mb, latency_ms=latency_ms, max_wer=max_wer)
         except NoPlanFits as e:
-            _summary(e.result)
+            _summary(e.result, as_json)
+            if as_json:
+                echo_json({"plans": str(out), "exit_code": e.exit_code, "devices": e.result["devices"]})
             raise
-        _summary(res)
-        typer.echo(f"wrote {out}")
+        _summary(res, as_json)
+        if as_json:
+            echo_json({"plans": str(out), "exit_code": 0, "devices": res["devices"]})
+        typer.echo(f"wrote {out}", err=as_json)
 
 
-def _summary(res: dict) -> None:
-    typer.echo(f"{'device':18} {'mem MB':>7} {'ms':>6}  {'plan':22} {'WER':>6}  {'pred MB':>7} {'pred ms':>7}  note")
+def _summary(res: dict, to_stderr: bool = False) -> None:
+    typer.echo(f"{'device':18} {'mem MB':>7} {'ms':>6}  {'plan':22} {'WER':>6}  {'pred MB':>7} {'pred ms':>7}  note",
+               err=to_stderr)
     for d, info in res["devices"].items():
         cid = info["chosen"] or info["closest"]
         p = info.get("predicted") or {}
         w = info.get("wer")
         note = "" if info["fits"] else f"NO PLAN FITS ({info['failing_budget']}); closest shown"
         typer.echo(f"{d:18} {info['budgets']['memory_mb']:7.0f} {info['budgets']['latency_ms']:6.0f}  {cid:22} "
-                   f"{'-' if w is None else f'{w:.3f}':>6}  {p.get('memory_mb', 0):7.0f} {p.get('latency_ms', 0):7.0f}  {note}")
+                   f"{'-' if w is None else f'{w:.3f}':>6}  {p.get('memory_mb', 0):7.0f} {p.get('latency_ms', 0):7.0f}  {note}", err=to_stderr)

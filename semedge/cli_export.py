@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from semedge.cli_options import echo_json
+
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
@@ -20,6 +22,7 @@ def register(app: typer.Typer) -> None:
         no_optimize: bool = typer.Option(False, "--no-optimize", help="skip the offline attention/GELU/LayerNorm fusions (default: build both graphs, keep the faster, timed at export)"),
         tail_frames: Optional[str] = typer.Option(None, "--tail-frames", help="identity JSC only: silence frames after the content the server decoder sees (e.g. 300; 'full': the 30 s window)"),
         sign: Optional[Path] = typer.Option(None, "--sign", help="signing.key (semedge keys new): sign the manifest (Ed25519); devices check it with --trust"),
+        as_json: bool = typer.Option(False, "--json", help="print the package (path, id, bytes, precision, parity) as JSON"),
     ) -> None:
         """Export the device half to ONNX, check parity, and write a device package."""
         import tempfile
@@ -43,11 +46,11 @@ def register(app: typer.Typer) -> None:
         prof = load_profile(device)
         say(f"profile {prof.name}")
         from semedge.semcom.checkpoint import load_for_inference
-        from semedge.semcom.models import load_model
+        from semedge.semcom.models import load_source
         from semedge.semcom.split import build_split
 
         say(f"loading {model}")
-        loaded = load_model(model)
+        loaded = load_source(model)
         loaded, ckpt = load_for_inference(loaded, jsc)
         from semedge.semcom.checkpoint import device_encoder
 
@@ -89,4 +92,8 @@ def register(app: typer.Typer) -> None:
         par_s = f"max|Δ| {par['max_abs']:.2e} ({par['max_abs_rel']:.1e} of scale), cos {par['cosine']:.6f}" if par else "parity: n/a"
         signed = " signed" if sign_key is not None else ""
         con.print(f"[green]package[/green] {man['package_id']} ({man['onnx']['precision']}){signed}")
+        if as_json:
+            echo_json({"package": str(pkg), "package_id": man["package_id"], "bytes": package_bytes(pkg),
+                       "precision": man["onnx"]["precision"], "parity": par, "signed": sign_key is not None})
+            return
         typer.echo(f"{pkg}  {package_bytes(pkg)} bytes  {par_s}")

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from semedge.cli_options import echo_json, old_spelling, renamed
 from semedge.core.errors import UserError
 
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: list, show, validate, measure, calibrate.")
@@ -72,20 +73,22 @@ def show_cmd(name: str, as_json: bool = typer.Option(False, "--json", help="prin
 
 
 @profiles_app.command("validate")
-def validate_cmd(files: List[Path] = typer.Argument(..., help="profile YAML files")):
-    """Validate profile files: one line per error; exit code 2 if any is invalid."""
+def validate_cmd(files: List[Path] = typer.Argument(..., help="profile YAML files"),
+                 as_json: bool = typer.Option(False, "--json", help="print {file: [errors]} and ok as JSON")):
+    """Validate profile files: one line per error on stderr; exit code 2 if any is invalid."""
     from semedge.runtime.profiles import validate_file
 
-    bad = 0
+    result = {}
     for f in files:
-        errs = validate_file(f)
+        result[str(f)] = errs = validate_file(f)
         for e in errs:
             typer.echo(e, err=True)
-        if errs:
-            bad += 1
-        else:
+        if not errs and not as_json:
             typer.echo(f"{f}: ok")
-    if bad:
+    ok = not any(result.values())
+    if as_json:
+        echo_json({"ok": ok, "files": result})
+    if not ok:
         raise typer.Exit(2)
 
 
@@ -228,7 +231,7 @@ def profile_cmd(
 
 
 def _session_plan(ep: Optional[str], ep_option: Optional[List[str]], profile: Optional[str]):
-    """(ORT providers, their options, threads or None) from --ep/--ep-option/--profile; strict with --ep."""
+    """(ORT providers, their options, threads or None) from --ep/--ep-option/--device; strict with --ep."""
     import warnings
 
     from semedge.runtime.providers import ep_session_args, provider_plan
@@ -286,8 +289,9 @@ def bench_device_cmd(
                                      "coreml; exit 2 if this onnxruntime build lacks it"),
     ep_option: Optional[List[str]] = typer.Option(None, "--ep-option", help="KEY=VALUE provider option for --ep "
                                                   "(repeat), e.g. trt_fp16_enable=1"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="device profile whose EPs (in order, with options) "
-                                          "and threads to use"),
+    profile: Optional[str] = typer.Option(None, "--device", help="device profile (name or YAML path) whose EPs "
+                                          "(in order, with options) and threads to use"),
+    profile_old: Optional[str] = old_spelling("--profile", "--device"),
     profile_ops: bool = typer.Option(False, "--profile-ops", "--op-profile", help="add ORT's per-op profile (by op type, "
                                      "with the EP that ran each) and the node assignment per EP"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (input of `profiles calibrate`)"),
@@ -300,6 +304,7 @@ def bench_device_cmd(
 
     if runs < 1 or (threads is not None and threads < 1) or warmup < 0:
         raise UserError("--runs and --threads must be >= 1, --warmup >= 0", "e.g. --runs 20 --threads 4")
+    profile = renamed(profile, profile_old, "--device", "--profile")
     if trust is not None:  # signature + every file's hash (runtime/trust.py)
         from semedge.runtime.package import Package
 

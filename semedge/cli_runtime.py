@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from semedge.cli_options import old_spelling, renamed
 from semedge.core.errors import UserError
 
 device_app = typer.Typer(no_args_is_help=True, help="Run a package on this device and talk to a server.")
@@ -80,9 +81,11 @@ def device_run(
     server: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     channel: str = typer.Option("awgn", help="link simulated on the device: none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
     snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
-    k_keep: Optional[int] = typer.Option(None, "--k-keep", help="send only the first K symbols per token (renormalised)"),
+    k_keep: Optional[int] = typer.Option(None, "--k", help="send only the first K symbols per token (renormalised)"),
+    k_keep_old: Optional[int] = old_spelling("--k-keep", "--k"),
     segment_s: Optional[float] = typer.Option(None, "--segment-s", help="audio longer than this is cut at quiet points and sent as several messages (1-30; default 30 for an identity-codec package, 6 for a trained codec)"),
-    profile: Optional[str] = typer.Option(None, help="device profile whose execution providers and threads to use"),
+    profile: Optional[str] = typer.Option(None, "--device", help="device profile (name or YAML path) whose execution providers and threads to use"),
+    profile_old: Optional[str] = old_spelling("--profile", "--device"),
     ep: Optional[str] = typer.Option(None, "--ep", help="execution provider to run the device half on (cpu, xnnpack, "
                                      "cuda, tensorrt, qnn, nnapi, coreml); exit 2 if this onnxruntime build lacks it"),
     ep_option: Optional[List[str]] = typer.Option(None, "--ep-option", help="KEY=VALUE provider option for --ep (repeat)"),
@@ -109,6 +112,8 @@ def device_run(
         raise UserError("give exactly one of --wav and --text", "e.g. --wav hello.wav (speech) or --text 'hello' (text)")
     snr_db = parse_snr(snr)
     parse_channel(channel)
+    k_keep = renamed(k_keep, k_keep_old, "--k", "--k-keep")
+    profile = renamed(profile, profile_old, "--device", "--profile")
     prof = None
     if profile is not None:
         from semedge.runtime.profiles import load_profile
@@ -119,7 +124,7 @@ def device_run(
     runner = DeviceRunner(pkg, providers=wanted, threads=prof.threads if prof else None,
                           provider_options=extra, strict=strict)
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
-        raise UserError(f"--k-keep {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
+        raise UserError(f"--k {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
     t0 = time.perf_counter()
     messages, bounds = _messages(runner, pkg, wav, text, k_keep, segment_s)
     t_dev = time.perf_counter() - t0
