@@ -52,6 +52,8 @@ def send(
     client=None,
     token: str | None = None,
     ca: str | None = None,
+    message_id: str | None = None,
+    retries: int = 0,
 ) -> dict:
     """POST symbols to `server_url`/v1/decode?package=ID; returns the server's JSON.
 
@@ -59,20 +61,46 @@ def send(
     `snr_db` first (the received symbols are what the server gets). `client`: an
     httpx.Client to reuse connections (`make_client`); else one is made with `token`
     and `ca`. Errors from the server raise ServerError with its status code and reason.
+    `retries`: tries again after an unreachable server, a timeout or a 502/503/504, with the
+    same `message_id` (X-Semedge-Message-Id; a random one if not given), so a server that
+    already decoded the message answers it from its replay cache instead of decoding it twice.
     """
+    import time
+    import uuid
+
     import httpx
 
     if channel is not None:
         symbols = apply_link(symbols, channel, snr_db, rng)
     body = to_npy(symbols, dtype)
     url = server_url.rstrip("/") + "/v1/decode"
+    headers = {"content-type": NPY_TYPE}
+    if message_id or retries:
+        headers[MESSAGE_ID_HEADER] = message_id or uuid.uuid4().hex
+    for attempt in range(retries + 1):
+        try:
+            return _post_once(client, url, package_id, body, headers, timeout, token, ca, server_url)
+        except (ServerError, UserError) as e:
+            if attempt == retries or getattr(e, "status", 503) not in RETRY_STATUSES:
+                raise
+            time.sleep(min(2.0, 0.2 * 2 ** attempt))
+    raise AssertionError("unreachable")
+
+
+MESSAGE_ID_HEADER = "x-semedge-message-id"
+RETRY_STATUSES = (502, 503, 504)  # and no answer at all (status None: connection error, timeout)
+
+
+def _post_once(client, url, package_id, body, headers, timeout, token, ca, server_url) -> dict:
+    """One POST; the JSON answer, ServerError for a refusal, UserError (status 503) when unreachable."""
+    import httpx
+
     try:
         if client is None:
             with make_client(timeout, token=token, ca=ca) as c:
-                r = c.post(url, params={"package": package_id}, content=body, headers={"content-type": NPY_TYPE})
+                r = c.post(url, params={"package": package_id}, content=body, headers=headers)
         else:
-            r = client.post(url, params={"package": package_id}, content=body, headers={"content-type": NPY_TYPE},
-                            timeout=timeout)
+            r = client.post(url, params={"package": package_id}, content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
         fix = ("pass the server's certificate with --ca (or check that --server names the host it was made for)"
                if "CERTIFICATE_VERIFY_FAILED" in str(e) else "start it with `semedge serve --packages DIR` and check --server")

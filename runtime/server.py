@@ -31,11 +31,11 @@ from fastapi import Request  # module level: endpoint annotations are resolved b
 from semedge.core.errors import UserError
 from semedge.core.layout import ADAPTERS, JSC_CONFIG, JSC_WEIGHTS, MANIFEST
 from semedge.runtime.auth import AuthError
+from semedge.runtime.decode_api import NPY_MAGIC, HTTPError, ReplayCache, decode_texts, handle_decode, parse_npy
 from semedge.runtime.package import Package
 
 log = logging.getLogger("semedge.server")
 
-NPY_MAGIC = b"\x93NUMPY"
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -46,6 +46,7 @@ class ServerConfig:
     max_wait_ms: float = 20.0  # how long the first message of a batch waits for company
     max_messages_per_request: int = 32
     max_queue: int = 512  # queued messages per package before 503
+    replay_ttl_s: float = 300.0  # answers kept by message id, so a retried message is not decoded twice
     max_new_tokens: int = 96
     max_text_tokens: int = 1024
     backend: str = "auto"  # decoder: "ct2" (CTranslate2; Whisper), "torch", or "auto" (ct2 for Whisper, else torch)
@@ -60,13 +61,6 @@ class ServerConfig:
             raise UserError(f"compute type {self.compute_type!r} is unknown", "use int8 or float32")
         if self.workers < 1 or self.threads < 1:
             raise UserError("workers and threads must be >= 1", "e.g. --workers 2 --threads 1 on a 2-core host")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, detail: str):
-        self.status = status
-        self.detail = detail
-        super().__init__(detail)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -203,65 +197,72 @@ class _Served:
 class Registry:
     """Packages being served, with one shared model per model source."""
 
-    def __init__(self, packages: list[Package], loader=None, config: ServerConfig | None = None):
-        from semedge.core.frames import ENC_FRAMES
-        from semedge.semcom.split import ServerHalf, silence_encoding
-
-        loader = loader or default_loader
+    def __init__(self, packages: list[Package], loader=None, config: ServerConfig | None = None, *, lazy: bool = False):
+        """lazy: no packages now (a Ray replica loads each with load() when first asked for it)."""
+        self.loader = loader or default_loader
         self.config = config or ServerConfig()
         self.models: dict[str, _Model] = {}
+        self.bases: dict[str, object] = {}
         self.served: dict[str, _Served] = {}
-        if not packages:
+        if not packages and not lazy:
             raise UserError("no packages to serve", "give a folder holding package folders (each with manifest.json)")
-        bases: dict[str, object] = {}
-        cfg = self.config
         for pkg in packages:
             pid = pkg.package_id
             if pid in self.served:
                 raise UserError(f"package id {pid} appears twice ({self.served[pid].package.path} and {pkg.path})",
                                 "serve each package once")
-            src = pkg.model_source
-            adapters = _adapters_of(pkg)
-            key = src if adapters is None else f"{src}+lora:{adapters[0][:16]}"
-            if key not in self.models:
-                if src not in bases:
-                    bases[src] = loader(src)
-                loaded = bases[src]
-                if adapters is not None:
-                    from safetensors.torch import load_file
+            self.served[pid] = self.load(pkg)
 
-                    from semedge.semcom.checkpoint import with_adapters
+    def _model(self, pkg: Package) -> _Model:
+        """The shared model for the package's source (+ its adapters), loaded on first use."""
+        cfg, src = self.config, pkg.model_source
+        adapters = _adapters_of(pkg)
+        key = src if adapters is None else f"{src}+lora:{adapters[0][:16]}"
+        if key in self.models:
+            return self.models[key]
+        from semedge.semcom.split import silence_encoding
 
-                    state = {k: v.float() for k, v in load_file(str(pkg.file(ADAPTERS))).items()}
-                    loaded = with_adapters(loaded, adapters[1], adapters[2], state)
-                silence = silence_encoding(loaded) if loaded.kind == "speech" else None
-                backend = cfg.backend
-                if backend == "auto":
-                    backend = "ct2" if getattr(loaded.model.config, "model_type", "") == "whisper" else "torch"
-                engine = None
-                if backend == "ct2":
-                    from semedge.semcom.ct2_backend import CT2Whisper
+        if src not in self.bases:
+            self.bases[src] = self.loader(src)
+        loaded = self.bases[src]
+        if adapters is not None:
+            from safetensors.torch import load_file
 
-                    engine = CT2Whisper(loaded, cfg.compute_type, threads=cfg.threads, workers=cfg.workers,
-                                        progress=log.info)
-                self.models[key] = _Model(loaded, silence, ThreadPoolExecutor(cfg.workers, thread_name_prefix="decode"), engine)
-            m = self.models[key]
-            want = pkg.manifest["model"].get("weight_hash")
-            if want and want != m.loaded.weight_hash:
-                raise UserError(f"package {pid} was built for {src} with weights {want[:12]}…, but the server's "
-                                f"{src} has weights {m.loaded.weight_hash[:12]}…",
-                                "serve the model the package was exported from, or re-export the package")
-            if m.loaded.kind != pkg.kind or m.loaded.d_model != pkg.d_model:
-                raise UserError(f"package {pid} is a {pkg.kind} package with d_model={pkg.d_model}, but {src} is "
-                                f"{m.loaded.kind} with d_model={m.loaded.d_model}", "re-export the package")
-            half = ServerHalf(m.loaded, load_jsc_decoder(pkg), m.silence).eval()
-            half.ct2 = m.ct2
-            if pkg.kind == "speech":
-                max_tokens = ENC_FRAMES
-            else:
-                pos = getattr(m.loaded.model.config, "max_position_embeddings", None)
-                max_tokens = int(min(self.config.max_text_tokens, pos or self.config.max_text_tokens))
-            self.served[pid] = _Served(pkg, half, max_tokens, m)
+            from semedge.semcom.checkpoint import with_adapters
+
+            state = {k: v.float() for k, v in load_file(str(pkg.file(ADAPTERS))).items()}
+            loaded = with_adapters(loaded, adapters[1], adapters[2], state)
+        silence = silence_encoding(loaded) if loaded.task.fills_silence else None
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "ct2" if getattr(loaded.model.config, "model_type", "") == "whisper" else "torch"
+        engine = None
+        if backend == "ct2":
+            from semedge.semcom.ct2_backend import CT2Whisper
+
+            engine = CT2Whisper(loaded, cfg.compute_type, threads=cfg.threads, workers=cfg.workers, progress=log.info)
+        self.models[key] = _Model(loaded, silence, ThreadPoolExecutor(cfg.workers, thread_name_prefix="decode"), engine)
+        return self.models[key]
+
+    def load(self, pkg: Package) -> _Served:
+        """The package's server half (its JSC decoder on the shared model), checked against the model;
+        the task says how long a message may be."""
+        from semedge.semcom.split import ServerHalf
+
+        pid, src = pkg.package_id, pkg.model_source
+        m = self._model(pkg)
+        want = pkg.manifest["model"].get("weight_hash")
+        if want and want != m.loaded.weight_hash:
+            raise UserError(f"package {pid} was built for {src} with weights {want[:12]}…, but the server's "
+                            f"{src} has weights {m.loaded.weight_hash[:12]}…",
+                            "serve the model the package was exported from, or re-export the package")
+        if m.loaded.kind != pkg.kind or m.loaded.d_model != pkg.d_model:
+            raise UserError(f"package {pid} is a {pkg.kind} package with d_model={pkg.d_model}, but {src} is "
+                            f"{m.loaded.kind} with d_model={m.loaded.d_model}", "re-export the package")
+        half = ServerHalf(m.loaded, load_jsc_decoder(pkg), m.silence).eval()
+        half.ct2 = m.ct2
+        max_tokens = m.loaded.task.max_message_tokens(m.loaded, self.config.max_text_tokens)
+        return _Served(pkg, half, max_tokens, m)
 
     def close(self) -> None:
         for m in self.models.values():
@@ -289,49 +290,6 @@ def find_packages(directory, trust=None) -> list[Package]:
     return pkgs
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int) -> np.ndarray:
-    """A .npy body -> float32 [batch, tokens, k'] (1 <= k' <= k); HTTPError(422) with the reason."""
-    if not body.startswith(NPY_MAGIC):
-        raise HTTPError(422, "body is not a .npy array (np.save, no pickle)")
-    fp = io.BytesIO(body)
-    try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f"npy version {version}")
-    except Exception as e:  # noqa: BLE001 - any malformed header
-        raise HTTPError(422, f"body is not a valid .npy array ({e})") from None
-    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4):
-        raise HTTPError(422, f"dtype {dtype} is not accepted: send float16 or float32")
-    if len(shape) not in (2, 3):
-        raise HTTPError(422, f"shape {shape} is not accepted: send [tokens, k] or [batch, tokens, k]")
-    if len(shape) == 2:
-        shape = (1, *shape)
-    b, t, kk = shape
-    if b < 1 or b > max_messages:
-        raise HTTPError(422, f"batch of {b} messages: send 1 to {max_messages} per request")
-    if t < 1 or t > max_tokens:
-        raise HTTPError(422, f"{t} tokens per message: this package takes 1 to {max_tokens}")
-    if kk < 1 or kk > k:
-        raise HTTPError(422, f"{kk} symbols per token: this package has k={k} (send 1 to {k})")
-    expect = b * t * kk * dtype.itemsize
-    data = body[fp.tell():]
-    if len(data) != expect:
-        raise HTTPError(422, f"body holds {len(data)} data bytes, the header's shape needs {expect}")
-    arr = np.frombuffer(data, dtype=dtype)
-    arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise HTTPError(422, "symbols contain NaN or inf")
-    return arr
-
-
 # ----------------------------------------------------------------------------- app
 
 
@@ -342,73 +300,101 @@ class _Item:
     t_enqueued: float
 
 
-def create_app(packages: list[Package], loader=None, config: ServerConfig | None = None, gate=None):
-    """The FastAPI app serving `packages` (Package objects, verified); `loader(source)` -> LoadedModel.
-    gate: a runtime.auth.Gate (bearer tokens, scopes, per-device limits), or None: no auth."""
-    from fastapi import FastAPI, Query
-    from fastapi.responses import JSONResponse, PlainTextResponse
+class LocalHost:
+    """The single-process host of the decode API: an asyncio queue per package, batches of up to
+    `max_batch` messages (or `max_wait_ms` after the first) decoded on the model's threads."""
 
-    reg = Registry(packages, loader, config)
-    cfg = reg.config
-    metrics = Metrics()
+    def __init__(self, reg: Registry):
+        self.reg, self.cfg, self.metrics = reg, reg.config, Metrics()
+        self.cache = ReplayCache(reg.config.replay_ttl_s)
 
-    async def batch_worker(s: _Served) -> None:
+    def package_ids(self):
+        return self.reg.served.keys()
+
+    async def limits(self, pid: str) -> tuple[int, int]:
+        s = self.reg.served[pid]
+        return s.package.k, s.max_tokens
+
+    def start(self) -> None:
+        for s in self.reg.served.values():
+            s.queue = asyncio.Queue()
+            s.worker = asyncio.create_task(self._batch_worker(s))
+
+    async def stop(self) -> None:
+        for s in self.reg.served.values():
+            s.worker.cancel()
+        await asyncio.gather(*(s.worker for s in self.reg.served.values()), return_exceptions=True)
+        self.reg.close()
+
+    async def decode(self, pid: str, arr: np.ndarray) -> list:
+        s, cfg = self.reg.served[pid], self.cfg
+        if s.queue.qsize() + arr.shape[0] > cfg.max_queue:
+            raise HTTPError(503, f"the queue for {pid} is full ({cfg.max_queue} messages)", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(cfg.workers)  # batches in flight for this package
-        running: set[asyncio.Task] = set()
-        while True:
-            await slots.acquire()
-            try:
-                first = await s.queue.get()
-            except asyncio.CancelledError:
-                for t in running:
-                    t.cancel()
-                raise
-            items = [first]
-            deadline = loop.time() + cfg.max_wait_ms / 1000.0
-            while len(items) < cfg.max_batch:
-                try:
-                    items.append(s.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(s.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            items = [it for it in items if not it.future.done()]  # client gone
-            if not items:
-                slots.release()
-                continue
-            task = asyncio.create_task(decode_batch(s, items))
-            running.add(task)
-            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
-
-    async def decode_batch(s: _Served, items: list) -> None:
-        import torch
-
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        msgs = [torch.from_numpy(it.symbols) for it in items]
-
-        def run():
-            with torch.inference_mode():
-                return s.half.transcribe(msgs, max_new_tokens=cfg.max_new_tokens)
-
+        now = time.perf_counter()
+        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now) for m in arr]
+        for it in items:
+            s.queue.put_nowait(it)
         try:
-            texts = await loop.run_in_executor(s.model.executor, run)
+            return await asyncio.gather(*(it.future for it in items))
+        except asyncio.CancelledError:
+            for it in items:
+                it.future.cancel()
+            raise
+
+    async def _next_batch(self, s: _Served) -> list:
+        """The first queued message and those that arrive within max_wait_ms, up to max_batch."""
+        loop, cfg = asyncio.get_running_loop(), self.cfg
+        items = [await s.queue.get()]
+        deadline = loop.time() + cfg.max_wait_ms / 1000.0
+        while len(items) < cfg.max_batch:
+            try:
+                items.append(s.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(s.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return [it for it in items if not it.future.done()]  # client gone
+
+    async def _batch_worker(self, s: _Served) -> None:
+        slots = asyncio.Semaphore(self.cfg.workers)  # batches in flight for this package
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                await slots.acquire()
+                items = await self._next_batch(s)
+                if not items:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._decode_batch(s, items))
+                running.add(task)
+                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        except asyncio.CancelledError:
+            for t in running:
+                t.cancel()
+            raise
+
+    async def _decode_batch(self, s: _Served, items: list) -> None:
+        loop, pid = asyncio.get_running_loop(), s.package.package_id
+        t0 = time.perf_counter()
+        msgs = [it.symbols for it in items]
+        try:
+            texts = await loop.run_in_executor(s.model.executor, decode_texts, s.half, msgs, self.cfg.max_new_tokens)
             err = None
         except Exception as e:  # noqa: BLE001 - reported to every waiting request
             log.exception("decode failed")
             texts, err = None, e
         t1 = time.perf_counter()
-        metrics.batch(len(items))
-        metrics.observe("semedge_decode_seconds", s.package.package_id, t1 - t0)
+        self.metrics.batch(len(items))
+        self.metrics.observe("semedge_decode_seconds", pid, t1 - t0)
         for i, it in enumerate(items):
-            metrics.observe("semedge_queue_seconds", s.package.package_id, t0 - it.t_enqueued)
+            self.metrics.observe("semedge_queue_seconds", pid, t0 - it.t_enqueued)
             if it.future.done():
                 continue
             if err is not None:
@@ -416,18 +402,24 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
             else:
                 it.future.set_result((texts[i], t0 - it.t_enqueued, t1 - t0, len(items)))
 
+
+def create_app(packages: list[Package], loader=None, config: ServerConfig | None = None, gate=None):
+    """The FastAPI app serving `packages` (Package objects, verified); `loader(source)` -> LoadedModel.
+    gate: a runtime.auth.Gate (bearer tokens, scopes, per-device limits), or None: no auth."""
+    from fastapi import FastAPI, Query
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    reg = Registry(packages, loader, config)
+    host = LocalHost(reg)
+    metrics = host.metrics
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        for s in reg.served.values():
-            s.queue = asyncio.Queue()
-            s.worker = asyncio.create_task(batch_worker(s))
+        host.start()
         try:
             yield
         finally:
-            for s in reg.served.values():
-                s.worker.cancel()
-            await asyncio.gather(*(s.worker for s in reg.served.values()), return_exceptions=True)
-            reg.close()
+            await host.stop()
 
     app = FastAPI(title="semedge server", lifespan=lifespan)
     app.state.registry = reg
@@ -449,56 +441,7 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
             return await _decode(request, package)
 
     async def _decode(request: Request, package: str):
-        t_start = time.perf_counter()
-        s = reg.served.get(package)
-        if s is None:
-            return fail("", 404, f"unknown package {package!r}; served: {sorted(reg.served)}")
-        pid = s.package.package_id
-        cl = request.headers.get("content-length")
-        if cl is not None:
-            try:
-                n = int(cl)
-            except ValueError:
-                return fail(pid, 400, "Content-Length is not a number")
-            if n > cfg.max_body_bytes:
-                return fail(pid, 413, f"body of {n} bytes is over the limit of {cfg.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                return fail(pid, 413, f"body is over the limit of {cfg.max_body_bytes} bytes")
-            chunks.append(chunk)
-        try:
-            arr = parse_npy(b"".join(chunks), s.package.k, s.max_tokens, cfg.max_messages_per_request)
-        except HTTPError as e:
-            return fail(pid, e.status, e.detail)
-        if s.queue.qsize() + arr.shape[0] > cfg.max_queue:
-            return fail(pid, 503, f"the queue for {pid} is full ({cfg.max_queue} messages)", {"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now) for m in arr]
-        for it in items:
-            s.queue.put_nowait(it)
-        try:
-            results = await asyncio.gather(*(it.future for it in items))
-        except asyncio.CancelledError:
-            for it in items:
-                it.future.cancel()
-            raise
-        except Exception as e:  # noqa: BLE001
-            return fail(pid, 500, f"decode failed: {type(e).__name__}: {e}")
-        total = time.perf_counter() - t_start
-        metrics.count(pid, 200)
-        metrics.observe("semedge_request_seconds", pid, total)
-        return {
-            "text": [r[0] for r in results],
-            "timings_ms": {"queue": round(1000 * max(r[1] for r in results), 3),
-                           "decode": round(1000 * max(r[2] for r in results), 3),
-                           "total": round(1000 * total, 3)},
-            "batch": max(r[3] for r in results),
-            "package": pid,
-            "tokens": int(arr.shape[1]),
-        }
+        return await handle_decode(host, request, package)  # runtime/decode_api.py, shared with the Ray host
 
     @app.get("/healthz")
     async def healthz(request: Request):
