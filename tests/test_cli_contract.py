@@ -21,9 +21,9 @@ ENV.pop("TRANSFORMERS_VERBOSITY", None)
 BNB_LINE = "Failed to load CPU gemm_4bit_forward"
 
 
-def run(*args, cwd=None) -> subprocess.CompletedProcess:
+def run(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     assert SCRIPT.is_file(), f"{SCRIPT}: the console script is not installed (pip install -e .)"
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=120)
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
 
 
 def clean(r: subprocess.CompletedProcess) -> None:
@@ -148,3 +148,61 @@ def test_expected_failures_map_to_exit_codes(tmp_path):
     one_line_error(stand_in(tmp_path, "nofit"), 3, "no plan fits")
     r = stand_in(tmp_path, "exit3")
     assert r.returncode == 3 and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- one name per concept, --json
+
+def test_old_option_spellings_still_work_hidden(tmp_path):
+    """--profile (now --device) and --k-keep (now --k): hidden, accepted with a deprecation line."""
+    import re
+
+    r = run("device", "bench", "nosuch.onnx", "--profile", "host", cwd=tmp_path)
+    clean(r)
+    assert r.returncode == 2 and "--profile is deprecated; use --device" in r.stderr and "nosuch.onnx" in r.stderr
+    one_line_error(run("device", "bench", "nosuch.onnx", "--profile", "host", "--device", "host", cwd=tmp_path),
+                   2, "--profile", "--device")
+    one_line_error(run("device", "run", "nopkg", "--text", "hi", "--k", "3", "--k-keep", "3", cwd=tmp_path),
+                   2, "--k-keep", "--k")
+    for cmd in (("device", "bench"), ("device", "run")):
+        shown = run(*cmd, "--help").stdout
+        assert "--device" in shown and not re.search(r"--profile(?!-)|--k-keep", shown), shown
+
+
+def test_profiles_validate_json(tmp_path):
+    import json
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmemory_budget_mb: -3\n")
+    good = Path(semedge.__file__).resolve().parents[1] / "device_profiles" / "host.yaml"
+    r = run("profiles", "validate", "--json", str(bad), str(good))
+    clean(r)
+    out = json.loads(r.stdout)
+    assert r.returncode == 2 and out["ok"] is False and out["files"][str(good)] == []
+    assert any("memory_budget_mb" in e for e in out["files"][str(bad)])
+    r = run("profiles", "validate", "--json", str(good))
+    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "files": {str(good): []}}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--json", "--devices", "nosuch"], ["nosuch"]),
+    (["build", "--json", "--devices", ","], ["--devices"]),
+    (["export", "--json", "--device", "nosuch", "--out", "pkg"], ["nosuch"]),
+])
+def test_json_commands_fail_as_before(args, words, tmp_path):
+    """--json changes where the result goes, not the exit codes: bad input is one line, 2, stdout empty."""
+    r = run(*args, cwd=tmp_path)
+    one_line_error(r, 2, *words)
+    assert r.stdout == ""
+
+
+def test_export_json(tmp_path):
+    """export --json: the package as one JSON document on stdout, the progress on stderr."""
+    import json
+
+    r = run("export", "--model", "tiny:whisper:0", "--device", "host", "--out", str(tmp_path / "pkg"),
+            "--no-optimize", "--json", cwd=tmp_path, timeout=600)  # loads and exports a model: ~20 s alone
+    clean(r)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["package"] == str(tmp_path / "pkg") and out["precision"] == "fp32" and out["parity"]["ok"]
+    assert out["bytes"] > 0 and out["signed"] is False and out["package_id"] in r.stderr
