@@ -157,6 +157,12 @@ def serve(
     auth: Optional[Path] = typer.Option(None, "--auth", help="auth file (YAML): per-device bearer tokens, package scopes, limits (`semedge auth add`)"),
     ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM): serve https"),
     ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile"),
+    engine: str = typer.Option("local", "--engine", help="local (one process) or ray (Ray Serve: replicas, docs/scale.md)"),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="ray: decoder replicas (default 1)"),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", help="ray: MIN,MAX replicas, scaled on ongoing requests"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (e.g. auto, ray://head:10001); default: start a local one"),
+    ray_num_cpus: float = typer.Option(1.0, "--ray-num-cpus", help="ray: CPUs reserved per decoder replica"),
+    ray_num_gpus: float = typer.Option(0.0, "--ray-num-gpus", help="ray: GPUs reserved per decoder replica"),
 ):
     """Serve every package under --packages: POST /v1/decode?package=ID, GET /healthz, GET /metrics."""
     from semedge.runtime.server import ServerConfig
@@ -174,10 +180,42 @@ def serve(
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
                        threads=max(1, threads or 1))
+    if engine == "ray" or replicas or autoscale or address:
+        return _serve_ray(packages, host, port, cfg, engine, trust=trust, replicas=replicas, autoscale=autoscale,
+                          address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+                          unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile})
     scheme = "https" if ssl_certfile else "http"
     typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
     run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,
                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+
+
+def _serve_ray(packages, host, port, cfg, engine, *, replicas, autoscale, unsupported, **kw) -> None:
+    """`serve --engine ray`: options checked here, ray imported only now (runtime/ray_serve.py)."""
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine {engine} is unknown", "use --engine local or --engine ray")
+    if engine != "ray":
+        raise UserError("--replicas, --autoscale and --address need Ray Serve", "add --engine ray")
+    given = [name for name, v in unsupported.items() if v]
+    if given:
+        raise UserError(f"{', '.join(given)} is not supported with --engine ray yet", "serve without it, or use --engine local")
+    if replicas is not None and autoscale is not None:
+        raise UserError("give --replicas or --autoscale, not both", "e.g. --replicas 2, or --autoscale 1,4")
+    scale = None
+    if autoscale is not None:
+        try:
+            scale = tuple(int(x) for x in autoscale.split(","))
+            assert len(scale) == 2 and 1 <= scale[0] <= scale[1]
+        except (ValueError, AssertionError):
+            raise UserError(f"--autoscale {autoscale} is not MIN,MAX", "e.g. --autoscale 1,4 (1 <= MIN <= MAX)") from None
+    if replicas is not None and replicas < 1:
+        raise UserError(f"--replicas {replicas} must be >= 1", "e.g. --replicas 2")
+    try:
+        from semedge.runtime import ray_serve
+    except ImportError as e:
+        raise UserError(f"Ray Serve is not installed ({e})", "pip install 'semedge[full,scale]'") from None
+    typer.echo(f"serving {packages} on http://{host}:{port} (Ray Serve)", err=True)
+    ray_serve.serve_forever(packages, host=host, port=port, config=cfg, replicas=replicas, autoscale=scale, **kw)
 
 
 def register(app: typer.Typer) -> None:
