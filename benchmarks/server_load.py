@@ -1,6 +1,7 @@
 """Load test of `semedge serve` over loopback, and the client-server WER check.
 
     python benchmarks/server_load.py [--quick] [--wer-check N] [--messages M] [--in-thread]
+    python benchmarks/server_load.py --engine local,ray --clients 1,4,8,16 --messages 100 --fault --wer-check 0
 
 1. Builds a whisper-base package (identity JSC; the decoder sees the content plus
    --tail-frames silence frames, 300 by default) under a temp dir. The server decodes
@@ -10,6 +11,11 @@
 3. Starts `semedge serve` (a real subprocess; --in-thread: uvicorn in this process)
    and sends M messages with 1, 4 and 8 concurrent clients: messages/s, p50/p95
    latency, errors. Goal: >= 3x the throughput at 8 clients vs 1 (dynamic batching).
+   --engine local,ray runs each level against both hosts in one run (Ray Serve: --replicas
+   decoder replicas); every message has its own id (X-Semedge-Message-Id) and is retried with it.
+   --fault (ray): 8 clients x 200 messages with 2 replicas, one replica killed (SIGKILL) after a
+   third of them: lost (no 200 after retries), duplicated (answers replayed from the cache),
+   p95 of the messages sent in the 10 s after the kill.
 4. WER check: the same utterances through semcom.system.run_link in process vs
    device runner -> link -> HTTP -> server, at 10 dB AWGN: with the device's own
    noise (numpy RNG), with the very noise run_link drew (so only the runtime
@@ -51,7 +57,7 @@ class Subprocess:
     """`semedge serve` in a child process, stopped on exit."""
 
     def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float, threads: int | None = None,
-                 backend: str = "auto", workers: int = 1):
+                 backend: str = "auto", workers: int = 1, engine: str = "local", replicas: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -60,6 +66,8 @@ class Subprocess:
                "--backend", backend, "--workers", str(workers)]
         if threads:
             cmd += ["--threads", str(threads)]
+        if engine == "ray":
+            cmd += ["--engine", "ray", "--replicas", str(replicas), "--ray-num-cpus", "0.5"]
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -89,12 +97,27 @@ class Subprocess:
         self.log.close()
 
 
-def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages: int) -> dict:
-    """`clients` threads, each with its own connection, send n_messages in all (one at a time each)."""
+def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages: int, tag: str = "",
+               on_progress=None) -> dict:
+    """`clients` threads, each with its own connection, send n_messages in all (one at a time each),
+    each with its own message id, retried (same id) on 502/503/504 or no answer, up to 8 tries."""
     import httpx
 
-    lat, errors, lock = [], [], threading.Lock()
+    lat, starts, errors, replays, lock = [], [], [], [0], threading.Lock()
     counter = iter(range(n_messages))
+    done = [0]
+
+    def post(c, i):
+        for attempt in range(8):
+            try:
+                r = c.post(f"{url}/v1/decode", params={"package": pid}, content=bodies[i % len(bodies)],
+                           headers={"content-type": "application/x-npy", "x-semedge-message-id": f"{tag}{i}"})
+                if r.status_code not in (502, 503, 504):
+                    return r
+            except httpx.HTTPError as e:
+                r = e
+            time.sleep(min(2.0, 0.2 * 2 ** attempt))
+        return r
 
     def worker():
         with httpx.Client(timeout=300) as c:
@@ -104,15 +127,19 @@ def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages
                 if i is None:
                     return
                 t = time.perf_counter()
-                try:
-                    r = c.post(f"{url}/v1/decode", params={"package": pid}, content=bodies[i % len(bodies)],
-                               headers={"content-type": "application/x-npy"})
-                    ok = r.status_code == 200
-                except httpx.HTTPError as e:
-                    ok, r = False, e
+                r = post(c, i)
+                ok = getattr(r, "status_code", None) == 200
                 dt = time.perf_counter() - t
                 with lock:
-                    (lat.append(dt) if ok else errors.append(str(getattr(r, "status_code", r))))
+                    if ok:
+                        lat.append(dt), starts.append(t)
+                        replays[0] += bool(r.json().get("replayed"))
+                    else:
+                        errors.append(str(getattr(r, "status_code", r)))
+                    done[0] += 1
+                    n_done = done[0]
+                if on_progress:
+                    on_progress(n_done)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -122,9 +149,56 @@ def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages
         t.join()
     wall = time.perf_counter() - t0
     ms = np.array(lat) * 1000 if lat else np.array([math.nan])
-    return {"clients": clients, "messages": n_messages, "ok": len(lat), "errors": len(errors),
-            "error_samples": errors[:3], "wall_s": round(wall, 3), "messages_per_s": round(len(lat) / wall, 3),
-            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
+    return {"clients": clients, "messages": n_messages, "ok": len(lat), "errors": len(errors), "lost": len(errors),
+            "replayed": replays[0], "error_samples": errors[:3], "wall_s": round(wall, 3),
+            "messages_per_s": round(len(lat) / wall, 3),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "_lat": lat, "_starts": starts}
+
+
+def kill_one_replica() -> int | None:
+    """SIGKILL one Ray Serve Decoder replica process (Ray restarts it); its PID."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if "ServeReplica:semedge:Decoder" in " ".join(p.info["cmdline"] or []):
+            p.kill()
+            return p.pid
+    return None
+
+
+def fault_run(pkgs_dir: Path, pid: str, bodies: list[bytes], args, n_clients: int = 8, n_msgs: int = 200) -> dict:
+    """Ray Serve with 2 replicas; one killed after a third of the messages."""
+    killed = {}
+
+    def progress(n):
+        if n >= n_msgs // 3 and not killed:
+            killed["t"], killed["pid"] = time.perf_counter(), kill_one_replica()
+
+    with Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms, args.server_threads, args.backend, args.workers,
+                    engine="ray", replicas=2) as url:
+        load_level(url, pid, bodies, 2, 4, tag="warm-")
+        lv = load_level(url, pid, bodies, n_clients, n_msgs, tag="fault-", on_progress=progress)
+    during = [d for d, s in zip(lv["_lat"], lv["_starts"]) if killed and 0 <= s - killed["t"] + d and s < killed["t"] + 10]
+    lv["killed_pid"] = killed.get("pid")
+    lv["p95_ms_recovery"] = round(1000 * float(np.percentile(during, 95)), 1) if during else None
+    lv["duplicated"] = lv["replayed"]  # without the replay cache these would have been decoded twice
+    return lv
+
+
+def run_levels(url: str, pid: str, bodies: list[bytes], levels: list[int], n_msgs: int, engine: str) -> list[dict]:
+    """Each concurrency level against one server, with the batch sizes it decoded."""
+    out = []
+    for c in levels:
+        before = batch_hist(url)
+        lv = load_level(url, pid, bodies, c, n_msgs, tag=f"{engine}-{c}-")
+        after = batch_hist(url)
+        lv = {k: v for k, v in lv.items() if not k.startswith("_")}
+        lv["batches"] = {s: after.get(s, 0) - before.get(s, 0) for s in after if after.get(s, 0) - before.get(s, 0)}
+        out.append(lv)
+        print(f"{engine} {c} clients: {lv['messages_per_s']:.2f} msg/s, p50 {lv['p50_ms']:.0f} ms, "
+              f"p95 {lv['p95_ms']:.0f} ms, errors {lv['errors']}, replayed {lv['replayed']}, batches {lv['batches']}", flush=True)
+    return out
 
 
 def batch_hist(url: str) -> dict:
@@ -195,6 +269,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="batches the server decodes at once")
     ap.add_argument("--tail-frames", default="300", help="silence frames after the content the decoder sees ('full': the 30 s window)")
     ap.add_argument("--model", default="whisper-base")
+    ap.add_argument("--engine", default="local", help="local, ray, or local,ray (both in one run)")
+    ap.add_argument("--replicas", type=int, default=1, help="Ray Serve decoder replicas (--engine ray)")
+    ap.add_argument("--fault", action="store_true", help="also the fault run (Ray, 8 x 200, one replica killed)")
+    ap.add_argument("--fault-messages", type=int, default=200, help="messages in the fault run")
     args = ap.parse_args(argv)
     n_msgs = args.messages or (16 if args.quick else 50)
     n_wer = 20 if args.wer_check is None else args.wer_check
@@ -254,21 +332,26 @@ def main(argv=None) -> int:
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, backend=args.backend, workers=args.workers,
             threads=args.server_threads))
         server = serve_in_thread(app)
-    else:
-        server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms, args.server_threads, args.backend, args.workers)
+    engines = args.engine.split(",")
+    result["engines"] = {}
     try:
-        with server as url:
-            send(url, pkg.package_id, symbols[0])  # warm up
-            for c in levels:
-                before = batch_hist(url)
-                lv = load_level(url, pkg.package_id, bodies, c, n_msgs)
-                after = batch_hist(url)
-                lv["batches"] = {s: after.get(s, 0) - before.get(s, 0) for s in after if after.get(s, 0) - before.get(s, 0)}
-                result["levels"].append(lv)
-                print(f"{c} clients: {lv['messages_per_s']:.2f} msg/s, p50 {lv['p50_ms']:.0f} ms, p95 {lv['p95_ms']:.0f} ms, "
-                      f"errors {lv['errors']}, batches {lv['batches']}", flush=True)
-            if n_wer:
-                result["wer_check"] = wer_check(split, utts[:n_wer], symbols[:n_wer], url, pkg.package_id)
+        for engine in engines:
+            if engine != "local" or not args.in_thread:
+                server = Subprocess(pkgs_dir, args.max_batch, args.max_wait_ms, args.server_threads, args.backend,
+                                    args.workers, engine=engine, replicas=args.replicas)
+            with server as url:
+                send(url, pkg.package_id, symbols[0], timeout=600)  # warm up (a Ray replica loads the package)
+                result["engines"][engine] = run_levels(url, pkg.package_id, bodies, levels, n_msgs, engine)
+                if engine == "local":
+                    result["levels"] = result["engines"]["local"]
+                if n_wer and engine == engines[0]:
+                    result["wer_check"] = wer_check(split, utts[:n_wer], symbols[:n_wer], url, pkg.package_id)
+        if args.fault:
+            lv = fault_run(pkgs_dir, pkg.package_id, bodies, args, n_msgs=args.fault_messages)
+            result["fault"] = {k: v for k, v in lv.items() if not k.startswith("_")}
+            print(f"fault run: killed replica pid {lv['killed_pid']}; {lv['ok']}/{lv['messages']} ok, lost {lv['lost']}, "
+                  f"duplicated {lv['duplicated']}, p95 {lv['p95_ms']} ms, p95 in the 10 s after the kill "
+                  f"{lv['p95_ms_recovery']} ms", flush=True)
         if n_wer and args.backend != "torch" and not args.in_thread:
             # the same check against a torch-decoder server: CTranslate2 int8 flips near-ties on the
             # device half's last bits (ONNX vs PyTorch differ by ~1e-4), PyTorch fp32 does not
@@ -280,6 +363,10 @@ def main(argv=None) -> int:
     finally:
         tmp.cleanup()
 
+    if "local" in result["engines"] and "ray" in result["engines"]:
+        one = {e: next((x for x in lv if x["clients"] == 1), None) for e, lv in result["engines"].items()}
+        if one["local"] and one["ray"]:
+            result["ray_overhead_ms_per_message_1_client"] = round(one["ray"]["p50_ms"] - one["local"]["p50_ms"], 1)
     lv = {x["clients"]: x for x in result["levels"]}
     if 1 in lv and max(lv) > 1:
         top = max(lv)
@@ -288,9 +375,13 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.time() - t_start, 1)
 
     print()
-    print(f"{'clients':>7} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}  batches")
-    for x in result["levels"]:
-        print(f"{x['clients']:>7} {x['messages_per_s']:>8.2f} {x['p50_ms']:>8.0f} {x['p95_ms']:>8.0f} {x['errors']:>6}  {x['batches']}")
+    print(f"{'engine':>6} {'clients':>7} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}  batches")
+    for engine, lvs in result["engines"].items():
+        for x in lvs:
+            print(f"{engine:>6} {x['clients']:>7} {x['messages_per_s']:>8.2f} {x['p50_ms']:>8.0f} {x['p95_ms']:>8.0f} "
+                  f"{x['errors']:>6}  {x['batches']}")
+    if "ray_overhead_ms_per_message_1_client" in result:
+        print(f"Ray overhead per message at 1 client (p50 ray - p50 local): {result['ray_overhead_ms_per_message_1_client']} ms")
     if "speedup" in result:
         print(f"throughput {max(lv)} clients / 1 client: {list(result['speedup'].values())[0]:.2f}x (goal >= 3x)")
     for sec in ("wer_check", "wer_check_torch_backend"):
@@ -305,7 +396,7 @@ def main(argv=None) -> int:
 
     write_atomic(RESULTS, json.dumps(result, indent=2, default=str))
     print(f"wrote {RESULTS.relative_to(ROOT)}")
-    errors = sum(x["errors"] for x in result["levels"])
+    errors = sum(x["errors"] for lvs in result["engines"].values() for x in lvs) + result.get("fault", {}).get("lost", 0)
     return 1 if errors else 0
 
 
