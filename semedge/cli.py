@@ -36,7 +36,7 @@ app = typer.Typer(
 # Modules that add commands to `app`; a module not written yet is skipped.
 COMMAND_MODULES = [
     "semedge.cli_transmit",   # transmit
-    "semedge.cli_train",      # train, eval, rate
+    "semedge.cli_train",      # train, train-image, eval, rate
     "semedge.cli_profiles",   # profiles ..., profile, device bench
     "semedge.cli_export",     # export
     "semedge.cli_runtime",    # device run, serve
