@@ -85,3 +85,120 @@ def test_the_wire_carries_only_symbols_lengths_labels_and_gradients(tiny):
 def test_device_lora_on_the_decoder_is_refused(tiny):
     with pytest.raises(UserError, match="--lora"):
         S.DeviceHalf(tiny, _codec(), LoRASpec(targets=("decoder.self_attn",)))
+
+
+# Flower apps on an in-process grid: Flower's ServerApp logic and ClientApp routing, no Ray ---------
+
+class LocalGrid:
+    """A flwr Grid that hands each message to the ClientApp in this process (one Context per node);
+    a client whose partition is in `fail` raises on its `fail_step`-th local step (a killed client)."""
+
+    def __init__(self, n: int, fail: tuple[int, ...] = (), fail_step: int = 1):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from semedge.semcom.federated.flower_client import client_app
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperLink sets
+
+        self.app, self.fail, self.fail_step = client_app, fail, fail_step
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": n},
+                                          state=RecordDict(), run_config={}) for i in range(n)}
+        self.log: list[tuple[str, str, list[str], list[str]]] = []  # (type, direction, record names, uplink keys)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message
+
+        out = []
+        for m in messages:
+            node, mtype = m.metadata.dst_node_id, m.metadata.message_type
+            self.log.append((mtype, "down", sorted(m.content.keys()), []))
+            ctx = self.contexts[node]
+            try:
+                if ctx.node_config["partition-id"] in self.fail and mtype == "train.step" \
+                        and int(m.content["config"]["step"]) == self.fail_step:
+                    raise RuntimeError("client killed")
+                r = self.app(m, ctx)
+            except RuntimeError as e:
+                r = Message(Error(code=0, reason=str(e)), reply_to=m)
+            if not r.has_error():
+                up = sorted(r.content["uplink"].keys()) if "uplink" in r.content else []
+                self.log.append((mtype, "up", sorted(r.content.keys()), up))
+            out.append(r)
+        return out
+
+
+def _fed_cfg(**kw):
+    from semedge.semcom.federated.config import FederateConfig
+
+    base = dict(model="tiny:whisper:0", clients=2, rounds=1, local_steps=2, n_train=2, n_test=2, batch_size=2,
+                non_iid="speeds", personal_steps=1, eval_snrs=("inf",), lr=1e-2, lora_lr=1e-2, server_lr=1e-2)
+    return FederateConfig(**{**base, **kw}).validate()
+
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory):
+    """One federated round (2 clients x 2 local steps) on a tiny model, through the Flower apps."""
+    from semedge.semcom.federated import flower_server as F
+    from semedge.semcom.federated.server import SplitServer
+
+    cfg = _fed_cfg()
+    grid = LocalGrid(2)
+    start = SplitServer(cfg)
+    res = F.run_server(grid, cfg, tmp_path_factory.mktemp("fed"))
+    return cfg, grid, start, res
+
+
+def test_one_round_changes_only_the_device_lora_the_jsc_encoder_and_the_server_jsc_decoder(one_round):
+    from semedge.semcom.checkpoint import load_checkpoint
+
+    cfg, grid, start, res = one_round
+    ck = load_checkpoint(res["checkpoint"], start.loaded)
+    before = start.codec.state_dict()
+    after = ck.codec.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"encoder.proj.weight", "encoder.proj.bias", "decoder.net.0.weight", "decoder.net.0.bias",
+                       "decoder.net.2.weight", "decoder.net.2.bias", "decoder.net.4.weight", "decoder.net.4.bias"}
+    assert ck.lora is not None and ck.lora.targets == ("encoder.self_attn",)
+    assert ck.adapters and all(".encoder." in k and "lora_" in k for k in ck.adapters)
+    assert any(float(v.abs().sum()) > 0 for k, v in ck.adapters.items() if "lora_B" in k)  # B starts at 0: it moved
+    assert ck.manifest["federated"]["clients"] == 2
+    assert set(res["wer"]) == {"start", "global", "personal"} and set(res["wer"]["global"]) == {"0", "1"}
+    assert res["rounds"][0]["aggregated"] == 2
+
+
+def test_messages_carry_only_what_the_accounting_says(one_round):
+    cfg, grid, start, res = one_round
+    allowed_up = {"train": {"uplink", "info"}, "train.step": {"uplink"}, "evaluate": {"uplink", "info"}}
+    for mtype, direction, names, up in grid.log:
+        if direction == "up" and mtype in allowed_up:
+            finals = {"arrays", "metrics"} if mtype == "train.step" else set()
+            assert set(names) in (allowed_up[mtype], finals, {"metrics"}), (mtype, names)
+            if "uplink" in names and mtype.startswith("train"):
+                assert up == sorted(S.UPLINK_KEYS)
+        if direction == "down" and mtype == "train.step":
+            assert names == ["config", "downlink"]
+    r1 = res["accounting"]["phases"]["train"][0]["clients"]
+    for c in r1.values():
+        assert c["up"]["activations"] == c["down"]["grads"] > 0  # dL/dy has y's shape
+        assert c["up"]["params"] > 0 and c["down"]["params"] >= c["up"]["params"]  # down also carries mean/std
+        assert set(c["up"]) <= {"activations", "labels", "params", "metrics"}
+
+
+def test_a_client_that_dies_mid_round_drops_out_and_the_round_completes(tmp_path):
+    from semedge.semcom.federated import flower_server as F
+
+    cfg = _fed_cfg(personal_steps=0)
+    res = F.run_server(LocalGrid(2, fail=(1,), fail_step=0), cfg, tmp_path)
+    assert res["rounds"][0]["sampled"] == 2 and res["rounds"][0]["aggregated"] == 1
+    assert (tmp_path / "federated.json").exists()
+
+
+def test_bad_options_name_the_option():
+    for kw, opt in [(dict(fraction=0.0), "--fraction"), (dict(non_iid="accents"), "--non-iid"),
+                    (dict(clients=0), "--clients"), (dict(lora="r=4,targets=decoder.self_attn"), "--lora")]:
+        with pytest.raises(UserError, match=opt):
+            _fed_cfg(**kw)
