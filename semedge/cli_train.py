@@ -80,6 +80,7 @@ def _seed_option():
 
 def register(app: typer.Typer) -> None:
     _register_train(app)
+    _register_train_image(app)
     _register_eval(app)
     _register_rate(app)
 
@@ -173,6 +174,36 @@ def _run_training(cfg: TrainConfig, out: Path, resume: bool, val_snr, rate_snr, 
         tr.save(ship, metrics=metrics, dtype="float16", with_trainer=False, extra=extra)
         typer.echo(f"shipped copy (float16) in {ship}")
     typer.echo(f"saved {out}  " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+
+
+def _register_train_image(app: typer.Typer) -> None:
+    @app.command("train-image")
+    def train_image_cmd(
+        out: Path = typer.Option(..., "--out", help="codec folder (codec.safetensors + manifest.json)"),
+        steps: int = typer.Option(1500, "--steps"),
+        batch_size: int = typer.Option(32, "--batch-size"),
+        lr: float = typer.Option(2e-3, "--lr"),
+        k: int = typer.Option(16, "--k", help="real symbols per 4x4-pixel token (channel uses per pixel = k/32)"),
+        width: int = typer.Option(48, "--width", help="conv channels"),
+        hidden: int = typer.Option(192, "--hidden", help="JSC decoder MLP width"),
+        channel: str = typer.Option("awgn,rayleigh", "--channel", help="comma-separated channels, one drawn per batch"),
+        snr_range: tuple[float, float] = typer.Option((-5.0, 20.0), "--snr-range", help="training SNR range in dB (uniform)"),
+        max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop after this much time"),
+        threads: Optional[int] = _threads_option(),
+        seed: int = typer.Option(0, "--seed"),
+    ):
+        """Train the image task's codec (CNN + JSC, semcom/image_codec.py) from scratch through the channel."""
+        from semedge.semcom.image_codec import ImageCodecConfig, save_codec
+        from semedge.semcom.image_train import ImageTrainConfig, config_dict, train_image_codec
+
+        _threads(threads)
+        cfg = ImageTrainConfig(codec=ImageCodecConfig(k=k, width=width, hidden=hidden), steps=steps, batch_size=batch_size,
+                               lr=lr, channels=tuple(c.strip() for c in channel.split(",") if c.strip()),
+                               snr_low=snr_range[0], snr_high=snr_range[1], max_minutes=max_minutes, seed=seed)
+        res = train_image_codec(cfg, log=typer.echo)
+        info = {"command": _command_line(), "train": config_dict(cfg), "metrics": res.summary(), "pretrained_stem": None}
+        save_codec(res.codec, out, info)
+        typer.echo(f"saved {out}  " + "  ".join(f"{a}={b}" for a, b in res.summary().items()))
 
 
 # ------------------------------------------------------------------ eval

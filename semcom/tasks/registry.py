@@ -18,6 +18,7 @@ from semedge.semcom.tasks.base import Task
 _BUILTIN = {
     "speech": "semedge.semcom.tasks.speech_task:SPEECH",
     "text": "semedge.semcom.tasks.text:TEXT",
+    "image": "semedge.semcom.tasks.image:IMAGE",
 }
 
 TASKS: dict[str, Task] = {}
