@@ -9,7 +9,9 @@ its replay cache (409 on reuse with another body), the answer's JSON, the decode
 A host is any object with `cfg` (ServerConfig), `metrics` (Metrics), `cache`
 (ReplayCache), `package_ids()`, `async limits(pid) -> (k, max_tokens)` and
 `async decode(pid, arr) -> [(text, queue_s, decode_s, batch)]`, which may raise
-HTTPError (503 when its queue is full or a replica is gone).
+HTTPError (503 when its queue is full or a replica is gone). A host that keeps session
+memories (`?session=S`, semcom/memory.py) also has `sessions` (a memory.Sessions) and takes
+`decode(pid, arr, prompts)`; the local host does, the Ray host does not (422).
 """
 
 from __future__ import annotations
@@ -158,12 +160,13 @@ class ReplayCache:
             fut.set_result(answer)
 
 
-def decode_texts(half, messages: list[np.ndarray], max_new_tokens: int) -> list[str]:
-    """One batch through the server half (JSC decoder + generation), on the calling thread."""
+def decode_texts(half, messages: list[np.ndarray], max_new_tokens: int, prompts: list[str] | None = None) -> list[str]:
+    """One batch through the server half (JSC decoder + generation), on the calling thread;
+    prompts: previous text per message (a session's memory), or None."""
     import torch
 
     with torch.inference_mode():
-        return half.transcribe([torch.from_numpy(m) for m in messages], max_new_tokens=max_new_tokens)
+        return half.transcribe([torch.from_numpy(m) for m in messages], max_new_tokens=max_new_tokens, prompts=prompts)
 
 
 def answer_body(results: list, pid: str, tokens: int, total_s: float) -> dict:
@@ -179,12 +182,43 @@ def answer_body(results: list, pid: str, tokens: int, total_s: float) -> dict:
     }
 
 
+def session_memory(host, pid: str, sid: str | None):
+    """The session's memory (semcom/memory.py) for ?session=S, or None without one; 422 when the
+    host keeps no memory (`semedge serve --memory RULE`) or the id is malformed."""
+    if sid is None:
+        return None
+    sessions = getattr(host, "sessions", None)
+    if sessions is None:
+        raise HTTPError(422, "session given, but this server keeps no memory: start it with semedge serve --memory fifo "
+                             "(the local engine), or send no session")
+    from semedge.core.errors import UserError
+
+    try:
+        return sessions.get(pid, sid)
+    except UserError as e:
+        raise HTTPError(422, f"{e}") from None
+
+
+async def _decode_in_session(host, pid: str, arr: np.ndarray, mem) -> list:
+    """A session's messages one after another, each with the memory's prompt, each decode stored.
+    Rules that score against the current message (corr) first decode it without a prompt."""
+    loop, results = asyncio.get_running_loop(), []
+    for m in arr:
+        query = (await host.decode(pid, m[None]))[0][0] if mem.needs_query else None
+        prompt = await loop.run_in_executor(None, mem.prompt, query)  # corr embeds: off the event loop
+        r = (await host.decode(pid, m[None], [prompt]))[0]
+        await loop.run_in_executor(None, mem.add, r[0])
+        results.append(r)
+    return results
+
+
 async def _decode_once(host, request, pid: str) -> dict:
     """Body -> symbols -> the host's decoder -> answer, through the replay cache when the request has an id."""
     t_start = time.perf_counter()
     cfg = host.cfg
     check_content_length(request.headers.get("content-length"), cfg.max_body_bytes)
     mid = message_id(request)
+    mem = session_memory(host, pid, request.query_params.get("session"))
     k, max_tokens = await host.limits(pid)
     body = await read_body(request, cfg.max_body_bytes)
     arr = parse_npy(body, k, max_tokens, cfg.max_messages_per_request)
@@ -195,7 +229,10 @@ async def _decode_once(host, request, pid: str) -> dict:
             return {**cached, "replayed": True}
     answer = None
     try:
-        results = await host.decode(pid, arr)
+        if mem is None:
+            results = await host.decode(pid, arr)
+        else:
+            results = await _decode_in_session(host, pid, arr, mem)
         answer = answer_body(results, pid, int(arr.shape[1]), time.perf_counter() - t_start)
         return answer
     finally:

@@ -53,6 +53,11 @@ class ServerConfig:
     compute_type: str = "int8"  # CTranslate2 weights: int8 or float32
     workers: int = 1  # batches decoded at the same time (CTranslate2 replicas; torch: threads sharing one model)
     threads: int = 1  # CPU threads per batch (CTranslate2 intra_threads)
+    memory: str | None = None  # session memory rule (semcom/memory.py: fifo, fresh, value, corr, sums); None: no sessions
+    memory_items: int = 8  # items per session memory
+    memory_bytes: int = 4096  # text bytes per session memory
+    max_sessions: int = 1024  # sessions kept (least recently used go first)
+    session_idle_s: float = 900.0  # a session idle this long is forgotten
 
     def __post_init__(self):
         if self.backend not in ("auto", "ct2", "torch"):
@@ -61,6 +66,13 @@ class ServerConfig:
             raise UserError(f"compute type {self.compute_type!r} is unknown", "use int8 or float32")
         if self.workers < 1 or self.threads < 1:
             raise UserError("workers and threads must be >= 1", "e.g. --workers 2 --threads 1 on a 2-core host")
+        if self.memory is not None:
+            self.memory_config()  # a bad rule or bound fails at startup
+
+    def memory_config(self):
+        from semedge.semcom.memory import MemoryConfig
+
+        return MemoryConfig(rule=self.memory, max_items=self.memory_items, max_bytes=self.memory_bytes)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -298,6 +310,7 @@ class _Item:
     symbols: np.ndarray  # [tokens, k']
     future: asyncio.Future
     t_enqueued: float
+    prompt: str = ""  # previous text from the session's memory
 
 
 class LocalHost:
@@ -307,6 +320,11 @@ class LocalHost:
     def __init__(self, reg: Registry):
         self.reg, self.cfg, self.metrics = reg, reg.config, Metrics()
         self.cache = ReplayCache(reg.config.replay_ttl_s)
+        self.sessions = None  # one memory per (package, session id): ?session=S (decode_api)
+        if self.cfg.memory is not None:
+            from semedge.semcom.memory import Sessions
+
+            self.sessions = Sessions(self.cfg.memory_config(), self.cfg.max_sessions, self.cfg.session_idle_s)
 
     def package_ids(self):
         return self.reg.served.keys()
@@ -326,13 +344,14 @@ class LocalHost:
         await asyncio.gather(*(s.worker for s in self.reg.served.values()), return_exceptions=True)
         self.reg.close()
 
-    async def decode(self, pid: str, arr: np.ndarray) -> list:
+    async def decode(self, pid: str, arr: np.ndarray, prompts: list[str] | None = None) -> list:
         s, cfg = self.reg.served[pid], self.cfg
         if s.queue.qsize() + arr.shape[0] > cfg.max_queue:
             raise HTTPError(503, f"the queue for {pid} is full ({cfg.max_queue} messages)", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now) for m in arr]
+        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now, prompts[i] if prompts else "")
+                 for i, m in enumerate(arr)]
         for it in items:
             s.queue.put_nowait(it)
         try:
@@ -384,8 +403,10 @@ class LocalHost:
         loop, pid = asyncio.get_running_loop(), s.package.package_id
         t0 = time.perf_counter()
         msgs = [it.symbols for it in items]
+        prompts = [it.prompt for it in items] if any(it.prompt for it in items) else None
         try:
-            texts = await loop.run_in_executor(s.model.executor, decode_texts, s.half, msgs, self.cfg.max_new_tokens)
+            texts = await loop.run_in_executor(s.model.executor, decode_texts, s.half, msgs, self.cfg.max_new_tokens,
+                                               prompts)
             err = None
         except Exception as e:  # noqa: BLE001 - reported to every waiting request
             log.exception("decode failed")

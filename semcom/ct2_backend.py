@@ -120,14 +120,17 @@ class CT2Whisper:
         self.prompt = list(tok.prefix_tokens)
         self.tokenizer = tok
 
-    def generate(self, states: np.ndarray, max_new_tokens: int = 96) -> list[list[int]]:
+    def generate(self, states: np.ndarray, max_new_tokens: int = 96, prev: list[int] | None = None) -> list[list[int]]:
         """states [B, 1500, d] float32 (or log-mel [B, 80, 3000]: CTranslate2 then runs the encoder)
-        -> generated token ids per message (prompt and end token excluded)."""
+        -> generated token ids per message (prompt and end token excluded). prev: previous-text
+        ids (<|startofprev|> ...) put before the start tokens of every message in the batch
+        (CTranslate2 needs <|startoftranscript|> at one position across a batch)."""
         import ctranslate2
 
         states = np.ascontiguousarray(states, dtype=np.float32)
-        res = self.model.generate(ctranslate2.StorageView.from_array(states), [self.prompt] * states.shape[0],
-                                  beam_size=1, max_length=len(self.prompt) + max_new_tokens)
+        prompt = list(prev or []) + self.prompt
+        res = self.model.generate(ctranslate2.StorageView.from_array(states), [prompt] * states.shape[0],
+                                  beam_size=1, max_length=len(prompt) + max_new_tokens)
         return [list(r.sequences_ids[0]) for r in res]
 
     def transcribe(self, mel: np.ndarray, max_new_tokens: int = 96) -> list[str]:

@@ -170,12 +170,40 @@ class ServerHalf(nn.Module):
             cache.is_updated[i] = True
         return cache
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """Whisper's previous-text prompt: <|startofprev|> + the text's last tokens (at most half the
+        decoder's context, as Whisper was trained); [] for empty text or a model without the token."""
+        tok = self.loaded.tokenizer
+        prev = tok.convert_tokens_to_ids("<|startofprev|>") if text and text.strip() else None
+        if prev is None or prev == tok.unk_token_id:
+            return []
+        room = self.model.config.max_target_positions // 2 - 1
+        return [prev] + tok.encode(" " + text.strip(), add_special_tokens=False)[-room:]
+
     @torch.no_grad()
-    def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96):
+    def generate(self, messages: list[torch.Tensor], max_new_tokens: int = 96, prompts: list[str] | None = None):
         """Token ids per message: a [B, L] tensor (torch backend) or lists of ids (CTranslate2).
 
-        Silence-filled with a trained tail: messages whose contexts differ are decoded in separate
-        groups (then the torch backend returns a list of 1-D tensors)."""
+        prompts: previous text per message ("" for none; semcom/memory.py), Whisper's
+        <|startofprev|> prompt on both backends; messages with different prompts decode in
+        separate groups. Silence-filled with a trained tail: messages whose contexts differ are
+        decoded in separate groups too (then the torch backend returns a list of 1-D tensors)."""
+        if prompts is None or not any(prompts):
+            return self._generate(messages, max_new_tokens, [])
+        if len(prompts) != len(messages):
+            raise ValueError(f"{len(prompts)} prompts for {len(messages)} messages")
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(self.prompt_ids(p)), []).append(i)
+        out: list = [None] * len(messages)
+        for ids, idx in groups.items():
+            res = self._generate([messages[i] for i in idx], max_new_tokens, list(ids))
+            for j, i in enumerate(idx):
+                out[i] = res[j]
+        return out
+
+    def _generate(self, messages: list[torch.Tensor], max_new_tokens: int, prompt: list[int]):
+        """generate() for messages sharing one prompt (token ids, [] for none)."""
         if self.fills_silence and self.tail is not None and len(messages) > 1:
             groups: dict[int, list[int]] = {}
             for i, m in enumerate(messages):
@@ -183,13 +211,15 @@ class ServerHalf(nn.Module):
             if len(groups) > 1:
                 out: list = [None] * len(messages)
                 for idx in groups.values():
-                    ids = self.generate([messages[i] for i in idx], max_new_tokens)
+                    ids = self._generate([messages[i] for i in idx], max_new_tokens, prompt)
                     for j, i in enumerate(idx):
                         out[i] = ids[j]
                 return out
         if self.ct2 is not None:
-            return self.ct2.generate(self.encoder_states(messages)[0].numpy(), max_new_tokens)
+            return self.ct2.generate(self.encoder_states(messages)[0].numpy(), max_new_tokens, prompt)
         kwargs = generate_kwargs(self.loaded)
+        if prompt:
+            kwargs["prompt_ids"] = torch.tensor(prompt)
         tail = getattr(getattr(self.jsc, "cfg", None), "tail_frames", None)
         sil_kv = self._silence_cross_kv() if self.fills_silence and tail is None else None
         if sil_kv is not None:  # silence-filled: cross K/V from the cache, the states only give the shape
@@ -204,8 +234,9 @@ class ServerHalf(nn.Module):
             encoder_outputs=BaseModelOutput(last_hidden_state=h), max_new_tokens=max_new_tokens, **kwargs
         )
 
-    def transcribe(self, messages: list[torch.Tensor], max_new_tokens: int = 96) -> list[str]:
-        ids = self.generate(messages, max_new_tokens)
+    def transcribe(self, messages: list[torch.Tensor], max_new_tokens: int = 96,
+                   prompts: list[str] | None = None) -> list[str]:
+        ids = self.generate(messages, max_new_tokens, prompts)
         if self.ct2 is not None:
             return self.ct2.decode(ids)
         return [t.strip() for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -163,8 +163,11 @@ def serve(
     address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (e.g. auto, ray://head:10001); default: start a local one"),
     ray_num_cpus: float = typer.Option(1.0, "--ray-num-cpus", help="ray: CPUs reserved per decoder replica"),
     ray_num_gpus: float = typer.Option(0.0, "--ray-num-gpus", help="ray: GPUs reserved per decoder replica"),
+    memory: Optional[str] = typer.Option(None, "--memory", help="keep a memory per ?session=S whose text prompts the decoder: "
+                                         "fifo, fresh, value, corr, or a sum like fresh+corr (docs/context.md)"),
+    memory_items: int = typer.Option(8, "--memory-items", help="items per session memory (with --memory)"),
 ):
-    """Serve every package under --packages: POST /v1/decode?package=ID, GET /healthz, GET /metrics."""
+    """Serve every package under --packages: POST /v1/decode?package=ID[&session=S], GET /healthz, GET /metrics."""
     from semedge.runtime.server import ServerConfig
     from semedge.runtime.server import serve as run_server
 
@@ -179,11 +182,11 @@ def serve(
         torch.set_num_threads(1)
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
-                       threads=max(1, threads or 1))
+                       threads=max(1, threads or 1), memory=memory, memory_items=memory_items)
     if engine == "ray" or replicas or autoscale or address:
         return _serve_ray(packages, host, port, cfg, engine, trust=trust, replicas=replicas, autoscale=autoscale,
                           address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                          unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile})
+                          unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile, "--memory": memory})
     scheme = "https" if ssl_certfile else "http"
     typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
     run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,

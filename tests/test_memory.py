@@ -96,3 +96,141 @@ def test_sessions_are_isolated_and_expire():
     assert s.get("p", "alice").texts() == []  # idle past 10 s
     with pytest.raises(UserError):
         s.get("p", "bad id!")
+
+
+# ---------------------------------------------------------------- the decoder's prompt and server sessions
+
+
+class EchoHost:
+    """The decode API's host protocol (runtime/decode_api.py) with a decoder that echoes its prompt."""
+
+    def __init__(self, rule="fifo"):
+        from semedge.runtime.decode_api import ReplayCache
+        from semedge.runtime.server import Metrics, ServerConfig
+
+        self.cfg, self.metrics, self.cache = ServerConfig(), Metrics(), ReplayCache()
+        self.sessions = Sessions(MemoryConfig(rule=rule, max_items=2), embed=toy_embed)
+        self.calls = []
+
+    def package_ids(self):
+        return {"p"}
+
+    async def limits(self, pid):
+        return 4, 64
+
+    async def decode(self, pid, arr, prompts=None):
+        self.calls.append(prompts)
+        return [(f"m{int(a[0, 0])}" + (f" after {prompts[i]}" if prompts and prompts[i] else ""), 0.0, 0.0, 1)
+                for i, a in enumerate(arr)]
+
+
+def _client(host):
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+
+    from semedge.runtime.decode_api import handle_decode
+
+    app = FastAPI()
+
+    @app.post("/v1/decode")
+    async def decode(request: Request, package: str):
+        return await handle_decode(host, request, package)
+
+    return TestClient(app)
+
+
+def _send(client, n, session=None, mid=None):
+    from semedge.runtime.client import to_npy
+
+    body = to_npy(np.full((1, 3, 4), n, np.float32))
+    params = {"package": "p"} | ({"session": session} if session else {})
+    r = client.post("/v1/decode", params=params, content=body, headers={"x-semedge-message-id": mid} if mid else {})
+    return r.status_code, r.json()
+
+
+def test_sessions_through_the_decode_api_never_see_each_other():
+    host = EchoHost()
+    c = _client(host)
+    assert _send(c, 1, "alice")[1]["text"] == ["m1"]
+    assert _send(c, 2, "alice")[1]["text"] == ["m2 after m1"]
+    assert _send(c, 3, "bob")[1]["text"] == ["m3"]  # bob sees nothing of alice's
+    assert _send(c, 4, "alice", mid="x")[1]["text"] == ["m4 after m1 m2 after m1"]
+    assert _send(c, 4, "alice", mid="x")[1]["replayed"]  # a retry is answered from the cache, not stored again
+    assert host.sessions.get("p", "alice").texts() == ["m2 after m1", "m4 after m1 m2 after m1"]  # max_items=2
+    assert _send(c, 5)[1]["text"] == ["m5"] and host.calls[-1] is None  # no session: no memory
+    code, body = _send(c, 6, "bad id!")
+    assert code == 422 and "session" in body["detail"]
+    host.sessions = None
+    code, body = _send(c, 6, "alice")
+    assert code == 422 and "--memory" in body["detail"]
+
+
+def test_corr_decodes_first_then_prompts_with_the_closest():
+    host = EchoHost("corr")
+    c = _client(host)
+    for n in (1, 2):
+        _send(c, n, "s")
+    assert host.calls == [None, [""], None, ["m1"]]  # a first pass without prompt, then the prompted decode
+
+
+@pytest.fixture(scope="module")
+def tiny_half():
+    from semedge.semcom.jsc import JSCCodec, JSCConfig
+    from semedge.semcom.models import tiny_model
+    from semedge.semcom.split import build_split
+
+    import torch
+
+    torch.manual_seed(1)
+    half = build_split(tiny_model("whisper"), JSCCodec(JSCConfig(d_model=64, k=16, hidden=64))).server
+    rng = np.random.default_rng(0)
+    return half, [torch.from_numpy(rng.standard_normal((10 + 3 * i, 16)).astype(np.float32)) for i in range(3)]
+
+
+def test_prompt_on_both_backends(tiny_half, tmp_path, monkeypatch):
+    from semedge.semcom.ct2_backend import CT2Whisper
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    half, msgs = tiny_half
+    ids = half.prompt_ids("hello world")
+    assert ids[0] == half.loaded.tokenizer.convert_tokens_to_ids("<|startofprev|>") and half.prompt_ids(" ") == []
+    assert len(half.prompt_ids("word " * 500)) == half.model.config.max_target_positions // 2  # Whisper's limit
+    prompts = ["hello world", "", "hello world"]
+    ref = half.generate(msgs, 6, prompts)
+    assert half.transcribe(msgs[1:2], 6, [""]) == half.transcribe(msgs[1:2], 6)
+    assert half.transcribe(msgs[:1], 6, ["hello world"]) != half.transcribe(msgs[:1], 6)  # the prompt is used
+    half.ct2 = CT2Whisper(half.loaded, "float32", threads=1)
+    try:
+        got = half.generate(msgs, 6, prompts)
+    finally:
+        half.ct2 = None
+    assert [list(map(int, r))[: len(g)] for r, g in zip(ref, got)] == got
+
+
+@pytest.mark.slow  # exports a tiny package: minutes on a busy 2-core host
+def test_local_server_sessions(tmp_path):
+    import torch
+    from conftest import tiny_whisper_package
+
+    from semedge.runtime.package import Package
+    from semedge.runtime.server import ServerConfig, create_app, serve_in_thread
+
+    loaded, split, path = tiny_whisper_package(tmp_path / "tiny")
+    pkg = Package.load(path)
+    cfg = ServerConfig(max_new_tokens=8, backend="torch", memory="fifo", memory_items=4, max_wait_ms=1)
+    rng = np.random.default_rng(0)
+    msgs = [rng.standard_normal((10 + 3 * i, 16)).astype(np.float32) for i in range(2)]
+    half = split.server
+    with serve_in_thread(create_app([pkg], loader=lambda src: loaded, config=cfg)) as url:
+        import httpx
+
+        from semedge.runtime.client import to_npy
+
+        def send(m, sid):
+            r = httpx.post(f"{url}/v1/decode", params={"package": pkg.package_id, "session": sid}, content=to_npy(m))
+            return r.json()["text"][0]
+
+        a0, a1, b1 = send(msgs[0], "a"), send(msgs[1], "a"), send(msgs[1], "b")
+    plain = [half.transcribe([torch.from_numpy(m)], 8)[0] for m in msgs]
+    assert a0 == plain[0] and b1 == plain[1]
+    assert a1 == half.transcribe([torch.from_numpy(msgs[1])], 8, prompts=[a0])[0]
