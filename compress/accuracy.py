@@ -20,14 +20,14 @@ from semedge.compress.workspace import LazySplit, Workspace
 class Evaluator:
     """Accuracy of a candidate at some SNRs of a channel, on the first n calibration utterances."""
 
-    def __init__(self, ws: Workspace, utts: list, cache, threads: int):
-        self.ws, self.utts, self.cache, self.threads = ws, utts, cache, threads
+    def __init__(self, ws: Workspace, utts: list, cache, threads: int, segment_s: float | None = None):
+        self.ws, self.utts, self.cache, self.threads, self.segment_s = ws, utts, cache, threads, segment_s
         self.base_parts = {"weights": ws.loaded.weight_hash, "codec": ws.chash}
         self.messages: dict[str, list] = {}  # device outputs per candidate, reused across conditions
         self.counts = {"cheap": 0, "full": 0}  # conditions evaluated per level
 
     def __call__(self, c: Cand, channel: str, snrs: list[float], n: int, level: str) -> None:
-        from semedge.runtime.evaluate import device_messages, evaluate_onnx
+        from semedge.runtime.evaluate import device_messages, evaluate_onnx, segmented
 
         utts = self.utts[:n]
         need = [s for s in snrs if cond_key(channel, s) not in c.accuracy or c.accuracy[cond_key(channel, s)]["n"] < n]
@@ -36,12 +36,14 @@ class Evaluator:
 
         def msgs():  # device outputs, kept per candidate for the next condition
             have = self.messages.get(c.cid, [])
-            if len(have) < n:
-                have = self.messages[c.cid] = device_messages(c.path, self.ws.loaded, utts, self.threads)
-            return have[:n]
+            if len(have) < n:  # stored per utterance: a segmented recording's pieces together
+                pieces, groups = segmented(utts, self.segment_s) if self.segment_s else (utts, None)
+                out = device_messages(c.path, self.ws.loaded, pieces, self.threads)
+                have = self.messages[c.cid] = [out[g[0]:g[-1] + 1] for g in groups] if groups else [[m] for m in out]
+            return [m for per in have[:n] for m in per]
 
         res = evaluate_onnx(c.path, LazySplit(self.ws, c.plan), utts, channel, need, threads=self.threads, cache=self.cache,
-                            key_parts={**self.base_parts, "plan": c.plan.hash()}, messages=msgs)
+                            key_parts={**self.base_parts, "plan": c.plan.hash()}, messages=msgs, segment_s=self.segment_s)
         for s, r in res.items():
             c.accuracy[cond_key(channel, s)] = {**{k: r[k] for k in ("wer", "bleu", "similarity", "n")},
                                                 "wer_ci95": r.get("wer_ci95"), "word_errors": r.get("word_errors"),

@@ -34,13 +34,11 @@ def host_prediction(ws: Workspace, c: Cand) -> dict | None:
     return probe.predicted["host"]
 
 
-def check_on_host(ws: Workspace, by_id: dict[str, Cand], devs: dict, test_split: str, n: int, acc_cache,
-                  threads: int, say, runs: int) -> None:
-    """Fill devices[d]["realised"] for each device with a chosen plan."""
+def check_on_host(ws: Workspace, by_id: dict[str, Cand], devs: dict, test_split: str, test: list, acc_cache,
+                  threads: int, say, runs: int, segment_s: float | None = None) -> None:
+    """Fill devices[d]["realised"] for each device with a chosen plan, measured on `test`
+    (the utterances of `test_split`: a built-in split's name or the user's data folder)."""
     from semedge.runtime.evaluate import evaluate_onnx
-    from semedge.semcom.tasks.speech import load_split
-
-    test = load_split(test_split, n, progress=False)
     base_parts = {"weights": ws.loaded.weight_hash, "codec": ws.chash}
     for d, info in devs.items():
         if not info["chosen"]:
@@ -50,7 +48,7 @@ def check_on_host(ws: Workspace, by_id: dict[str, Cand], devs: dict, test_split:
             say(f"realised: measuring {c.cid} on this host ({runs} runs, peak RSS in a fresh process)")
             c.host = measure_host(c, threads, runs)
         res = evaluate_onnx(c.path, LazySplit(ws, c.plan), test, info["channel"], info["eval_snrs"], threads=threads,
-                            cache=acc_cache, key_parts={**base_parts, "plan": c.plan.hash()})
+                            cache=acc_cache, key_parts={**base_parts, "plan": c.plan.hash()}, segment_s=segment_s)
         p = c.predicted[d]
         info["realised"] = {
             "plan": c.cid, "bytes": c.bytes, "host_latency_ms_p50": c.host["latency_ms_p50"],

@@ -83,6 +83,8 @@ class Sampling:
     test_split: str = "test"
     full_share: float = 0.25  # at most this share of the candidates is evaluated in full
     shortlist: int = 2  # per device
+    voices: str = "mix"  # voice families of the built-in splits (tasks.speech)
+    data: str | None = None  # the user's audiofolder: calibration and host check both read it
 
     def __post_init__(self):
         if self.n_cheap > self.n_full:
@@ -146,6 +148,7 @@ class Context:
     calib_utts: list
     ws: Workspace
     acc_cache: object
+    segment_s: float | None = None  # user data: recordings longer than this are sent in segments
 
 
 def load_context(model_source, cfg: PlannerConfig, say) -> Context:
@@ -155,20 +158,24 @@ def load_context(model_source, cfg: PlannerConfig, say) -> Context:
     from semedge.semcom.checkpoint import device_encoder, load_for_inference
     from semedge.semcom.models import load_model
     from semedge.semcom.split import build_split
+    from semedge.core.segment import default_segment_s
+    from semedge.runtime.evaluate import eval_utterances
     from semedge.semcom.tasks.speech import load_split
 
     loaded = model_source if hasattr(model_source, "weight_hash") else load_model(str(model_source))
-    if loaded.kind != "speech":
+    if not loaded.task.supports("link-eval"):
         raise UserError(f"the planner evaluates speech models; {loaded.source} is a {loaded.kind} model",
                         "plan a Whisper model (e.g. --model whisper-base)")
     receiver, ckpt = load_for_inference(loaded, cfg.jsc)
     split = build_split(receiver, ckpt.codec if ckpt is not None else None, encoder=device_encoder(ckpt))
     say(f"model {loaded.source}: k={split.k}, codec {'checkpoint ' + str(ckpt.path) if ckpt else 'identity (calibrated)'}")
-    calib_utts = load_split(cfg.sampling.calib_split, cfg.sampling.n_full, progress=False)
+    s = cfg.sampling
+    calib_utts = eval_utterances(s.calib_split, s.n_full, s.voices, s.data)
+    segment_s = default_segment_s(ckpt is None) if s.data else None
     train = load_split("train", 4, progress=False)
     calib = torch.from_numpy(speech_features(loaded, train))
     ws = Workspace(loaded, split, cfg.workdir, calib)
-    return Context(loaded, split, ckpt, calib_utts, ws, AccuracyCache(cfg.workdir / "accuracy.json"))
+    return Context(loaded, split, ckpt, calib_utts, ws, AccuracyCache(cfg.workdir / "accuracy.json"), segment_s)
 
 
 def build_candidates(ws: Workspace, cands: list[Cand], profiles, devs: dict, say, on_candidate=None) -> None:
@@ -201,7 +208,7 @@ def plans_doc(ctx: Context, cfg: PlannerConfig, cands: list[Cand], devs: dict, t
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "codec": {"k": ctx.split.k, "hash": ctx.ws.chash, "checkpoint": str(ctx.ckpt.path) if ctx.ckpt else None},
         "calibration": {"split": s.calib_split, "n_cheap": s.n_cheap, "n_full": s.n_full, "test_split": s.test_split,
-                        "quick": cfg.quick, "workdir": str(cfg.workdir)},
+                        "voices": s.voices, "data": s.data, "quick": cfg.quick, "workdir": str(cfg.workdir)},
         "candidates": {c.cid: _cand_dict(c, ctx.split.k) for c in cands},
         "devices": devs,
         "timing": timing,
@@ -247,7 +254,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
     devs = device_entries(profiles, cfg.budgets, cfg.quick)
     build_candidates(ctx.ws, cands, profiles, devs, say, on_candidate)
     s = cfg.sampling
-    ev = Evaluator(ctx.ws, ctx.calib_utts, ctx.acc_cache, cfg.threads)
+    ev = Evaluator(ctx.ws, ctx.calib_utts, ctx.acc_cache, cfg.threads, ctx.segment_s)
     cheap_pass(ev, cands, devs, s.n_cheap, say, on_candidate)
     ranked = rank(cands, devs)
     short, full = shortlists(ranked, len(cands), s.full_share, s.shortlist)
@@ -259,8 +266,9 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
               "accuracy_cache_hits": ctx.acc_cache.hits, "accuracy_cache_misses": ctx.acc_cache.misses}
     if cfg.realise:
         tr = time.time()
-        check_on_host(ctx.ws, {c.cid: c for c in cands}, devs, s.test_split, s.n_full, ctx.acc_cache, cfg.threads, say,
-                      runs=cfg.realise_runs)
+        test = ctx.calib_utts if s.data else eval_utterances(s.test_split, s.n_full, s.voices)
+        check_on_host(ctx.ws, {c.cid: c for c in cands}, devs, s.data or s.test_split, test, ctx.acc_cache, cfg.threads,
+                      say, runs=cfg.realise_runs, segment_s=ctx.segment_s)
         timing["realise_seconds"] = round(time.time() - tr, 1)
     timing["seconds"] = round(time.time() - t0, 1)
     result = plans_doc(ctx, cfg, cands, devs, timing)
@@ -276,7 +284,7 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                  memory_mb: float | None = None, latency_ms: float | None = None, max_wer: float | None = None,
                  calib_split: str = "val", test_split: str = "test", full_share: float = 0.25,
                  shortlist: int = 2, threads: int = 1, realise_runs: int | None = None,
-                 on_candidate: Callable[[str, str], None] | None = None) -> dict:
+                 voices: str = "mix", data: str | None = None, on_candidate: Callable[[str, str], None] | None = None) -> dict:
     """Plan every profile; returns the plans.json dict (written atomically to `out` when given).
 
     model_source: a model name/path or a LoadedModel. memory_mb / latency_ms override every
@@ -287,7 +295,7 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
     check_profiles(profiles)  # before any loading: the first errors a user can make
     budgets = Budgets(memory_mb, latency_ms, max_wer)
     sampling = Sampling(n_cheap or (4 if quick else 8), n_full or (12 if quick else 40), calib_split, test_split,
-                        full_share, shortlist)
+                        full_share, shortlist, voices, None if data is None else str(data))
     cfg = PlannerConfig(sampling, budgets, quick, Path(workdir), jsc, threads, realise,
                         realise_runs or (5 if quick else 20))
     return run_planner(model_source, profiles, cfg, candidates, out, _progress(progress), on_candidate)

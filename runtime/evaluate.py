@@ -102,7 +102,7 @@ def device_messages(onnx_path, loaded, utts, threads: int = 1, batch: int = 4, s
     from semedge.core.frames import content_frames, window_frames
     from semedge.runtime.profiler import session
 
-    if loaded.kind != "speech":
+    if not loaded.task.supports("link-eval"):
         raise UserError(f"{loaded.source} is a {loaded.kind} model; link evaluation supports speech models",
                         "use a Whisper model (e.g. whisper-base)")
     s = sess or session(onnx_path, threads)
@@ -122,6 +122,37 @@ def device_messages(onnx_path, loaded, utts, threads: int = 1, batch: int = 4, s
     return out
 
 
+def eval_utterances(split: str, n: int | None, voices="mix", data=None) -> list:
+    """The utterances accuracy is measured on: the first n of the user's audiofolder `data`
+    (all when n is None), or of the built-in `split` spoken by `voices` (tasks.speech families)."""
+    if data is not None:
+        from semedge.semcom.tasks.audiofolder import load_audiofolder
+
+        utts = load_audiofolder(data)
+        return utts if n is None else utts[:n]
+    from semedge.semcom.tasks.speech import load_split
+
+    return load_split(split, n, progress=False, family=tuple(voices.split("+")) if "+" in voices else voices)
+
+
+def segmented(utts, max_s: float) -> tuple[list, list[list[int]] | None]:
+    """Recordings longer than max_s cut at pauses (core.segment): (pieces, groups), where
+    groups[i] lists the pieces of utts[i]; (utts, None) when none is that long."""
+    import dataclasses
+
+    from semedge.core.frames import SAMPLE_RATE
+    from semedge.core.segment import split_audio
+
+    if all(len(u.audio) <= max_s * SAMPLE_RATE for u in utts):
+        return list(utts), None
+    pieces, groups = [], []
+    for u in utts:
+        parts = split_audio(u.audio, max_s)
+        groups.append(list(range(len(pieces), len(pieces) + len(parts))))
+        pieces += [dataclasses.replace(u, id=f"{u.id}#{j}", audio=a, text="") for j, a in enumerate(parts)]
+    return pieces, groups
+
+
 def _noise_seed(seed: int, channel: str, snr_db: float, i: int) -> int:
     h = hashlib.sha256(f"{seed}|{channel}|{snr_db:g}|{i}".encode()).digest()
     return int.from_bytes(h[:8], "little")
@@ -139,26 +170,38 @@ def receive(messages: Sequence[np.ndarray], channel: str, snr_db: float, seed: i
 
 
 def link_accuracy(server, messages: Sequence[np.ndarray], refs: Sequence[str], channel: str, snr_db: float,
-                  seed: int = 0, batch: int = 8, similarity: bool = False, max_new_tokens: int | None = None) -> dict:
+                  seed: int = 0, batch: int = 8, similarity: bool = False, max_new_tokens: int | None = None,
+                  groups: list[list[int]] | None = None) -> dict:
     """WER, BLEU (and sentence similarity) of the server's transcripts of the received messages.
 
     Beside each figure its bootstrap 95% interval (`wer_ci95` ..., semcom.stats), the
     normaliser's name, and `word_errors`: per-utterance [errors, reference words], kept
     for paired comparisons between device halves (same utterances, same noise).
     max_new_tokens defaults to 2 tokens per reference word + 8 (at most 96): a noisy
-    message can make the decoder run on, and a transcript that long is wrong anyway."""
+    message can make the decoder run on, and a transcript that long is wrong anyway.
+    With `groups` (segmented recordings), messages are pieces: each reference is scored
+    against its pieces' transcripts joined, each piece allowed core.segment.new_tokens_for."""
     import torch
 
     from semedge.semcom.metrics import score
 
     rx = receive(messages, channel, snr_db, seed)
     refs = list(refs)
-    if max_new_tokens is None:
+    if max_new_tokens is None and groups is not None:
+        from semedge.core.frames import SAMPLES_PER_ENC_FRAME, SAMPLE_RATE
+        from semedge.core.segment import new_tokens_for
+
+        max_new_tokens = new_tokens_for(max((len(m) for m in messages), default=0) * SAMPLES_PER_ENC_FRAME / SAMPLE_RATE)
+    elif max_new_tokens is None:
         max_new_tokens = min(96, 8 + 2 * max((len(r.split()) for r in refs), default=0))
     hyps: list[str] = []
     with torch.no_grad():
         for b in range(0, len(rx), batch):
             hyps += server.transcribe([torch.from_numpy(x) for x in rx[b : b + batch]], max_new_tokens=max_new_tokens)
+    if groups is not None:
+        from semedge.core.segment import join_texts
+
+        hyps = [join_texts(hyps[j] for j in g) for g in groups]
     s = score(refs, hyps, with_similarity=similarity, keep_errors=True)
     return {"wer": round(float(s["wer"]), 5), "bleu": round(float(s["bleu"]), 3),
             "similarity": round(float(s["similarity"]), 5) if similarity else None, "n": len(refs),
@@ -168,15 +211,20 @@ def link_accuracy(server, messages: Sequence[np.ndarray], refs: Sequence[str], c
 
 def evaluate_onnx(onnx_path, split, utts, channel: str, snrs: Sequence[float], *, threads: int = 1,
                   cache: AccuracyCache | None = None, key_parts: dict | None = None, messages=None,
-                  similarity: bool = False, seed: int = 0) -> dict[float, dict]:
+                  similarity: bool = False, seed: int = 0, segment_s: float | None = None) -> dict[float, dict]:
     """Accuracy per SNR of the ONNX device half `onnx_path` with `split`'s server half.
 
     With `cache` and `key_parts` (what identifies the device half: plan hash, codec hash,
     weight hash ...), results are looked up and stored by content hash; the device half
     only runs when some SNR is missing. `messages` may pass the device outputs, or a
-    function returning them (called only on a cache miss).
+    function returning them (called only on a cache miss). With `segment_s`, recordings
+    longer than it are sent as segments and scored on the joined transcript (`segmented`);
+    `messages` then holds the pieces' outputs.
     """
     ids = [u.id for u in utts]
+    pieces, groups = segmented(utts, segment_s) if segment_s else (utts, None)
+    if groups is not None:
+        key_parts = {**(key_parts or {}), "segment_s": float(segment_s)} if key_parts is not None else None
     out: dict[float, dict] = {}
     todo = []
     for snr in snrs:
@@ -189,12 +237,12 @@ def evaluate_onnx(onnx_path, split, utts, channel: str, snrs: Sequence[float], *
             todo.append((float(snr), key))
     if todo:
         if messages is None:
-            messages = device_messages(onnx_path, split.loaded, utts, threads)
+            messages = device_messages(onnx_path, split.loaded, pieces, threads)
         elif callable(messages):
             messages = messages()
         refs = [u.text for u in utts]
         for snr, key in todo:
-            r = link_accuracy(split.server, messages, refs, channel, snr, seed=seed, similarity=similarity)
+            r = link_accuracy(split.server, messages, refs, channel, snr, seed=seed, similarity=similarity, groups=groups)
             if key:
                 cache.put(key, r)
             out[snr] = dict(r, cached=False)

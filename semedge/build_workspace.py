@@ -53,7 +53,7 @@ class Workspace:
     def loaded(self):
         if self._loaded is None:
             self._loaded = load_source(self.model)
-            if self._loaded.kind != "speech":
+            if not self._loaded.task.supports("link-eval"):
                 raise UserError(f"{self.model} is a {self._loaded.kind} model; `semedge build` evaluates speech models",
                                 "use a Whisper model (whisper-base, whisper-tiny.en)")
         return self._loaded
@@ -86,11 +86,21 @@ class Workspace:
         return "identity:" + h.hexdigest()[:16]
 
     def test_utts(self):
+        """The utterances accuracy is measured on: the user's --data folder, else the built-in test split."""
         if self._utts is None:
-            from semedge.semcom.tasks.speech import load_split
+            from semedge.runtime.evaluate import eval_utterances
 
-            self._utts = load_split("test", self.settings["n_eval"], progress=False)
+            self._utts = eval_utterances("test", self.settings["n_eval"], self.settings.get("voices", "mix"),
+                                         self.settings.get("data"))
         return self._utts
+
+    def segment_s(self) -> float | None:
+        """User data: recordings longer than this are sent in segments (core.segment); None for built-in splits."""
+        if not self.settings.get("data"):
+            return None
+        from semedge.core.segment import default_segment_s
+
+        return default_segment_s(self.split.codec.cfg.identity)
 
     def calib(self):
         """Calibration log-mel features [N, 80, 3000] (the planner's: CALIB)."""

@@ -55,11 +55,11 @@ def _summary(record: dict, to_stderr: bool = False) -> None:
 
 
 def _run(model, profiles, out, devices, quick, plans, jsc, n_eval, progress, strict: bool = True,
-         plan_quick: bool | None = None, as_json: bool = False) -> dict:
+         plan_quick: bool | None = None, voices: str = "mix", data=None, as_json: bool = False) -> dict:
     from semedge.pipeline import build as run_build
 
     record = run_build(model, profiles, out, devices=_devices(devices), quick=quick, progress=progress, plans=plans,
-                       jsc=jsc, n_eval=n_eval, plan_quick=plan_quick)
+                       jsc=jsc, n_eval=n_eval, plan_quick=plan_quick, voices=voices, data=data)
     _summary(record, as_json)
     typer.echo(f"Report: {Path(out) / record['report']}", err=as_json)
     if as_json:
@@ -84,9 +84,12 @@ def build(
     n_eval: Optional[int] = typer.Option(None, help="test utterances for accuracy (default 16, --quick 4)"),
     progress: bool = typer.Option(True, help="progress bars"),
     as_json: bool = typer.Option(False, "--json", help="print the result (build.json's devices, report, exit code) as JSON; the table goes to stderr"),
+    voices: str = typer.Option("mix", help="voice families of the built-in splits: mix, espeak, piper, flite or a+b (docs/data.md)"),
+    data: Optional[Path] = typer.Option(None, help="plan and evaluate on your recordings (audiofolder: metadata.csv with file_name,transcription)"),
 ):
     """Plan, compress, export, package, profile and evaluate per device; write a report. Exit 3 if some device has no plan that fits."""
-    _run(model, profiles or _shipped_profiles(), out, devices, quick, plans, jsc, n_eval, progress, as_json=as_json)
+    _run(model, profiles or _shipped_profiles(), out, devices, quick, plans, jsc, n_eval, progress, voices=voices, data=data,
+         as_json=as_json)
 
 
 def demo(

@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         candidates: Optional[Path] = typer.Option(None, "--candidates", help="JSON list of plans to search instead of the built-in space"),
         no_realise: bool = typer.Option(False, "--no-realise", help="skip measuring the chosen plans on this host"),
         as_json: bool = typer.Option(False, "--json", help="print the result (plans.json's devices, exit code) as JSON; the table goes to stderr"),
+        voices: str = typer.Option("mix", "--voices", help="voice families of the built-in splits: mix, espeak, piper, flite or a+b (docs/data.md)"),
+        data: Optional[Path] = typer.Option(None, "--data", help="measure accuracy on your recordings (audiofolder: metadata.csv with file_name,transcription) instead of the built-in splits"),
     ):
         """Choose a compression plan per device: predicted bytes/memory/latency, accuracy measured through the channel."""
         import json
@@ -67,6 +69,10 @@ def register(app: typer.Typer) -> None:
             if v is not None and v < 1:
                 raise UserError(f"{name} {v} must be at least 1", f"e.g. {name} 8")
         profs = _select_profiles(profiles, devices)
+        if data is not None:
+            from semedge.semcom.tasks.audiofolder import load_audiofolder
+
+            load_audiofolder(data)  # every bad row named, exit 2, before any work
         plans = None
         if candidates is not None:
             from semedge.compress.plan import Plan
@@ -86,7 +92,8 @@ def register(app: typer.Typer) -> None:
             res = plan_devices(model, profs, quick=quick, out=out, n_cheap=n_cheap, n_full=n_full, candidates=plans,
                                realise=not no_realise, workdir=workdir or out.parent / "planner",
                                progress=lambda msg: con.print(msg, markup=False, highlight=False),
-                               jsc=jsc, memory_mb=memory_mb, latency_ms=latency_ms, max_wer=max_wer)
+                               jsc=jsc, memory_mb=memory_mb, latency_ms=latency_ms, max_wer=max_wer,
+                               voices=voices, data=data)
         except NoPlanFits as e:
             _summary(e.result, as_json)
             if as_json:

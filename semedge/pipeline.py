@@ -56,7 +56,7 @@ class BuildConfig:
 
     @classmethod
     def make(cls, out, quick=False, *, plans=None, jsc=None, n_eval=None, sweep=None, runs=None, plan_quick=None,
-             progress=True) -> "BuildConfig":
+             progress=True, voices="mix", data=None) -> "BuildConfig":
         out = Path(out).expanduser().absolute()
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder", "choose another --out folder")
@@ -69,22 +69,36 @@ class BuildConfig:
             settings["sweep"] = sorted(float(s) for s in sweep)
         if runs is not None:
             settings["runs"] = max(1, int(runs))
+        settings["voices"] = voices
+        settings["data"] = _check_data(data)
         plans_in = Path(plans) if plans is not None else None
         return cls(out, quick, settings, plans_in, plan_quick, jsc, progress)
 
 
+def _check_data(data) -> str | None:
+    """The user's audiofolder as an absolute path, read once here so bad rows fail before any work."""
+    if data is None:
+        return None
+    from semedge.semcom.tasks.audiofolder import load_audiofolder
+
+    load_audiofolder(data)  # UserError naming every bad row
+    return str(Path(data).expanduser().resolve())
+
+
 def build(model: str, profiles_dir, out, devices=None, quick: bool = False, progress: bool = True, *,
           plans=None, jsc: str | None = None, n_eval: int | None = None, sweep=None, runs: int | None = None,
-          plan_quick: bool | None = None) -> dict:
+          plan_quick: bool | None = None, voices: str = "mix", data=None) -> dict:
     """Run every stage into `out`; returns (and writes to out/build.json) the build record.
 
     plans: a plans.json to use instead of running the planner. plan_quick: the planner's
-    quick candidate space and sample sizes (default: `quick`). The record's `exit_code`
+    quick candidate space and sample sizes (default: `quick`). voices: the built-in splits'
+    voice families; data: the user's audiofolder, read instead of them (planner and
+    evaluation; n_eval caps it). The record's `exit_code`
     is 3 when some device has no plan that fits (its package is not built), else 0.
     """
     t_start = time.perf_counter()
     cfg = BuildConfig.make(out, quick, plans=plans, jsc=jsc, n_eval=n_eval, sweep=sweep, runs=runs,
-                           plan_quick=plan_quick, progress=progress)
+                           plan_quick=plan_quick, progress=progress, voices=voices, data=data)
     cfg.out.mkdir(parents=True, exist_ok=True)
     profs, prof_files = select_profiles(profiles_dir, devices)
     if cfg.plans_in is not None and not cfg.plans_in.is_file():

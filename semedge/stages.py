@@ -33,6 +33,16 @@ def _read_plans(path: Path) -> dict:
     return plans
 
 
+def _data_id(data) -> str | None:
+    """What identifies the user's data folder for the stamps: its metadata.csv's hash and the folder."""
+    if not data:
+        return None
+    from semedge.core.files import sha256_file
+
+    meta = Path(data) / "metadata.csv"
+    return f"{Path(data).resolve()}:{sha256_file(meta) if meta.is_file() else 'missing'}"
+
+
 def _run_planner(ws, profiles: dict, out: Path, quick: bool, progress: bool) -> int:
     """Run the planner into out/plans.json (its cache under out/planner/); 3 when some device has no plan that fits."""
     try:
@@ -44,7 +54,7 @@ def _run_planner(ws, profiles: dict, out: Path, quick: bool, progress: bool) -> 
                         "pass a plans file with --plans plans.json") from None
     try:
         plan_devices(ws.loaded, list(profiles.values()), quick=quick, out=out / "plans.json", workdir=out / "planner",
-                     progress=progress, jsc=ws.jsc)
+                     progress=progress, jsc=ws.jsc, voices=ws.settings.get("voices", "mix"), data=ws.settings.get("data"))
     except NoPlanFits:  # plans.json is written: build what fits, mark the rest
         return 3
     return 0
@@ -98,16 +108,17 @@ def _evaluate_one(ws: Workspace, pkg: dict, cand: dict, channel: str, snrs: list
     import numpy as np
     import torch
 
-    from semedge.runtime.evaluate import link_accuracy
+    from semedge.runtime.evaluate import link_accuracy, segmented
     from semedge.runtime.runner import DeviceRunner
 
     sp, _ = ws.realise(cand.get("plan") or {})
     utts = ws.test_utts()
+    pieces, groups = segmented(utts, ws.segment_s()) if ws.segment_s() else (utts, None)
     gkey = (pkg["onnx_sha256"], pkg["jsc_sha256"], pkg["plan_hash"])
     if gkey not in memo:
         runner = DeviceRunner(ws.out / pkg["path"], threads=1)
         msgs, enc_ms = [], []
-        for u in utts:
+        for u in pieces:
             t0 = time.perf_counter()
             msgs.append(runner.encode_audio(u.audio))
             enc_ms.append((time.perf_counter() - t0) * 1e3)
@@ -124,13 +135,14 @@ def _evaluate_one(ws: Workspace, pkg: dict, cand: dict, channel: str, snrs: list
     for snr in snrs:
         k = (channel, snr_key(snr))
         if k not in g["acc"]:
-            r = link_accuracy(sp.server, g["msgs"], refs, channel, snr, similarity=True,
-                              max_new_tokens=ws.settings["max_new_tokens"])
+            r = link_accuracy(sp.server, g["msgs"], refs, channel, snr, similarity=True, groups=groups,
+                              max_new_tokens=None if groups else ws.settings["max_new_tokens"])
             g["acc"][k] = {m: r.get(m) for m in ACC_KEYS}
         acc[snr_key(snr)] = g["acc"][k]
     frames = [m.shape[0] for m in g["msgs"]]
     return {"accuracy": acc, "device_encode_ms_host": round(g["enc_ms"], 2), "server_ms_host": round(g["dec_ms"], 2),
-            "mean_frames": float(np.mean(frames)), "k": int(g["msgs"][0].shape[-1]), "n": len(g["msgs"])}
+            "mean_frames": float(np.mean(frames)), "k": int(g["msgs"][0].shape[-1]), "n": len(refs),
+            "messages": len(g["msgs"])}
 
 
 # what a build keeps of each accuracy figure: the point values, their 95% intervals, the normaliser
@@ -220,7 +232,8 @@ def stage_plan(run: BuildRun, quick: bool, plan_quick: bool | None, plans_in: Pa
     # default codec ships under the same --jsc) and how accuracy is measured
     plan_inputs = {"model": run.model, "profiles": run.prof_files, "devices": sorted(run.profs), "quick": quick,
                    "plan_quick": plan_quick, "codec": run.ws.codec_id, "metrics": METRICS_VERSION,
-                   "plans_in": sha256_file(plans_in) if plans_in else None}
+                   "plans_in": sha256_file(plans_in) if plans_in else None,
+                   "voices": run.settings.get("voices"), "data": _data_id(run.settings.get("data"))}
     plan_res = run.st.run("plan", plan_inputs, do_plan, lambda r: [out / "plans.json"])
     plans_doc = _read_plans(out / "plans.json")
     check_plans(plans_doc, run.profs)
@@ -314,6 +327,7 @@ def stage_evaluate(run: BuildRun, plans_doc: dict, pkgs: dict, fitting: list[str
             snrs = sorted(set(settings["sweep"]) | set(dev_snrs))
             inputs = {"onnx": pkg["onnx_sha256"], "jsc": pkg["jsc_sha256"], "plan": pkg["plan_hash"],
                       "channel": channel, "snrs": snrs, "n_eval": settings["n_eval"], "weights": run.weights(),
+                      "voices": settings.get("voices"), "data": _data_id(settings.get("data")),
                       "max_new_tokens": settings["max_new_tokens"], "metrics": METRICS_VERSION}
 
             def do_eval(pkg=pkg, cid=cid, channel=channel, snrs=snrs):
@@ -373,7 +387,7 @@ def device_record(d: str, prof, plans_doc: dict, fitting: list[str], sweep: list
 def _measured(prof, sweep: list, pkg: dict, prof_res: dict, ev: dict) -> dict:
     """A packaged device's figures: package, host and predicted costs, accuracy, curve, latency breakdown."""
     rec = {"package": pkg, **prof_res}
-    rec["accuracy"] = {s: ev["accuracy"][snr_key(s)] for s in map(_snr_key, ev["eval_snrs"])}
+    rec["accuracy"] = {snr_key(s): ev["accuracy"][snr_key(s)] for s in ev["eval_snrs"]}
     rec["curve"] = {"channel": ev["channel"], "snrs": sweep, "n": ev["n"],
                     **{m: [ev["accuracy"][snr_key(s)].get(m) for s in sweep] for m in CURVE_KEYS}}
     uses = math.ceil(ev["mean_frames"] * ev["k"] / 2)
@@ -414,7 +428,8 @@ def stage_report(run: BuildRun, record: dict) -> str:
     from semedge.report import write_report
 
     out = run.out
-    report_inputs = {k: v for k, v in record.items() if k not in ("created",)}
+    # the figures, not when or how long: an up-to-date report keeps the build time it was made with
+    report_inputs = {k: v for k, v in record.items() if k not in ("created", "timing")}
     rep = run.st.run("report", report_inputs, lambda: {"index": str(write_report(record, out).relative_to(out))},
                      lambda r: [out / "report" / "index.html"])
     return rep["index"]

@@ -148,3 +148,14 @@ def test_eval_bad_folder_cli_exit_2_nothing_written(speech, tmp_path):
     assert "line 3: gone.wav: file does not exist" in r.stderr
     assert "line 4: clip.ogg: empty transcription" in r.stderr
     assert not (tmp_path / "e.json").exists() and not cache.exists()  # nothing cached from a half-read folder
+
+
+@pytest.mark.parametrize("command", ["plan", "build"])
+def test_plan_and_build_bad_folder_exit_2_before_any_work(speech, tmp_path, command):
+    d = write_folder(tmp_path / "data", speech)
+    (d / "metadata.csv").write_text("file_name,transcription\nmono8k.wav,ok\ngone.wav,x\n")
+    out = tmp_path / ("plans.json" if command == "plan" else "out")
+    r = _semedge(command, "--data", str(d), "--model", "tiny:whisper:0", "--quick", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "line 3: gone.wav: file does not exist" in r.stderr
+    assert not out.exists()

@@ -245,3 +245,23 @@ def test_plan_checks_and_fitting_devices(setup):
     del bad["devices"]["phone-b"]
     with pytest.raises(UserError, match="no entry"):
         check_plans(bad, profs)
+
+
+
+def test_build_on_user_data_segments_long_recordings(first, setup, tmp_path):
+    """--data: the build re-evaluates on the user's recordings (packages and profiles stay up to date);
+    a recording longer than the window goes as two messages, scored on the joined transcript."""
+    from test_audiofolder import SENTENCES, write_folder
+
+    from semedge.pipeline import build
+    from semedge.semcom.tasks.speech import synthesize
+
+    d = write_folder(tmp_path / "data", [synthesize(s) for s in SENTENCES[:3]], long=True)
+    out, _ = first
+    _, prof, plans = setup
+    rec = build(MODEL, prof, out, quick=True, progress=False, plans=plans, n_eval=5, sweep=[0, 20], runs=2, data=d)
+    assert rec["stages"]["package"]["skipped"] and rec["stages"]["profile"]["skipped"], rec["stages"]
+    assert not rec["stages"]["evaluate"]["skipped"]
+    ev = json.loads((out / ".stamps" / "evaluate-phone-a.json").read_text())["result"]
+    assert ev["n"] == 5 and ev["messages"] == 6, ev  # the long recording: two messages
+    assert rec["devices"]["phone-a"]["accuracy"]["0"]["n"] == 5
