@@ -332,7 +332,7 @@ def apply(split, config: DistillConfig | dict, calib=None, progress: bool = True
 
     if isinstance(config, dict):
         config = DistillConfig.from_dict(config, "distill config")
-    if split.kind != "speech":
+    if not split.task.supports("distill"):
         raise UserError("distillation is implemented for speech (Whisper) encoders", "use prune for text encoders")
     from semedge.semcom.models import derived
 

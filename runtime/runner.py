@@ -19,6 +19,8 @@ from semedge.core.errors import UserError
 
 # Profile names -> ONNX Runtime provider names (runtime.providers owns them).
 PROVIDER_NAMES = dict(ORT_NAMES)
+# manifest["frontend"]["type"] of the front ends the device computes (written by the speech / text tasks)
+LOG_MEL, TOKENIZER = "whisper-log-mel", "tokenizer"
 
 
 def normalize_power(x: np.ndarray, k_keep: int | None = None, eps: float = 1e-8) -> np.ndarray:
@@ -50,7 +52,7 @@ def check_mel_filters(package: Package) -> None:
     """A speech package's filterbank (mel_filters.npy) must be the one `log_mel` computes,
     else the device's features would not be those the model was exported with."""
     rel = package.frontend.get("mel_filters")
-    if package.kind != "speech" or not rel:
+    if not rel:  # no log-mel front end
         return
     theirs = np.load(package.file(rel), allow_pickle=False)  # [n_mels, n_fft/2+1]
     ours = whisper_filters().T
@@ -116,7 +118,7 @@ class DeviceRunner:
     def encode_audio(self, audio, k_keep: int | None = None, window: str | None = None) -> np.ndarray:
         """16 kHz mono samples -> symbols [content_frames, k or k_keep] float32; the encoder runs
         on `window` (default: the package's, see runtime.features.window_frames)."""
-        if self.kind != "speech":
+        if self.package.frontend.get("type") != LOG_MEL:  # the front end the task wrote decides
             raise UserError(f"package {self.package.package_id} is a text model", "use encode_text (--text) with this package")
         audio = np.asarray(audio)
         if audio.ndim != 1 or audio.size == 0:
@@ -141,7 +143,7 @@ class DeviceRunner:
 
     def encode_text(self, text: str, k_keep: int | None = None) -> np.ndarray:
         """A sentence -> symbols [tokens, k or k_keep] float32."""
-        if self.kind != "text":
+        if self.package.frontend.get("type") != TOKENIZER:
             raise UserError(f"package {self.package.package_id} is a speech model", "use encode_audio (--wav) with this package")
         if not isinstance(text, str) or not text.strip():
             raise UserError("text is empty", "pass a non-empty sentence")

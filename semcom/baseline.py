@@ -427,7 +427,7 @@ class ConventionalLink:
                  cache: LinkCache | None = None):
         """backend: the receiver's Whisper runs in transformers ("torch", fp32) or CTranslate2 ("ct2", int8).
         cache: share one per source setting (`cfg.source.label`) between links at several code rates."""
-        if loaded.kind != "speech":
+        if not loaded.task.supports("baseline"):
             raise UserError("the conventional baseline is for speech models", "use a Whisper model")
         if backend not in ("torch", "ct2"):
             raise UserError(f"baseline receiver backend {backend!r} is unknown", "use torch or ct2")

@@ -21,8 +21,11 @@ device_app = typer.Typer(no_args_is_help=True, help="Run a package on this devic
 def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[list, list | None]:
     """(symbols per message, [(start, end)] sample ranges or None): audio longer than `segment_s`
     (default: runtime.segment.default_segment_s) is cut at quiet points, one message per segment."""
+    from semedge.semcom.tasks.registry import get_task
+
+    modality = get_task(pkg.kind).modality  # the registry imports no torch
     if wav is not None:
-        if pkg.kind != "speech":
+        if modality != "audio":
             raise UserError(f"package {pkg.package_id} is a text model", "use --text")
         from semedge.core.segment import default_segment_s, segment_bounds
         from semedge.semcom.tasks.speech import read_wav
@@ -30,7 +33,7 @@ def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[
         audio = read_wav(wav)
         bounds = segment_bounds(audio, segment_s or default_segment_s(pkg.identity))
         return [runner.encode_audio(audio[a:b], k_keep=k_keep) for a, b in bounds], bounds
-    if pkg.kind != "text":
+    if modality != "text":
         raise UserError(f"package {pkg.package_id} is a speech model", "use --wav")
     return [runner.encode_text(text, k_keep=k_keep)], None
 

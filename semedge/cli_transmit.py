@@ -52,7 +52,7 @@ def _k_to_send(k_opt, ckpt, loaded, snr_db: float) -> int | None:
 def _inputs(loaded, model: str, text, wav, segment_s: float) -> tuple[list, list | None]:
     """(messages, [(start, end)] sample ranges or None): speech longer than `segment_s` is cut
     at quiet points (core.segment) and each segment is sent as its own message."""
-    if loaded.kind != "speech":
+    if loaded.task.modality != "audio":  # the message is the text itself
         if wav is not None:
             raise UserError(f"{model} is a text model; --wav needs a speech model", "pass --text instead")
         return [text], None

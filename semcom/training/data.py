@@ -28,19 +28,13 @@ class Example:
 
 
 def target_ids(loaded, text: str) -> list[int]:
-    """Token ids the decoder should produce, with the model's prefix and end tokens."""
-    if loaded.kind == "speech":
-        return list(loaded.tokenizer(" " + text.strip()).input_ids)
-    return list(loaded.tokenizer(text).input_ids)
+    """Token ids the decoder should produce, with the model's prefix and end tokens (the task's)."""
+    return loaded.task.target_ids(loaded, text)
 
 
 def prefix_length(loaded) -> int:
     """Forced tokens at the start of every target (Whisper: SOT, language, task, notimestamps)."""
-    if loaded.kind != "speech":
-        return 1
-    ids = target_ids(loaded, "a")
-    tail = len(loaded.tokenizer(" a", add_special_tokens=False).input_ids) + 1
-    return len(ids) - tail
+    return loaded.task.prefix_length(loaded)
 
 
 def speech_examples(loaded, split: str, n: int, keep_audio: bool = False, progress: bool = True,
@@ -90,8 +84,8 @@ def folder_examples(loaded, directory, n_train: int, n_val: int, progress: bool 
 
 def run_examples(cfg, loaded, encoder=None, progress: bool = True) -> tuple[list[Example], list[Example]]:
     """(train, val) Examples a TrainConfig names: its --data folder, or the built-in speech split."""
-    if loaded.kind != "speech":
-        raise UserError(f"{loaded.source} is a text model: pass training texts", "train speech models from the CLI")
+    if not loaded.task.supports("train"):
+        raise UserError(f"{loaded.source} is a {loaded.task.name} model: pass training texts", "train speech models from the CLI")
     if cfg.data:
         return folder_examples(loaded, cfg.data, cfg.n_train, cfg.n_val, progress, encoder)
     train = speech_examples(loaded, cfg.split, cfg.n_train, progress=progress, encoder=encoder,
@@ -104,7 +98,7 @@ def device_encoder_model(name: str, loaded):
     from semedge.semcom.models import load_model
 
     enc = load_model(name)
-    if enc.kind != "speech" or loaded.kind != "speech":
+    if not (enc.task.supports("other-encoder") and loaded.task.supports("other-encoder")):
         raise UserError(f"--encoder {name}: another model's encoder is supported for speech models only",
                         "drop --encoder")
     a, b = enc.model.config.num_mel_bins, loaded.model.config.num_mel_bins

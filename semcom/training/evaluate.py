@@ -42,7 +42,7 @@ def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_
     from semedge.semcom.channels import make_channel
     from semedge.semcom.split import silence_encoding
 
-    if silence is None and loaded.kind == "speech":
+    if silence is None and loaded.task.fills_silence:
         silence = silence_encoding(loaded)
     server = _server(loaded, codec, silence, backend)
     ch = make_channel(channel)

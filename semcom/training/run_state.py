@@ -39,7 +39,7 @@ def run_info(tr, metrics: dict | None = None) -> dict:
     cfg = tr.cfg
     return {
         "channels": list(cfg.channels), "snr_range_db": [cfg.snr_low, cfg.snr_high],
-        "data": {"task": "speech" if tr.loaded.kind == "speech" else "text", "split": cfg.split,
+        "data": {"task": tr.loaded.task.name, "split": cfg.split,
                  "n_train": len(tr.examples), "n_val": len(tr.val_examples)},
         "seed": cfg.seed, "step": tr.step,
         "lora": None if cfg.lora is None else dataclasses.asdict(cfg.lora), "qlora": cfg.qlora,

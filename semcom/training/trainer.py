@@ -94,11 +94,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.codec = self._codec()
         self.silence = None
-        if loaded.kind == "speech":
+        if loaded.task.fills_silence:
             from semedge.semcom.split import silence_encoding
 
             self.silence = silence_encoding(loaded)  # [1500, d]
-        self.sil_kv = frozen_silence_kv(self.model, self.silence) if self.silence is not None and is_whisper(self.model) else None
+        self.sil_kv = frozen_silence_kv(self.model, self.silence) if loaded.task.fills_silence and is_whisper(self.model) else None
         self.prefix_len = prefix_length(loaded)
         self.pad_id = loaded.model.config.pad_token_id if loaded.model.config.pad_token_id is not None else 0
         self.opt = self._optimizer()
@@ -110,7 +110,7 @@ class Trainer:
         cfg, loaded = self.cfg, self.loaded
         if examples is None:
             examples, val_examples = run_examples(cfg, loaded, self.encoder, self.progress)
-        if val_examples is None and loaded.kind == "speech" and cfg.n_val:
+        if val_examples is None and loaded.task.supports("train") and cfg.n_val:
             val_examples = speech_examples(loaded, "val", cfg.n_val, progress=self.progress, encoder=self.encoder,
                                            family=cfg.voice_family())
         return examples, val_examples or []
@@ -121,7 +121,7 @@ class Trainer:
 
         cfg, loaded = self.cfg, self.loaded
         codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden,
-                                   tail_frames=cfg.tail_frames if loaded.kind == "speech" else None,
+                                   tail_frames=cfg.tail_frames if loaded.task.fills_silence else None,
                                    d_in=None if self.encoder is None else self.encoder.d_model))
         calib = self.examples[:CALIBRATION_EXAMPLES]
         codec.set_stats(torch.cat([e.h.float() for e in calib], 0),
@@ -180,7 +180,7 @@ class Trainer:
 
     def _logits(self, model, h: torch.Tensor, b: dict, sel: torch.Tensor) -> torch.Tensor:
         """Decoder logits [N, V] at the scored positions `sel`, for features h [B, m, d] (silence-filled past each message)."""
-        if self.silence is None:
+        if not self.loaded.task.fills_silence:  # masked padding
             logits = decoder_logits(model, h, b["dec_in"], b["mask"].long(), None)
             return logits[sel]
         states = torch.where(b["mask"].unsqueeze(-1), h, self.silence[: h.shape[1]].unsqueeze(0))
