@@ -32,7 +32,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 # torch first and pinned: any other spec pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[full,test,scale]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import semedge, torch, onnxruntime, transformers, ray" \
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[full,test,scale,federated]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import semedge, torch, onnxruntime, transformers, ray, flwr" \
   || { echo "bootstrap: the install failed; see the pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -37,6 +37,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "semedge.cli_transmit",   # transmit
     "semedge.cli_train",      # train, train-image, eval, rate
+    "semedge.cli_federate",   # federate (Flower imported inside the command)
     "semedge.cli_profiles",   # profiles ..., profile, device bench
     "semedge.cli_export",     # export
     "semedge.cli_runtime",    # device run, serve

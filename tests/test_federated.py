@@ -87,48 +87,30 @@ def test_device_lora_on_the_decoder_is_refused(tiny):
         S.DeviceHalf(tiny, _codec(), LoRASpec(targets=("decoder.self_attn",)))
 
 
-# Flower apps on an in-process grid: Flower's ServerApp logic and ClientApp routing, no Ray ---------
+# Flower apps on engine local's in-process grid: the ServerApp logic and ClientApp routing, no Ray -----
 
-class LocalGrid:
-    """A flwr Grid that hands each message to the ClientApp in this process (one Context per node);
-    a client whose partition is in `fail` raises on its `fail_step`-th local step (a killed client)."""
+def recording_grid(n: int, fail: tuple[int, ...] = (), fail_step: int = 1):
+    """engine local's grid, logging every message's record names; a client whose partition is in
+    `fail` dies (its reply is an error, as Flower reports a failed ClientApp) on local step `fail_step`."""
+    from flwr.app import Error, Message
 
-    def __init__(self, n: int, fail: tuple[int, ...] = (), fail_step: int = 1):
-        from flwr.app import Context, RecordDict
-        from flwr.supercore.task_identity import TaskIdentity
+    from semedge.semcom.federated.local_grid import LocalGrid
 
-        from semedge.semcom.federated.flower_client import client_app
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperLink sets
-
-        self.app, self.fail, self.fail_step = client_app, fail, fail_step
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": n},
-                                          state=RecordDict(), run_config={}) for i in range(n)}
-        self.log: list[tuple[str, str, list[str], list[str]]] = []  # (type, direction, record names, uplink keys)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Error, Message
-
-        out = []
-        for m in messages:
-            node, mtype = m.metadata.dst_node_id, m.metadata.message_type
+    class RecordingGrid(LocalGrid):
+        def deliver(self, m):
+            mtype, ctx = m.metadata.message_type, self.contexts[m.metadata.dst_node_id]
             self.log.append((mtype, "down", sorted(m.content.keys()), []))
-            ctx = self.contexts[node]
-            try:
-                if ctx.node_config["partition-id"] in self.fail and mtype == "train.step" \
-                        and int(m.content["config"]["step"]) == self.fail_step:
-                    raise RuntimeError("client killed")
-                r = self.app(m, ctx)
-            except RuntimeError as e:
-                r = Message(Error(code=0, reason=str(e)), reply_to=m)
+            if ctx.node_config["partition-id"] in fail and mtype == "train.step" and int(m.content["config"]["step"]) == fail_step:
+                return Message(Error(code=0, reason="client killed"), reply_to=m)
+            r = super().deliver(m)
             if not r.has_error():
                 up = sorted(r.content["uplink"].keys()) if "uplink" in r.content else []
                 self.log.append((mtype, "up", sorted(r.content.keys()), up))
-            out.append(r)
-        return out
+            return r
+
+    grid = RecordingGrid(n)
+    grid.log = []  # (message type, direction, record names, uplink keys)
+    return grid
 
 
 def _fed_cfg(**kw):
@@ -146,7 +128,7 @@ def one_round(tmp_path_factory):
     from semedge.semcom.federated.server import SplitServer
 
     cfg = _fed_cfg()
-    grid = LocalGrid(2)
+    grid = recording_grid(2)
     start = SplitServer(cfg)
     res = F.run_server(grid, cfg, tmp_path_factory.mktemp("fed"))
     return cfg, grid, start, res
@@ -192,7 +174,7 @@ def test_a_client_that_dies_mid_round_drops_out_and_the_round_completes(tmp_path
     from semedge.semcom.federated import flower_server as F
 
     cfg = _fed_cfg(personal_steps=0)
-    res = F.run_server(LocalGrid(2, fail=(1,), fail_step=0), cfg, tmp_path)
+    res = F.run_server(recording_grid(2, fail=(1,), fail_step=0), cfg, tmp_path)
     assert res["rounds"][0]["sampled"] == 2 and res["rounds"][0]["aggregated"] == 1
     assert (tmp_path / "federated.json").exists()
 
@@ -202,3 +184,12 @@ def test_bad_options_name_the_option():
                     (dict(clients=0), "--clients"), (dict(lora="r=4,targets=decoder.self_attn"), "--lora")]:
         with pytest.raises(UserError, match=opt):
             _fed_cfg(**kw)
+
+
+def test_cli_bad_option_exits_2_naming_it():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "semedge.cli", "federate", "--non-iid", "accents"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--non-iid" in r.stderr, r.stderr[-500:]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from semedge.core.errors import UserError
 
 NON_IID = ("none", "voices", "corpora", "speeds")
-ENGINES = ("simulation", "deployment")
+ENGINES = ("simulation", "local", "deployment")  # local: one process, no Ray (local_grid.py)
 SPEED_FACTORS = (0.9, 1.0, 1.1)  # --non-iid speeds: client i speaks at SPEED_FACTORS[i % 3] (sox tempo)
 
 

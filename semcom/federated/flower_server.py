@@ -21,6 +21,7 @@ from semedge.semcom.federated.accounting import Ledger, array_bytes, text_bytes
 from semedge.semcom.federated.config import FederateConfig
 
 LOG = print
+SIM_ATTEMPTS = 2
 
 
 def _arrays(d: dict) -> ArrayRecord:
@@ -228,8 +229,14 @@ def run_simulation(cfg: FederateConfig, out, actors: int | None = None) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     results: dict = {}
     actors = actors or min(cfg.clients, 2)
-    flwr_run_simulation(server_app(cfg, out, results), client_app, num_supernodes=cfg.clients,
-                        backend_config=backend_config(cfg, actors))
+    for attempt in range(SIM_ATTEMPTS):  # Ray gives its node 30 s to start; a loaded host can miss that
+        try:
+            flwr_run_simulation(server_app(cfg, out, results), client_app, num_supernodes=cfg.clients,
+                                backend_config=backend_config(cfg, actors))
+        except RuntimeError as e:
+            LOG(f"federate: the simulation engine stopped ({e}); attempt {attempt + 1} of {SIM_ATTEMPTS}")
+        if results:
+            break
     if not results:
         from semedge.core.errors import UserError
 
