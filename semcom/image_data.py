@@ -14,7 +14,9 @@ training patches are random crops with random flips (`random_crops`).
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -57,28 +59,36 @@ def photos(split: str) -> list[Photo]:
     return [p for p in PHOTOS if p.split == split]
 
 
+# The photo files inside the installed packages (read with Pillow: importing skimage.data or
+# sklearn.datasets costs seconds; the pixels are the same as their loaders').
+_FILES = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets", "images")}
+_SUFFIX = {"hubble_deep_field": ".jpg", "retina": ".jpg", "rocket": ".jpg"}
+
+
+def photo_file(photo: Photo) -> Path:
+    """Where `photo` lies in its installed package (found without importing the package)."""
+    pkg, *sub = _FILES[photo.source]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        extra = "scikit-image" if pkg == "skimage" else "scikit-learn"
+        raise UserError(f"{extra} is not installed: the image task's photos ship inside it", f"pip install {extra}")
+    suffix = ".jpg" if photo.source == "sklearn" else _SUFFIX.get(photo.name, ".png")
+    path = Path(spec.submodule_search_locations[0], *sub, photo.name + suffix)
+    if not path.is_file():
+        raise UserError(f"the photo {path} is missing from the installed {pkg}", f"reinstall it: pip install --force-reinstall {pkg}")
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def load_photo(name: str) -> np.ndarray:
-    """The photo as uint8 RGB [H, W, 3] (grey photos: three equal channels)."""
+    """The photo as uint8 RGB [H, W, 3] (grey photos: three equal channels); read-only."""
+    from PIL import Image
+
     by_name = {p.name: p for p in PHOTOS}
     if name not in by_name:
         raise UserError(f"photo {name!r} is not in the image task's set", f"use one of {', '.join(by_name)}")
-    if by_name[name].source == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        img = load_sample_image(f"{name}.jpg")
-    else:
-        import skimage.data as data
-
-        if name.startswith("motorcycle_"):
-            left, right, _ = data.stereo_motorcycle()
-            img = left if name.endswith("left") else right
-        else:
-            img = getattr(data, name)()
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    img = img.astype(np.uint8)
+    with Image.open(photo_file(by_name[name])) as im:
+        img = np.asarray(im.convert("RGB"), dtype=np.uint8)
     img.setflags(write=False)
     return img
 

@@ -109,12 +109,16 @@ def transmit(
     segment_s: Optional[float] = typer.Option(None, "--segment-s", help="speech longer than this is cut at quiet points into segments, each sent as its own message (1-30; default 30 for --jsc identity, 6 for a trained codec)"),
     seed: int = typer.Option(0, help="channel noise seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    task: str = typer.Option("speech", "--task", help="speech (by --model: speech or text models) or image (--image)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="--task image: a PNG/JPEG to send; the reconstruction is written beside it (<stem>.semedge.png)"),
 ):
     """Send one message (a long recording: one per segment) through device half -> channel -> server half; print the output and metrics."""
     from semedge.core.channel_spec import parse_channel, parse_snr
 
     snr_db = parse_snr(snr)
     parse_channel(channel)
+    if task == "image" or image is not None:
+        return _transmit_image(task, image, channel, snr_db, seed, jsc, as_json)
     k_opt = _parse_k(k)
     if frames not in ("content", "all"):
         raise UserError(f"--frames must be 'content' or 'all', got {frames!r}", "use --frames content")
@@ -155,6 +159,22 @@ def transmit(
         typer.echo(json.dumps(out))
         return
     _print(out, snr)
+
+
+def _transmit_image(task: str, image: Optional[Path], channel: str, snr_db: float, seed: int, jsc: Optional[Path],
+                    as_json: bool) -> None:
+    """--task image: the image through the image codec (the shipped one, or --jsc DIR from `semedge train-image`)."""
+    if task != "image" or image is None:
+        raise UserError("--image goes with --task image, and --task image needs --image", "e.g. --task image --image photo.png")
+    from semedge.semcom.tasks.image import transmit_image
+
+    out = transmit_image(image, channel, snr_db, seed, codec_dir=jsc)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"wrote {out['output']}")
+    typer.echo(f"PSNR {out['psnr']:.2f} dB  SSIM {out['ssim']:.3f}  |  {out['channel']} {out['snr_db']} dB, "
+               f"{out['channel_uses']} channel uses ({out['channel_uses_per_pixel']:.3f} per pixel), codec {out['codec']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -149,12 +149,12 @@ def transmit_image(path: str | Path, channel: str = "awgn", snr_db: float = 10.0
     from PIL import Image
 
     from semedge.core.files import atomic_path
-    from semedge.semcom.image_codec import load_codec
+    from semedge.semcom.image_codec import load_codec  # imports torch
     from semedge.semcom.image_data import to_hwc_uint8
     from semedge.semcom.image_eval import channel_uses, psnr, run_codec, ssim
 
+    img = load_image(path)  # bad input fails before the model loads
     codec, manifest = default_codec() if codec_dir is None else load_codec(codec_dir)
-    img = load_image(path)
     x, (h, w) = pad_image(img)
     rec = run_codec(codec, x[None], channel, snr_db, seed)[0][:, :h, :w]  # [3, H, W]
     out = Path(out) if out is not None else Path(path).with_name(f"{Path(path).stem}.semedge.png")
