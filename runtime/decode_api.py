@@ -11,7 +11,8 @@ A host is any object with `cfg` (ServerConfig), `metrics` (Metrics), `cache`
 `async decode(pid, arr) -> [(text, queue_s, decode_s, batch)]`, which may raise
 HTTPError (503 when its queue is full or a replica is gone). A host that keeps session
 memories (`?session=S`, semcom/memory.py) also has `sessions` (a memory.Sessions) and takes
-`decode(pid, arr, prompts)`; the local host does, the Ray host does not (422).
+`decode(pid, arr, prompts)`; one with `kb` (semcom/kb.py) puts retrieved passages in every
+message's prompt. The local host does both, the Ray host neither (422 for a session).
 """
 
 from __future__ import annotations
@@ -199,17 +200,33 @@ def session_memory(host, pid: str, sid: str | None):
         raise HTTPError(422, f"{e}") from None
 
 
-async def _decode_in_session(host, pid: str, arr: np.ndarray, mem) -> list:
-    """A session's messages one after another, each with the memory's prompt, each decode stored.
-    Rules that score against the current message (corr) first decode it without a prompt."""
+async def _decode_with_context(host, pid: str, arr: np.ndarray, mem) -> list:
+    """Messages one after another, each with a prompt: passages from the host's knowledge base
+    (`kb`, semcom/kb.py) then the session memory's text, each decode stored in the memory.
+    The KB and corr search with a first-pass decode of the message (no prompt)."""
     loop, results = asyncio.get_running_loop(), []
+    kb = getattr(host, "kb", None)
     for m in arr:
-        query = (await host.decode(pid, m[None]))[0][0] if mem.needs_query else None
-        prompt = await loop.run_in_executor(None, mem.prompt, query)  # corr embeds: off the event loop
+        first = kb is not None or (mem is not None and mem.needs_query)
+        query = (await host.decode(pid, m[None]))[0][0] if first else None
+        prompt = await loop.run_in_executor(None, context_prompt, host, mem, query)  # embeds: off the event loop
         r = (await host.decode(pid, m[None], [prompt]))[0]
-        await loop.run_in_executor(None, mem.add, r[0])
+        if mem is not None:
+            await loop.run_in_executor(None, mem.add, r[0])
         results.append(r)
     return results
+
+
+def context_prompt(host, mem, query: str | None) -> str:
+    """The decoder's previous text: the best KB passages, then the memory (Whisper keeps the prompt's end)."""
+    parts = []
+    kb = getattr(host, "kb", None)
+    if kb is not None and query:
+        recent = mem.texts()[-1:] if mem is not None else []
+        parts += [h.text for h in kb.search(" ".join(recent + [query]), host.cfg.kb_passages)]
+    if mem is not None:
+        parts.append(mem.prompt(query))
+    return " ".join(p for p in parts if p)
 
 
 async def _decode_once(host, request, pid: str) -> dict:
@@ -229,10 +246,10 @@ async def _decode_once(host, request, pid: str) -> dict:
             return {**cached, "replayed": True}
     answer = None
     try:
-        if mem is None:
+        if mem is None and getattr(host, "kb", None) is None:
             results = await host.decode(pid, arr)
         else:
-            results = await _decode_in_session(host, pid, arr, mem)
+            results = await _decode_with_context(host, pid, arr, mem)
         answer = answer_body(results, pid, int(arr.shape[1]), time.perf_counter() - t_start)
         return answer
     finally:

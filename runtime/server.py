@@ -58,6 +58,8 @@ class ServerConfig:
     memory_bytes: int = 4096  # text bytes per session memory
     max_sessions: int = 1024  # sessions kept (least recently used go first)
     session_idle_s: float = 900.0  # a session idle this long is forgotten
+    kb: str | None = None  # knowledge-base folder (semcom/kb.py): passages retrieved into every prompt
+    kb_passages: int = 2  # passages per message
 
     def __post_init__(self):
         if self.backend not in ("auto", "ct2", "torch"):
@@ -68,6 +70,8 @@ class ServerConfig:
             raise UserError("workers and threads must be >= 1", "e.g. --workers 2 --threads 1 on a 2-core host")
         if self.memory is not None:
             self.memory_config()  # a bad rule or bound fails at startup
+        if self.kb_passages < 1:
+            raise UserError(f"kb_passages={self.kb_passages} must be >= 1", "e.g. 2 passages per message")
 
     def memory_config(self):
         from semedge.semcom.memory import MemoryConfig
@@ -325,6 +329,11 @@ class LocalHost:
             from semedge.semcom.memory import Sessions
 
             self.sessions = Sessions(self.cfg.memory_config(), self.cfg.max_sessions, self.cfg.session_idle_s)
+        self.kb = None  # passages into every prompt (decode_api.context_prompt); `semedge kb add` updates it live
+        if self.cfg.kb is not None:
+            from semedge.semcom.kb import KnowledgeBase
+
+            self.kb = KnowledgeBase(self.cfg.kb)
 
     def package_ids(self):
         return self.reg.served.keys()

@@ -42,6 +42,7 @@ COMMAND_MODULES = [
     "semedge.cli_export",     # export
     "semedge.cli_runtime",    # device run, serve
     "semedge.cli_trust",      # keys new/sign, auth add
+    "semedge.cli_kb",         # kb add/list/remove
     "semedge.cli_compress",   # plan
     "semedge.cli_build",      # build, demo
 ]

@@ -169,6 +169,8 @@ def serve(
     memory: Optional[str] = typer.Option(None, "--memory", help="keep a memory per ?session=S whose text prompts the decoder: "
                                          "fifo, fresh, value, corr, or a sum like fresh+corr (docs/context.md)"),
     memory_items: int = typer.Option(8, "--memory-items", help="items per session memory (with --memory)"),
+    kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge-base folder (`semedge kb add`): its best passages "
+                                      "prompt the decoder; updates apply without a restart"),
 ):
     """Serve every package under --packages: POST /v1/decode?package=ID[&session=S], GET /healthz, GET /metrics."""
     from semedge.runtime.server import ServerConfig
@@ -185,11 +187,12 @@ def serve(
         torch.set_num_threads(1)
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
-                       threads=max(1, threads or 1), memory=memory, memory_items=memory_items)
+                       threads=max(1, threads or 1), memory=memory, memory_items=memory_items,
+                       kb=str(kb) if kb else None)
     if engine == "ray" or replicas or autoscale or address:
         return _serve_ray(packages, host, port, cfg, engine, trust=trust, replicas=replicas, autoscale=autoscale,
                           address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                          unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile, "--memory": memory})
+                          unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile, "--memory": memory, "--kb": kb})
     scheme = "https" if ssl_certfile else "http"
     typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
     run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,

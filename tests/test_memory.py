@@ -234,3 +234,18 @@ def test_local_server_sessions(tmp_path):
     plain = [half.transcribe([torch.from_numpy(m)], 8)[0] for m in msgs]
     assert a0 == plain[0] and b1 == plain[1]
     assert a1 == half.transcribe([torch.from_numpy(msgs[1])], 8, prompts=[a0])[0]
+
+
+def test_kb_passages_prompt_every_message_and_update_live(tmp_path):
+    from semedge.semcom.kb import KnowledgeBase
+
+    host = EchoHost()
+    kb = KnowledgeBase(tmp_path / "kb", toy_embed, create=True)
+    kb.add("food", "boil pasta slowly")
+    host.kb = KnowledgeBase(tmp_path / "kb", toy_embed)  # the server's own connection
+    host.cfg.kb_passages = 1
+    c = _client(host)
+    assert _send(c, 1)[1]["text"] == ["m1 after boil pasta slowly"]  # no session: the KB alone
+    kb.add("py", "python lists hold objects")  # `semedge kb add` while the server runs: no restart
+    host.sessions.get("p", "s").add("python rocks")  # a session about python: the search uses its latest text
+    assert _send(c, 4, "s")[1]["text"][0].startswith("m4 after python lists hold objects")
