@@ -148,6 +148,10 @@ def test_one_round_changes_only_the_device_lora_the_jsc_encoder_and_the_server_j
     assert ck.adapters and all(".encoder." in k and "lora_" in k for k in ck.adapters)
     assert any(float(v.abs().sum()) > 0 for k, v in ck.adapters.items() if "lora_B" in k)  # B starts at 0: it moved
     assert ck.manifest["federated"]["clients"] == 2
+    from semedge.semcom.checkpoint import apply_checkpoint
+
+    rx = apply_checkpoint(start.loaded, ck)  # a normal checkpoint: the receiver model carries the encoder LoRA
+    assert any("encoder" in n and "lora_A" in n for n, _ in rx.model.named_parameters())
     assert set(res["wer"]) == {"start", "global", "personal"} and set(res["wer"]["global"]) == {"0", "1"}
     assert res["rounds"][0]["aggregated"] == 2
 

@@ -20,8 +20,12 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from semedge.semcom.federated.accounting import Ledger, array_bytes, text_bytes
 from semedge.semcom.federated.config import FederateConfig
 
-LOG = print
 SIM_ATTEMPTS = 2
+
+
+def log(text: str) -> None:
+    """A progress line, flushed (a run lasts minutes, its output may go to a file)."""
+    print(text, flush=True)
 
 
 def _arrays(d: dict) -> ArrayRecord:
@@ -70,7 +74,7 @@ class Driver:
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
-                LOG(f"federate: client node {node} failed in {phase} round {rnd}: {r.error.reason}; it drops out")
+                log(f"federate: client node {node} failed in {phase} round {rnd}: {r.error.reason}; it drops out")
                 continue
             ok[node] = r
             c = r.content
@@ -84,7 +88,7 @@ class Driver:
                 self.ledger.clients[node] = {"partition": int(c["info"]["partition"])}
         lost = {m.metadata.dst_node_id for m in msgs} - set(ok)
         if lost:
-            LOG(f"federate: no reply from nodes {sorted(lost)} in {phase} round {rnd}")
+            log(f"federate: no reply from nodes {sorted(lost)} in {phase} round {rnd}")
         return ok
 
     def split_steps(self, phase: str, rnd: int, first: list[Message], personal: bool) -> dict[int, Message]:
@@ -114,7 +118,7 @@ def train_round(d: Driver, strategy, rnd: int) -> dict:
         d.server.update_global(_numpy(arrays))
     d.ledger.seconds[("train", rnd)] = time.perf_counter() - t0
     parts = sorted(d.ledger.clients.get(n, {}).get("partition", n) for n in finals)
-    LOG(f"federate: round {rnd}: {len(msgs)} sampled, {len(finals)} averaged (partitions {parts}), "
+    log(f"federate: round {rnd}: {len(msgs)} sampled, {len(finals)} averaged (partitions {parts}), "
         f"loss {np.mean(d.losses):.3f}, {d.ledger.seconds[('train', rnd)]:.1f} s")
     return {"round": rnd, "sampled": len(msgs), "aggregated": len(finals), "loss_per_step": d.losses,
             "seconds": d.ledger.seconds[("train", rnd)]}
@@ -140,6 +144,8 @@ def evaluate(d: Driver, tag: str, personal: bool = False) -> dict:
         m = r.content["metrics"]
         part = str(d.ledger.clients.get(n, {}).get("partition", n))
         out[part] = {snr: wer_ci(list(zip(m[f"errors.{j}"], m[f"words.{j}"]))) for j, snr in enumerate(d.cfg.eval_snrs)}
+    log(f"federate: evaluated {tag}: " + "; ".join(f"client {p}: " + ", ".join(f"{s} dB {v['value']:.3f}" for s, v in w.items())
+                                                   for p, w in sorted(out.items())))
     return out
 
 
@@ -234,7 +240,7 @@ def run_simulation(cfg: FederateConfig, out, actors: int | None = None) -> dict:
             flwr_run_simulation(server_app(cfg, out, results), client_app, num_supernodes=cfg.clients,
                                 backend_config=backend_config(cfg, actors))
         except RuntimeError as e:
-            LOG(f"federate: the simulation engine stopped ({e}); attempt {attempt + 1} of {SIM_ATTEMPTS}")
+            log(f"federate: the simulation engine stopped ({e}); attempt {attempt + 1} of {SIM_ATTEMPTS}")
         if results:
             break
     if not results:
