@@ -127,7 +127,7 @@ def run_image(args) -> int:
         "rows": rows, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "seconds": round(time.perf_counter() - t0, 1), "command": "python " + " ".join(sys.argv),
     }
-    path = args.out or RESULTS / "tasks_image.json"
+    path = args.out or RESULTS / ("tasks_image_quick.json" if args.quick else "tasks_image.json")  # a smoke run keeps the full results
     write_json(out, path)
     plot_image(rows, path.with_suffix(".png"))
     print_image(rows)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jsc", type=Path, default=None, help="codec folder (default: the task's shipped codec)")
     ap.add_argument("--seed", type=int, default=0, help="channel draws")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/tasks_<task>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/tasks_<task>[_quick].json)")
     args = ap.parse_args(argv)
     return TASK_RUNNERS[args.task](args)
 
