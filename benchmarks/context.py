@@ -117,7 +117,7 @@ def _score(refs, hyps, terms, secs, nbytes, base_pairs=None) -> dict:
     out = {"wer": stats.wer_ci(pairs), "rare_recall": recall, "rare_terms": sum(h[1] for h in hits),
            "decode_ms_per_msg": round(1000 * float(np.mean(secs)), 1),
            "memory_bytes_per_msg": round(float(np.mean(nbytes)), 1) if nbytes else 0.0,
-           "word_errors": [[int(e), int(w)] for e, w in pairs]}
+           "word_errors": [[int(e), int(w)] for e, w in pairs], "hyps": list(hyps)}
     if base_pairs is not None:
         out["wer_minus_none"] = stats.paired_wer_diff(base_pairs, pairs)
     return out
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             print(f"{key:>6} {name:>6}  WER {fmt_ci(row['wer'])}  recall {fmt_ci(row['rare_recall'])}  "
                   f"dWER {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else
                   f"{key:>6} {name:>6}  WER {fmt_ci(row['wer'])}  recall {fmt_ci(row['rare_recall'])}", flush=True)
-    out = {"sessions": len(chosen), "per_session": args.per_session, "utterances": len(utts),
+    out = {"refs": refs, "sessions": len(chosen), "per_session": args.per_session, "utterances": len(utts),
            "rare_terms": sum(len(t) for t in terms), "memory_items": args.memory_items, "family": args.family,
            "model": args.model, "jsc": args.jsc, "k": ck.k, "backend": "ct2-int8", "threads": args.threads,
            "channel": "awgn", "host": platform.node(), "wall_s": round(time.perf_counter() - t0, 1), "rows": rows,
