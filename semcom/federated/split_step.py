@@ -146,8 +146,8 @@ class ServerSide(nn.Module):
         from semedge.semcom.training.forward import frozen_silence_kv
 
         super().__init__()
-        if loaded.kind != "speech":
-            raise UserError(f"{loaded.source} is a text model: federated split training runs speech models",
+        if not loaded.task.supports("federated"):
+            raise UserError(f"{loaded.source} is a {loaded.task.name} model: federated split training runs speech models",
                             "use a Whisper model, e.g. --model whisper-base")
         self.loaded = loaded
         self.model = loaded.model  # shared, frozen

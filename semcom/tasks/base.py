@@ -44,6 +44,7 @@ FEATURES = {
     "distill": "the device encoder distilled (compress.distill)",
     "baseline": "a conventional source codec + channel code baseline (semcom.baseline)",
     "other-encoder": "the device runs another model's encoder (semedge train --encoder)",
+    "federated": "split fine-tuning across devices (semedge federate)",
 }
 
 

@@ -63,7 +63,7 @@ class SpeechTask(Task):
     modality: str = "audio"
     export: ExportSpec = _EXPORT
     fills_silence: bool = True
-    features: frozenset = field(default=frozenset({"link-eval", "train", "distill", "baseline", "other-encoder"}))
+    features: frozenset = field(default=frozenset({"link-eval", "train", "distill", "baseline", "other-encoder", "federated"}))
 
     def examples(self, split: str, n: int | None = None, **options) -> list:
         """Utterances (tasks.speech.load_split: audio, text, voice, ...)."""
