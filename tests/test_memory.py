@@ -187,6 +187,7 @@ def tiny_half():
     return half, [torch.from_numpy(rng.standard_normal((10 + 3 * i, 16)).astype(np.float32)) for i in range(3)]
 
 
+@pytest.mark.slow  # a tiny Whisper + its CTranslate2 conversion: ~2 min on a busy 2-core host
 def test_prompt_on_both_backends(tiny_half, tmp_path, monkeypatch):
     from semedge.semcom.ct2_backend import CT2Whisper
 
