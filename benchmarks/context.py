@@ -14,7 +14,7 @@ WER difference against no context, and decode time and memory bytes per message.
 Writes benchmarks/results/context.json and prints a table.
 
   python benchmarks/context.py --quick        # 12 sessions x 4 sentences
-  python benchmarks/context.py --sessions 10  # what docs/context.md reports (2 busy cores: ~40 min)
+  python benchmarks/context.py --sessions 20  # what docs/context.md reports (2 busy cores: ~8 min)
   python benchmarks/context.py --sessions 120 --snrs clean,10,5,0   # the issue's full run (>= 100 sessions)
 """
 
