@@ -93,14 +93,16 @@ def test_k_to_send_nested_auto_and_errors():
 
 
 def test_transmit_default_codec_k_auto_and_nested(tmp_path):
-    """whisper-base's shipped codec: --k auto asks its rate policy, --k 16 sends its first 16 symbols."""
+    """whisper-base's shipped codec: --k auto asks its rate policy, --k K sends its first K symbols (K: the
+    smallest its nested training allows)."""
     from semedge.semcom.checkpoint import ASSETS, DEFAULTS
     from semedge.semcom.rate import RatePolicy
 
     man = json.loads((ASSETS / DEFAULTS["whisper-base"] / "manifest.json").read_text())
     k_default = man["jsc"]["k"]
     policy = RatePolicy.from_dict(man["rate_policy"])
-    for k, want in (("auto", policy.choose(10.0)), ("16", 16)):
+    k_min = man["rate_training"]["rate_min"]
+    for k, want in (("auto", policy.choose(10.0)), (str(k_min), k_min)):
         r = semedge("transmit", "--text", "the boy threw the ball", "--snr", "10", "--k", k, "--json", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout.strip().splitlines()[-1])
