@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from semedge.semcom.tasks.registry import get_task
 from semedge.semcom import baseline as B
 from semedge.core.errors import UserError
 
@@ -110,7 +111,7 @@ def test_corrupted_streams_never_crash(utterance):
 
 def test_lost_stream_reads_as_empty_transcript(utterance):
     """A stream that decodes to no audio gives "" without running Whisper."""
-    link = B.ConventionalLink(SimpleNamespace(kind="speech"), B.BaselineConfig(codec="opus"))
+    link = B.ConventionalLink(SimpleNamespace(kind="speech", task=get_task("speech")), B.BaselineConfig(codec="opus"))
     link._whisper = lambda audio: pytest.fail("Whisper ran on a lost stream")
     assert link.transcribe_bits([b"not an ogg file", b""]) == ["", ""]
     assert list(link.cache.asr.values()) == [None, None]  # recorded as lost, not as an empty transcript
