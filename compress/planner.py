@@ -241,6 +241,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
     import torch
 
     from semedge.compress.hostcheck import check_on_host
+    from semedge.runtime.evaluate import eval_utterances
 
     t0 = time.time()
     _quiet()
