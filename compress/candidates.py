@@ -17,12 +17,6 @@ PRECISIONS: dict[str, dict | None] = {
     "int4-mixed": {"mode": "int4", "block_size": 64, "keep_fp32": ["critical"]},
 }
 QUICK_PRECISIONS = ("fp32", "fp16", "int8", "int4-b32", "int4-mixed")
-# Static QDQ (fixed activation ranges from calibration): in the space only when some device's
-# first execution provider runs it natively (QNN's HTP, NNAPI: runtime.partition.formats_for).
-TARGET_PRECISIONS: dict[str, dict] = {
-    "qdq_a8w8": {"mode": "int8_static", "activations": "uint8"},
-    "qdq_a16w8": {"mode": "int8_static", "activations": "uint16"},
-}
 
 
 def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
@@ -33,30 +27,20 @@ def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
     return p
 
 
-def target_precisions(profiles) -> dict[str, dict]:
-    """The static-QDQ precisions some profile's first execution provider runs natively."""
-    from semedge.runtime.partition import formats_for
-
-    wanted = {f for p in profiles for f in formats_for(p)}
-    return {name: cfg for name, cfg in TARGET_PRECISIONS.items() if name in wanted}
-
-
-def candidate_space(loaded, quick: bool = False, profiles=()) -> list[Plan]:
+def candidate_space(loaded, quick: bool = False) -> list[Plan]:
     """pruning {dense, heads+ffn 25%, 50%, drop 2 layers} x precision {fp32, fp16, int8, int4 b128/b32,
-    int4 with fp32 critical parts}: 24 plans for a 6-layer encoder; quick: 15. Plus static QDQ
-    (A8W8, A16W8) when a profile's first EP runs it natively (`target_precisions`).
+    int4 with fp32 critical parts}: 24 plans for a 6-layer encoder; quick: 15.
     Distillation is not in the space: it needs training (give `candidates=` with a distill step to include it)."""
     n_layers = int(getattr(loaded.model.config, "encoder_layers", 0) or 0)
-    precs = {q: PRECISIONS[q] for q in (QUICK_PRECISIONS if quick else tuple(PRECISIONS))}
-    precs.update(target_precisions(profiles))
+    precs = QUICK_PRECISIONS if quick else tuple(PRECISIONS)
     out = []
     for pname, pcfg in _prunings(n_layers, quick).items():
-        for qname, qcfg in precs.items():
+        for qname in precs:
             steps = []
             if pcfg:
                 steps.append({"op": "prune", "config": pcfg})
-            if qcfg:
-                steps.append({"op": "quantize_onnx", "config": qcfg})
+            if PRECISIONS[qname]:
+                steps.append({"op": "quantize_onnx", "config": PRECISIONS[qname]})
             out.append(Plan.make(steps, f"{pname}.{qname}"))
     return out
 

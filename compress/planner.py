@@ -248,7 +248,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
     profiles = check_profiles(profiles)
     torch.set_num_threads(max(1, cfg.threads))
     ctx = load_context(model_source, cfg, say)
-    plans = list(plans) if plans is not None else candidate_space(ctx.loaded, cfg.quick, profiles)
+    plans = list(plans) if plans is not None else candidate_space(ctx.loaded, cfg.quick)
     if not plans:
         raise UserError("the candidate space is empty", "give at least one plan")
     cands = make_candidates(plans)

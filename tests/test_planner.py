@@ -236,22 +236,3 @@ def test_choose_device_ties_go_to_the_least_compressed_and_nothing_fits_names_cl
     tight = dict(info, budgets={"memory_mb": 0.1, "latency_ms": 5.0})
     none = choose_device("d", tight, cands, ranked=[], short=[], n_cheap=4)
     assert not none["fits"] and none["closest"] == "worse" and none["failing_budget"] == "memory"
-
-
-def test_static_qdq_candidates_only_for_targets_that_run_them():
-    """QNN (HTP) and NNAPI run static QDQ natively: the space offers it for them, not for a CPU-only fleet."""
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from semedge.compress.candidates import candidate_space
-    from semedge.runtime.profiles import load_profile
-
-    shipped = Path(__file__).resolve().parents[1] / "device_profiles"
-    loaded = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(encoder_layers=2)))
-    cpu = [load_profile(shipped / "host.yaml")]
-    names = {p.name for p in candidate_space(loaded, True, cpu)}
-    assert names == {p.name for p in candidate_space(loaded, True)} and not any("qdq" in n for n in names)
-    qnn = {p.name: p for p in candidate_space(loaded, True, [load_profile(shipped / "android-flagship.yaml")])}
-    assert {"dense.qdq_a8w8", "dense.qdq_a16w8"} <= set(qnn)
-    (step,) = qnn["dense.qdq_a16w8"].steps
-    assert step.config.mode == "int8_static" and step.config.activations == "uint16"
