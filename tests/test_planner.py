@@ -92,6 +92,16 @@ def test_second_run_hits_the_caches(first, loaded, profiles):
     assert {d: i["chosen"] for d, i in again["devices"].items()} == {d: i["chosen"] for d, i in res["devices"].items()}
 
 
+
+def test_equal_cheap_and_full_samples_still_choose(first, loaded, profiles):
+    """--n-cheap == --n-full: the cheap measurement already covers the full sample, so it counts as full
+    (it used to leave every device with "nothing fits (accuracy)")."""
+    res, work, _ = first
+    same = plan_devices(loaded, profiles, candidates=PLANS, n_cheap=2, n_full=2, workdir=work / "cache",
+                        progress=False, realise=False, full_share=0.5)
+    assert {d for d, i in same["devices"].items() if i["chosen"]} == {d for d, i in res["devices"].items() if i["chosen"]}
+
+
 def test_impossible_budget_exits_3_with_closest(first, loaded, profiles, tmp_path):
     _, work, _ = first
     out = tmp_path / "plans.json"
