@@ -41,6 +41,7 @@ from semedge.compress.accuracy import Evaluator, cheap_pass, full_pass, rank, sh
 from semedge.compress.candidates import PRECISIONS, QUICK_PRECISIONS, Cand, candidate_space, make_candidates
 from semedge.compress.choose import TIE_RULE, choose_device, fits, tie_diffs
 from semedge.compress.plan import Plan, describe, write_atomic
+from semedge.core.files import json_default
 from semedge.compress.workspace import Workspace, codec_hash
 from semedge.core.errors import UserError
 
@@ -274,7 +275,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
     timing["seconds"] = round(time.time() - t0, 1)
     result = plans_doc(ctx, cfg, cands, devs, timing)
     if out is not None:
-        write_atomic(out, (json.dumps(result, indent=1, default=_json_default) + "\n").encode())
+        write_atomic(out, (json.dumps(result, indent=1, default=json_default) + "\n").encode())
     raise_if_unfit(result, cands, out)
     return result
 
@@ -355,9 +356,3 @@ def _public(acc: dict) -> dict:
     return {k: v for k, v in acc.items() if k != "word_errors"}
 
 
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -10,7 +10,7 @@ import math
 import time
 from pathlib import Path
 
-from semedge.core.files import sha256_file, write_atomic
+from semedge.core.files import json_default, sha256_file, write_atomic
 
 STAMPS = ".stamps"
 
@@ -33,14 +33,7 @@ def content_hash(obj) -> str:
 
 
 def _json_bytes(obj) -> bytes:
-    def default(o):
-        if hasattr(o, "item"):
-            return o.item()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    return (json.dumps(obj, indent=1, default=default) + "\n").encode()
+    return (json.dumps(obj, indent=1, default=json_default) + "\n").encode()
 
 
 class Stamps:
