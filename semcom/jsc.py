@@ -6,6 +6,9 @@ Conventions
   symbols have unit mean power (hence every message too, whatever tokens are sent).
 - Rate adaptation: only the first `k_keep` <= k symbols of each token are sent; the
   power is normalised over those, and the receiver sees zeros in the rest.
+- Skip path (option): the decoder adds a linear map of the received symbols to its MLP's
+  output; `init_pca` starts encoder and that map as a PCA code (MLP at zero), so training
+  begins from a linear code that does not depend on any voice.
 - Identity mode (k = d, no learned layer): x = standardised h, not power-normalised
   per token, so the decoder inverts it exactly; used to check the split.
 """
@@ -35,6 +38,7 @@ class JSCConfig:
     # Encoder input width when the device runs another (smaller) model's encoder than the
     # server's decoder expects (e.g. whisper-tiny.en's 384 -> whisper-base's 512); None = d_model.
     d_in: int | None = None
+    skip: bool = False  # decoder = MLP(y) + linear(y)
 
     @property
     def d_enc(self) -> int:
@@ -104,11 +108,14 @@ class JSCDecoder(nn.Module):
                 nn.Linear(cfg.k, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
                 nn.Linear(cfg.hidden, cfg.d_model),
             )
+        self.skip = nn.Linear(cfg.k, cfg.d_model, bias=False) if cfg.skip and not cfg.identity else None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if y.shape[-1] < self.cfg.k:  # fewer symbols sent (rate adaptation): the rest are zero
             y = torch.nn.functional.pad(y, (0, self.cfg.k - y.shape[-1]))
         z = y if self.net is None else self.net(y)
+        if self.skip is not None:
+            z = z + self.skip(y)
         return z * self.std + self.mean
 
 
@@ -134,6 +141,30 @@ class JSCCodec(nn.Module):
         mean, std = stats(h if target is None else target)
         self.decoder.mean.copy_(mean)
         self.decoder.std.copy_(std)
+
+
+@torch.no_grad()
+def init_pca(codec: JSCCodec, h: torch.Tensor) -> torch.Tensor:
+    """Start `codec` (skip path, d_in == d_model) as a PCA code of features h [N, d]:
+    encoder = the top-k principal directions of the standardised features, decoder's skip
+    path = their transpose scaled back from unit token power, MLP output zero. Returns the
+    eigenvalues (descending), so callers can report the variance a k-symbol code keeps."""
+    cfg = codec.cfg
+    if not cfg.skip or cfg.identity or cfg.d_in not in (None, cfg.d_model):
+        raise UserError("a PCA start needs a codec with a skip path and d_in == d_model",
+                        "train with --init pca only for a same-model codec (no --encoder)")
+    z = (h.reshape(-1, h.shape[-1]).float() - codec.encoder.mean) / codec.encoder.std
+    evals, evecs = torch.linalg.eigh(z.T @ z / len(z))
+    order = evals.argsort(descending=True)
+    evals, v = evals[order].clamp_min(0), evecs[:, order[: cfg.k]]
+    codec.encoder.proj.weight.copy_(v.T)
+    codec.encoder.proj.bias.zero_()
+    # power normalisation scales a token's k symbols to unit mean power: undo the typical scale
+    codec.decoder.skip.weight.copy_(v * evals[: cfg.k].mean().sqrt())
+    last = codec.decoder.net[-1]
+    last.weight.zero_()
+    last.bias.zero_()
+    return evals
 
 
 def with_tail(codec: JSCCodec, tail_frames: int | None) -> JSCCodec:
@@ -169,5 +200,7 @@ def cut(codec: JSCCodec, k: int) -> JSCCodec:
     state["encoder.proj.weight"] = state["encoder.proj.weight"][:k]
     state["encoder.proj.bias"] = state["encoder.proj.bias"][:k]
     state["decoder.net.0.weight"] = state["decoder.net.0.weight"][:, :k]
+    if cfg.skip:
+        state["decoder.skip.weight"] = state["decoder.skip.weight"][:, :k]
     new.load_state_dict({n: t.clone() for n, t in state.items()})
     return new.eval()

@@ -9,12 +9,12 @@ import torch
 from semedge.semcom import rate as R
 from semedge.semcom.checkpoint import load_checkpoint, rewrite_checkpoint, save_checkpoint
 from semedge.core.errors import UserError
-from semedge.semcom.jsc import JSCCodec, JSCConfig, cut
+from semedge.semcom.jsc import JSCCodec, JSCConfig, cut, init_pca
 
 
-def _codec(k=16, d=32):
+def _codec(k=16, d=32, skip=False):
     torch.manual_seed(0)
-    c = JSCCodec(JSCConfig(d_model=d, k=k, hidden=64))
+    c = JSCCodec(JSCConfig(d_model=d, k=k, hidden=64, skip=skip))
     c.set_stats(torch.randn(50, d) * 3 + 1)
     return c.eval()
 
@@ -35,6 +35,36 @@ def test_cut_is_exactly_truncation():
         cut(c, 17)
     with pytest.raises(UserError):
         cut(JSCCodec(JSCConfig(d_model=8, k=8, identity=True)), 4)
+
+
+def test_cut_keeps_the_skip_path():
+    c = _codec(skip=True)
+    small = cut(c, 6)
+    assert small.decoder.skip.weight.shape == (32, 6)
+    y = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        assert torch.allclose(c.decoder(y), small.decoder(y), atol=1e-6)
+
+
+def test_pca_start_rebuilds_low_rank_features():
+    torch.manual_seed(1)
+    basis = torch.randn(4, 32)
+    h = (torch.randn(500, 4) @ basis) * 0.1 + 2.0
+    c = JSCCodec(JSCConfig(d_model=32, k=4, hidden=64, skip=True))
+    c.set_stats(h)
+    evals = init_pca(c, h)
+    assert evals[4:].sum() < 1e-3 * evals[:4].sum()  # rank 4
+    with torch.no_grad():
+        rebuilt = c.decoder(c.encoder(h))
+    rel = (rebuilt - h).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
+    assert rel < 0.5  # the direction is exact; only each token's norm is lost to power normalisation
+    with torch.no_grad():  # a random start rebuilds nothing
+        plain = JSCCodec(JSCConfig(d_model=32, k=4, hidden=64))
+        plain.set_stats(h)
+        rel_plain = (plain.decoder(plain.encoder(h)) - h).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
+    assert rel_plain > 0.9
+    with pytest.raises(UserError):
+        init_pca(plain, h)
 
 
 def test_rule_and_restrict():

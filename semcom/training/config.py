@@ -80,6 +80,7 @@ class TrainConfig:
     encoder: str | None = None  # the device's encoder when it is another (smaller) model's, e.g. whisper-tiny.en
     k: int = 64
     hidden: int = 1024
+    init: str = "random"  # codec start: random, or pca (linear PCA code + skip path; decoder MLP at zero)
     tail_frames: int | None = None  # speech: silence frames after the content the decoder sees (None: whole window)
     channels: tuple[str, ...] = ("awgn",)
     snr_low: float = -5.0
@@ -143,6 +144,10 @@ class TrainConfig:
         if min(self.ce_weight, self.kl_weight, self.feature_loss) < 0 or not (self.ce_weight or self.kl_weight):
             raise UserError("--ce-weight and --kl-weight must be >= 0 and not both 0",
                             "give e.g. --kl-weight 1 --ce-weight 0.1 (the unsplit model as teacher)")
+        if self.init not in ("random", "pca"):
+            raise UserError(f"--init {self.init!r} is not a codec start", "give --init random or --init pca")
+        if self.init == "pca" and self.encoder is not None:
+            raise UserError("--init pca needs the device to run --model's own encoder", "drop --encoder, or use --init random")
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature} must be > 0", "give e.g. --temperature 1")
         if not 0.0 <= self.augment <= 1.0:

@@ -120,12 +120,16 @@ class Trainer:
         from semedge.semcom.jsc import JSCCodec, JSCConfig
 
         cfg, loaded = self.cfg, self.loaded
-        codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden,
+        codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden, skip=cfg.init == "pca",
                                    tail_frames=cfg.tail_frames if loaded.task.fills_silence else None,
                                    d_in=None if self.encoder is None else self.encoder.d_model))
         calib = self.examples[:CALIBRATION_EXAMPLES]
         codec.set_stats(torch.cat([e.h.float() for e in calib], 0),
                         None if calib[0].target is None else torch.cat([e.target.float() for e in calib], 0))
+        if cfg.init == "pca":
+            from semedge.semcom.jsc import init_pca
+
+            init_pca(codec, torch.cat([e.h.float() for e in calib], 0))
         return codec
 
     def _optimizer(self):
