@@ -60,6 +60,7 @@ class ServerConfig:
     session_idle_s: float = 900.0  # a session idle this long is forgotten
     kb: str | None = None  # knowledge-base folder (semcom/kb.py): passages retrieved into every prompt
     kb_passages: int = 2  # passages per message
+    drain_s: float = 30.0  # on SIGTERM: how long accepted requests may take to finish before they are cut off
 
     def __post_init__(self):
         if self.backend not in ("auto", "ct2", "torch"):
@@ -72,6 +73,8 @@ class ServerConfig:
             self.memory_config()  # a bad rule or bound fails at startup
         if self.kb_passages < 1:
             raise UserError(f"kb_passages={self.kb_passages} must be >= 1", "e.g. 2 passages per message")
+        if not self.drain_s > 0:
+            raise UserError(f"drain_s={self.drain_s} must be > 0", "e.g. --drain-s 30")
 
     def memory_config(self):
         from semedge.semcom.memory import MemoryConfig
@@ -134,6 +137,34 @@ class Metrics:
             out.append("# TYPE semedge_batch_size_max gauge")
             out.append(f"semedge_batch_size_max {max(self.batch_sizes, default=0)}")
             return "\n".join(out) + "\n"
+
+
+class Drain:
+    """Decode requests accepted (handler entered) and answered (handler returned), for the SIGTERM
+    drain: uvicorn stops listening, lets accepted requests finish, then the batchers stop.
+    Touched only on the event loop (and `signalled` in its signal handler): no lock."""
+
+    def __init__(self):
+        self.accepted = self.answered = self.cut_off = 0
+        self.in_flight_at_signal: int | None = None
+
+    @contextlib.contextmanager
+    def track(self):
+        self.accepted += 1
+        try:
+            yield
+        except BaseException:  # cancelled (drain timeout) or raised (a bug): not answered here
+            self.cut_off += 1
+            raise
+        self.answered += 1
+
+    def signalled(self) -> None:
+        if self.in_flight_at_signal is None:
+            self.in_flight_at_signal = self.accepted - self.answered - self.cut_off
+
+    def summary(self) -> dict:
+        return {"in_flight_at_signal": self.in_flight_at_signal, "accepted": self.accepted,
+                "answered": self.answered, "cut_off": self.cut_off}
 
 
 # ----------------------------------------------------------------------------- models
@@ -454,6 +485,7 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
     app = FastAPI(title="semedge server", lifespan=lifespan)
     app.state.registry = reg
     app.state.metrics = metrics
+    app.state.drain = drain = Drain()
 
     def fail(pkg_label: str, status: int, detail: str, headers: dict | None = None):
         metrics.count(pkg_label, status)
@@ -461,6 +493,10 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
 
     @app.post("/v1/decode")
     async def decode(request: Request, package: str = Query(..., max_length=200)):
+        with drain.track():
+            return await _gated(request, package)
+
+    async def _gated(request: Request, package: str):
         if gate is None:
             return await _decode(request, package)
         try:  # runtime/auth.py: 401 / 403 / 429 before anything else is looked at
@@ -538,21 +574,50 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout
         sock.close()
 
 
+def _draining_server(config, drain: Drain):
+    """A uvicorn.Server that notes how many requests were in flight when SIGTERM/SIGINT came."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            drain.signalled()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def _run_until_drained(server, sock) -> None:
+    """server.run until a signal; uvicorn then drains (closes the socket, waits up to
+    timeout_graceful_shutdown for accepted requests) and re-raises SIGTERM, which lands here
+    and ends the run cleanly (exit 0) instead of killing the process."""
+    import signal
+
+    old = signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def serve(packages_dir, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
-          log_level: str = "info", *, trust=None, auth=None, ssl_certfile=None, ssl_keyfile=None) -> None:
-    """Serve every package under `packages_dir` until interrupted (the `semedge serve` command).
-    trust: signing.pub path(s) every package must be signed by; auth: the auth file (runtime/auth.py);
-    ssl_certfile/ssl_keyfile: PEM files for HTTPS."""
+          log_level: str = "info", *, trust=None, auth=None, ssl_certfile=None, ssl_keyfile=None) -> dict:
+    """Serve every package under `packages_dir` until SIGTERM or Ctrl+C (the `semedge serve` command);
+    returns the drain's summary (Drain.summary). trust: signing.pub path(s) every package must be
+    signed by; auth: the auth file (runtime/auth.py); ssl_certfile/ssl_keyfile: PEM files for HTTPS."""
     import uvicorn
 
     from semedge.runtime.auth import Gate, check_tls_files
 
+    config = config or ServerConfig()
     tls = check_tls_files(ssl_certfile, ssl_keyfile)  # bad files fail before the model loads
     gate = Gate.from_file(auth) if auth is not None else None
     app = create_app(find_packages(packages_dir, trust=trust), config=config, gate=gate)
     sock = _bind(host, port)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False, **tls)).run(sockets=[sock])
+    server = _draining_server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
+                                             timeout_graceful_shutdown=config.drain_s, **tls), app.state.drain)
+    _run_until_drained(server, sock)
+    return app.state.drain.summary()
 
 
-__all__ = ["ServerConfig", "Metrics", "Registry", "create_app", "find_packages", "load_jsc_decoder", "parse_npy",
+__all__ = ["ServerConfig", "Drain", "Metrics", "Registry", "create_app", "find_packages", "load_jsc_decoder", "parse_npy",
            "serve", "serve_in_thread"]

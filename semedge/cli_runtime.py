@@ -156,6 +156,7 @@ def serve(
     workers: int = typer.Option(1, help="batches decoded at the same time (2 on a 2-core host doubles throughput under load)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads per batch (default 1 for ct2, torch's default for torch)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    drain_s: float = typer.Option(30.0, "--drain-s", help="on SIGTERM: seconds accepted requests may take to finish (none are cut off before)"),
     trust: Optional[Path] = typer.Option(None, "--trust", help="signing.pub: refuse to start unless every package is signed by this key"),
     auth: Optional[Path] = typer.Option(None, "--auth", help="auth file (YAML): per-device bearer tokens, package scopes, limits (`semedge auth add`)"),
     ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM): serve https"),
@@ -188,15 +189,26 @@ def serve(
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
                        threads=max(1, threads or 1), memory=memory, memory_items=memory_items,
-                       kb=str(kb) if kb else None)
+                       kb=str(kb) if kb else None, drain_s=drain_s)
     if engine == "ray" or replicas or autoscale or address:
         return _serve_ray(packages, host, port, cfg, engine, trust=trust, replicas=replicas, autoscale=autoscale,
                           address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
                           unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile, "--memory": memory, "--kb": kb})
     scheme = "https" if ssl_certfile else "http"
     typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
-    run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,
-               ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    drained = run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,
+                         ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    _report_drain(drained, drain_s)
+
+
+def _report_drain(d: dict, drain_s: float) -> None:
+    """One line on stderr after the server stopped; exit 1 if accepted requests were cut off."""
+    when = "" if d["in_flight_at_signal"] is None else f"{d['in_flight_at_signal']} in flight at the signal; "
+    typer.echo(f"stopped: {when}{d['accepted']} requests accepted, {d['answered']} answered, "
+               f"{d['cut_off']} cut off", err=True)
+    if d["cut_off"]:
+        typer.echo(f"error: {d['cut_off']} accepted requests did not finish within --drain-s {drain_s:g}", err=True)
+        raise typer.Exit(1)
 
 
 def _serve_ray(packages, host, port, cfg, engine, *, replicas, autoscale, unsupported, **kw) -> None:
