@@ -10,18 +10,21 @@ file or the new one, never half of one. Pure standard library: the device uses i
         onnx.save(model, str(tmp))
     with atomic_dir(folder) as tmp:          # a whole folder (packages, caches)
         (tmp / "model.bin").write_bytes(...)
+    cached(path, build, "what")              # a cache file or folder, verified by its sums on every read
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def fsync_path(path: str | Path) -> None:
@@ -187,6 +190,123 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- verified caches
+# A cache folder holds SUMS ({file: [[size, sha256]]} for each other file in it); a cache file
+# has `<name>.sha256` beside it. Checked on every read: a cache that does not match (corrupt,
+# truncated, a file missing or added, no sums: written before sums existed) is removed with a
+# warning and rebuilt.
+
+SUMS = ".sha256.json"
+
+
+class CacheRebuilt(UserWarning):
+    """A cache did not match its sums and was removed (it is rebuilt)."""
+
+
+def _sums_of(path: Path) -> dict:
+    """{relative name: [size, sha256]} of a folder's files (SUMS excluded), or of one file."""
+    if path.is_file():
+        return {path.name: [path.stat().st_size, sha256_file(path)]}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != SUMS)
+    return {p.relative_to(path).as_posix(): [p.stat().st_size, sha256_file(p)] for p in files}
+
+
+def _sums_path(path: Path) -> Path:
+    return path / SUMS if path.is_dir() else path.with_name(path.name + ".sha256")
+
+
+def seal(path: str | Path) -> None:
+    """Record the sums of cache `path` (a file or a folder); call it after the cache is complete."""
+    path = Path(path)
+    sums = {name: [s] for name, s in _sums_of(path).items()}
+    write_atomic(_sums_path(path), json.dumps(sums, indent=0, sort_keys=True))
+
+
+def write_sealed(path: str | Path, data: bytes | str) -> None:
+    """Rewrite cache file `path` atomically with its sums. Killed at any point, it leaves a pair
+    that matches: the sums name the new bytes (and still the old ones) before the file changes."""
+    path, data = Path(path), data.encode() if isinstance(data, str) else data
+    old = _sums_of(path)[path.name] if path.is_file() else None
+    sums = [[len(data), sha256_bytes(data)]] + ([old] if old else [])
+    write_atomic(_sums_path(path), json.dumps({path.name: sums}))
+    write_atomic(path, data)
+
+
+def _well_formed(sums) -> bool:
+    """{name: [[size, sha256], ...]}"""
+    return isinstance(sums, dict) and all(
+        isinstance(v, list) and all(isinstance(x, list) and len(x) == 2 for x in v) for v in sums.values())
+
+
+def _mismatch(path: Path) -> str | None:
+    """Why cache `path` does not match its sums (None: it does)."""
+    try:
+        want = json.loads(_sums_path(path).read_text())
+    except FileNotFoundError:
+        return "it has no sums"
+    except (OSError, ValueError) as e:
+        return f"its sums are unreadable ({e})"
+    if not _well_formed(want):
+        return "its sums are unreadable (not {file: [[size, sha256], ...]})"
+    have = _sums_of(path)
+    if set(have) != set(want):
+        return f"its files differ from its sums ({sorted(set(have) ^ set(want))[:3]})"
+    bad = [n for n in have if have[n] not in want[n]]
+    if not bad:
+        return None
+    shorter = all(have[bad[0]][0] < s[0] for s in want[bad[0]])
+    return f"{bad[0]} is {'truncated' if shorter else 'corrupt'}"
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _discard(path: Path) -> None:
+    """Remove a bad cache and its sums: renamed first (no reader sees half of it), then deleted."""
+    sidecar = None if path.is_dir() else _sums_path(path)
+    aside = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # clean_stale's pattern, if we are killed here
+    _remove(aside)
+    os.replace(path, aside)
+    _remove(aside)
+    if sidecar is not None:
+        sidecar.unlink(missing_ok=True)
+
+
+def check_cache(path: str | Path, what: str, *, adopt_unsealed: bool = False) -> bool:
+    """Whether cache `path` exists and matches its sums; a bad one is removed with a warning.
+    adopt_unsealed: one written before sums existed is sealed as it is (caches costly to rebuild)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    why = _mismatch(path)
+    if why is None:
+        return True
+    if adopt_unsealed and not _sums_path(path).exists():
+        seal(path)
+        return True
+    warnings.warn(f"{what} cache {path}: {why}; rebuilding it", CacheRebuilt, stacklevel=2)
+    _discard(path)
+    return False
+
+
+def cached(path: str | Path, build: Callable[[Path], None], what: str, *, folder: bool = False) -> Path:
+    """`path`, a verified cache: built when missing, rebuilt (with a warning) when it does not match
+    its sums. `build(tmp)` writes the file (or fills the folder) `tmp`; it becomes `path` atomically."""
+    path = Path(path)
+    if check_cache(path, what):
+        return path
+    if folder:
+        with atomic_dir(path, keep_existing=True) as tmp:  # another process may finish first: its copy wins
+            build(tmp)
+            seal(tmp)
+        return path
+    with atomic_path(path) as tmp:
+        build(tmp)
+    seal(path)
+    return path
 
 
 def json_default(o):

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from semedge.core.files import write_atomic
+from semedge.core.files import check_cache, write_sealed
 from semedge.core.errors import UserError
 
 METRICS_VERSION = 3  # bump when the way accuracy is computed changes (invalidates caches)
@@ -44,7 +44,9 @@ def _json_default(o):
 
 
 class AccuracyCache:
-    """A JSON file of {key: result}; reads once, writes atomically after each put."""
+    """A JSON file of {key: result} with its sums (core.files.seal); reads once, writes atomically
+    after each put. A file that does not match its sums is dropped with a warning (measured again);
+    one written before sums existed is adopted if it parses."""
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
@@ -52,11 +54,11 @@ class AccuracyCache:
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
-        if self.path and self.path.exists():
+        if self.path and check_cache(self.path, "accuracy", adopt_unsealed=True):
             try:
                 self.data = json.loads(self.path.read_text())
             except (json.JSONDecodeError, OSError):
-                self.data = {}  # a damaged cache is only a cache: start again
+                self.data = {}  # an unreadable cache written before sums existed: start again
 
     def get(self, key: str) -> dict | None:
         r = self.data.get(key)
@@ -70,7 +72,7 @@ class AccuracyCache:
         with self._lock:
             self.data[key] = value
             if self.path:
-                write_atomic(self.path, json.dumps(self.data, sort_keys=True, indent=0).encode())
+                write_sealed(self.path, json.dumps(self.data, sort_keys=True, indent=0))
 
 
 def trim_memory() -> None:

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import BinaryIO, Iterable, Sequence
 import numpy as np
 
 from semedge.core.errors import UserError
-from semedge.core.files import atomic_dir, write_atomic
+from semedge.core.files import cached
 
 # CTranslate2 DataType enum order.
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
@@ -221,40 +220,34 @@ def weights_sha256(paths: Sequence[Path]) -> str:
     """sha256 of the concatenated files, remembered per (path, size, mtime) in the cache."""
     stamp = _stamp(paths)
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:24]
-    memo = cache_root() / "hashes" / f"{key}.json"
-    try:
-        data = json.loads(memo.read_text())
-        if data.get("stamp") == stamp and re.fullmatch(r"[0-9a-f]{64}", data.get("sha256", "")):
-            return data["sha256"]
-    except (OSError, ValueError):
-        pass
-    digest = _sha256_files(paths)
-    write_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}).encode())
-    return digest
+    memo = cached(cache_root() / "hashes" / f"{key}.json",
+                  lambda tmp: tmp.write_text(json.dumps({"stamp": stamp, "sha256": _sha256_files(paths)})), "weight hash")
+    return json.loads(memo.read_text())["sha256"]  # its sums matched: what was written
+
+
+def _concat_parts(files: BuiltinFiles, out: Path) -> None:
+    """Stream the weight parts into one `out/model.bin`, with the files CTranslate2 reads beside it."""
+    with open(out / "model.bin", "wb") as dst:
+        for p in files.weights:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+    for f in ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json"):
+        if (files.files_dir / f).is_file():
+            shutil.copyfile(files.files_dir / f, out / f)
 
 
 def ct2_model_dir(name: str) -> Path:
     """A directory CTranslate2 itself can load for built-in `name`.
 
     whisper-tiny.en is used in place; whisper-base's parts are streamed into one
-    `model.bin` under the cache (once, atomically).
+    `model.bin` under the cache (once, atomically; verified on every call).
     """
     files = builtin_files(name)
     if len(files.weights) == 1:
         return files.weights[0].parent
     digest = weights_sha256(files.weights)
     out = cache_root() / "models" / f"ct2-{name}-{digest[:16]}"
-    if (out / "model.bin").is_file():
-        return out
-    with atomic_dir(out, keep_existing=True) as tmp:  # another process may finish first
-        with open(tmp / "model.bin", "wb") as dst:
-            for p in files.weights:
-                with open(p, "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-        for f in ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json"):
-            if (files.files_dir / f).is_file():
-                shutil.copyfile(files.files_dir / f, tmp / f)
-    return out
+    return cached(out, lambda tmp: _concat_parts(files, tmp), "CTranslate2 model", folder=True)
 
 
 # ----------------------------------------------------------------------------- conversion

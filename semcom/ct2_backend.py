@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from semedge.core.errors import UserError
-from semedge.core.files import atomic_dir
+from semedge.core.files import cached
 from semedge.semcom.ct2 import cache_root
 
 COMPUTE_TYPES = ("int8", "float32", "int8_float32")
@@ -84,25 +84,27 @@ def convert(loaded, compute_type: str = "int8", progress=None) -> Path:
                         "serve it with --backend torch")
     model = merged_copy(loaded.model)
     out = cache_dir() / weights_key(model, compute_type)
-    if (out / "model.bin").is_file():
-        return out
+    # another process may convert the same weights first: its folder is used
+    return cached(out, lambda tmp: _convert_into(tmp, model, loaded, compute_type, progress), "CTranslate2 decoder",
+                  folder=True)
+
+
+def _convert_into(out: Path, model: nn.Module, loaded, compute_type: str, progress=None) -> None:
+    """Save `model` as a Hugging Face checkpoint beside `out`, convert it into `out`, drop the checkpoint."""
     from ctranslate2.converters import TransformersConverter
 
     if progress:
         progress(f"converting {loaded.source} to CTranslate2 ({compute_type}) for the server")
     hf = out.with_name(f"{out.name}.hf-{os.getpid()}")
     try:
-        # keep_existing: another process may convert the same weights first; its folder is used
-        with atomic_dir(out, keep_existing=True) as tmp:
-            model.save_pretrained(hf, safe_serialization=True)
-            loaded.tokenizer.save_pretrained(hf)
-            if loaded.feature_extractor is not None:
-                loaded.feature_extractor.save_pretrained(hf)
-            quant = None if compute_type == "float32" else "int8"
-            TransformersConverter(str(hf)).convert(str(tmp), quantization=quant, force=True)
+        model.save_pretrained(hf, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(hf)
+        if loaded.feature_extractor is not None:
+            loaded.feature_extractor.save_pretrained(hf)
+        quant = None if compute_type == "float32" else "int8"
+        TransformersConverter(str(hf)).convert(str(out), quantization=quant, force=True)
     finally:
         shutil.rmtree(hf, ignore_errors=True)
-    return out
 
 
 class CT2Whisper:

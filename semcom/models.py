@@ -18,7 +18,7 @@ from typing import Any
 
 from semedge.semcom import ct2
 from semedge.core.errors import UserError
-from semedge.core.files import atomic_dir
+from semedge.core.files import cached
 
 BUILTIN_NAMES = tuple(ct2.BUILTINS)
 TINY_ARCHS = ("whisper", "bart", "t5", "marian")
@@ -98,19 +98,16 @@ def _load_builtin(name: str) -> LoadedModel:
     files = ct2.builtin_files(name)
     digest = ct2.weights_sha256(files.weights)
     out = ct2.cache_root() / "models" / f"hf-{name}-{digest[:16]}"
-    if not (out / "model.safetensors").is_file():
-        model = ct2.ct2_whisper_to_hf(files.files_dir, files.weights)
-        _save_atomic(model, out)
+
+    def save(tmp):
+        ct2.ct2_whisper_to_hf(files.files_dir, files.weights).save_pretrained(tmp, safe_serialization=True)
+
+    cached(out, save, "converted model", folder=True)  # verified on every load; rebuilt when damaged
     model = WhisperForConditionalGeneration.from_pretrained(out, dtype="float32", local_files_only=True).float().eval()
     multilingual = model.generation_config.is_multilingual
     tok = ct2.whisper_tokenizer(files.files_dir / "tokenizer.json", multilingual)
     fe = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
     return LoadedModel(model, "speech", name, digest, tok, fe, model.config.d_model)
-
-
-def _save_atomic(model, out: Path) -> None:
-    with atomic_dir(out, keep_existing=True) as tmp:  # another process may write it first
-        model.save_pretrained(tmp, safe_serialization=True)
 
 
 # ----------------------------------------------------------------------------- local / hub

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging as hf_logging
 
-from semedge.core.files import atomic_path
+from semedge.core.files import cached
 from semedge.core.frames import ENC_FRAMES, SAMPLE_RATE
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 from semedge.semcom.models import LoadedModel
@@ -291,16 +291,15 @@ def identity_codec(loaded: LoadedModel, n_calib: int = 16) -> JSCCodec:
 
     codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=loaded.d_model, identity=True))
     path = cache_dir().parent / "stats" / f"{loaded.weight_hash[:16]}-{n_calib}.safetensors"
-    if path.exists():
-        st = load_file(str(path))
-        for m in (codec.encoder, codec.decoder):
-            m.mean.copy_(st["mean"])
-            m.std.copy_(st["std"])
-        return codec
-    h = loaded.task.calibration_states(loaded, n_calib)
-    codec.set_stats(h)
-    with atomic_path(path) as tmp:
+
+    def build(tmp):
+        codec.set_stats(loaded.task.calibration_states(loaded, n_calib))
         save_file({"mean": codec.encoder.mean.contiguous(), "std": codec.encoder.std.contiguous()}, str(tmp))
+
+    st = load_file(str(cached(path, build, "calibration statistics")))  # verified by its sums
+    for m in (codec.encoder, codec.decoder):
+        m.mean.copy_(st["mean"])
+        m.std.copy_(st["std"])
     return codec
 
 
