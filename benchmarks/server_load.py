@@ -2,6 +2,7 @@
 
     python benchmarks/server_load.py [--quick] [--wer-check N] [--messages M] [--in-thread]
     python benchmarks/server_load.py --engine local,ray --clients 1,4,8,16 --messages 100 --fault --wer-check 0
+    python benchmarks/server_load.py --soak [--soak-model tiny:whisper:0] [--backend torch]
 
 1. Builds a whisper-base package (identity JSC; the decoder sees the content plus
    --tail-frames silence frames, 300 by default) under a temp dir. The server decodes
@@ -22,6 +23,13 @@
    differs), and noiseless.
 
 Writes benchmarks/results/server_load.json.
+
+--soak (only this): one package (--soak-model, a random JSC with k=16) behind two `semedge serve`
+processes at once, one plain and one with --auth (a token per client) and TLS (a self-signed
+certificate the clients pin); --soak-clients x --soak-messages messages to each, in rounds that
+alternate which server goes first. Per server: lost (no 200 after retries), 5xx answers, p50/p95,
+server CPU per message, RSS after the warm-up and at the end (growth %); and what auth + TLS add
+per message. Writes benchmarks/results/server_soak.json; exit 1 if a message was lost or answered 5xx.
 """
 
 from __future__ import annotations
@@ -57,9 +65,12 @@ class Subprocess:
     """`semedge serve` in a child process, stopped on exit."""
 
     def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float, threads: int | None = None,
-                 backend: str = "auto", workers: int = 1, engine: str = "local", replicas: int = 1):
+                 backend: str = "auto", workers: int = 1, engine: str = "local", replicas: int = 1,
+                 extra: list[str] = (), client_kw: dict | None = None):
+        """extra: more `semedge serve` options (--auth, --ssl-*); client_kw: httpx options for /healthz."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--ssl-certfile' in extra else 'http'}://127.0.0.1:{self.port}"
+        self.client_kw = client_kw or {}
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         cmd = [sys.executable, "-m", "semedge.cli", "serve", "--packages", str(pkgs_dir), "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--log-level", "warning",
@@ -68,6 +79,7 @@ class Subprocess:
             cmd += ["--threads", str(threads)]
         if engine == "ray":
             cmd += ["--engine", "ray", "--replicas", str(replicas), "--ray-num-cpus", "0.5"]
+        cmd += list(extra)
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -80,7 +92,7 @@ class Subprocess:
                 self.log.seek(0)
                 raise RuntimeError("semedge serve exited:\n" + self.log.read().decode(errors="replace")[-3000:])
             try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=2, **self.client_kw).status_code == 200:
                     return self.url
             except httpx.HTTPError:
                 pass
@@ -98,12 +110,14 @@ class Subprocess:
 
 
 def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages: int, tag: str = "",
-               on_progress=None) -> dict:
+               on_progress=None, clients_kw: list[dict] | None = None) -> dict:
     """`clients` threads, each with its own connection, send n_messages in all (one at a time each),
-    each with its own message id, retried (same id) on 502/503/504 or no answer, up to 8 tries."""
+    each with its own message id, retried (same id) on 502/503/504 or no answer, up to 8 tries.
+    clients_kw: httpx.Client options per client (its token header, the CA to verify)."""
     import httpx
 
     lat, starts, errors, replays, lock = [], [], [], [0], threading.Lock()
+    n5xx = [0]
     counter = iter(range(n_messages))
     done = [0]
 
@@ -112,6 +126,9 @@ def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages
             try:
                 r = c.post(f"{url}/v1/decode", params={"package": pid}, content=bodies[i % len(bodies)],
                            headers={"content-type": "application/x-npy", "x-semedge-message-id": f"{tag}{i}"})
+                if r.status_code >= 500:
+                    with lock:
+                        n5xx[0] += 1
                 if r.status_code not in (502, 503, 504):
                     return r
             except httpx.HTTPError as e:
@@ -119,8 +136,8 @@ def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages
             time.sleep(min(2.0, 0.2 * 2 ** attempt))
         return r
 
-    def worker():
-        with httpx.Client(timeout=300) as c:
+    def worker(kw: dict):
+        with httpx.Client(timeout=300, **kw) as c:
             while True:
                 with lock:
                     i = next(counter, None)
@@ -142,7 +159,7 @@ def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages
                     on_progress(n_done)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=worker, args=((clients_kw or [{}] * clients)[i],)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -150,6 +167,7 @@ def load_level(url: str, pid: str, bodies: list[bytes], clients: int, n_messages
     wall = time.perf_counter() - t0
     ms = np.array(lat) * 1000 if lat else np.array([math.nan])
     return {"clients": clients, "messages": n_messages, "ok": len(lat), "errors": len(errors), "lost": len(errors),
+            "http_5xx": n5xx[0],
             "replayed": replays[0], "error_samples": errors[:3], "wall_s": round(wall, 3),
             "messages_per_s": round(len(lat) / wall, 3),
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
@@ -255,6 +273,175 @@ def wer_check(split, utt, symbols, url, pid) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- soak (issue 20)
+
+SOAK_RESULTS = ROOT / "benchmarks" / "results" / "server_soak.json"
+SOAK_NEW_TOKENS = 8  # the soak measures the server, not long generations
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for 127.0.0.1, made with cryptography (as tests/test_auth.py does)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "semedge soak")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_p, key_p = folder / "cert.pem", folder / "key.pem"
+    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    return cert_p, key_p
+
+
+def soak_package(folder: Path, model: str) -> tuple[str, list[bytes]]:
+    """A package of `model` with a random JSC (k=16) under folder/packages; 8 message bodies (tones)."""
+    import torch
+
+    from semedge.export.package import build_package
+    from semedge.runtime.client import to_npy
+    from semedge.runtime.runner import DeviceRunner
+    from semedge.runtime.package import Package
+    from semedge.semcom.jsc import JSCCodec, JSCConfig
+    from semedge.semcom.models import load_source
+    from semedge.semcom.split import build_split
+
+    loaded = load_source(model)
+    torch.manual_seed(1)
+    split = build_split(loaded, JSCCodec(JSCConfig(d_model=loaded.d_model, k=16, hidden=64)))
+    pkg = Package.load(build_package(split, folder / "packages" / "soak", optimize=False))
+    runner, t = DeviceRunner(pkg), np.arange(16000) / 16000
+    bodies = [to_npy(runner.encode_audio((0.3 * np.sin(2 * np.pi * f * t[: 4000 * (1 + i % 4)])).astype(np.float32)))
+              for i, f in enumerate(range(200, 1000, 100))]
+    return pkg.package_id, bodies
+
+
+def soak_security(folder: Path, clients: int) -> tuple[list[str], list[dict], dict]:
+    """(serve options, httpx options per client, for /healthz): TLS with a self-signed certificate,
+    an auth file with one device (token) per client; limits raised so no client is throttled."""
+    import yaml
+
+    from semedge.runtime.auth import add_device
+
+    cert, key = self_signed(folder)
+    auth = folder / "auth.yaml"
+    tokens = [add_device(auth, f"soak-{i}", ["*"]) for i in range(clients)]
+    data = yaml.safe_load(auth.read_text())
+    data["limits"] = {"rate_per_s": 10000, "burst": 10000, "max_concurrent": 4}
+    auth.write_text(yaml.safe_dump(data))
+    kws = [{"verify": str(cert), "headers": {"authorization": f"Bearer {t}"}} for t in tokens]
+    return ["--auth", str(auth), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)], kws, kws[0]
+
+
+class Probe:
+    """A server process's CPU seconds and RSS, sampled between rounds (psutil)."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.p = psutil.Process(pid)
+        self.cpu_s, self.rss = 0.0, []
+
+    def cpu(self) -> float:
+        t = self.p.cpu_times()
+        return t.user + t.system
+
+    def round(self, run):
+        c0 = self.cpu()
+        out = run()
+        self.cpu_s += self.cpu() - c0
+        self.rss.append(self.p.memory_info().rss)
+        return out
+
+
+def soak_figures(levels: list[dict], probe: Probe, rss_warm: int) -> dict:
+    lat = np.concatenate([np.array(x["_lat"]) for x in levels]) * 1000
+    n = sum(x["messages"] for x in levels)
+    return {"messages": n, "ok": sum(x["ok"] for x in levels), "lost": sum(x["lost"] for x in levels),
+            "http_5xx": sum(x["http_5xx"] for x in levels), "median_ms": round(float(np.median(lat)), 2),
+            "p95_ms": round(float(np.percentile(lat, 95)), 2),
+            "messages_per_s": round(sum(x["ok"] for x in levels) / sum(x["wall_s"] for x in levels), 1),
+            "server_cpu_ms_per_message": round(1000 * probe.cpu_s / n, 3),
+            "rss_mb_after_warmup": round(rss_warm / 2**20, 1), "rss_mb_end": round(probe.rss[-1] / 2**20, 1),
+            "rss_mb_peak": round(max(probe.rss) / 2**20, 1),
+            "rss_growth_pct": round(100 * (probe.rss[-1] - rss_warm) / rss_warm, 2)}
+
+
+def soak_run(servers: dict, pid: str, bodies: list[bytes], args) -> dict:
+    """Both servers side by side: a warm-up, then `soak_rounds` rounds, the order alternating,
+    each sending messages/rounds from every client to each server."""
+    per_round = args.soak_clients * args.soak_messages // args.soak_rounds
+    probes = {k: Probe(sv.proc.pid) for k, (sv, _, _) in servers.items()}
+    for k, (_, url, kws) in servers.items():
+        load_level(url, pid, bodies, args.soak_clients, 10 * args.soak_clients, tag=f"warm-{k}-", clients_kw=kws)
+    warm = {k: pr.p.memory_info().rss for k, pr in probes.items()}
+    levels = {k: [] for k in servers}
+    for r in range(args.soak_rounds):
+        for k in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            _, url, kws = servers[k]
+            lv = probes[k].round(lambda: load_level(url, pid, bodies, args.soak_clients, per_round,
+                                                    tag=f"soak-{k}-{r}-", clients_kw=kws))
+            levels[k].append(lv)
+            print(f"round {r + 1}/{args.soak_rounds} {k}: {lv['ok']}/{lv['messages']} ok, p50 {lv['p50_ms']:.1f} ms, "
+                  f"RSS {probes[k].rss[-1] / 2**20:.0f} MB", flush=True)
+    return {k: soak_figures(levels[k], probes[k], warm[k]) for k in servers}
+
+
+def soak_main(args) -> int:
+    """--soak: the same tiny package behind `semedge serve` twice at once, plain and with auth + TLS."""
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="semedge-soak-") as tmp:
+        folder = Path(tmp)
+        pid, bodies = soak_package(folder, args.soak_model)
+        extra, kws, health_kw = soak_security(folder, args.soak_clients)
+        common = (folder / "packages", args.max_batch, args.max_wait_ms, args.server_threads, args.backend, args.workers)
+        flags = ["--max-new-tokens", str(SOAK_NEW_TOKENS), "--log-level", "warning"]
+        plain, secure = Subprocess(*common, extra=flags), Subprocess(*common, extra=flags + extra, client_kw=health_kw)
+        with plain as plain_url, secure as secure_url:
+            servers = {"plain": (plain, plain_url, None), "auth_tls": (secure, secure_url, kws)}
+            figures = soak_run(servers, pid, bodies, args)
+    return soak_report(figures, args, time.time() - t_start)
+
+
+def soak_report(figures: dict, args, seconds: float) -> int:
+    from semedge.core.files import write_atomic
+
+    p, s = figures["plain"], figures["auth_tls"]
+    cost = {"median_ms_added": round(s["median_ms"] - p["median_ms"], 2),
+            "median_ratio": round(s["median_ms"] / p["median_ms"], 3),
+            "server_cpu_ms_added": round(s["server_cpu_ms_per_message"] - p["server_cpu_ms_per_message"], 3),
+            "server_cpu_ratio": round(s["server_cpu_ms_per_message"] / p["server_cpu_ms_per_message"], 3)}
+    result = {"benchmark": "server_soak", "model": args.soak_model, "backend": args.backend, "jsc": "random, k=16",
+              "clients": args.soak_clients, "messages_per_client": args.soak_messages, "rounds": args.soak_rounds,
+              "max_new_tokens": SOAK_NEW_TOKENS, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+              "workers": args.workers, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                   "load_avg_at_end": os.getloadavg()},
+              "servers": figures, "auth_tls_cost_per_message": cost, "seconds": round(seconds, 1)}
+    print(f"{'server':>9} {'ok':>5} {'lost':>4} {'5xx':>4} {'p50 ms':>7} {'p95 ms':>7} {'msg/s':>6} {'cpu ms/msg':>10} "
+          f"{'RSS MB warm/end':>16} {'growth':>7}")
+    for k, f in figures.items():
+        print(f"{k:>9} {f['ok']:>5} {f['lost']:>4} {f['http_5xx']:>4} {f['median_ms']:>7.2f} {f['p95_ms']:>7.2f} "
+              f"{f['messages_per_s']:>6.1f} {f['server_cpu_ms_per_message']:>10.3f} "
+              f"{f['rss_mb_after_warmup']:>7.1f}/{f['rss_mb_end']:<8.1f} {f['rss_growth_pct']:>6.2f}%")
+    print(f"auth + TLS per message: median {cost['median_ms_added']:+.2f} ms ({cost['median_ratio']:.3f}x), "
+          f"server CPU {cost['server_cpu_ms_added']:+.3f} ms ({cost['server_cpu_ratio']:.3f}x)")
+    write_atomic(SOAK_RESULTS, json.dumps(result, indent=2, default=str))
+    print(f"wrote {SOAK_RESULTS.relative_to(ROOT)}")
+    bad = any(f["lost"] or f["http_5xx"] for f in figures.values())
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer messages (16 per level)")
@@ -273,7 +460,17 @@ def main(argv=None) -> int:
     ap.add_argument("--replicas", type=int, default=1, help="Ray Serve decoder replicas (--engine ray)")
     ap.add_argument("--fault", action="store_true", help="also the fault run (Ray, 8 x 200, one replica killed)")
     ap.add_argument("--fault-messages", type=int, default=200, help="messages in the fault run")
+    ap.add_argument("--soak", action="store_true", help="only the soak: plain vs auth + TLS side by side (issue 20)")
+    ap.add_argument("--soak-model", default="tiny:whisper:0", help="model of the soak's package (random JSC, k=16)")
+    ap.add_argument("--soak-clients", type=int, default=8)
+    ap.add_argument("--soak-messages", type=int, default=500, help="messages per client and server")
+    ap.add_argument("--soak-rounds", type=int, default=5, help="rounds, alternating which server goes first")
     args = ap.parse_args(argv)
+    if args.soak:
+        if min(args.soak_clients, args.soak_messages, args.soak_rounds) < 1:
+            ap.error("--soak-clients, --soak-messages and --soak-rounds must be >= 1")  # exit 2
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return soak_main(args)
     n_msgs = args.messages or (16 if args.quick else 50)
     n_wer = 20 if args.wer_check is None else args.wer_check
     levels = [int(c) for c in args.clients.split(",")]
