@@ -269,7 +269,10 @@ def _discard(path: Path) -> None:
     sidecar = None if path.is_dir() else _sums_path(path)
     aside = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # clean_stale's pattern, if we are killed here
     _remove(aside)
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process discarded it first
+        pass
     _remove(aside)
     if sidecar is not None:
         sidecar.unlink(missing_ok=True)

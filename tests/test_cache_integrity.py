@@ -8,6 +8,8 @@ accuracy results; and the helper itself (core/files.py: cached, check_cache, wri
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,23 @@ def test_ctranslate2_decoder_truncated_is_converted_again(tiny, cache_home):
     with pytest.warns(CacheRebuilt, match="CTranslate2 decoder cache .*model.bin is truncated"):
         assert convert(tiny, "float32") == out
     assert sha256_file(out / "model.bin") == good
+
+
+def test_a_cache_another_process_discarded_first_is_rebuilt(tmp_path, monkeypatch):
+    from semedge.core import files as F
+
+    path = tmp_path / "c"
+    path.mkdir()
+    (path / "a").write_text("x")  # no sums: bad
+    real_replace = os.replace
+
+    def racing_replace(src, dst):  # the other process renames it away between our check and our move
+        F._remove(Path(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", racing_replace)
+    with pytest.warns(F.CacheRebuilt):
+        assert F.check_cache(path, "test") is False
+    monkeypatch.setattr(F.os, "replace", real_replace)
+    F.cached(path, lambda tmp: (tmp / "a").write_text("y"), "test", folder=True)
+    assert (path / "a").read_text() == "y" and F.check_cache(path, "test")
