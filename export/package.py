@@ -107,13 +107,17 @@ def build_package(
     optimize: bool | str = "auto",
     progress: Callable[[str], None] | None = None,
     sign_key=None,
+    extra_files: dict[str, Path] | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write the package folder `out_dir` and `<out_dir>.zip` atomically; return `out_dir`.
 
     onnx_path: an already exported (e.g. quantized) device graph to ship; None exports
     `split` here (fp32, optimised, parity-checked). export_report: the ExportReport of
     that graph, recorded in the manifest when given. sign_key: a signing.key path (or an
-    Ed25519 private key): the package gets signature.json (runtime/trust.py).
+    Ed25519 private key): the package gets signature.json (runtime/trust.py). extra_files: more
+    files to ship (package path -> source file). extra: more manifest sections (an "onnx" entry is
+    merged into the onnx section), e.g. compress/targets.py's target and node_assignment.
     """
     from semedge.core.errors import UserError
 
@@ -129,8 +133,10 @@ def build_package(
     zip_final = out_dir.with_name(out_dir.name + ".zip")
     # The folder is swapped in first (an old one is kept until then), then the zip.
     with atomic_path(zip_final) as zip_tmp, atomic_dir(out_dir) as tmp:
+        for rel, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / rel)
         _fill_package(tmp, out_dir.name, split, onnx_path, plan, profile, measured, jsc_ckpt,
-                      export_report, opset, optimize, say)
+                      export_report, opset, optimize, say, dict(extra or {}))
         if private is not None:
             say("signing the manifest")
             write_signature(tmp, private)
@@ -161,7 +167,7 @@ def sign_package(out_dir: str | Path, sign_key) -> dict:
 
 
 def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measured, jsc_ckpt,
-                  export_report, opset, optimize, say) -> None:
+                  export_report, opset, optimize, say, extra: dict) -> None:
     """Write the package's files into the folder `tmp`, the manifest last."""
     from semedge.export.onnx import describe_io, export_device_half
 
@@ -189,6 +195,7 @@ def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measure
             from dataclasses import asdict
 
             onnx_sec["parity"] = asdict(export_report.parity)
+    onnx_sec.update(extra.pop("onnx", {}))
     loaded = split.loaded
     manifest = {
         "format": FORMAT,
@@ -207,6 +214,7 @@ def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measure
         "frontend": frontend,
         "files": files,
         "measured": dict(measured or {}),
+        **extra,
     }
     _write_json(tmp / MANIFEST, manifest)
 

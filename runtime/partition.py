@@ -21,20 +21,22 @@ if TYPE_CHECKING:
 # - CUDA: standard ops minus the same integer ops (not in the CUDA EP's kernel registry, per issue 15;
 #   unverified here, no GPU), plus the contrib ops it has CUDA kernels for.
 # - NNAPI, CoreML: the op tables onnxruntime ships (tools/mobile_helpers/*_supported_ops.md); fixed shapes.
-# - QNN: standard-domain ops with fixed shapes (ORT's QNN op list is not shipped in the wheel: approximate).
+# - QNN: standard-domain ops with fixed shapes (ORT's QNN op list is not shipped in the wheel: approximate),
+#   plus com.microsoft Q/DQ (16-bit QDQ below opset 21; QNN EP docs, "QNN EP with 16-bit QDQ").
 # - XNNPACK: the ops ORT's XNNPACK EP registers (fp32/QDQ conv, pooling, softmax, resize, gemm/matmul).
 _NO_INTEGER = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
 _CUDA_CONTRIB = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
                  "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd", "MatMulNBits", "FusedMatMul"}
 _XNNPACK_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Softmax", "Resize", "Gemm", "MatMul",
                 "QLinearConv", "QLinearAveragePool", "QLinearSoftmax"}
+_QNN_CONTRIB = {"QuantizeLinear", "DequantizeLinear"}
 _FIXED_SHAPES = ("NNAPI", "CoreML", "QNN")
 ACCELERATOR_OP_SOURCES = {
     "TensorRT": "onnx-tensorrt operators.md (no integer matmul/conv, no contrib ops)",
     "CUDA": "ORT CUDA kernel registry as stated in issue 15 (not verified here)",
     "NNAPI": "onnxruntime/tools/mobile_helpers/nnapi_supported_ops.md",
     "CoreML": "onnxruntime/tools/mobile_helpers/coreml_supported_{mlprogram,neuralnetwork}_ops.md",
-    "QNN": "approximation: standard-domain ops with fixed shapes",
+    "QNN": "approximation: standard-domain ops (+ com.microsoft Q/DQ) with fixed shapes",
     "XNNPACK": "ORT XNNPACK EP op list", "CPU": "every op",
 }
 
@@ -66,6 +68,8 @@ def why_not(ep, n: NodeCost, dynamic: bool) -> str | None:
         return None if std and n.op_type in _XNNPACK_OPS else "not in XNNPACK's op set"
     if name == "CUDA" and not std:
         return None if n.op_type in _CUDA_CONTRIB else f"contrib op {n.op_type} has no CUDA kernel"
+    if name == "QNN" and n.domain == "com.microsoft" and n.op_type in _QNN_CONTRIB:
+        return None
     if not std:
         return f"contrib op {_op_key(n)}"
     if name in ("TensorRT", "CUDA"):

@@ -199,10 +199,11 @@ def test_export_json(tmp_path):
     """export --json: the package as one JSON document on stdout, the progress on stderr."""
     import json
 
-    r = run("export", "--model", "tiny:whisper:0", "--device", "host", "--out", str(tmp_path / "pkg"),
+    r = run("export", "--model", "tiny:whisper:0", "--device", "host", "--format", "fp32", "--out", str(tmp_path / "pkg"),
             "--no-optimize", "--json", cwd=tmp_path, timeout=600)  # loads and exports a model: ~20 s alone
     clean(r)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["package"] == str(tmp_path / "pkg") and out["precision"] == "fp32" and out["parity"]["ok"]
+    assert out["format"] == "fp32"
     assert out["bytes"] > 0 and out["signed"] is False and out["package_id"] in r.stderr
