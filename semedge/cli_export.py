@@ -76,6 +76,10 @@ def register(app: typer.Typer) -> None:
         man = json.loads((pkg / "manifest.json").read_text())
         par = man["onnx"].get("parity")
         par_s = f"max|Δ| {par['max_abs']:.2e} ({par['max_abs_rel']:.1e} of scale), cos {par['cosine']:.6f}" if par else "parity: n/a"
+        if par and not par["ok"]:
+            con.print(f"[yellow]warning[/yellow] {man['target']['format']} symbols differ from PyTorch beyond its limits "
+                      f"(cos {par['cosine']:.4f}, max|Δ| {par['max_abs_rel']:.2f} of scale): measure the package's "
+                      "accuracy through the link before shipping it, or try another --format (docs/targets.md)")
         signed = " signed" if sign_key is not None else ""
         con.print(f"[green]package[/green] {man['package_id']} ({man['onnx']['precision']}){signed}")
         if as_json:

@@ -148,6 +148,20 @@ def test_node_assignment_per_ep(packages):
     assert "MatMulInteger" in pi["fallback_ops"]  # XNNPACK has no integer matmul: those nodes go to CPU
 
 
+def test_parity_limits_fail_float_and_record_integer(split, tmp_path, monkeypatch):
+    """Out of the format's limits: fp16 raises ExportParityError (exit 4); int8 is written with ok false."""
+    from semedge.compress import targets
+    from semedge.export.onnx import ExportParityError
+
+    monkeypatch.setitem(targets.TOLERANCE, "fp16", (0.0, 1.0))
+    monkeypatch.setitem(targets.TOLERANCE, "int8_dynamic", (0.0, 1.0))
+    fp16 = dataclasses.replace(package_kind(load_profile("jetson-orin-nano")), fused=False)
+    with pytest.raises(ExportParityError, match="fp16 package"):
+        targets.build_target_graph(split, fp16, tmp_path)
+    int8 = dataclasses.replace(package_kind(load_profile("host")), fused=False)
+    assert targets.build_target_graph(split, int8, tmp_path).parity.ok is False
+
+
 def run_cli(*args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=120)
 
