@@ -245,19 +245,19 @@ def apply_torch_steps(split, plan: Plan, calib=None, progress: bool = False, wor
 
 def apply_onnx_steps(onnx_in: str | Path, onnx_out: str | Path, plan: Plan, calib=None) -> Path:
     """Run the plan's quantize_onnx steps in order on the exported device half (a plain copy if none)."""
-    import tempfile
-
     from semedge.compress import quantize_onnx
+    from semedge.core.files import replace_atomic, scratch_dir
 
     steps = plan.ops(ONNX_OPS)
     if not steps:
         return Path(write_atomic(onnx_out, Path(onnx_in).read_bytes()))
     onnx_out = Path(onnx_out)
-    with tempfile.TemporaryDirectory(dir=onnx_out.parent if onnx_out.parent.exists() else None) as td:
+    with scratch_dir(onnx_out.parent) as td:  # every graph (and the quantizer's temporaries) in there
         src = Path(onnx_in)
-        for i, step in enumerate(steps[:-1]):  # intermediate graphs in a scratch folder
-            src = quantize_onnx.apply(src, Path(td) / f"step{i}.onnx", step.config, calib)
-        return quantize_onnx.apply(src, onnx_out, steps[-1].config, calib)
+        for i, step in enumerate(steps):
+            src = quantize_onnx.apply(src, td / f"step{i}.onnx", step.config, calib)
+        replace_atomic(src, onnx_out)
+    return onnx_out
 
 
 def apply_server_steps(split, plan: Plan):

@@ -5,7 +5,9 @@
 The plan's torch steps (prune, distill) run on the split, the device half is exported
 to fp32 ONNX (`base`), then the plan's ONNX steps run on that file (`onnx`). Both files
 are cached: a plan whose final file exists is not built again, and plans that share
-their torch steps share the export when the callers give them the same `base`.
+their torch steps share the export when the callers give them the same `base`. Each file
+is sealed (core.files: `<name>.sha256` beside it) after its sidecar is written and verified
+on every read: a damaged, truncated or unsealed one is built again with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from semedge.compress.plan import Plan, apply_onnx_steps, write_atomic
+from semedge.core.files import check_cache, replace_atomic, scratch_dir, seal
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,23 @@ def export_fp32(split, out: Path, optimize: bool | str = True) -> bool:
 
 
 def _cached(path: Path, meta: bool) -> dict | None:
-    """The sidecar of a cached file ({} without sidecars), or None when it is not cached."""
-    if not path.is_file():
+    """The sidecar of a cached file ({} without sidecars), or None when it is not cached
+    (missing, or not matching its sums: then removed with a warning)."""
+    if not check_cache(path, "ONNX candidate"):
         return None
     if not meta:
         return {}
-    side = path.with_suffix(".json")
-    return json.loads(side.read_text()) if side.is_file() else None
+    try:
+        return json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finish(path: Path, meta: dict | None) -> None:
+    """Write the sidecar (when kept), then seal the file: a kill before the seal leaves it unsealed (rebuilt)."""
+    if meta is not None:
+        write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
+    seal(path)
 
 
 def realise(plan: Plan, torch_split: Callable[[], object], files: RealiseFiles, calib=None,
@@ -75,13 +88,12 @@ def realise(plan: Plan, torch_split: Callable[[], object], files: RealiseFiles, 
         return Realised(files.onnx, files.onnx.stat().st_size, hit.get("optimized", True) if files.meta else None, False)
     base = _cached(files.base, files.meta)
     if base is None:
-        files.base.parent.mkdir(parents=True, exist_ok=True)
-        opt = export_fp32(torch_split(), files.base, optimize)
-        if files.meta:
-            write_atomic(files.base.with_suffix(".json"), json.dumps({"optimized": opt}).encode())
+        with scratch_dir(files.base.parent) as td:  # the exporter's temporaries go in there too
+            opt = export_fp32(torch_split(), td / files.base.name, optimize)
+            replace_atomic(td / files.base.name, files.base)
+        _finish(files.base, {"optimized": opt} if files.meta else None)
     else:
         opt = base["optimized"] if files.meta else None
     apply_onnx_steps(files.base, files.onnx, plan, calib=calib() if callable(calib) else calib)
-    if files.meta:
-        write_atomic(files.onnx.with_suffix(".json"), json.dumps({"optimized": opt, "plan": plan.to_dict()}).encode())
+    _finish(files.onnx, {"optimized": opt, "plan": plan.to_dict()} if files.meta else None)
     return Realised(files.onnx, files.onnx.stat().st_size, opt, True)

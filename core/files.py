@@ -10,7 +10,9 @@ file or the new one, never half of one. Pure standard library: the device uses i
         onnx.save(model, str(tmp))
     with atomic_dir(folder) as tmp:          # a whole folder (packages, caches)
         (tmp / "model.bin").write_bytes(...)
+    with scratch_dir(folder) as d:           # intermediate files beside an output, cleaned after a kill
     cached(path, build, "what")              # a cache file or folder, verified by its sums on every read
+    with sealed_path(path) as tmp:           # a cache file rewritten in place, with its sums
 """
 
 from __future__ import annotations
@@ -111,6 +113,17 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
         replace_atomic(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(folder: str | Path) -> Iterator[Path]:
+    """A scratch folder `.scratch.PID.<random>.tmp` in `folder`, removed on exit; one that a killed
+    process left is removed by the next writer in `folder` (clean_stale), unlike a plain mkdtemp."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _clean_once(folder)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".scratch.{os.getpid()}.", suffix=".tmp") as d:
+        yield Path(d)
 
 
 def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644) -> Path:
@@ -224,14 +237,36 @@ def seal(path: str | Path) -> None:
     write_atomic(_sums_path(path), json.dumps(sums, indent=0, sort_keys=True))
 
 
+@contextlib.contextmanager
+def sealed_path(path: str | Path) -> Iterator[Path]:
+    """atomic_path for a cache file that is rewritten with its sums. Killed at any point, it leaves
+    a pair that matches: the sums name the new bytes (and still the old ones) before the file changes."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        yield tmp
+        new = _sums_of(tmp)[tmp.name]
+        sums = [new] + [s for s in _prior_sums(path) if s != new][: _KEEP_SUMS - 1]
+        write_atomic(_sums_path(path), json.dumps({path.name: sums}))
+
+
+_KEEP_SUMS = 4  # sums of a rewritten cache file kept: the newest first (concurrent writers add theirs)
+
+
+def _prior_sums(path: Path) -> list:
+    """The sums a file cache lists now (they name its current bytes if it matches), else its own."""
+    try:
+        sums = json.loads(_sums_path(path).read_text())
+        if _well_formed(sums) and path.name in sums:
+            return sums[path.name]
+    except (OSError, ValueError):
+        pass
+    return [_sums_of(path)[path.name]] if path.is_file() else []
+
+
 def write_sealed(path: str | Path, data: bytes | str) -> None:
-    """Rewrite cache file `path` atomically with its sums. Killed at any point, it leaves a pair
-    that matches: the sums name the new bytes (and still the old ones) before the file changes."""
-    path, data = Path(path), data.encode() if isinstance(data, str) else data
-    old = _sums_of(path)[path.name] if path.is_file() else None
-    sums = [[len(data), sha256_bytes(data)]] + ([old] if old else [])
-    write_atomic(_sums_path(path), json.dumps({path.name: sums}))
-    write_atomic(path, data)
+    """Rewrite cache file `path` atomically with its sums (sealed_path)."""
+    with sealed_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def _well_formed(sums) -> bool:

@@ -127,12 +127,15 @@ class Workspace:
         return self._realised[key], plan
 
     def onnx_for(self, cid: str, cand: dict) -> Path:
-        """The device graph of a candidate: the planner's cached file when it names one, else built here."""
+        """The device graph of a candidate: the planner's cached file when it names one (and matches its
+        sums), else built here."""
+        from semedge.core.files import check_cache
+
         given = cand.get("onnx")
         if given:
             p = Path(given)
             p = p if p.is_absolute() else self.out / p
-            if p.is_file():
+            if check_cache(p, "ONNX candidate"):
                 return p
         from semedge.compress.plan import Plan
         from semedge.compress.realise import RealiseFiles, realise

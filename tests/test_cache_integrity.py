@@ -164,3 +164,54 @@ def test_a_cache_another_process_discarded_first_is_rebuilt(tmp_path, monkeypatc
     monkeypatch.setattr(F.os, "replace", real_replace)
     F.cached(path, lambda tmp: (tmp / "a").write_text("y"), "test", folder=True)
     assert (path / "a").read_text() == "y" and F.check_cache(path, "test")
+
+
+def test_feature_cache_corrupted_is_encoded_again(tiny, cache_home):
+    """`semedge train`'s encoder-output cache: a flipped byte still loads, so only the sums can tell."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from semedge.semcom.training.feature_cache import CACHE_FILE, cached_speech_features, feature_cache_dir
+
+    rng = np.random.default_rng(0)
+    utts = [SimpleNamespace(id=f"u{i}", audio=0.1 * rng.standard_normal(8000).astype(np.float32)) for i in range(2)]
+    first = cached_speech_features(tiny, utts, progress=False)
+    path = feature_cache_dir(tiny) / CACHE_FILE
+    flip_byte(path)  # the last value of a tensor: loads fine, wrong
+    with pytest.warns(CacheRebuilt, match="encoder feature cache .*corrupt"):
+        again = cached_speech_features(tiny, utts, progress=False)
+    assert all(torch.equal(again[u.id], first[u.id]) for u in utts) and check_cache(path, "encoder feature")
+    path.with_name(path.name + ".sha256").unlink()  # written before sums existed: adopted as it is
+    assert check_cache(path, "encoder feature", adopt_unsealed=True)
+
+
+def test_onnx_candidate_truncated_or_corrupt_is_built_again(tiny, tmp_path, cache_home):
+    """The planner's (and the build's) plan → ONNX cache (compress/realise.py)."""
+    import torch
+
+    from semedge.compress.plan import Plan
+    from semedge.compress.realise import RealiseFiles, realise
+    from semedge.semcom.jsc import JSCCodec, JSCConfig
+    from semedge.semcom.split import build_split
+
+    torch.manual_seed(1)
+    split, exports = build_split(tiny, JSCCodec(JSCConfig(d_model=64, k=16, hidden=64))), []
+
+    def torch_split():
+        exports.append(1)
+        return split
+
+    plan, files = Plan.make([]), RealiseFiles(tmp_path / "c.onnx", tmp_path / "b.fp32.onnx")
+    good = sha256_file(realise(plan, torch_split, files, optimize=False).path)
+    assert realise(plan, torch_split, files, optimize=False).built is False
+    truncate(files.onnx)
+    with pytest.warns(CacheRebuilt, match="ONNX candidate cache .*c.onnx is truncated"):
+        r = realise(plan, torch_split, files, optimize=False)
+    assert r.built and sha256_file(r.path) == good and len(exports) == 1  # the fp32 export was still good
+    flip_byte(files.base, at=len(files.base.read_bytes()) // 2)
+    files.onnx.unlink()
+    with pytest.warns(CacheRebuilt, match="b.fp32.onnx is corrupt"):
+        r = realise(plan, torch_split, files, optimize=False)
+    assert sha256_file(r.path) == good and len(exports) == 2

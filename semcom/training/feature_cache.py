@@ -4,6 +4,7 @@ The encoder is frozen while the codec trains, so its output per utterance is com
 once and kept as fp16 safetensors under $XDG_CACHE_HOME/semedge/features/<source tag>-<weight
 hash>/content-fit.safetensors, keyed by utterance id. The key is the model's source and
 weight hash only (no code path), so caches written before this module existed still hit.
+The file is verified by its sums (core.files) on every read; a damaged one is rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semedge.core.files import atomic_path
+from semedge.core.files import check_cache, sealed_path
 
 CACHE_FILE = "content-fit.safetensors"  # fitted windows (the 30 s-window cache was content.safetensors)
 SAVE_EVERY_BATCHES = 25  # write the cache now and then: the work survives an interrupt
@@ -27,9 +28,10 @@ def feature_cache_dir(loaded) -> Path:
 
 
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Rewrite the cache file and its sums (a kill at any point leaves a matching pair)."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
+    with sealed_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
@@ -50,11 +52,11 @@ def encode_content(loaded, audios: list[np.ndarray]) -> list[torch.Tensor]:
 def _read_cache(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    if not path.exists():
+    if not check_cache(path, "encoder feature", adopt_unsealed=True):  # one from before sums: adopted if it loads
         return {}
     try:
         return load_file(str(path))
-    except Exception:  # a damaged cache is rebuilt
+    except Exception:  # adopted unsealed but unreadable: rebuilt
         return {}
 
 
