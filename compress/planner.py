@@ -157,13 +157,13 @@ def load_context(model_source, cfg: PlannerConfig, say) -> Context:
 
     from semedge.runtime.evaluate import AccuracyCache, speech_features
     from semedge.semcom.checkpoint import device_encoder, load_for_inference
-    from semedge.semcom.models import load_model
+    from semedge.semcom.models import load_source
     from semedge.semcom.split import build_split
     from semedge.core.segment import default_segment_s
     from semedge.runtime.evaluate import eval_utterances
     from semedge.semcom.tasks.speech import load_split
 
-    loaded = model_source if hasattr(model_source, "weight_hash") else load_model(str(model_source))
+    loaded = model_source if hasattr(model_source, "weight_hash") else load_source(str(model_source))
     if not loaded.task.supports("link-eval"):
         raise UserError(f"the planner evaluates speech models; {loaded.source} is a {loaded.kind} model",
                         "plan a Whisper model (e.g. --model whisper-base)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from semedge.core.errors import UserError
-from semedge.core.files import atomic_path, write_atomic
+from semedge.core.files import atomic_dir, atomic_path, write_atomic
 from semedge.core.files import sha256_file as _sha256
 from semedge.semcom.jsc import JSCCodec, JSCConfig
 
@@ -85,24 +86,30 @@ def _save_tensors(tensors: dict, path: Path, dtype: torch.dtype | None = None) -
 
 def _write_folder(path: Path, codec: JSCCodec, adapters: dict | None, tdtype, manifest: dict,
                   trainer_state: dict | None = None) -> Path:
-    """Codec, adapters (and trainer state), then the manifest with every file's sha256: a folder
-    being rewritten has no manifest until it is complete again."""
-    path.mkdir(parents=True, exist_ok=True)
-    if (path / MANIFEST).exists():
-        (path / MANIFEST).unlink()
-    _save_tensors(codec.state_dict(), path / CODEC_FILE, tdtype)
-    files = [CODEC_FILE]
-    if adapters:
-        _save_tensors(adapters, path / ADAPTER_FILE, tdtype)
-        files.append(ADAPTER_FILE)
-    elif (path / ADAPTER_FILE).exists():
-        (path / ADAPTER_FILE).unlink()
-    if trainer_state:
-        _save_tensors(trainer_state, path / TRAINER_FILE)
-    manifest = {**manifest, "jsc": dataclasses.asdict(codec.cfg), "files": {f: _sha256(path / f) for f in files}}
-    body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
-    write_atomic(path / MANIFEST, body + "\n")
+    """Codec, adapters (and trainer state), then the manifest with every file's sha256, in a temp
+    folder that replaces `path` whole (atomic_dir): killed at any point, `path` holds the previous
+    complete checkpoint or nothing. Other files in `path` (a trainer state when none is given) are kept."""
+    with atomic_dir(path) as tmp:
+        _save_tensors(codec.state_dict(), tmp / CODEC_FILE, tdtype)
+        files = [CODEC_FILE]
+        if adapters:
+            _save_tensors(adapters, tmp / ADAPTER_FILE, tdtype)
+            files.append(ADAPTER_FILE)
+        if trainer_state:
+            _save_tensors(trainer_state, tmp / TRAINER_FILE)
+        _carry_over(path, tmp)
+        manifest = {**manifest, "jsc": dataclasses.asdict(codec.cfg), "files": {f: _sha256(tmp / f) for f in files}}
+        body = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)
+        write_atomic(tmp / MANIFEST, body + "\n")
     return path
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy into `new` what `old` holds that `new` does not write (a checkpoint's own files excepted)."""
+    for p in sorted(old.iterdir()) if old.is_dir() else ():
+        if p.name in (CODEC_FILE, ADAPTER_FILE, MANIFEST) or (new / p.name).exists():
+            continue
+        shutil.copytree(p, new / p.name) if p.is_dir() else shutil.copy2(p, new / p.name)
 
 
 def save_checkpoint(path, loaded, codec: JSCCodec, *, adapters: dict | None = None, trainer_state: dict | None = None,

@@ -72,9 +72,11 @@ def resume_run(tr, path) -> bool:
     """Load into trainer `tr` the checkpoint at `path`, written by the same configuration. False if there is none."""
     from safetensors.torch import load_file
 
+    from semedge.core.files import clean_stale
     from semedge.semcom.checkpoint import TRAINER_FILE, load_checkpoint, read_manifest
 
     path = Path(path)
+    clean_stale(path.parent)  # a checkpoint a kill caught between the two renames of its swap is put back
     if not (path / "manifest.json").exists():
         return False
     man = read_manifest(path)

@@ -76,9 +76,9 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         if loaded is None:
-            from semedge.semcom.models import load_model
+            from semedge.semcom.models import load_source
 
-            loaded = load_model(cfg.model)
+            loaded = load_source(cfg.model)  # tiny:ARCH too (tests)
         self.loaded = loaded
         self.encoder = encoder or (device_encoder_model(cfg.encoder, loaded) if cfg.encoder else None)
         self.channels = [make_channel(c) for c in cfg.channels]
