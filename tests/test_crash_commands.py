@@ -76,6 +76,7 @@ def absent_or_complete(folder: Path) -> str | None:
 # ----------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow  # ~37 s: four real exports
 def test_export_killed_while_packaging_or_exporting(tmp_path, env):
     args = ["export", "--model", MODEL, "--device", "host", "--format", "fp32", "--no-optimize", "--out", "pkg"]
     pkg = tmp_path / "pkg"
@@ -98,6 +99,7 @@ def _step(ck: Path) -> int:
     return json.loads((ck / "manifest.json").read_text())["step"]
 
 
+@pytest.mark.slow  # ~41 s: four real training runs
 def test_train_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, env):
     args = ["train", "--model", MODEL, "--n-train", "4", "--n-val", "0", "--steps", "12", "--batch-size", "2",
             "--hidden", "32", "--k", "8", "--mse-warmup", "0", "--save-every", "3", "--threads", "1", "--out", "ck"]
