@@ -89,6 +89,16 @@ def test_user_error_is_one_line_exit_2(tmp_path):
     one_line_error(run("profiles", "show", "no-such-device", cwd=tmp_path), 2, "no-such-device", "fix")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--init", "svd"], ["--init", "random", "pca"]),
+    (["--init", "pca", "--encoder", "whisper-tiny.en"], ["--init pca", "--encoder"]),
+])
+def test_train_bad_init_exit_2_nothing_written(args, words, tmp_path):
+    r = run("train", "--model", "tiny:whisper:0", "--out", str(tmp_path / "ck"), *args, cwd=tmp_path)
+    one_line_error(r, 2, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
 # main() with stand-in commands, in a subprocess: what the real ones do after loading models
 # (bitsandbytes' logger on import, a parity failure, no plan fits), without loading any.
 STAND_INS = textwrap.dedent("""
