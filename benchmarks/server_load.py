@@ -280,29 +280,10 @@ SOAK_NEW_TOKENS = 8  # the soak measures the server, not long generations
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
-    """(cert.pem, key.pem) for 127.0.0.1, made with cryptography (as tests/test_auth.py does)."""
-    import datetime as dt
-    import ipaddress
+    """(cert.pem, key.pem) for 127.0.0.1."""
+    from semedge.runtime.auth import write_self_signed
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "semedge soak")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_p, key_p = folder / "cert.pem", folder / "key.pem"
-    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-    return cert_p, key_p
+    return write_self_signed(folder, "semedge soak")
 
 
 def soak_package(folder: Path, model: str) -> tuple[str, list[bytes]]:

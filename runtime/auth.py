@@ -258,3 +258,31 @@ def check_tls_files(certfile, keyfile) -> dict:
         raise UserError(f"cannot load the TLS certificate {certfile} with key {keyfile} ({e})",
                         "give a PEM certificate and its matching unencrypted PEM private key") from None
     return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
+
+
+def write_self_signed(folder, common_name: str = "semedge local") -> tuple:
+    """(cert.pem, key.pem) in `folder`: a self-signed CA certificate for 127.0.0.1, valid a day.
+    For local tests and benchmarks (the client pins it with --ca); not for a deployment."""
+    import datetime as dt
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_p, key_p = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    return cert_p, key_p

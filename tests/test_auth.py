@@ -3,8 +3,6 @@ server over HTTPS with a self-signed certificate pinned by the client (--ca)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import stat
 import time
@@ -15,7 +13,8 @@ import pytest
 import yaml
 
 from semedge.core.errors import UserError
-from semedge.runtime.auth import AuthError, Device, Gate, Limits, add_device, load_auth, parse_auth, token_hash
+from semedge.runtime.auth import (AuthError, Device, Gate, Limits, add_device, load_auth, parse_auth, token_hash,
+                                  write_self_signed)
 
 from test_cli_contract import clean, run
 
@@ -111,26 +110,8 @@ def test_cli_serve_with_a_bad_auth_file_fails_at_start(tmp_path):
 
 
 def self_signed(folder):
-    """(cert.pem, key.pem) for 127.0.0.1, made with cryptography."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "semedge test")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_p, key_p = folder / "cert.pem", folder / "key.pem"
-    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-    return cert_p, key_p
+    """(cert.pem, key.pem) for 127.0.0.1."""
+    return write_self_signed(folder, "semedge test")
 
 
 @pytest.fixture(scope="module")
