@@ -144,23 +144,32 @@ class JSCCodec(nn.Module):
 
 
 @torch.no_grad()
-def init_pca(codec: JSCCodec, h: torch.Tensor) -> torch.Tensor:
-    """Start `codec` (skip path, d_in == d_model) as a PCA code of features h [N, d]:
-    encoder = the top-k principal directions of the standardised features, decoder's skip
-    path = their transpose scaled back from unit token power, MLP output zero. Returns the
-    eigenvalues (descending), so callers can report the variance a k-symbol code keeps."""
+def init_pca(codec: JSCCodec, h: torch.Tensor, target: torch.Tensor | None = None, ridge: float = 1e-3) -> torch.Tensor:
+    """Start `codec` (skip path) as a PCA code of features h [N, d_enc]: encoder = the top-k
+    principal directions of the standardised features, MLP output zero. The decoder's skip
+    path: without `target`, their transpose scaled back from unit token power; with `target`
+    [N, d_model] (the server model's features of the same tokens, for a device encoder of
+    another model), the ridge least-squares map from the sent symbols to the standardised
+    target. Returns the eigenvalues (descending), so callers can report the variance kept."""
     cfg = codec.cfg
-    if not cfg.skip or cfg.identity or cfg.d_in not in (None, cfg.d_model):
-        raise UserError("a PCA start needs a codec with a skip path and d_in == d_model",
-                        "train with --init pca only for a same-model codec (no --encoder)")
+    if not cfg.skip or cfg.identity:
+        raise UserError("a PCA start needs a trained codec with a skip path", "train with --init pca (it adds the path)")
+    if target is None and cfg.d_in not in (None, cfg.d_model):
+        raise UserError("a PCA start for another model's encoder needs the server model's features",
+                        "pass target= (the trainer does, from the examples' teacher features)")
     z = (h.reshape(-1, h.shape[-1]).float() - codec.encoder.mean) / codec.encoder.std
     evals, evecs = torch.linalg.eigh(z.T @ z / len(z))
     order = evals.argsort(descending=True)
     evals, v = evals[order].clamp_min(0), evecs[:, order[: cfg.k]]
     codec.encoder.proj.weight.copy_(v.T)
     codec.encoder.proj.bias.zero_()
-    # power normalisation scales a token's k symbols to unit mean power: undo the typical scale
-    codec.decoder.skip.weight.copy_(v * evals[: cfg.k].mean().sqrt())
+    if target is None:  # power normalisation scales a token's k symbols to unit mean power: undo the typical scale
+        codec.decoder.skip.weight.copy_(v * evals[: cfg.k].mean().sqrt())
+    else:
+        y = normalize_power(z @ v)
+        zt = (target.reshape(-1, target.shape[-1]).float() - codec.decoder.mean) / codec.decoder.std
+        gram = y.T @ y + ridge * len(y) * torch.eye(cfg.k)
+        codec.decoder.skip.weight.copy_(torch.linalg.solve(gram, y.T @ zt).T)
     last = codec.decoder.net[-1]
     last.weight.zero_()
     last.bias.zero_()

@@ -67,6 +67,22 @@ def test_pca_start_rebuilds_low_rank_features():
         init_pca(plain, h)
 
 
+def test_pca_start_for_another_encoder_maps_to_the_target():
+    torch.manual_seed(2)
+    latent = torch.randn(800, 4)
+    h = latent @ torch.randn(4, 16) + 1.0  # the device encoder's features (d_in 16)
+    target = latent @ torch.randn(4, 32) - 0.5  # the server model's features of the same tokens
+    c = JSCCodec(JSCConfig(d_model=32, k=6, hidden=64, skip=True, d_in=16))
+    c.set_stats(h, target)
+    with pytest.raises(UserError, match="server model's features"):
+        init_pca(c, h)
+    init_pca(c, h, target)
+    with torch.no_grad():
+        rebuilt = c.decoder(c.encoder(h))
+    rel = (rebuilt - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+    assert rel < 0.3  # a random start: about 1.3
+
+
 def test_rule_and_restrict():
     table = {math.inf: {16: 0.50, 32: 0.41, 48: 0.40, 64: 0.40},
              10.0: {16: 0.60, 32: 0.45, 48: 0.415, 64: 0.41},

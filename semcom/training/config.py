@@ -146,8 +146,6 @@ class TrainConfig:
                             "give e.g. --kl-weight 1 --ce-weight 0.1 (the unsplit model as teacher)")
         if self.init not in ("random", "pca"):
             raise UserError(f"--init {self.init!r} is not a codec start", "give --init random or --init pca")
-        if self.init == "pca" and self.encoder is not None:
-            raise UserError("--init pca needs the device to run --model's own encoder", "drop --encoder, or use --init random")
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature} must be > 0", "give e.g. --temperature 1")
         if not 0.0 <= self.augment <= 1.0:

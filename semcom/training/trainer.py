@@ -129,7 +129,8 @@ class Trainer:
         if cfg.init == "pca":
             from semedge.semcom.jsc import init_pca
 
-            init_pca(codec, torch.cat([e.h.float() for e in calib], 0))
+            target = None if calib[0].target is None else torch.cat([e.target.float() for e in calib], 0)
+            init_pca(codec, torch.cat([e.h.float() for e in calib], 0), target)
         return codec
 
     def _optimizer(self):
