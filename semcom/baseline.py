@@ -469,7 +469,9 @@ class ConventionalLink:
             return engine_for(self.loaded, "int8").transcribe(feats.numpy(), 96)
         with torch.no_grad():
             ids = model.generate(input_features=feats, max_new_tokens=96, **generate_kwargs(self.loaded))
-        return tok.batch_decode(ids, skip_special_tokens=True)
+        from semedge.semcom.loops import cut_loop
+
+        return [cut_loop(t.strip()) for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
     def run(self, utts, channel: str, snr_db: float, seed: int = 0) -> tuple[list[str], list[int], dict]:
         """(hypotheses, complex channel uses per utterance, stats) for utterances with .id and .audio.

@@ -140,7 +140,10 @@ class CT2Whisper:
         return self.decode(self.generate(mel, max_new_tokens))
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        """Texts of generated ids, runaway loops cut (semcom/loops.py)."""
+        from semedge.semcom.loops import cut_loop
+
+        return [cut_loop(t.strip()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 _ENGINES: dict = {}

@@ -236,10 +236,13 @@ class ServerHalf(nn.Module):
 
     def transcribe(self, messages: list[torch.Tensor], max_new_tokens: int = 96,
                    prompts: list[str] | None = None) -> list[str]:
+        """Transcripts, runaway loops cut (semcom/loops.py)."""
+        from semedge.semcom.loops import cut_loop
+
         ids = self.generate(messages, max_new_tokens, prompts)
         if self.ct2 is not None:
             return self.ct2.decode(ids)
-        return [t.strip() for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [cut_loop(t.strip()) for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 @dataclass
