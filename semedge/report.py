@@ -135,8 +135,25 @@ def device_rows(build: dict) -> list[dict]:
             "link_ms_predicted": lat.get("link_ms_predicted"),
             "server_ms_host": lat.get("server_ms_host"),
             "note": d.get("note"),
+            **target_figures(d),
         })
     return rows
+
+
+def _check(predicted, measured) -> dict | None:
+    p, m = _num(predicted), _num(measured)
+    return None if p is None or not m else {"predicted_ms": p, "measured_ms": m, "error": round(p / m - 1, 4)}
+
+
+def target_figures(d: dict) -> dict:
+    """EP, its share of the graph, calibration and the predictor's error where a measurement exists."""
+    pred = d.get("predicted") or {}
+    host = d.get("host") or {}
+    on_host = d.get("device_class") == "host"  # the device is this machine: its prediction meets its measurement
+    return {"ep": pred.get("ep"), "ep_unit": pred.get("unit"), "ep_node_share": pred.get("node_share"),
+            "ep_flop_share": pred.get("flop_share"), "ep_boundaries": pred.get("boundaries"),
+            "calibrated_on": pred.get("calibrated_on"), "host_check": d.get("host_check"),
+            "device_check": _check(pred.get("latency_ms"), host.get("latency_ms_p50")) if on_host else None}
 
 
 # ---------------------------------------------------------------- plots
@@ -419,6 +436,38 @@ def _table_cells(r: dict) -> list[str]:
             f"{r['channel'] or '–'} {r['snr_db'] or ''}", _acc_cell(r)]
 
 
+_TARGET_COLS = ("device", "EP (compute unit)", "accelerator share (nodes / FLOPs; predicted)", "profile calibration",
+                "predicted vs measured latency")
+
+
+def _share_cell(r: dict) -> str:
+    if r["ep_unit"] == "cpu":
+        return "no accelerator" + ("" if r["ep"] == "CPU" else f" ({r['ep']} runs on the CPU)")
+    if _num(r["ep_node_share"]) is None:
+        return "–"
+    return (f"{100 * r['ep_node_share']:.0f}% / {100 * r['ep_flop_share']:.0f}% on {r['ep']}, "
+            f"{r['ep_boundaries']} unit boundaries")
+
+
+def _check_cell(name: str, c: dict | None) -> str:
+    if not c:
+        return f"{name}: not measured"
+    return (f"{name}: {_fmt(c['predicted_ms'], '.0f')} vs {_fmt(c['measured_ms'], '.0f')} ms "
+            f"({100 * c['error']:+.0f}%)")
+
+
+def _target_cells(r: dict) -> list[str]:
+    ep = f"{r['ep']} ({r['ep_unit']})" if r["ep"] else "–"
+    cal = f"calibrated: {r['calibrated_on']}" if r["calibrated_on"] else ("uncalibrated (cost-model defaults)"
+                                                                         if r["ep"] else "–")
+    host = r["host_check"]
+    host_cell = _check_cell("host", host) + (" (host profile uncalibrated)" if host and not host.get("calibrated_on")
+                                              else "")
+    checks = [_check_cell("device", r["device_check"]), host_cell] if r["device_check"] else [
+        _check_cell("device", None), host_cell]
+    return [r["device"], ep, _share_cell(r), cal, "; ".join(checks)]
+
+
 def _html_table(cols, rows) -> str:
     h = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>"
     for cells in rows:
@@ -453,6 +502,10 @@ def _assumptions(build: dict) -> list[str]:
     out.append(f"Accuracy: WER with the {build.get('normalizer') or 'basic'} text normaliser (docs/data.md); "
                "[brackets] and error bars are bootstrap 95% intervals over the test utterances "
                "(they cover the choice of utterances, not of voices or training runs).")
+    out.append("Targets: the EP is the profile's first; its share of nodes and FLOPs is the cost model's partition "
+               "(runtime/partition.py, predicted; docs/targets.md). Predicted vs measured: the cost model's latency "
+               "over the measured p50 (error = predicted / measured - 1), on the host profile for every package "
+               "(ORT, 1 thread) and on the device itself where it was measured (a device of class host).")
     if s.get("host_note"):
         out.append(s["host_note"])
     return out
@@ -471,7 +524,8 @@ def render_html(build: dict, rows: list[dict], plots: list[str]) -> str:
     if unfit:
         parts.append(f"<p class='warn'>No plan fits the budgets of: {e(', '.join(unfit))}. "
                      "Their rows show the closest plan (not packaged unless stated).</p>")
-    parts += ["<h2>Headline</h2>", _html_table(_HEAD_COLS, [_head_cells(r) for r in rows])]
+    parts += ["<h2>Headline</h2>", _html_table(_HEAD_COLS, [_head_cells(r) for r in rows]),
+              "<h2>Targets and the cost model</h2>", _html_table(_TARGET_COLS, [_target_cells(r) for r in rows])]
     captions = {
         "footprint_accuracy.png": "Footprint vs accuracy per device: every candidate plan; the Pareto front; the chosen plan circled.",
         "snr_wer.png": "WER vs SNR: one line per chosen package (devices sharing a package share a line) and the conventional baseline.",
@@ -505,7 +559,9 @@ def render_md(build: dict, rows: list[dict], plots: list[str]) -> str:
     unfit = [r["device"] for r in rows if not r["fits"]]
     if unfit:
         out += [f"**No plan fits:** {', '.join(unfit)}.", ""]
-    out += ["## Headline", "", _md_table(_HEAD_COLS, [_head_cells(r) for r in rows]), "", "## Plots", ""]
+    out += ["## Headline", "", _md_table(_HEAD_COLS, [_head_cells(r) for r in rows]), "",
+            "## Targets and the cost model", "", _md_table(_TARGET_COLS, [_target_cells(r) for r in rows]), "",
+            "## Plots", ""]
     out += [f"![{p}]({p})" for p in plots]
     out += ["", "## Per device", "", _md_table(_TABLE_COLS, [_table_cells(r) for r in rows]), "",
             "## What is measured, what is predicted", ""]

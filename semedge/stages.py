@@ -83,20 +83,51 @@ def _package_one(ws: Workspace, device: str, profile, cid: str, cand: dict) -> d
 # ---------------------------------------------------------------- stage 3: profile
 
 
-def _profile_one(ws: Workspace, profile, pkg: dict, runs: int) -> dict:
-    from semedge.runtime import costmodel
+def _measure_host(onnx: Path, runs: int) -> dict:
+    """ORT latency (1 thread) and peak RSS of `onnx` on this machine: the build's measurement."""
     from semedge.runtime.profiler import peak_rss, time_onnx
 
-    onnx = ws.out / pkg["path"] / "device.onnx"
     t = time_onnx(onnx, threads=1, runs=runs, warmup=1)
     rss = peak_rss(onnx, threads=1)
-    pred = costmodel.predict(onnx, profile)
+    return {"latency_ms_p50": t["p50_ms"], "latency_ms_p95": t["p95_ms"], "cpu_p50_ms": t.get("cpu_p50_ms"),
+            "runs": t["runs"], "threads": 1, "peak_rss_mb": max(rss["peak_mb"].values())}
+
+
+def _calibration(profile) -> dict:
     cal = profile.efficiency.calibrated_on if profile.efficiency else None
-    return {"host": {"latency_ms_p50": t["p50_ms"], "latency_ms_p95": t["p95_ms"], "cpu_p50_ms": t.get("cpu_p50_ms"),
-                     "runs": t["runs"], "threads": 1, "peak_rss_mb": max(rss["peak_mb"].values())},
-            "predicted": {"latency_ms": pred["predicted_ms"], "memory_mb": pred["predicted_peak_mb"],
-                          "gflops": pred["gflops"], "calibrated_on": cal,
-                          "efficiency": "calibrated" if cal else "cost-model defaults (uncalibrated)"}}
+    return {"calibrated_on": cal, "efficiency": "calibrated" if cal else "cost-model defaults (uncalibrated)"}
+
+
+def _predicted(profile, cost) -> dict:
+    """The cost model's latency and memory of a graph (its GraphCost) on the device, its first EP and that EP's share."""
+    from semedge.runtime import costmodel
+
+    part = costmodel.partition_report(cost, profile)
+    return {"latency_ms": round(costmodel.predict_latency_ms(cost, profile), 3),
+            "memory_mb": round(costmodel.predict_memory_mb(cost, profile), 1), "gflops": round(cost.flops / 1e9, 4),
+            "ep": part["first_ep"], "unit": profile.first_ep.unit, "node_share": part["first_ep_node_share"],
+            "flop_share": part["first_ep_flop_share"], "boundaries": part["boundaries"], **_calibration(profile)}
+
+
+def host_profile(run: "BuildRun"):
+    """(profile, sha256 of its file) the predictor is checked on: the build's `host`, else the shipped one."""
+    from semedge.runtime.profiles import load_profile, profiles_dir
+
+    if "host" in run.profs:
+        return run.profs["host"], run.prof_files.get("host")
+    path = profiles_dir() / "host.yaml"
+    return (load_profile(path), sha256_file(path)) if path.is_file() else (None, None)
+
+
+def _host_check(host_prof, cost, measured_ms: float) -> dict | None:
+    """The cost model's latency on the host profile vs the host's measured p50: the predictor's error here."""
+    from semedge.runtime import costmodel
+
+    if host_prof is None or not measured_ms:
+        return None
+    pred = costmodel.predict_latency_ms(cost, host_prof)
+    return {"profile": host_prof.name, "predicted_ms": round(pred, 3), "measured_ms": measured_ms,
+            "error": round(pred / measured_ms - 1, 4), **_calibration(host_prof)}
 
 
 # ---------------------------------------------------------------- stage 4: evaluate
@@ -279,30 +310,26 @@ def stage_package(run: BuildRun, plans_doc: dict, fitting: list[str]) -> dict[st
     return pkgs
 
 
-def _predicted(profile, onnx: Path) -> dict:
-    """The cost model's latency and memory of `onnx` on the device."""
+def stage_profile(run: BuildRun, pkgs: dict, fitting: list[str]) -> dict[str, dict]:
+    """Per fitting device: host timing and peak RSS (once per ONNX file), the device prediction
+    (EP, its share, calibration) and the predictor's error on the host."""
     from semedge.runtime import costmodel
 
-    p = costmodel.predict(onnx, profile)
-    cal = profile.efficiency.calibrated_on
-    return {"latency_ms": p["predicted_ms"], "memory_mb": p["predicted_peak_mb"], "gflops": p["gflops"],
-            "calibrated_on": cal, "efficiency": "calibrated" if cal else "cost-model defaults (uncalibrated)"}
-
-
-def stage_profile(run: BuildRun, pkgs: dict, fitting: list[str]) -> dict[str, dict]:
-    """Per fitting device: host timing and peak RSS (once per ONNX file) and the device prediction."""
     prof_res: dict[str, dict] = {}
     host_memo: dict[str, dict] = {}
+    host_prof, host_sha = host_profile(run)
     with run.ui.sub("profile", len(fitting)) as step:
         for d in fitting:
             pkg = pkgs[d]
-            inputs = {"onnx": pkg["onnx_sha256"], "profile": run.prof_files.get(d), "runs": run.settings["runs"]}
+            inputs = {"onnx": pkg["onnx_sha256"], "profile": run.prof_files.get(d), "runs": run.settings["runs"],
+                      "host_profile": host_sha}
 
             def do_prof(d=d, pkg=pkg):
-                if pkg["onnx_sha256"] in host_memo:  # same graph: reuse the host measurement
-                    return {"host": host_memo[pkg["onnx_sha256"]],
-                            "predicted": _predicted(run.profs[d], run.out / pkg["path"] / "device.onnx")}
-                return _profile_one(run.ws, run.profs[d], pkg, run.settings["runs"])
+                onnx = run.out / pkg["path"] / "device.onnx"
+                host = host_memo.get(pkg["onnx_sha256"]) or _measure_host(onnx, run.settings["runs"])
+                cost = costmodel.analyze(onnx)
+                return {"host": host, "predicted": _predicted(run.profs[d], cost),
+                        "host_check": _host_check(host_prof, cost, host["latency_ms_p50"])}
 
             prof_res[d] = run.st.run(f"profile-{d}", inputs, do_prof)
             host_memo.setdefault(pkg["onnx_sha256"], prof_res[d]["host"])
@@ -375,7 +402,8 @@ def device_record(d: str, prof, plans_doc: dict, fitting: list[str], sweep: list
         rec.update(_measured(prof, sweep, pkgs[d], prof_res[d], eval_res[d]))
     else:
         pred = (cand.get("predicted") or {}).get(d) or {}
-        rec["predicted"] = {"latency_ms": pred.get("latency_ms"), "memory_mb": pred.get("memory_mb")}
+        rec["predicted"] = {"latency_ms": pred.get("latency_ms"), "memory_mb": pred.get("memory_mb"),
+                            "ep": prof.first_ep.name, "unit": prof.first_ep.unit, **_calibration(prof)}
         rec["accuracy"] = {k: v for k, v in (cand.get("accuracy") or {}).items()
                            if k in {snr_key(s) for s in rec["eval_snrs"]}}
         rec["package"] = None

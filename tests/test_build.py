@@ -19,10 +19,10 @@ warnings.filterwarnings("ignore")
 MODEL = "tiny:whisper:0"
 
 
-def _profile(name: str, mem: float, channel: str, snr: tuple[float, float]) -> str:
+def _profile(name: str, mem: float, channel: str, snr: tuple[float, float], eps: str = "CPU") -> str:
     return (f"name: {name}\ndevice_class: phone\nmemory_budget_mb: {mem}\n"
             "peak_gflops: {fp32: 50.0, fp16: 100.0, int8: 200.0}\nmem_bandwidth_gbs: 10.0\ncores: 2\nthreads: 1\n"
-            "execution_providers: [CPU]\nlatency_budget_ms: 2000\n"
+            f"execution_providers: [{eps}]\nlatency_budget_ms: 2000\n"
             f"link: {{uplink_mbps: 10, snr_db: [{snr[0]}, {snr[1]}], channel: {channel}}}\nsources: [synthetic test profile]\n")
 
 
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     prof = root / "profiles"
     prof.mkdir()
     (prof / "phone-a.yaml").write_text(_profile("phone-a", 200, "awgn", (0, 20)))
-    (prof / "phone-b.yaml").write_text(_profile("phone-b", 200, "rayleigh", (10, 20)))
+    (prof / "phone-b.yaml").write_text(_profile("phone-b", 200, "rayleigh", (10, 20), eps="TensorRT, CPU"))
     (prof / "tiny-watch.yaml").write_text(_profile("tiny-watch", 1, "awgn", (0, 10)))
     plans = root / "plans.json"
     plans.write_text(json.dumps(_plans({"phone-a": ("int8", [0.0, 20.0], "awgn"),
@@ -130,6 +130,29 @@ def test_report_references_existing_plots(first):
     assert (index.parent / "report.md").is_file()
     rep = json.loads((index.parent / "report.json").read_text())
     assert {h["device"] for h in rep["headline"]} == {"phone-a", "phone-b", "tiny-watch"}
+
+
+def test_report_shows_ep_share_calibration_and_predictor_error(first):
+    """Per device: the first EP and its share of the graph (cost model), the profile's calibration, and
+    predicted vs measured latency on the host for every package."""
+    out, rec = first
+    a, b = rec["devices"]["phone-a"], rec["devices"]["phone-b"]
+    assert (a["predicted"]["ep"], a["predicted"]["unit"], a["predicted"]["node_share"]) == ("CPU", "cpu", 1.0)
+    assert (b["predicted"]["ep"], b["predicted"]["unit"]) == ("TensorRT", "gpu")
+    assert 0.5 < b["predicted"]["node_share"] <= 1.0 and a["predicted"]["calibrated_on"] is None
+    for dev in (a, b):
+        hc = dev["host_check"]
+        assert hc["profile"] == "host" and hc["measured_ms"] == dev["host"]["latency_ms_p50"] > 0
+        assert hc["error"] == pytest.approx(hc["predicted_ms"] / hc["measured_ms"] - 1, abs=1e-3)
+    watch = rec["devices"]["tiny-watch"]["predicted"]
+    assert watch["ep"] == "CPU" and watch["efficiency"].startswith("cost-model defaults")
+    md = (out / "report" / "report.md").read_text()
+    share = f"{100 * b['predicted']['node_share']:.0f}% / {100 * b['predicted']['flop_share']:.0f}% on TensorRT"
+    assert f"| phone-b | TensorRT (gpu) | {share}" in md and "| phone-a | CPU (cpu) | no accelerator |" in md
+    hc = a["host_check"]
+    assert (f"host: {hc['predicted_ms']:.0f} vs {hc['measured_ms']:.0f} ms ({100 * hc['error']:+.0f}%)") in md
+    assert "| tiny-watch | CPU (cpu) | no accelerator | uncalibrated (cost-model defaults) | device: not measured; " \
+           "host: not measured |" in md
 
 
 def test_second_run_skips_every_stage(first, setup):

@@ -147,3 +147,37 @@ def test_intervals_in_tables_and_plots(tmp_path):
     pts = {p["cid"]: p for p in rep["footprint_accuracy"]["phone"]["points"]}
     assert pts["int8"]["wer_ci95"]["ci95"] == [0.27, 0.35] and pts["fp32"]["wer_ci95"] is None
     assert (index.parent / "snr_wer.png").read_bytes()[:8] == PNG
+
+
+def test_targets_table_ep_share_calibration_and_predictor_error(tmp_path):
+    """Per device: EP, accelerator share, calibration, predicted vs measured (host always; the device
+    itself when it is this machine); an unpackaged device shows its EP and 'not measured'."""
+    b = _build()
+    b["devices"]["phone"]["predicted"].update(ep="NNAPI", unit="npu", node_share=0.75, flop_share=0.9, boundaries=4,
+                                              calibrated_on=None)
+    b["devices"]["phone"]["host_check"] = {"profile": "host", "predicted_ms": 1000.0, "measured_ms": 812.0,
+                                           "error": 0.2315, "calibrated_on": None}
+    b["devices"]["watch"]["predicted"].update(ep="XNNPACK", unit="cpu", calibrated_on="bench.json (3 lengths)")
+    host = {**b["devices"]["phone"], "device_class": "host"}
+    host["predicted"] = {"latency_ms": 700.0, "memory_mb": 140.0, "ep": "CPU", "unit": "cpu", "node_share": 1.0,
+                         "flop_share": 1.0, "boundaries": 0, "calibrated_on": "host bench"}
+    b["devices"]["host"] = host
+    index = write_report(b, tmp_path)
+    rows = {r["device"]: r for r in json.loads((index.parent / "report.json").read_text())["devices"]}
+    assert rows["phone"]["ep"] == "NNAPI" and rows["phone"]["ep_node_share"] == 0.75
+    assert rows["phone"]["host_check"]["error"] == 0.2315 and rows["phone"]["device_check"] is None
+    assert rows["host"]["device_check"] == {"predicted_ms": 700.0, "measured_ms": 812.0, "error": -0.1379}
+    md = (index.parent / "report.md").read_text()
+    assert ("| phone | NNAPI (npu) | 75% / 90% on NNAPI, 4 unit boundaries | uncalibrated (cost-model defaults) "
+            "| device: not measured; host: 1000 vs 812 ms (+23%) (host profile uncalibrated) |") in md
+    assert "| watch | XNNPACK (cpu) | no accelerator (XNNPACK runs on the CPU) | calibrated: bench.json (3 lengths) " \
+           "| device: not measured; host: not measured |" in md
+    assert "| host | CPU (cpu) | no accelerator | calibrated: host bench | device: 700 vs 812 ms (-14%)" in md
+    html = index.read_text()
+    assert "Targets and the cost model" in html and "75% / 90% on NNAPI" in html
+
+
+def test_targets_table_on_an_old_build_shows_dashes(report):
+    _, index = report
+    md = (index.parent / "report.md").read_text()
+    assert "| phone | – | – | – | device: not measured; host: not measured |" in md
