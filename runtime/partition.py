@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from semedge.core.errors import UserError
 from semedge.runtime.profiles import DeviceProfile
 
 if TYPE_CHECKING:
@@ -159,17 +160,63 @@ _FORMATS = {
 }
 
 
+def ep_formats(name: str, unit: str) -> list[str]:
+    """Formats EP `name` runs natively on `unit`, best first."""
+    if name == "QNN" and unit != "npu":  # QNN's GPU or CPU backend
+        return ["fp16", "fp32"] if unit == "gpu" else ["fp32"]
+    if name == "CoreML" and unit == "cpu":
+        return ["fp32"]
+    return list(_FORMATS[name])
+
+
 def formats_for(profile: DeviceProfile) -> list[str]:
     """Formats the profile's first EP runs natively, best first (for the planner's candidate space).
 
     Anything else still runs, but its nodes fall back to the CPU EP (see `partition_report`).
     """
-    ep = profile.first_ep
-    if ep.name == "QNN" and ep.unit != "npu":  # QNN's GPU or CPU backend
-        return ["fp16", "fp32"] if ep.unit == "gpu" else ["fp32"]
-    if ep.name == "CoreML" and ep.unit == "cpu":
-        return ["fp32"]
-    return list(_FORMATS[ep.name])
+    return ep_formats(profile.first_ep.name, profile.first_ep.unit)
+
+
+def package_format(manifest: dict) -> str | None:
+    """A package's format: its target's, else read from its precision and plan; None when unknown."""
+    fmt = (manifest.get("target") or {}).get("format")
+    if fmt:
+        return fmt
+    precision = (manifest.get("onnx") or {}).get("precision")
+    if precision != "int8":
+        return precision if precision in ("fp32", "fp16", "int4") else None
+    modes = [(s.get("config") or {}).get("mode") for s in (manifest.get("plan") or {}).get("steps") or []
+             if s.get("op") == "quantize_onnx"]
+    return {"int8_dynamic": "int8_dynamic", "int8_static": "qdq_a8w8"}.get(modes[-1] if modes else None)
+
+
+def _dynamic_inputs(manifest: dict) -> bool:
+    ins = (manifest.get("onnx") or {}).get("inputs") or []
+    return any(not isinstance(d, int) for i in ins for d in i.get("shape") or [])
+
+
+def check_ep_runs(ep: str, unit: str, manifest: dict, package: str) -> None:
+    """UserError when accelerator EP `ep` (profile spelling) cannot run the package: a format it does
+    not run, or dynamic input shapes for an EP that takes fixed shapes only. CPU-unit EPs run every
+    package (what XNNPACK does not take, the CPU EP does)."""
+    if unit == "cpu":
+        return
+    fmt = package_format(manifest)
+    fix = (f"run it with --ep cpu, or export a package for {ep} (`semedge export --device D` with a profile "
+           f"whose first EP is {ep}, docs/targets.md)")
+    if fmt is not None and fmt not in ep_formats(ep, unit):
+        raise UserError(f"--ep {ep.lower()}: {package} is a package of format {fmt}, which {ep} does not run "
+                        f"({ep} runs {', '.join(ep_formats(ep, unit))})", fix)
+    if ep in _FIXED_SHAPES and _dynamic_inputs(manifest):
+        raise UserError(f"--ep {ep.lower()}: {package} has dynamic input shapes; {ep} takes fixed shapes only", fix)
+
+
+def check_session_ep(wanted: list, extra: list[dict], strict: bool, manifest: dict, package: str) -> None:
+    """check_ep_runs for the EP named by `--ep` (strict; `runtime.providers.ep_session_args`'s result)."""
+    from semedge.runtime.providers import unit_of
+
+    if strict:
+        check_ep_runs(wanted[0], unit_of(wanted[0], extra[0]), manifest, package)
 
 
 def needs_fixed_shapes(profile: DeviceProfile) -> bool:

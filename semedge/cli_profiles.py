@@ -230,10 +230,21 @@ def profile_cmd(
         typer.echo("  top ops (ORT profile): " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in rows[0]["ops"]))
 
 
-def _session_plan(ep: Optional[str], ep_option: Optional[List[str]], profile: Optional[str]):
-    """(ORT providers, their options, threads or None) from --ep/--ep-option/--device; strict with --ep."""
+def _manifest(pkg: Path) -> dict:
+    """A package folder's manifest ({} for an .onnx file or an unreadable one: Package.load judges those)."""
+    try:
+        m = json.loads((pkg / "manifest.json").read_text()) if pkg.is_dir() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def _session_plan(ep: Optional[str], ep_option: Optional[List[str]], profile: Optional[str], pkg: Path):
+    """(ORT providers, their options, threads or None) from --ep/--ep-option/--device; strict with --ep,
+    which must be an EP the package `pkg` can run."""
     import warnings
 
+    from semedge.runtime.partition import check_session_ep
     from semedge.runtime.providers import ep_session_args, provider_plan
 
     prof = None
@@ -242,6 +253,7 @@ def _session_plan(ep: Optional[str], ep_option: Optional[List[str]], profile: Op
 
         prof = load_profile(profile)
     wanted, extra, strict = ep_session_args(ep, ep_option, prof)
+    check_session_ep(wanted, extra, strict, _manifest(pkg), str(pkg))
     with warnings.catch_warnings():  # said once below, as a note
         warnings.simplefilter("ignore")
         names, opts = provider_plan(wanted, strict)
@@ -311,7 +323,7 @@ def bench_device_cmd(
         mpath = Package.load(pkg, trust=trust).onnx_path
     else:
         mpath = _resolve_model(pkg)
-    names, opts, prof_threads = _session_plan(ep, ep_option, profile)
+    names, opts, prof_threads = _session_plan(ep, ep_option, profile, pkg)
     threads = threads or prof_threads or 1
     lens = _parse_lengths(lengths)
     res = bench_onnx(mpath, lens, runs=runs, warmup=warmup, threads=threads, providers=names, provider_options=opts)

@@ -107,6 +107,7 @@ def device_run(
     import numpy as np
 
     from semedge.runtime.package import Package
+    from semedge.runtime.partition import check_session_ep
     from semedge.runtime.providers import ep_session_args
     from semedge.runtime.runner import DeviceRunner
     from semedge.core.channel_spec import parse_channel, parse_snr
@@ -124,6 +125,7 @@ def device_run(
         prof = load_profile(profile)
     wanted, extra, strict = ep_session_args(ep, ep_option, prof)
     pkg = Package.load(package, trust=trust)
+    check_session_ep(wanted, extra, strict, pkg.manifest, str(package))
     runner = DeviceRunner(pkg, providers=wanted, threads=prof.threads if prof else None,
                           provider_options=extra, strict=strict)
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
