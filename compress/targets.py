@@ -18,7 +18,6 @@ package records per profile EP which nodes it takes (export.assignment.node_assi
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,14 +213,14 @@ def build_target_package(split, profile, kind: Kind, out: str | Path, *, opset: 
                          calib_source: str = "given", plan=None, jsc_ckpt=None, sign_key=None,
                          progress: Callable[[str], None] | None = None) -> Path:
     """The package of `kind` for `profile` at `out` (+ out.zip): graph, .ort when ORT Mobile, node assignment."""
+    from semedge.core.files import scratch_dir
     from semedge.core.layout import ORT_FILE, ORT_OPS_CONFIG
     from semedge.export.assignment import node_assignment
     from semedge.export.mobile import to_ort_format
     from semedge.export.package import build_package
 
     say = progress or (lambda msg: None)
-    with tempfile.TemporaryDirectory(prefix="semedge-export-") as td:
-        tmp = Path(td)
+    with scratch_dir(Path(out).expanduser().absolute().parent) as tmp:  # beside the package; a kill's is cleaned next run
         tg = build_target_graph(split, kind, tmp, opset=opset, calib=calib, calib_source=calib_source,
                                 plan=plan, progress=say)
         say("recording which nodes each EP of the profile takes")

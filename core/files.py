@@ -10,6 +10,7 @@ file or the new one, never half of one. Pure standard library: the device uses i
         onnx.save(model, str(tmp))
     with atomic_dir(folder) as tmp:          # a whole folder (packages, caches)
         (tmp / "model.bin").write_bytes(...)
+    with atomic_dir_and_file(pkg, zip) as (tmp, ztmp):   # a folder and a file made from it, swapped in together
     with scratch_dir(folder) as d:           # intermediate files beside an output, cleaned after a kill
     cached(path, build, "what")              # a cache file or folder, verified by its sums on every read
     with sealed_path(path) as tmp:           # a cache file rewritten in place, with its sums
@@ -66,16 +67,22 @@ def pid_alive(pid: int) -> bool:
 
 # What a writer killed mid-way leaves (PID: the writer's process id): atomic_dir's folders
 # `<name>.tmp-PID` and `<name>.old-PID` (killed between its two renames), atomic_path's
-# files `.<stem>.PID.<random>.tmp<suffix>`.
+# files `.<stem>.PID.<random>.tmp<suffix>`, atomic_dir_and_file's journal `<name>.swap-PID`.
 _LITTER = re.compile(r"(?P<old>.+)\.old-(?P<pid1>\d+)|.+\.tmp-(?P<pid2>\d+)|\..+\.(?P<pid3>\d+)\.\w+\.tmp(\.[^.]*)?")
+_JOURNAL = re.compile(r".+\.swap-(?P<pid>\d+)")
 _cleaned: set[str] = set()  # folders already cleaned by this process (a killed writer's litter stays dead)
 
 
 def clean_stale(folder: str | Path) -> list[Path]:
     """Remove what killed writers (dead PIDs) left in `folder`; a `<name>.old-PID` is put back as
-    `<name>` when `<name>` is missing (the previous complete output), else removed. Returns what went."""
+    `<name>` when `<name>` is missing (the previous complete output), else removed; a swap journal
+    (`<name>.swap-PID`) puts back every entry of its unfinished swap. Returns what went."""
     folder = Path(folder)
     gone = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():  # unfinished swaps first: roll them back
+        m = _JOURNAL.fullmatch(p.name)
+        if m and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid"))):
+            _roll_back(p, int(m.group("pid")))
     for p in sorted(folder.iterdir()) if folder.is_dir() else ():
         m = _LITTER.fullmatch(p.name)
         pid = int(next((g for g in (m.group("pid1"), m.group("pid2"), m.group("pid3")) if g), 0)) if m else 0
@@ -96,6 +103,21 @@ def _clean_once(folder: Path) -> None:
         clean_stale(folder)
 
 
+def _temp_file(path: Path) -> Path:
+    """An empty temp file `.<stem>.PID.<random>.tmp<suffix>` beside `path`."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    return Path(name)
+
+
+def _temp_dir(path: Path) -> Path:
+    """An empty temp folder `<name>.tmp-PID` beside `path`."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """A temp path beside `path` (same suffix, so tools that read it still work); on a clean
@@ -104,9 +126,7 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_once(path.parent)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temp_file(path)
     try:
         yield tmp
         os.chmod(tmp, mode)  # mkstemp makes 0600
@@ -154,9 +174,7 @@ def atomic_dir(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_once(path.parent)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _temp_dir(path)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -189,6 +207,67 @@ def _swap_in(tmp: Path, path: Path) -> None:
         raise
     fsync_path(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir_and_file(folder: str | Path, file: str | Path, mode: int = 0o644) -> Iterator[tuple[Path, Path]]:
+    """atomic_dir for `folder` and atomic_path for `file` (same parent; e.g. a package and its zip),
+    swapped in together: killed at any point, both old ones (or neither, on a first run) or both
+    new ones remain once the next writer in that folder has run clean_stale."""
+    folder, file = Path(folder), Path(file)
+    if folder.parent.absolute() != file.parent.absolute():
+        raise ValueError(f"{folder} and {file} must be in the same folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _clean_once(folder.parent)
+    tmp_dir, tmp_file = _temp_dir(folder), _temp_file(file)
+    try:
+        yield tmp_dir, tmp_file
+        os.chmod(tmp_file, mode)
+        _fsync_tree(tmp_dir)
+        fsync_path(tmp_file)
+        _swap_together([(tmp_dir, folder), (tmp_file, file)])
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_file.unlink(missing_ok=True)
+
+
+def _swap_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each temp over its target as one step. A journal names the targets that existed; until
+    it is removed (the commit), a failure here or clean_stale after a kill rolls every target back."""
+    pid, parent = os.getpid(), pairs[0][1].parent
+    journal = parent / f"{pairs[0][1].name}.swap-{pid}"
+    write_atomic(journal, json.dumps({p.name: p.exists() for _, p in pairs}))
+    try:
+        for _, p in pairs:
+            if p.exists():
+                os.replace(p, p.with_name(f"{p.name}.old-{pid}"))
+        for tmp, p in pairs:
+            os.replace(tmp, p)
+        fsync_path(parent)
+    except BaseException:
+        _roll_back(journal, pid)
+        raise
+    journal.unlink()
+    fsync_path(parent)
+    for _, p in pairs:
+        _remove(p.with_name(f"{p.name}.old-{pid}"))
+
+
+def _roll_back(journal: Path, pid: int) -> None:
+    """Undo an unfinished _swap_together: each target moved aside is put back, a new one removed."""
+    try:
+        had = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        had = {}  # written atomically: unreadable only if damaged; nothing was renamed under it
+    for name, existed in had.items():
+        p, old = journal.parent / name, journal.parent / f"{name}.old-{pid}"
+        if old.exists():
+            _remove(p)
+            os.replace(old, p)
+        elif not existed:
+            _remove(p)
+    fsync_path(journal.parent)
+    journal.unlink(missing_ok=True)
 
 
 def sha256_bytes(data: bytes | str) -> str:

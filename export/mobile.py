@@ -13,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 from pathlib import Path
 
 from semedge.core.errors import UserError
-from semedge.core.files import replace_atomic
+from semedge.core.files import replace_atomic, scratch_dir
 from semedge.core.layout import ORT_FILE, ORT_OPS_CONFIG
 
 
@@ -56,8 +55,8 @@ def fix_input_shapes(src: str | Path, dst: str | Path, shapes: dict[str, list[in
     for name, shape in shapes.items():
         make_input_shape_fixed(m.graph, name, list(shape))
     fix_output_shapes(m)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.fix-") as td:
-        fixed, pre = Path(td) / "fixed.onnx", Path(td) / "pre.onnx"
+    with scratch_dir(dst.parent) as td:
+        fixed, pre = td / "fixed.onnx", td / "pre.onnx"
         onnx.save(m, str(fixed))
         with _quiet():
             quant_pre_process(str(fixed), str(pre))
@@ -80,10 +79,10 @@ def to_ort_format(src: str | Path, out_dir: str | Path, style: str) -> dict:
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ort-") as td:
-        model = Path(td) / "device.onnx"
+    with scratch_dir(out_dir) as td:
+        model = td / "device.onnx"
         model.write_bytes(Path(src).read_bytes())
-        conv = Path(td) / "out"
+        conv = td / "out"
         with _quiet():
             convert_onnx_models_to_ort(model, conv, [OptimizationStyle[style]], target_platform="arm")
         ort_files, configs = list(conv.glob("*.ort")), list(conv.glob("*.config"))

@@ -10,7 +10,6 @@ Runtime output against PyTorch on calibration inputs (`check_parity`).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from semedge.core.files import replace_atomic
+from semedge.core.files import replace_atomic, scratch_dir
 
 TWO_GB = 2 * 1024**3
 
@@ -284,8 +283,8 @@ def export_device_half(
     calib = calib_inputs if calib_inputs is not None else calibration_inputs(split)
     first = _as_batches(calib)[0]
     heads, hidden = _model_shape(split)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.export-") as tmp:
-        raw = Path(tmp) / "raw.onnx"
+    with scratch_dir(out_path.parent) as tmp:  # .scratch.PID.*.tmp: the next writer removes one a kill left
+        raw = tmp / "raw.onnx"
         say(f"exporting the {split.task.name} device half to ONNX (opset {opset})")
         _torch_export(module, split.task.export, raw, int(opset), first)
         _set_output_shape(raw, split.k)
@@ -294,7 +293,7 @@ def export_device_half(
             from semedge.export.optimize import optimize_graph
 
             say("fusing attention, GELU and LayerNorm")
-            opt = Path(tmp) / "opt.onnx"
+            opt = tmp / "opt.onnx"
             rep = optimize_graph(raw, opt, num_heads=heads, hidden_size=hidden)
             final, fused = opt, rep.fused_counts()
         if optimize == "auto":

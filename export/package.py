@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from semedge.core.files import atomic_dir, atomic_path, sha256_bytes, sha256_file
+from semedge.core.files import atomic_dir_and_file, sha256_bytes, sha256_file
 from semedge.core.layout import (  # noqa: F401 (ADAPTERS, JSC_CONFIG: part of the writer's API)
     ADAPTERS, FORMAT, FRONTEND_FILE, JSC_CONFIG, JSC_WEIGHTS, MANIFEST, MEL_FILTERS_FILE, ONNX_FILE,
     TEXT_TOKENIZER_FILES, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
@@ -131,8 +131,8 @@ def build_package(
         raise UserError(f"ONNX file {onnx_path} does not exist", "export it first, or leave onnx_path out")
     private = _private_key(sign_key)  # a bad key fails before any work
     zip_final = out_dir.with_name(out_dir.name + ".zip")
-    # The folder is swapped in first (an old one is kept until then), then the zip.
-    with atomic_path(zip_final) as zip_tmp, atomic_dir(out_dir) as tmp:
+    # Folder and zip are swapped in together: a kill leaves the old pair (or none) or the new one.
+    with atomic_dir_and_file(out_dir, zip_final) as (tmp, zip_tmp):
         for rel, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / rel)
         _fill_package(tmp, out_dir.name, split, onnx_path, plan, profile, measured, jsc_ckpt,
@@ -158,11 +158,13 @@ def sign_package(out_dir: str | Path, sign_key) -> dict:
 
     private = _private_key(sign_key)
     pkg = Package.load(out_dir)  # refuses changed, missing or unlisted files
-    rec = write_signature(pkg.path, private)
     zip_path = pkg.path.with_name(pkg.path.name + ".zip")
-    if zip_path.is_file():
-        with atomic_path(zip_path) as tmp:
-            _zip_dir(pkg.path, tmp, pkg.path.name)
+    if not zip_path.is_file():
+        return write_signature(pkg.path, private)
+    with atomic_dir_and_file(pkg.path, zip_path) as (tmp, zip_tmp):  # signed folder and zip swapped in together
+        shutil.copytree(pkg.path, tmp, dirs_exist_ok=True)
+        rec = write_signature(tmp, private)
+        _zip_dir(tmp, zip_tmp, pkg.path.name)
     return rec
 
 

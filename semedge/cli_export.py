@@ -27,10 +27,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export the device half to ONNX, check parity, and write a device package."""
         import dataclasses
-        import tempfile
 
         from rich.console import Console
 
+        from semedge.core.files import scratch_dir
         from semedge.compress.targets import build_target_package, builtin_calibration, package_kind
         from semedge.export.package import package_bytes
         from semedge.runtime.profiles import load_profile
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         split = build_split(loaded, ckpt.codec if ckpt is not None else None, encoder=device_encoder(ckpt))
         if tail_frames is not None:
             _set_tail(split, tail_frames)
-        with tempfile.TemporaryDirectory(prefix="semedge-export-") as tmp:
+        with scratch_dir(Path(out).expanduser().absolute().parent) as tmp:  # .scratch.PID.*.tmp beside the package
             if plan_obj is not None:
                 from semedge.compress.plan import apply_torch_steps
 

@@ -85,11 +85,12 @@ def test_export_killed_while_packaging_or_exporting(tmp_path, env):
     run(args, tmp_path, env)  # the next run finishes and removes the killed run's folder
     before = absent_or_complete(pkg)
     assert before and litter(tmp_path) == [] and zipfile.ZipFile(tmp_path / "pkg.zip").testzip() is None
-    tmpdir = Path(env["TMPDIR"])
-    kill_when(args, tmp_path, env, "semedge-export-*/*.onnx", root=tmpdir)  # mid-export: the old package stays
+    kill_when(args, tmp_path, env, ".scratch.*/*.onnx")  # mid-export: the old package stays
     assert absent_or_complete(pkg) == before
     kill_when(args, tmp_path, env, "pkg.tmp-*/manifest.json")  # the new package is complete, not yet swapped in
     assert absent_or_complete(pkg) == before and zipfile.ZipFile(tmp_path / "pkg.zip").testzip() is None
+    run(args, tmp_path, env)  # the next run removes the killed runs' scratch and package temporaries
+    assert absent_or_complete(pkg) and litter(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- train
@@ -188,3 +189,78 @@ def test_build_killed_while_exporting_or_packaging_resumes(tmp_path, env):
     run(args, tmp_path, env, timeout=1800)
     assert absent_or_complete(pkg) and (tmp_path / "out" / "build.json").is_file()
     assert litter(tmp_path) == [] and sealed_onnx_ok(tmp_path / "out" / "cache")
+
+
+# ----------------------------------------------------------------------------- a package folder and its zip (fast)
+
+PAIR_WRITER = """
+import os, signal, sys
+from pathlib import Path
+import semedge.core.files as f
+out, n, tag = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real, calls = os.replace, [0]
+def replace(a, b):  # SIGKILL this writer at its n-th rename (0: never)
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b)
+f.os.replace = replace
+with f.atomic_dir_and_file(out / "pkg", out / "pkg.zip") as (tmp, ztmp):
+    (tmp / "manifest.json").write_text(tag)
+    ztmp.write_text(tag)
+print(calls[0])
+"""
+
+
+def _write_pair(out: Path, kill_at: int, tag: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PAIR_WRITER, str(out), str(kill_at), tag], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _pair(out: Path) -> tuple[str | None, str | None]:
+    """(the folder's manifest, the zip's text), None where absent."""
+    m, z = out / "pkg" / "manifest.json", out / "pkg.zip"
+    return (m.read_text() if m.exists() else None), (z.read_text() if z.exists() else None)
+
+
+@pytest.mark.parametrize("had_output", [False, True])
+def test_package_folder_and_zip_killed_at_every_rename_stay_a_pair(tmp_path, had_output):
+    """SIGKILL at each rename of the swap: once the next writer has cleaned the folder, the folder and
+    its zip are both the old ones (or both absent) or both the new ones, and no temporary is left."""
+    from semedge.core.files import clean_stale
+
+    for n in range(1, 20):  # until the writer finishes before its n-th rename
+        out = tmp_path / f"k{n}"
+        out.mkdir()
+        if had_output:
+            assert _write_pair(out, 0, "old").returncode == 0
+        r = _write_pair(out, n, "new")
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        clean_stale(out)
+        old = ("old", "old") if had_output else (None, None)
+        assert _pair(out) in (old, ("new", "new")), f"killed at rename {n}: {_pair(out)}"
+        assert litter(out) == [] and sorted(os.listdir(out)) in ([], ["pkg", "pkg.zip"])
+    assert n == (6 if had_output else 4)  # renames: the journal, the old pair aside, the new pair in
+
+
+def test_export_removes_stale_temporaries_of_dead_writers_and_zips_what_it_swaps_in(tmp_path):
+    """A package build removes what killed writers left beside it (their pid is dead), keeps a live
+    writer's, and its zip holds exactly the folder's files."""
+    from conftest import tiny_whisper_package
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [f"pkg.tmp-{dead}", f".scratch.{dead}.ab12.tmp", f"pkg.old-{dead}", f"pkg.zip.old-{dead}"]
+    for name in stale:
+        (tmp_path / name).mkdir()
+    (tmp_path / f".pkg.{dead}.x1y2.tmp.zip").write_bytes(b"half")
+    live = tmp_path / f".scratch.{os.getppid()}.cd34.tmp"  # a running process's: kept
+    live.mkdir()
+    _, _, pkg = tiny_whisper_package(tmp_path / "pkg")
+    assert sorted(os.listdir(tmp_path)) == sorted(["pkg", "pkg.zip", live.name])
+    with zipfile.ZipFile(tmp_path / "pkg.zip") as z:
+        zipped = {n[len("pkg/"):]: z.read(n) for n in z.namelist() if not n.endswith("/")}
+    assert zipped == {p.relative_to(pkg).as_posix(): p.read_bytes() for p in pkg.rglob("*") if p.is_file()}
+    assert complete(pkg)
