@@ -6,7 +6,7 @@ the fp32 ONNX baseline. Every WER has its bootstrap 95% interval over utterances
 "points lost vs fp32" a paired one (same utterances, same channel noise; semcom.stats). For the server half: decoder bytes, time for a 20-token
 transcript, WER. Writes benchmarks/results/compression.json.
 
-    python benchmarks/compression.py [--quick] [--n N] [--threads 1] [--codec NAME=CKPT ...]
+    python benchmarks/compression.py [--quick] [--n N] [--family mix] [--threads 1] [--codec NAME=CKPT ...]
 
 --codec adds the fp32 device half of a trained codec (its own JSC, LoRA decoder and
 device encoder: e.g. the whisper-tiny.en student of `semedge train --encoder`).
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer utterances, runs and distillation steps (<= 10 min)")
     ap.add_argument("--n", type=int, default=None, help="test utterances for WER (default 8 quick, 50 full)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--family", default="mix", help="voice family of the test utterances (tasks.speech.load_split)")
     ap.add_argument("--backend", default="ct2", choices=("ct2", "torch"), help="server decoder for the WER columns")
     ap.add_argument("--distill-steps", type=int, default=None, help="default 16 quick, 1500 full")
     ap.add_argument("--only", default="", help="comma-separated setting names to run (with fp32, their baseline)")
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     # identity JSC; the server decodes from the content + 300 silence frames (docs/runtime.md)
     split = build_split(loaded, with_tail(identity_codec(loaded), 300))
-    test = load_split("test", n, progress=False)
+    test = load_split("test", n, progress=False, family=args.family)
     train = load_split("train", max(n_train, 8), progress=False)
     tfeats = speech_features(loaded, train)
     calib = torch.from_numpy(tfeats[:8])
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
         print(f"server {mode}: {nbytes / 1e6:.1f} MB  20 tokens {server_rows[-1]['ms_20_tokens']:.0f} ms  "
               f"WER {fmt_ci(sc['wer_ci95'])}", flush=True)
 
-    result = {"model": "whisper-base", "quick": quick, "n_test": n, "threads": args.threads, "trim_frames": TRIM_FRAMES,
+    result = {"model": "whisper-base", "quick": quick, "n_test": n, "family": args.family, "threads": args.threads, "trim_frames": TRIM_FRAMES,
               "normalizer": rows[0]["normalizer"], "interval": INTERVAL,
               "wer_setup": f"identity JSC (codec rows: their own), server decoder {args.backend} "
                            "(int8 CTranslate2 unless torch), content + 300 silence frames, fitted device windows",
