@@ -26,6 +26,13 @@ class Evaluator:
         self.messages: dict[str, list] = {}  # device outputs per candidate, reused across conditions
         self.counts = {"cheap": 0, "full": 0}  # conditions evaluated per level
 
+    def release(self, c: Cand) -> None:
+        """Drop what was kept for `c` (its device outputs) and hand freed heap back (trim_memory)."""
+        from semedge.runtime.evaluate import trim_memory
+
+        self.messages.pop(c.cid, None)
+        trim_memory()
+
     def __call__(self, c: Cand, channel: str, snrs: list[float], n: int, level: str) -> None:
         from semedge.runtime.evaluate import device_messages, evaluate_onnx, segmented
 
@@ -63,8 +70,6 @@ def _line(c: Cand, level: str | None = None) -> str:
 def cheap_pass(ev: Evaluator, cands: list[Cand], devs: dict, n_cheap: int, say: Callable[[str], None],
                on_candidate=None) -> None:
     """Every candidate that fits some device, at each such device's lowest SNR, on n_cheap utterances."""
-    from semedge.runtime.evaluate import trim_memory
-
     need: dict[str, set] = {}
     for d, info in devs.items():
         for c in cands:
@@ -76,7 +81,7 @@ def cheap_pass(ev: Evaluator, cands: list[Cand], devs: dict, n_cheap: int, say: 
         tc = time.time()
         for ch in sorted({ch for ch, _ in need[c.cid]}):
             ev(c, ch, sorted({s for cc, s in need[c.cid] if cc == ch}), n_cheap, "cheap")
-        trim_memory()
+        ev.release(c)
         say(f"  [{i}/{len(need)}] {c.cid}: {_line(c)}  ({time.time() - tc:.0f} s)")
         if on_candidate:
             on_candidate("cheap", c.cid)
@@ -114,8 +119,6 @@ def shortlists(ranked: dict[str, list[Cand]], n_cands: int, full_share: float, p
 def full_pass(ev: Evaluator, cands: list[Cand], devs: dict, short: dict, full: set, n_full: int,
               say: Callable[[str], None], on_candidate=None) -> None:
     """Each shortlisted candidate at every SNR of the devices that shortlisted it, on n_full utterances."""
-    from semedge.runtime.evaluate import trim_memory
-
     say(f"full accuracy: {len(full)} of {len(cands)} candidates x {n_full} utterances")
     by_id = {c.cid: c for c in cands}
     for i, cid in enumerate(sorted(full), 1):
@@ -127,7 +130,7 @@ def full_pass(ev: Evaluator, cands: list[Cand], devs: dict, short: dict, full: s
                 conds.setdefault(info["channel"], set()).update(info["eval_snrs"])
         for ch, snrs in sorted(conds.items()):
             ev(c, ch, sorted(snrs), n_full, "full")
-        trim_memory()
+        ev.release(c)
         say(f"  [{i}/{len(full)}] {cid}: {_line(c, 'full')}  ({time.time() - tc:.0f} s)")
         if on_candidate:
             on_candidate("full", cid)

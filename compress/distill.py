@@ -100,7 +100,9 @@ def student_layers(n_teacher: int, cfg: DistillConfig) -> list[int]:
 
 def make_student(model, cfg: DistillConfig):
     """A copy of the HF model whose encoder keeps `cfg.layers` of the teacher's layers."""
-    student = copy.deepcopy(model)
+    from semedge.compress.prune import copy_encoder
+
+    student = copy_encoder(model)  # only the encoder is trained: the decoder is shared, not copied
     enc = student.get_encoder()
     keep = student_layers(len(enc.layers), cfg)
     enc.layers = nn.ModuleList([copy.deepcopy(enc.layers[i]) for i in keep])

@@ -315,6 +315,17 @@ def prune_encoder_(model, config: PruneConfig, calib=None) -> dict:
     return info
 
 
+def copy_encoder(model):
+    """A copy of the HF model `model` whose encoder is its own; the rest (the decoder: most of the
+    weights, unused by a device half) shares the original's tensors instead of copying them."""
+    if not hasattr(model, "get_encoder"):
+        return copy.deepcopy(model)
+    enc = model.get_encoder()
+    own = {id(t) for t in [*enc.parameters(), *enc.buffers()]}
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in own}
+    return copy.deepcopy(model, memo)
+
+
 def apply(model, config: PruneConfig | dict, calib=None):
     """Pruned copy of `model` (a SplitModel, an HF model or an encoder); the input is left as it is.
 
@@ -329,7 +340,7 @@ def apply(model, config: PruneConfig | dict, calib=None):
         from semedge.semcom.split import build_split
 
         src = model.device_model or model.loaded
-        new_model = copy.deepcopy(src.model)
+        new_model = copy_encoder(src.model)
         info = prune_encoder_(new_model, config, calib)
         split = build_split(model.loaded, copy.deepcopy(model.codec), encoder=derived(src, new_model, config.describe()))
         split.prune_info = info

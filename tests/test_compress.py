@@ -407,3 +407,23 @@ def test_realise_builds_once_and_caches(split, feats, tmp_path):
     # another plan on the same export: the fp32 file is reused, not exported again
     other = realise(Plan.make([]), torch_split, RealiseFiles(tmp_path / "fp32.onnx", files.base))
     assert other.built and calls == [1] and other.path.read_bytes() == files.base.read_bytes()
+
+
+def test_planner_keeps_one_pruned_copy_whose_decoder_is_the_originals(split, feats, tmp_path):
+    """Issue 20 (planner memory): a pruned candidate copies only the encoder (the decoder's tensors are
+    the original's), and the workspace lets the previous pruned copy go when it makes the next one."""
+    import gc
+    import weakref
+
+    from semedge.compress.workspace import Workspace
+
+    ws = Workspace(split.loaded, split, tmp_path, feats)
+    a = ws.torch_split(Plan.make([{"op": "prune", "config": {"heads": 0.5}}], "a"))
+    orig, pruned = split.loaded.model.model, a.device_model.model.model
+    assert all(p is q for p, q in zip(pruned.decoder.parameters(), orig.decoder.parameters()))
+    assert not {p.data_ptr() for p in orig.encoder.parameters()} & {p.data_ptr() for p in pruned.encoder.parameters()}
+    gone = weakref.ref(a.device_model.model)
+    del a, pruned
+    ws.torch_split(Plan.make([{"op": "prune", "config": {"ffn": 0.5}}], "b"))
+    gc.collect()
+    assert gone() is None
