@@ -14,6 +14,8 @@ NNAPI, CoreML and QNN graphs get fixed input shapes (export.mobile.fix_input_sha
 graphs are exported without ORT's contrib fusions (no com.microsoft op an accelerator cannot take);
 phones and watches (ORT Mobile) also get the `.ort` model and its operator config. Every
 package records per profile EP which nodes it takes (export.assignment.node_assignment).
+Kind.frontend "graph" (`--frontend graph`) puts Whisper's log-mel front end in front of the finished
+graph (export/frontend.py): the device feeds PCM; the manifest's frontend.compute says which input.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Kind:
     fused: bool  # ORT's contrib fusions (CPU EPs only)
     fixed_shapes: bool
     ort_style: str | None  # convert_onnx_models_to_ort optimisation style; None: no .ort
+    frontend: str = "numpy"  # "graph": the log-mel front end inside device.onnx, PCM input (export/frontend.py)
 
     @property
     def quant(self) -> dict | None:
@@ -85,8 +88,12 @@ def _chosen_format(profile, fmt: str | None) -> str:
     return fmt
 
 
-def package_kind(profile, fmt: str | None = None, plan=None, opset: int = 17) -> Kind:
-    """The package kind for `profile`; UserError for a format its first EP does not run or too low an opset."""
+def package_kind(profile, fmt: str | None = None, plan=None, opset: int = 17, frontend: str = "numpy") -> Kind:
+    """The package kind for `profile`; UserError for a format its first EP does not run, too low an opset
+    or an unknown front end."""
+    from semedge.export.frontend import check_choice
+
+    check_choice(frontend, opset)
     if fmt is not None and _plan_sets_precision(plan):
         raise UserError("--format and the --plan's quantize_onnx steps both set the precision",
                         "give one of them (a plan with only prune/distill steps takes --format)")
@@ -99,7 +106,7 @@ def package_kind(profile, fmt: str | None = None, plan=None, opset: int = 17) ->
     cpu = ep in CPU_EPS
     style = None if profile.device_class not in ORT_MOBILE else ("Fixed" if cpu else "Runtime")
     fixed = needs_fixed_shapes(profile) or chosen.startswith("qdq")
-    return Kind(chosen, ep, cpu, fixed, style)
+    return Kind(chosen, ep, cpu, fixed, style, frontend)
 
 
 def builtin_calibration(loaded, n: int = CALIB_N) -> list:
@@ -125,6 +132,7 @@ class TargetGraph:
     export: object  # export.onnx.ExportReport of the fp32 export
     parity: object  # export.onnx.ParityReport of `path` against PyTorch
     calibration: dict | None  # QDQ: where the activation ranges came from
+    frontend: dict | None = None  # --frontend graph: the log-mel parity (export.frontend.log_mel_parity)
 
 
 def _parity_inputs(split) -> list[dict]:
@@ -162,15 +170,19 @@ def _sort_nodes(path: Path) -> None:
     save_model(m.model, path)
 
 
-def _parity(path: Path, split, precision: str, fmt: str):
+def _parity(path: Path, split, precision: str, fmt: str, inputs=None, frontend: bool = False):
+    """Parity against PyTorch on `inputs` (default: the task's); frontend: PCM feeds, the reference
+    is the device half on runtime.features.log_mel."""
+    from semedge.export.frontend import reference
     from semedge.export.onnx import ExportParityError, Tolerance, check_parity
     from semedge.semcom.training.adapters import merge_lora
 
     tol = Tolerance(*TOLERANCE[fmt]) if fmt in TOLERANCE else None
     strict = precision in ("fp32", "fp16")  # quantization error is recorded (ok: false), accuracy is the WER's to judge
+    module = merge_lora(split.device).eval()
     try:
-        return check_parity(path, merge_lora(split.device).eval(), _parity_inputs(split), precision=precision, tol=tol,
-                            raise_on_fail=strict)
+        return check_parity(path, reference(module) if frontend else module, inputs or _parity_inputs(split),
+                            precision=precision, tol=tol, raise_on_fail=strict)
     except ExportParityError as e:
         e.args = (f"{e} [{fmt} package: another --format its first EP runs may hold; docs/targets.md]",)
         raise
@@ -182,12 +194,23 @@ def build_target_graph(split, kind: Kind, workdir: Path, *, opset: int = 17, cal
     against PyTorch with the format's limits: ExportParityError for fp32/fp16 out of them; integer
     formats record it (parity.ok false), as the planner judges them on WER through the link.
 
-    calib: QDQ calibration inputs ([80, 3000] arrays), or a function returning them (called only for QDQ)."""
+    calib: QDQ calibration inputs ([80, 3000] arrays), or a function returning them (called only for QDQ).
+    kind.frontend "graph": the front end goes in front of the finished graph (fp32, outside the quantizer's
+    reach), parity checked from PCM against PyTorch on runtime.features.log_mel."""
+    say = progress or (lambda msg: None)
+    if kind.frontend == "graph" and split.loaded.kind != "speech":
+        raise UserError(f"--frontend graph is Whisper's log-mel front end; {split.loaded.source} is a {split.loaded.kind} model",
+                        "leave out --frontend (or use --frontend numpy)")
+    tg = _encoder_graph(split, kind, workdir, opset, calib, calib_source, plan, say)
+    return _with_frontend(tg, split, kind, workdir, say) if kind.frontend == "graph" else tg
+
+
+def _encoder_graph(split, kind: Kind, workdir: Path, opset, calib, calib_source, plan, say) -> TargetGraph:
+    """The device half on log-mel input, in the kind's shape and precision, parity checked."""
     from semedge.export.mobile import fix_input_shapes
     from semedge.export.onnx import export_device_half
     from semedge.export.package import graph_precision
 
-    say = progress or (lambda msg: None)
     base = workdir / "fp32.onnx"
     rep = export_device_half(split, base, opset=opset, optimize="auto" if kind.fused else False, progress=say)
     src = base
@@ -204,9 +227,47 @@ def build_target_graph(split, kind: Kind, workdir: Path, *, opset: int = 17, cal
     return TargetGraph(out, rep, _parity(out, split, graph_precision(out), kind.format), cal)
 
 
+def _with_frontend(tg: TargetGraph, split, kind: Kind, workdir: Path, say) -> TargetGraph:
+    """`tg` with the log-mel front end in front (export/frontend.py): PCM in; parity from PCM."""
+    import dataclasses
+
+    from semedge.export import frontend as fe
+    from semedge.export.package import graph_precision
+
+    say("putting the log-mel front end in the graph (PCM input)")
+    front, filters = fe.params(split.loaded)
+    path = fe.prepend(tg.path, workdir / "frontend.onnx", front, filters, fixed=kind.fixed_shapes)
+    audios = fe.parity_audio(2, fixed=kind.fixed_shapes)
+    opset = max(fe.MIN_OPSET, _opset(path))
+    rec = fe.log_mel_parity(fe.standalone(front, filters, opset, kind.fixed_shapes), audios,
+                            split.loaded.feature_extractor)
+    say(f"log-mel: graph vs numpy max|Δ| {rec['max_abs']['numpy']:.2e}")
+    feeds = [{fe.INPUT: a[None]} for a in audios]
+    parity = _parity(path, split, graph_precision(path), kind.format, inputs=feeds, frontend=True)
+    return dataclasses.replace(tg, path=path, parity=parity, frontend=rec)
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
+
+
 def _target_record(kind: Kind, tg: TargetGraph, ort_rec: dict | None) -> dict:
     return {"format": kind.format, "first_ep": kind.first_ep, "fused": kind.fused, "fixed_shapes": kind.fixed_shapes,
-            "calibration": tg.calibration, "ort_format": ort_rec}
+            "calibration": tg.calibration, "ort_format": ort_rec, "frontend": kind.frontend}
+
+
+def _frontend_record(split, kind: Kind, tg: TargetGraph) -> dict:
+    """What the manifest's speech `frontend` section adds: where the log-mel is computed."""
+    if split.loaded.kind != "speech":
+        return {}
+    from semedge.export.frontend import INPUT
+
+    if kind.frontend != "graph":
+        return {"compute": "numpy"}
+    return {"compute": "graph", "input": INPUT, "dtype": "float32", "parity": tg.frontend}
 
 
 def build_target_package(split, profile, kind: Kind, out: str | Path, *, opset: int = 17, calib=None,
@@ -231,7 +292,7 @@ def build_target_package(split, profile, kind: Kind, out: str | Path, *, opset: 
             ort_rec = to_ort_format(tg.path, tmp, kind.ort_style)
             files = {ORT_FILE: tmp / ORT_FILE, ORT_OPS_CONFIG: tmp / ORT_OPS_CONFIG}
         extra = {"target": _target_record(kind, tg, ort_rec), "node_assignment": assignment,
-                 "onnx": {"parity": asdict(tg.parity)}}
+                 "onnx": {"parity": asdict(tg.parity)}, "frontend": _frontend_record(split, kind, tg)}
         return build_package(split, out, onnx_path=tg.path, plan=plan, profile=profile.name, jsc_ckpt=jsc_ckpt,
                              export_report=tg.export, opset=opset, progress=say, sign_key=sign_key,
                              extra_files=files, extra=extra)

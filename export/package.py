@@ -116,8 +116,8 @@ def build_package(
     `split` here (fp32, optimised, parity-checked). export_report: the ExportReport of
     that graph, recorded in the manifest when given. sign_key: a signing.key path (or an
     Ed25519 private key): the package gets signature.json (runtime/trust.py). extra_files: more
-    files to ship (package path -> source file). extra: more manifest sections (an "onnx" entry is
-    merged into the onnx section), e.g. compress/targets.py's target and node_assignment.
+    files to ship (package path -> source file). extra: more manifest sections (an "onnx" or "frontend"
+    entry is merged into that section), e.g. compress/targets.py's target and node_assignment.
     """
     from semedge.core.errors import UserError
 
@@ -179,7 +179,7 @@ def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measure
         say(f"copying {onnx_path}")
         shutil.copyfile(onnx_path, tmp / ONNX_FILE)
     say("writing front end and JSC decoder")
-    frontend = _write_frontend(split, tmp)
+    frontend = {**_write_frontend(split, tmp), **extra.pop("frontend", {})}  # e.g. compute: graph (compress/targets.py)
     jsc_cfg = _write_jsc(split, tmp, jsc_ckpt)
     say("hashing files")
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

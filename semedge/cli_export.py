@@ -19,6 +19,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(..., "--device", help="device profile name (device_profiles/NAME.yaml) or YAML path"),
         out: Path = typer.Option(..., "--out", help="package folder to write; <out>.zip is written beside it"),
         opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+        frontend: str = typer.Option("numpy", "--frontend", help="speech: numpy (the device computes log-mel, today's input) or "
+                                     "graph (Whisper's log-mel inside device.onnx: the app feeds 16 kHz PCM; opset >= 17)"),
         fmt: Optional[str] = typer.Option(None, "--format", help="package format (default: the one the profile's first EP runs: fp16 for TensorRT/CUDA/CoreML, qdq_a8w8 for QNN/NNAPI, int8_dynamic for CPU/XNNPACK; also fp32, qdq_a16w8, int4; docs/targets.md)"),
         no_optimize: bool = typer.Option(False, "--no-optimize", help="skip the offline attention/GELU/LayerNorm fusions (default: build both graphs, keep the faster, timed at export)"),
         tail_frames: Optional[str] = typer.Option(None, "--tail-frames", help="identity JSC only: silence frames after the content the server decoder sees (e.g. 300; 'full': the 30 s window)"),
@@ -47,11 +49,12 @@ def register(app: typer.Typer) -> None:
 
         prof = load_profile(device)
         plan_obj = _read_plan(plan)
-        kind = package_kind(prof, fmt, plan_obj, opset)  # bad input fails before the model loads
+        kind = package_kind(prof, fmt, plan_obj, opset, frontend)  # bad input fails before the model loads
         if no_optimize:
             kind = dataclasses.replace(kind, fused=False)
         say(f"profile {prof.name}: {kind.format} package for {kind.first_ep}"
-            + (", fixed shapes" if kind.fixed_shapes else "") + (", + .ort" if kind.ort_style else ""))
+            + (", fixed shapes" if kind.fixed_shapes else "") + (", + .ort" if kind.ort_style else "")
+            + (", log-mel in the graph (PCM input)" if kind.frontend == "graph" else ""))
         from semedge.semcom.checkpoint import device_encoder, load_for_inference
         from semedge.semcom.models import load_source
         from semedge.semcom.split import build_split
@@ -85,7 +88,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             echo_json({"package": str(pkg), "package_id": man["package_id"], "bytes": package_bytes(pkg),
                        "precision": man["onnx"]["precision"], "format": man["target"]["format"],
-                       "parity": par, "signed": sign_key is not None})
+                       "parity": par, "signed": sign_key is not None, "frontend": man.get("frontend", {}).get("compute")})
             return
         typer.echo(f"{pkg}  {package_bytes(pkg)} bytes  {par_s}")
 
