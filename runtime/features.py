@@ -107,3 +107,10 @@ def log_mel(audio) -> np.ndarray:
     logm = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]  # drop last frame -> [80, 3000]
     logm = np.maximum(logm, logm.max() - 8.0)
     return ((logm + 4.0) / 4.0).astype(np.float32)
+
+
+def pcm_input(audio, full: bool = False) -> np.ndarray:
+    """The input of a package with the front end in its graph (manifest frontend.compute "graph"):
+    float32 [1, n] samples, cut to 30 s; full: zero-padded to 30 s (the graph then gives the full window)."""
+    x = pad_or_trim(_check_audio(audio)) if full else _check_audio(audio)[:N_SAMPLES]
+    return np.ascontiguousarray(x[None], dtype=np.float32)

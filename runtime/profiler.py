@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semedge.core.frames import N_FRAMES
+from semedge.core.frames import N_FRAMES, N_SAMPLES
 from semedge.core.errors import UserError
 
 _ORT_NP = {
@@ -83,6 +83,8 @@ def make_inputs(sess, length: int | None = None, batch: int = 1, seed: int = 0) 
                 dims.append(batch)
             elif d == "frames" and length is None:
                 dims.append(N_FRAMES)  # speech: the worst case, a full 30 s window (as the cost model)
+            elif d == "samples" and length is None:
+                dims.append(N_SAMPLES)  # PCM (log-mel front end in the graph): 30 s, the same worst case
             elif length is None:
                 raise UserError(f"input '{inp.name}' has a symbolic dim '{d}'", "give an input length")
             else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from semedge.core.frames import content_frames, window_frames
-from semedge.runtime.features import log_mel, whisper_filters
+from semedge.runtime.features import log_mel, pcm_input, whisper_filters
 from semedge.runtime.package import Package
 from semedge.runtime.providers import ORT_NAMES, ep_session_args, parse_ep_options, provider_plan  # noqa: F401
 from semedge.core.errors import UserError
@@ -21,6 +21,9 @@ from semedge.core.errors import UserError
 PROVIDER_NAMES = dict(ORT_NAMES)
 # manifest["frontend"]["type"] of the front ends the device computes (written by the speech / text tasks)
 LOG_MEL, TOKENIZER = "whisper-log-mel", "tokenizer"
+# manifest["frontend"]["compute"] of a log-mel package: "graph" = device.onnx takes PCM (semedge export
+# --frontend graph), "numpy" = this runtime computes the log-mel (packages without the key too)
+GRAPH, NUMPY = "graph", "numpy"
 
 
 def normalize_power(x: np.ndarray, k_keep: int | None = None, eps: float = 1e-8) -> np.ndarray:
@@ -62,6 +65,28 @@ def check_mel_filters(package: Package) -> None:
                         "export the package from a Whisper model with the 80-mel front end")
 
 
+def frontend_compute(manifest: dict) -> str | None:
+    """"graph" or "numpy" for a log-mel package (no key: numpy), None for other front ends."""
+    fe = manifest.get("frontend") or {}
+    return fe.get("compute", NUMPY) if fe.get("type") == LOG_MEL else None
+
+
+def check_frontend(manifest: dict, inputs: list[dict], where: str) -> None:
+    """Refuse a speech package whose manifest front end and graph input disagree.
+    inputs: the graph's [{"name", "shape"}] (manifest onnx.inputs or the session's)."""
+    mode = frontend_compute(manifest)
+    if mode is None:
+        return
+    fix = "re-export it: semedge export --frontend graph (PCM input) or --frontend numpy (log-mel input)"
+    if mode not in (GRAPH, NUMPY):
+        raise UserError(f"{where}: manifest frontend.compute {mode!r} is unknown to this runtime (graph or numpy)", fix)
+    name, shape = inputs[0]["name"], list(inputs[0]["shape"])
+    if (len(shape) == 2) != (mode == GRAPH):
+        feed = "PCM [batch, samples]" if mode == GRAPH else "log-mel [batch, 80, frames]"
+        raise UserError(f"{where}: manifest frontend.compute is {mode} (the device feeds {feed}) "
+                        f"but device.onnx takes {name} {shape}", fix)
+
+
 class DeviceRunner:
     """Runs a package's device.onnx: audio or text in, channel symbols [n, k] out."""
 
@@ -94,6 +119,8 @@ class DeviceRunner:
         self.session = ort.InferenceSession(str(package.onnx_path), sess_options=opts, providers=self.providers,
                                             provider_options=opts_list)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        check_frontend(package.manifest, [{"name": i.name, "shape": i.shape} for i in self.session.get_inputs()],
+                       f"package {package.package_id}")
         self.output_name = self.session.get_outputs()[0].name
         self._tokenizer = None
 
@@ -112,7 +139,7 @@ class DeviceRunner:
     def window(self) -> str:
         """"fit" when the graph takes any number of frames (the package's frontend says which), else "full"."""
         dims = self.package.manifest.get("onnx", {}).get("inputs", [{}])[0].get("shape", [])
-        fixed = len(dims) == 3 and isinstance(dims[2], int)
+        fixed = len(dims) >= 2 and isinstance(dims[-1], int)  # [1, 80, 3000] log-mel, [1, 480000] PCM
         return "full" if fixed else self.package.manifest.get("frontend", {}).get("window", "fit")
 
     def encode_audio(self, audio, k_keep: int | None = None, window: str | None = None) -> np.ndarray:
@@ -123,11 +150,16 @@ class DeviceRunner:
         audio = np.asarray(audio)
         if audio.ndim != 1 or audio.size == 0:
             raise UserError(f"audio has shape {audio.shape}, expected non-empty 1-D samples", "pass mono 16 kHz audio")
-        w = window_frames(int(audio.shape[0]), window or self.window)
-        feats = np.ascontiguousarray(log_mel(audio)[None, :, :w])  # [1, 80, w]
-        x = self._run({self.input_names[0]: feats})[0]
+        x = self._run({self.input_names[0]: self._features(audio, window or self.window)})[0]
         n = max(1, content_frames(int(audio.shape[0])))
         return truncate(np.ascontiguousarray(x[:n], dtype=np.float32), k_keep)
+
+    def _features(self, audio: np.ndarray, window: str) -> np.ndarray:
+        """The graph's input: PCM [1, n] (front end in the graph; "full": padded to 30 s) or log-mel [1, 80, w]."""
+        if frontend_compute(self.package.manifest) == GRAPH:
+            return pcm_input(audio, full=window == "full")
+        w = window_frames(int(audio.shape[0]), window)
+        return np.ascontiguousarray(log_mel(audio)[None, :, :w])
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -239,6 +239,16 @@ def _manifest(pkg: Path) -> dict:
     return m if isinstance(m, dict) else {}
 
 
+def _check_frontend(pkg: Path) -> None:
+    """A package whose manifest front end (PCM or log-mel input) is not its graph's is refused."""
+    from semedge.runtime.runner import check_frontend
+
+    man = _manifest(pkg)
+    inputs = (man.get("onnx") or {}).get("inputs")
+    if inputs:
+        check_frontend(man, inputs, f"package {pkg}")
+
+
 def _session_plan(ep: Optional[str], ep_option: Optional[List[str]], profile: Optional[str], pkg: Path):
     """(ORT providers, their options, threads or None) from --ep/--ep-option/--device; strict with --ep,
     which must be an EP the package `pkg` can run."""
@@ -293,7 +303,8 @@ def _echo_bench(res: dict, runs: int) -> None:
 
 def bench_device_cmd(
     pkg: Path = typer.Argument(..., help="an .onnx file or a package folder with device.onnx"),
-    lengths: Optional[str] = typer.Option(None, "--lengths", help="input lengths, e.g. 16,64,256"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="input lengths, e.g. 16,64,256 (speech: mel frames; "
+                                          "PCM input, --frontend graph: samples; default the 30 s window)"),
     runs: int = typer.Option(20, "--runs", help="timed runs per length"),
     warmup: int = typer.Option(3, "--warmup", help="untimed runs first"),
     threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: the profile's, else 1)"),
@@ -323,6 +334,7 @@ def bench_device_cmd(
         mpath = Package.load(pkg, trust=trust).onnx_path
     else:
         mpath = _resolve_model(pkg)
+    _check_frontend(pkg)
     names, opts, prof_threads = _session_plan(ep, ep_option, profile, pkg)
     threads = threads or prof_threads or 1
     lens = _parse_lengths(lengths)
