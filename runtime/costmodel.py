@@ -71,6 +71,7 @@ class NodeCost:
     domain: str = ""
     inputs: tuple[tuple[str, float], ...] = ()  # (tensor, bytes) of non-constant inputs
     outputs: tuple[str, ...] = ()
+    dtypes: tuple[int, ...] = ()  # onnx element types of its inputs and outputs (EPs without float64)
 
 
 @dataclass
@@ -300,7 +301,8 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
     else:
         flops = _numel(out_shape) * _ELEM_FLOPS.get(op, 1)
     edges = tuple((i, _nbytes(i, shapes, types)) for i in ins if i not in consts)
-    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes, node.domain, edges, tuple(outs))
+    dtypes = tuple(sorted({types[t] for t in ins + outs if t in types}))
+    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes, node.domain, edges, tuple(outs), dtypes)
 
 
 def _const_names(model: onnx.ModelProto) -> set[str]:

@@ -32,6 +32,16 @@ _XNNPACK_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Softmax", "R
                 "QLinearConv", "QLinearAveragePool", "QLinearSoftmax"}
 _QNN_CONTRIB = {"QuantizeLinear", "DequantizeLinear"}
 _FIXED_SHAPES = ("NNAPI", "CoreML", "QNN")
+
+# Data types: a node with a float64 input or output falls back on these EPs (op tables judge op types only):
+# - NNAPI, CoreML: each op builder accepts float32 input by default, some add fp16/int types, none double
+#   (onnxruntime/core/providers/{nnapi/nnapi_builtin,coreml}/builders/impl/base_op_builder.cc).
+# - QNN: QNN has no 64-bit float type (onnxruntime/core/providers/qnn/builder/qnn_utils.cc, its type table).
+# - XNNPACK: fp32, fp16 and 8-bit QDQ kernels only (ORT's XNNPACK EP op list; not checked kernel by kernel).
+# - TensorRT: the parser casts DOUBLE down to FLOAT (onnx-tensorrt operators.md), so it does not run them as built.
+# CUDA has double kernels for most standard ops (onnxruntime docs/OperatorKernels.md): not in this list.
+DOUBLE = 11  # onnx.TensorProto.DOUBLE
+NO_FLOAT64 = ("NNAPI", "CoreML", "QNN", "XNNPACK", "TensorRT")
 ACCELERATOR_OP_SOURCES = {
     "TensorRT": "onnx-tensorrt operators.md (no integer matmul/conv, no contrib ops)",
     "CUDA": "ORT CUDA kernel registry as stated in issue 15 (not verified here)",
@@ -63,6 +73,8 @@ def why_not(ep, n: NodeCost, dynamic: bool) -> str | None:
     name, std = ep.name, n.domain in ("", "ai.onnx")
     if name == "CPU":
         return None
+    if name in NO_FLOAT64 and DOUBLE in n.dtypes:
+        return f"float64 tensors ({name} runs no double)"
     if name in _FIXED_SHAPES and dynamic:
         return "dynamic shapes"
     if name == "XNNPACK":

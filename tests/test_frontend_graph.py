@@ -193,11 +193,24 @@ def test_bench_feeds_30_s_of_pcm(graph_pkg):
     assert feeds["audio"].shape == (1, N_SAMPLES) and feeds["audio"].dtype == np.float32
 
 
-def test_fixed_shape_graph_package_and_ort(split, tmp_path):
+@pytest.fixture(scope="module")
+def fixed_pkgs(split, tmp_path_factory):
+    """device -> its fixed-shape fp32 graph package, built on first use."""
+    root, built = tmp_path_factory.mktemp("fixed"), {}
+
+    def get(device: str) -> Path:
+        if device not in built:
+            built[device] = _package(split, device, "fp32", root / device)
+        return built[device]
+
+    return get
+
+
+def test_fixed_shape_graph_package_and_ort(split, fixed_pkgs):
     """NNAPI (fixed shapes, .ort): input [1, 480000]; the runner pads to 30 s; device.ort gives the same."""
     from semedge.runtime.runner import DeviceRunner
 
-    pkg = _package(split, "android-mid", "fp32", tmp_path / "nnapi")
+    pkg = fixed_pkgs("android-mid")
     man = json.loads((pkg / "manifest.json").read_text())
     assert man["onnx"]["inputs"][0]["shape"] == [1, N_SAMPLES] and man["target"]["fixed_shapes"]
     a = _signal(16_000, 5, 0.5)
@@ -208,3 +221,34 @@ def test_fixed_shape_graph_package_and_ort(split, tmp_path):
     x_onnx = ort.InferenceSession(str(pkg / "device.onnx"), providers=["CPUExecutionProvider"]).run(None, {"audio": pcm})[0]
     x_ort = ort.InferenceSession(str(pkg / "device.ort"), providers=["CPUExecutionProvider"]).run(None, {"audio": pcm})[0]
     assert float(np.abs(x_onnx - x_ort).max()) <= 1e-4 * float(np.abs(x_onnx).max())
+
+
+def _front_and_rest(a: dict) -> tuple[set, set, set]:
+    """(front-end nodes, fallback nodes, taken nodes) of one EP's node_assignment entry."""
+    names = a["taken_nodes"] + a["fallback_nodes"]
+    return {n for n in names if n.startswith(fe.PREFIX)}, set(a["fallback_nodes"]), set(a["taken_nodes"])
+
+
+def test_float64_front_end_falls_back_to_cpu(fixed_pkgs):
+    """CoreML / NNAPI / XNNPACK run no float64: the 18 log-mel nodes are CPU fallback, one CPU partition
+    ahead of the accelerator's; CoreML still takes the whole encoder (1 partition, YES), NNAPI every
+    encoder node in its op table; the cost model puts the front end on the CPU too."""
+    from semedge.runtime.costmodel import analyze, partition
+    from semedge.runtime.profiles import load_profile
+
+    iphone = json.loads((fixed_pkgs("iphone") / "manifest.json").read_text())["node_assignment"]
+    front, fallback, taken = _front_and_rest(iphone["CoreML"])
+    assert len(front) == 18 and fallback == front and taken and not taken & front
+    assert (iphone["CoreML"]["partitions"], iphone["CoreML"]["cpu_partitions"]) == (1, 1)
+    assert iphone["CoreML"]["suitability"] == "YES" and "float64" in iphone["CoreML"]["why"]["STFT"]
+    assert front <= set(iphone["XNNPACK"]["fallback_nodes"])  # its op table has MatMul, but not in float64
+    nnapi = json.loads((fixed_pkgs("android-mid") / "manifest.json").read_text())["node_assignment"]["NNAPI"]
+    front, fallback, taken = _front_and_rest(nnapi)
+    assert front <= fallback and {"/conv1/Conv", "/conv2/Conv"} <= taken
+    rest = {n.rsplit("/", 1)[-1].split("_")[0] for n in fallback - front}  # op of each: "/Erf_1" -> "Erf"
+    assert rest == {"Erf", "LayerNormalization"}  # the encoder's only fallback: ops outside NNAPI's table
+    assert all("op table" in nnapi["why"][op] for op in ("Erf", "LayerNormalization"))
+    parts = partition(analyze(fixed_pkgs("iphone") / "device.onnx"), load_profile("iphone"))
+    on = {n.name: ep.name for n, ep in parts}
+    assert {ep for n, ep in on.items() if n.startswith(fe.PREFIX)} == {"CPU"}
+    assert {ep for n, ep in on.items() if not n.startswith(fe.PREFIX)} == {"CoreML"}
