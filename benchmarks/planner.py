@@ -142,10 +142,11 @@ def print_table(res: dict) -> None:
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         rz = r.get("realised") or {}
         pick = r["planner"] or f"NONE ({r['failing_budget']}; ~{r['closest']})"
-        print(f"{r['device']:18} {r['budgets']['memory_mb']:6.0f} {r['budgets']['latency_ms']:6.0f} {pick:22} "
+        mb, ms = (("-" if v is None else f"{v:.0f}") for v in (r["budgets"]["memory_mb"], r["budgets"]["latency_ms"]))
+        print(f"{r['device']:18} {mb:>6} {ms:>6} {pick:22} "
               f"{f(r['planner_wer']):>6} {str(r['oracle']):22} "
               f"{fmt_ci(r.get('oracle_wer_ci95')) if r.get('oracle_wer_ci95') else f(r['oracle_wer']):>21} "
-              f"{fmt_ci(r.get('vs_oracle_best'), 1, 100) if r.get('vs_oracle_best') else r['gap_wer_points']:>19} "
+              f"{fmt_ci(r.get('vs_oracle_best'), 1, 100) if r.get('vs_oracle_best') else str(r['gap_wer_points']):>19} "
               f"{'yes' if r.get('matches_oracle') else 'no':>5} "
               f"{rz.get('model_rss_mb', '-') if rz else '-':>7}")
 
