@@ -62,27 +62,38 @@ class Evaluator:
                                                 "level": level, "cached": r.get("cached", False)}
         self.counts[level] += len(need)
 
+    def each(self, jobs: list, n: int, level: str):
+        """Each job (candidate, [(channel, snrs)]) in turn; yields (candidate, seconds) as each is done."""
+        for c, conds in jobs:
+            t = time.time()
+            for ch, snrs in conds:
+                self(c, ch, snrs, n, level)
+            self.release(c)
+            yield c, time.time() - t
+
 
 def _line(c: Cand, level: str | None = None) -> str:
     return ", ".join(f"{k} WER {v['wer']:.3f}" for k, v in sorted(c.accuracy.items()) if level is None or v["level"] == level)
 
 
-def cheap_pass(ev: Evaluator, cands: list[Cand], devs: dict, n_cheap: int, say: Callable[[str], None],
-               on_candidate=None) -> None:
-    """Every candidate that fits some device, at each such device's lowest SNR, on n_cheap utterances."""
+def cheap_jobs(cands: list[Cand], devs: dict) -> list:
+    """(candidate, [(channel, snrs)]) for every candidate that fits some device: each such device's lowest SNR."""
     need: dict[str, set] = {}
     for d, info in devs.items():
         for c in cands:
             if fits(c, d, info["budgets"]):
                 need.setdefault(c.cid, set()).add((info["channel"], info["eval_snrs"][0]))
-    say(f"cheap accuracy: {len(need)} candidates x {n_cheap} utterances")
-    todo = [c for c in cands if c.cid in need]
-    for i, c in enumerate(todo, 1):
-        tc = time.time()
-        for ch in sorted({ch for ch, _ in need[c.cid]}):
-            ev(c, ch, sorted({s for cc, s in need[c.cid] if cc == ch}), n_cheap, "cheap")
-        ev.release(c)
-        say(f"  [{i}/{len(need)}] {c.cid}: {_line(c)}  ({time.time() - tc:.0f} s)")
+    return [(c, [(ch, sorted({s for cc, s in need[c.cid] if cc == ch})) for ch in sorted({ch for ch, _ in need[c.cid]})])
+            for c in cands if c.cid in need]
+
+
+def cheap_pass(ev: Evaluator, cands: list[Cand], devs: dict, n_cheap: int, say: Callable[[str], None],
+               on_candidate=None) -> None:
+    """Every candidate that fits some device, at each such device's lowest SNR, on n_cheap utterances."""
+    jobs = cheap_jobs(cands, devs)
+    say(f"cheap accuracy: {len(jobs)} candidates x {n_cheap} utterances")
+    for i, (c, secs) in enumerate(ev.each(jobs, n_cheap, "cheap"), 1):
+        say(f"  [{i}/{len(jobs)}] {c.cid}: {_line(c)}  ({secs:.0f} s)")
         if on_candidate:
             on_candidate("cheap", c.cid)
 
@@ -116,21 +127,24 @@ def shortlists(ranked: dict[str, list[Cand]], n_cands: int, full_share: float, p
     return short, full
 
 
-def full_pass(ev: Evaluator, cands: list[Cand], devs: dict, short: dict, full: set, n_full: int,
-              say: Callable[[str], None], on_candidate=None) -> None:
-    """Each shortlisted candidate at every SNR of the devices that shortlisted it, on n_full utterances."""
-    say(f"full accuracy: {len(full)} of {len(cands)} candidates x {n_full} utterances")
+def full_jobs(cands: list[Cand], devs: dict, short: dict, full: set) -> list:
+    """(candidate, [(channel, snrs)]) per shortlisted candidate: every SNR of the devices that shortlisted it."""
     by_id = {c.cid: c for c in cands}
-    for i, cid in enumerate(sorted(full), 1):
-        c = by_id[cid]
-        tc = time.time()
+    jobs = []
+    for cid in sorted(full):
         conds: dict[str, set] = {}
         for d, info in devs.items():
             if cid in short[d]:
                 conds.setdefault(info["channel"], set()).update(info["eval_snrs"])
-        for ch, snrs in sorted(conds.items()):
-            ev(c, ch, sorted(snrs), n_full, "full")
-        ev.release(c)
-        say(f"  [{i}/{len(full)}] {cid}: {_line(c, 'full')}  ({time.time() - tc:.0f} s)")
+        jobs.append((by_id[cid], [(ch, sorted(snrs)) for ch, snrs in sorted(conds.items())]))
+    return jobs
+
+
+def full_pass(ev: Evaluator, cands: list[Cand], devs: dict, short: dict, full: set, n_full: int,
+              say: Callable[[str], None], on_candidate=None) -> None:
+    """Each shortlisted candidate at every SNR of the devices that shortlisted it, on n_full utterances."""
+    say(f"full accuracy: {len(full)} of {len(cands)} candidates x {n_full} utterances")
+    for i, (c, secs) in enumerate(ev.each(full_jobs(cands, devs, short, full), n_full, "full"), 1):
+        say(f"  [{i}/{len(full)}] {c.cid}: {_line(c, 'full')}  ({secs:.0f} s)")
         if on_candidate:
-            on_candidate("full", cid)
+            on_candidate("full", c.cid)

@@ -28,6 +28,7 @@ realised check (compress/hostcheck.py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -102,6 +103,7 @@ class PlannerConfig:
     threads: int = 1
     realise: bool = True  # measure the chosen plans on this host
     realise_runs: int = 20
+    ray: object = None  # a compress.fanout.RaySpec: builds and evaluations as Ray tasks (None: serial)
 
 
 # ---------------------------------------------------------------- stages
@@ -179,16 +181,14 @@ def load_context(model_source, cfg: PlannerConfig, say) -> Context:
     return Context(loaded, split, ckpt, calib_utts, ws, AccuracyCache(cfg.workdir / "accuracy.json"), segment_s)
 
 
-def build_candidates(ws: Workspace, cands: list[Cand], profiles, devs: dict, say, on_candidate=None) -> None:
-    """plan → ONNX for every candidate (cached), then the cost model's latency and memory per device."""
-    say(f"building {len(cands)} candidates (cache: {ws.dir})")
-    for i, c in enumerate(cands, 1):
-        tb = time.time()
-        ws.build(c)
-        ws.predict(c, profiles)
+def build_candidates(builder, cands: list[Cand], profiles, devs: dict, say, on_candidate=None) -> None:
+    """plan → ONNX for every candidate (cached), then the cost model's latency and memory per device.
+    builder: the Workspace (serial) or a RayFanout (compress/fanout.py); both have each_built."""
+    say(f"building {len(cands)} candidates (cache: {builder.dir})")
+    for i, (c, secs) in enumerate(builder.each_built(cands, profiles), 1):
         n_fit = sum(fits(c, d, devs[d]["budgets"]) for d in devs)
         say(f"  [{i}/{len(cands)}] {c.cid}: {describe(c.plan)}  {c.bytes / 1e6:.1f} MB  "
-            f"fits {n_fit}/{len(devs)} devices  ({time.time() - tb:.0f} s)")
+            f"fits {n_fit}/{len(devs)} devices  ({secs:.0f} s)")
         if on_candidate:
             on_candidate("build", c.cid)
 
@@ -254,13 +254,14 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
         raise UserError("the candidate space is empty", "give at least one plan")
     cands = make_candidates(plans)
     devs = device_entries(profiles, cfg.budgets, cfg.quick)
-    build_candidates(ctx.ws, cands, profiles, devs, say, on_candidate)
     s = cfg.sampling
-    ev = Evaluator(ctx.ws, ctx.calib_utts, ctx.acc_cache, cfg.threads, ctx.segment_s)
-    cheap_pass(ev, cands, devs, s.n_cheap, say, on_candidate)
-    ranked = rank(cands, devs)
-    short, full = shortlists(ranked, len(cands), s.full_share, s.shortlist)
-    full_pass(ev, cands, devs, short, full, s.n_full, say, on_candidate)
+    with _fanout(cfg, ctx, say) as fan:  # Ray workers, or None: this process
+        build_candidates(fan or ctx.ws, cands, profiles, devs, say, on_candidate)
+        ev = fan or Evaluator(ctx.ws, ctx.calib_utts, ctx.acc_cache, cfg.threads, ctx.segment_s)
+        cheap_pass(ev, cands, devs, s.n_cheap, say, on_candidate)
+        ranked = rank(cands, devs)
+        short, full = shortlists(ranked, len(cands), s.full_share, s.shortlist)
+        full_pass(ev, cands, devs, short, full, s.n_full, say, on_candidate)
     choose(cands, devs, ranked, short, s.n_cheap, say)
     timing = {"plan_seconds": round(time.time() - t0, 1), "full_evaluations": ev.counts["full"],
               "cheap_evaluations": ev.counts["cheap"], "candidates": len(cands), "fully_evaluated": len(full),
@@ -286,12 +287,14 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                  memory_mb: float | None = None, latency_ms: float | None = None, max_wer: float | None = None,
                  calib_split: str = "val", test_split: str = "test", full_share: float = 0.25,
                  shortlist: int = 2, threads: int = 1, realise_runs: int | None = None,
-                 voices: str = "mix", data: str | None = None, on_candidate: Callable[[str, str], None] | None = None) -> dict:
+                 voices: str = "mix", data: str | None = None, on_candidate: Callable[[str, str], None] | None = None,
+                 ray=None) -> dict:
     """Plan every profile; returns the plans.json dict (written atomically to `out` when given).
 
     model_source: a model name/path or a LoadedModel. memory_mb / latency_ms override every
     device's budgets; max_wer adds an accuracy budget (mean WER at the device's SNRs).
     Raises NoPlanFits (exit code 3) after writing when a device has no fitting plan.
+    ray: a compress.fanout.RaySpec to run builds and evaluations as Ray tasks (same results).
     The keyword form of run_planner: the arguments grouped into a PlannerConfig.
     """
     check_profiles(profiles)  # before any loading: the first errors a user can make
@@ -299,11 +302,20 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
     sampling = Sampling(n_cheap or (4 if quick else 8), n_full or (12 if quick else 40), calib_split, test_split,
                         full_share, shortlist, voices, None if data is None else str(data))
     cfg = PlannerConfig(sampling, budgets, quick, Path(workdir), jsc, threads, realise,
-                        realise_runs or (5 if quick else 20))
+                        realise_runs or (5 if quick else 20), ray)
     return run_planner(model_source, profiles, cfg, candidates, out, _progress(progress), on_candidate)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _fanout(cfg: PlannerConfig, ctx: Context, say):
+    """The Ray fan-out (compress/fanout.py) when cfg.ray is set; else a context holding None."""
+    if cfg.ray is None:
+        return contextlib.nullcontext()
+    from semedge.compress.fanout import RayFanout
+
+    return RayFanout(cfg, ctx, say)
 
 
 def _progress(enabled) -> Callable[[str], None]:

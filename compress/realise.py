@@ -76,6 +76,18 @@ def _finish(path: Path, meta: dict | None) -> None:
     seal(path)
 
 
+def export_base(torch_split: Callable[[], object], files: RealiseFiles, optimize: bool | str = True) -> bool | None:
+    """The fp32 export at `files.base` (cached); whether it is fused (None without sidecars)."""
+    base = _cached(files.base, files.meta)
+    if base is not None:
+        return base["optimized"] if files.meta else None
+    with scratch_dir(files.base.parent) as td:  # the exporter's temporaries go in there too
+        opt = export_fp32(torch_split(), td / files.base.name, optimize)
+        replace_atomic(td / files.base.name, files.base)
+    _finish(files.base, {"optimized": opt} if files.meta else None)
+    return opt
+
+
 def realise(plan: Plan, torch_split: Callable[[], object], files: RealiseFiles, calib=None,
             optimize: bool | str = True) -> Realised:
     """The plan's device graph at `files.onnx`: torch steps → export → ONNX steps, cached.
@@ -86,14 +98,7 @@ def realise(plan: Plan, torch_split: Callable[[], object], files: RealiseFiles, 
     hit = _cached(files.onnx, files.meta)
     if hit is not None:
         return Realised(files.onnx, files.onnx.stat().st_size, hit.get("optimized", True) if files.meta else None, False)
-    base = _cached(files.base, files.meta)
-    if base is None:
-        with scratch_dir(files.base.parent) as td:  # the exporter's temporaries go in there too
-            opt = export_fp32(torch_split(), td / files.base.name, optimize)
-            replace_atomic(td / files.base.name, files.base)
-        _finish(files.base, {"optimized": opt} if files.meta else None)
-    else:
-        opt = base["optimized"] if files.meta else None
+    opt = export_base(torch_split, files, optimize)
     apply_onnx_steps(files.base, files.onnx, plan, calib=calib() if callable(calib) else calib)
     _finish(files.onnx, {"optimized": opt, "plan": plan.to_dict()} if files.meta else None)
     return Realised(files.onnx, files.onnx.stat().st_size, opt, True)

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from semedge.compress.candidates import Cand
@@ -90,6 +91,15 @@ class Workspace:
             cand.predicted[prof.name] = dict(self.costs[k])
         if changed:
             write_atomic(self.costs_path, json.dumps(self.costs, sort_keys=True, indent=0).encode())
+
+
+    def each_built(self, cands: list[Cand], profiles):
+        """Build and predict each candidate in turn; yields (candidate, seconds) as each is done."""
+        for c in cands:
+            t = time.time()
+            self.build(c)
+            self.predict(c, profiles)
+            yield c, time.time() - t
 
 
 class LazySplit:

@@ -55,11 +55,11 @@ def _summary(record: dict, to_stderr: bool = False) -> None:
 
 
 def _run(model, profiles, out, devices, quick, plans, jsc, n_eval, progress, strict: bool = True,
-         plan_quick: bool | None = None, voices: str = "mix", data=None, as_json: bool = False) -> dict:
+         plan_quick: bool | None = None, voices: str = "mix", data=None, as_json: bool = False, ray=None) -> dict:
     from semedge.pipeline import build as run_build
 
     record = run_build(model, profiles, out, devices=_devices(devices), quick=quick, progress=progress, plans=plans,
-                       jsc=jsc, n_eval=n_eval, plan_quick=plan_quick, voices=voices, data=data)
+                       jsc=jsc, n_eval=n_eval, plan_quick=plan_quick, voices=voices, data=data, ray=ray)
     _summary(record, as_json)
     typer.echo(f"Report: {Path(out) / record['report']}", err=as_json)
     if as_json:
@@ -86,10 +86,15 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="print the result (build.json's devices, report, exit code) as JSON; the table goes to stderr"),
     voices: str = typer.Option("mix", help="voice families of the built-in splits: mix, espeak, piper, flite or a+b (docs/data.md)"),
     data: Optional[Path] = typer.Option(None, help="plan and evaluate on your recordings (audiofolder: metadata.csv with file_name,transcription)"),
+    ray: bool = typer.Option(False, "--ray", help="the planner's builds and evaluations as Ray tasks (docs/scale.md); same plans.json"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --ray: join this cluster (e.g. auto); default: a local one"),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="with --ray: planner workers, 1 CPU each (default 2)"),
 ):
     """Plan, compress, export, package, profile and evaluate per device; write a report. Exit 3 if some device has no plan that fits."""
+    from semedge.compress.fanout import ray_spec
+
     _run(model, profiles or _shipped_profiles(), out, devices, quick, plans, jsc, n_eval, progress, voices=voices, data=data,
-         as_json=as_json)
+         as_json=as_json, ray=ray_spec(ray, address, ray_workers))
 
 
 def demo(

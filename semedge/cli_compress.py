@@ -56,18 +56,23 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print the result (plans.json's devices, exit code) as JSON; the table goes to stderr"),
         voices: str = typer.Option("mix", "--voices", help="voice families of the built-in splits: mix, espeak, piper, flite or a+b (docs/data.md)"),
         data: Optional[Path] = typer.Option(None, "--data", help="measure accuracy on your recordings (audiofolder: metadata.csv with file_name,transcription) instead of the built-in splits"),
+        ray: bool = typer.Option(False, "--ray", help="builds, cost predictions and accuracy evaluations as Ray tasks (docs/scale.md); same plans.json"),
+        address: Optional[str] = typer.Option(None, "--address", help="with --ray: join this cluster (e.g. auto); default: a local one"),
+        ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="with --ray: planner workers, 1 CPU each (default 2)"),
     ):
         """Choose a compression plan per device: predicted bytes/memory/latency, accuracy measured through the channel."""
         import json
 
         from rich.console import Console
 
+        from semedge.compress.fanout import ray_spec
         from semedge.compress.planner import NoPlanFits, plan_devices
 
         con = Console(stderr=True)
         for name, v in (("--n-cheap", n_cheap), ("--n-full", n_full)):
             if v is not None and v < 1:
                 raise UserError(f"{name} {v} must be at least 1", f"e.g. {name} 8")
+        spec = ray_spec(ray, address, ray_workers)
         profs = _select_profiles(profiles, devices)
         if data is not None:
             from semedge.semcom.tasks.audiofolder import load_audiofolder
@@ -93,7 +98,7 @@ def register(app: typer.Typer) -> None:
                                realise=not no_realise, workdir=workdir or out.parent / "planner",
                                progress=lambda msg: con.print(msg, markup=False, highlight=False),
                                jsc=jsc, memory_mb=memory_mb, latency_ms=latency_ms, max_wer=max_wer,
-                               voices=voices, data=data)
+                               voices=voices, data=data, ray=spec)
         except NoPlanFits as e:
             _summary(e.result, as_json)
             if as_json:

@@ -53,10 +53,11 @@ class BuildConfig:
     plan_quick: bool | None = None  # the planner's quick space and sample sizes (None: `quick`)
     jsc: str | None = None
     progress: bool = True
+    ray: object = None  # a compress.fanout.RaySpec: the planner's builds and evaluations on Ray
 
     @classmethod
     def make(cls, out, quick=False, *, plans=None, jsc=None, n_eval=None, sweep=None, runs=None, plan_quick=None,
-             progress=True, voices="mix", data=None) -> "BuildConfig":
+             progress=True, voices="mix", data=None, ray=None) -> "BuildConfig":
         out = Path(out).expanduser().absolute()
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder", "choose another --out folder")
@@ -72,7 +73,7 @@ class BuildConfig:
         settings["voices"] = voices
         settings["data"] = _check_data(data)
         plans_in = Path(plans) if plans is not None else None
-        return cls(out, quick, settings, plans_in, plan_quick, jsc, progress)
+        return cls(out, quick, settings, plans_in, plan_quick, jsc, progress, ray)
 
 
 def _check_data(data) -> str | None:
@@ -87,18 +88,19 @@ def _check_data(data) -> str | None:
 
 def build(model: str, profiles_dir, out, devices=None, quick: bool = False, progress: bool = True, *,
           plans=None, jsc: str | None = None, n_eval: int | None = None, sweep=None, runs: int | None = None,
-          plan_quick: bool | None = None, voices: str = "mix", data=None) -> dict:
+          plan_quick: bool | None = None, voices: str = "mix", data=None, ray=None) -> dict:
     """Run every stage into `out`; returns (and writes to out/build.json) the build record.
 
     plans: a plans.json to use instead of running the planner. plan_quick: the planner's
     quick candidate space and sample sizes (default: `quick`). voices: the built-in splits'
     voice families; data: the user's audiofolder, read instead of them (planner and
-    evaluation; n_eval caps it). The record's `exit_code`
+    evaluation; n_eval caps it). ray: a compress.fanout.RaySpec, the planner's builds and
+    evaluations as Ray tasks (same plans.json). The record's `exit_code`
     is 3 when some device has no plan that fits (its package is not built), else 0.
     """
     t_start = time.perf_counter()
     cfg = BuildConfig.make(out, quick, plans=plans, jsc=jsc, n_eval=n_eval, sweep=sweep, runs=runs,
-                           plan_quick=plan_quick, progress=progress, voices=voices, data=data)
+                           plan_quick=plan_quick, progress=progress, voices=voices, data=data, ray=ray)
     cfg.out.mkdir(parents=True, exist_ok=True)
     profs, prof_files = select_profiles(profiles_dir, devices)
     if cfg.plans_in is not None and not cfg.plans_in.is_file():
@@ -112,7 +114,7 @@ def run_build(model: str, profs: dict, prof_files: dict, cfg: BuildConfig, t_sta
     ws = Workspace(model, cfg.jsc, cfg.settings, out, cfg.progress)
     with UI(out, cfg.progress) as ui:
         ui.log(f"build {model} → {out} ({'quick' if cfg.quick else 'full'}; devices: {', '.join(profs)})")
-        run = BuildRun(model, cfg.jsc, out, cfg.settings, profs, prof_files, ws, Stamps(out, ui.log), ui)
+        run = BuildRun(model, cfg.jsc, out, cfg.settings, profs, prof_files, ws, Stamps(out, ui.log), ui, cfg.ray)
         ui.stage("plan")
         plan_res, plans_doc = stage_plan(run, cfg.quick, cfg.plan_quick, cfg.plans_in, cfg.progress)
         fitting, unfit = fitting_devices(plans_doc, profs)

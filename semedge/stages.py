@@ -43,7 +43,7 @@ def _data_id(data) -> str | None:
     return f"{Path(data).resolve()}:{sha256_file(meta) if meta.is_file() else 'missing'}"
 
 
-def _run_planner(ws, profiles: dict, out: Path, quick: bool, progress: bool) -> int:
+def _run_planner(ws, profiles: dict, out: Path, quick: bool, progress: bool, ray=None) -> int:
     """Run the planner into out/plans.json (its cache under out/planner/); 3 when some device has no plan that fits."""
     try:
         from semedge.compress.planner import NoPlanFits, plan_devices
@@ -54,7 +54,8 @@ def _run_planner(ws, profiles: dict, out: Path, quick: bool, progress: bool) -> 
                         "pass a plans file with --plans plans.json") from None
     try:
         plan_devices(ws.loaded, list(profiles.values()), quick=quick, out=out / "plans.json", workdir=out / "planner",
-                     progress=progress, jsc=ws.jsc, voices=ws.settings.get("voices", "mix"), data=ws.settings.get("data"))
+                     progress=progress, jsc=ws.jsc, voices=ws.settings.get("voices", "mix"), data=ws.settings.get("data"),
+                     ray=ray)
     except NoPlanFits:  # plans.json is written: build what fits, mark the rest
         return 3
     return 0
@@ -240,6 +241,7 @@ class BuildRun:
     ws: Workspace
     st: Stamps
     ui: object  # build_ui.UI
+    ray: object = None  # compress.fanout.RaySpec for the planner (None: serial)
 
     def weights(self) -> str:
         return stamped_weights(self.st, self.model, self.ws)
@@ -256,7 +258,8 @@ def stage_plan(run: BuildRun, quick: bool, plan_quick: bool | None, plans_in: Pa
             _read_plans(plans_in)
             write_atomic(out / "plans.json", plans_in.read_bytes())
             return {"exit": 0, "source": str(plans_in)}
-        return {"exit": _run_planner(run.ws, run.profs, out, quick if plan_quick is None else plan_quick, progress),
+        return {"exit": _run_planner(run.ws, run.profs, out, quick if plan_quick is None else plan_quick, progress,
+                                        run.ray),
                 "source": "planner"}
 
     # what the results depend on beyond the arguments: the codec's weights (a retrained
