@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import ray
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
 from semedge.core.errors import UserError
+from semedge.runtime.auth import AuthError, Gate, load_auth
 from semedge.runtime.decode_api import HTTPError, ReplayCache, decode_texts, handle_decode, health_body
 from semedge.runtime.package import Package
 from semedge.runtime.server import Metrics, Registry, ServerConfig, find_packages
@@ -161,20 +162,46 @@ class RayHost:
         return results
 
 
+def refusal(e: AuthError) -> JSONResponse:
+    return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, decoder, infos: dict, cfg: ServerConfig):
+    """The HTTP side. devices (runtime/auth.py, None: no auth): the same Gate as the single-process
+    server, so 401 / 403 / 429 come first, in the same order, with the same JSON."""
+
+    def __init__(self, decoder, infos: dict, cfg: ServerConfig, devices: dict | None = None):
         self.host = RayHost(decoder, infos, cfg)
+        self.gate = Gate(devices) if devices is not None else None
 
     @app.post("/v1/decode")
     async def decode(self, request: Request, package: str = Query(..., max_length=200)):
-        return await handle_decode(self.host, request, package)
+        if self.gate is None:
+            return await handle_decode(self.host, request, package)
+        try:
+            lease = self.gate.admit(request.headers.get("authorization"), package)
+        except AuthError as e:
+            self.host.metrics.count(package if package in self.host.infos else "", e.status)
+            return refusal(e)
+        with lease:
+            return await handle_decode(self.host, request, package)
+
+    def _may_use(self, request: Request):
+        """With auth: the caller's scope test (AuthError 401 without a valid token); else: everything."""
+        return self.gate.identify(request.headers.get("authorization")).may_use if self.gate else (lambda pid: True)
 
     @app.get("/healthz")
-    async def healthz(self):
+    async def healthz(self, request: Request):
+        try:
+            may = self._may_use(request)
+        except AuthError as e:
+            return refusal(e)
         out = {}
         for pid, info in self.host.infos.items():
+            if not may(pid):
+                continue
             try:
                 _, max_tokens = await self.host.limits(pid)
             except HTTPError:
@@ -183,7 +210,11 @@ class Ingress:
         return health_body(out)
 
     @app.get("/metrics")
-    async def prom(self):
+    async def prom(self, request: Request):
+        try:
+            self._may_use(request)
+        except AuthError as e:
+            return refusal(e)
         return PlainTextResponse(self.host.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -205,28 +236,32 @@ def replica_options(replicas: int | None, autoscale: tuple[int, int] | None, num
 
 
 def build_app(packages: list[Package], cfg: ServerConfig, replicas: int | None = 1,
-              autoscale: tuple[int, int] | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0):
-    """The Ray Serve application (Ingress -> Decoder) for verified `packages`; needs ray.init() first."""
+              autoscale: tuple[int, int] | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
+              devices: dict | None = None):
+    """The Ray Serve application (Ingress -> Decoder) for verified `packages`; needs ray.init() first.
+    devices: runtime.auth.load_auth's result (bearer tokens, scopes, limits), or None: no auth."""
     if not packages:
         raise UserError("no packages to serve", "give a folder holding package folders (each with manifest.json)")
     blobs = {p.package_id: ray.put(package_blob(p)) for p in packages}
     infos = {p.package_id: {"model": p.model_source, "kind": p.kind, "k": p.k} for p in packages}
     decoder = Decoder.options(**replica_options(replicas, autoscale, num_cpus, num_gpus, cfg)).bind(blobs, cfg)
     return Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=cfg.max_queue).bind(decoder, infos, cfg)
+                           max_ongoing_requests=cfg.max_queue).bind(decoder, infos, cfg, devices)
 
 
 def start(packages_dir, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
-          address: str | None = None, trust=None, **replica_kw) -> str:
-    """Join (`address`) or start a Ray cluster, deploy the app, return its base URL."""
+          address: str | None = None, trust=None, auth=None, **replica_kw) -> str:
+    """Join (`address`) or start a Ray cluster, deploy the app, return its base URL.
+    auth: the auth file (runtime/auth.py), read here so a bad one fails before Ray starts."""
     cfg = config or ServerConfig()
+    devices = load_auth(auth) if auth is not None else None
     pkgs = find_packages(packages_dir, trust=trust) if trust else find_packages(packages_dir)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": replica_kw.pop("cluster_cpus", None)}))
     replica_kw.pop("cluster_cpus", None)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(pkgs, cfg, **replica_kw), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(pkgs, cfg, devices=devices, **replica_kw), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 

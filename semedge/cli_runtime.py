@@ -194,8 +194,8 @@ def serve(
                        kb=str(kb) if kb else None, drain_s=drain_s)
     if engine == "ray" or replicas or autoscale or address:
         return _serve_ray(packages, host, port, cfg, engine, trust=trust, replicas=replicas, autoscale=autoscale,
-                          address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
-                          unsupported={"--auth": auth, "--ssl-certfile": ssl_certfile, "--memory": memory, "--kb": kb})
+                          address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, auth=auth,
+                          unsupported={"--ssl-certfile": ssl_certfile, "--memory": memory, "--kb": kb})
     scheme = "https" if ssl_certfile else "http"
     typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
     drained = run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,
