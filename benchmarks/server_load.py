@@ -441,6 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--replicas", type=int, default=1, help="Ray Serve decoder replicas (--engine ray)")
     ap.add_argument("--fault", action="store_true", help="also the fault run (Ray, 8 x 200, one replica killed)")
     ap.add_argument("--fault-messages", type=int, default=200, help="messages in the fault run")
+    ap.add_argument("--fault-only", action="store_true", help="only the fault run (no concurrency levels, no WER check)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the JSON to write (default benchmarks/results/server_load.json)")
     ap.add_argument("--soak", action="store_true", help="only the soak: plain vs auth + TLS side by side (issue 20)")
     ap.add_argument("--soak-model", default="tiny:whisper:0", help="model of the soak's package (random JSC, k=16)")
     ap.add_argument("--soak-clients", type=int, default=8)
@@ -455,6 +457,8 @@ def main(argv=None) -> int:
     n_msgs = args.messages or (16 if args.quick else 50)
     n_wer = 20 if args.wer_check is None else args.wer_check
     levels = [int(c) for c in args.clients.split(",")]
+    if args.fault_only:
+        args.fault, n_wer, args.engine = True, 0, ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -510,7 +514,7 @@ def main(argv=None) -> int:
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, backend=args.backend, workers=args.workers,
             threads=args.server_threads))
         server = serve_in_thread(app)
-    engines = args.engine.split(",")
+    engines = [e for e in args.engine.split(",") if e]
     result["engines"] = {}
     try:
         for engine in engines:
@@ -572,8 +576,8 @@ def main(argv=None) -> int:
 
     from semedge.core.files import write_atomic
 
-    write_atomic(RESULTS, json.dumps(result, indent=2, default=str))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    write_atomic(args.out, json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out}")
     errors = sum(x["errors"] for lvs in result["engines"].values() for x in lvs) + result.get("fault", {}).get("lost", 0)
     return 1 if errors else 0
 
