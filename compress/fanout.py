@@ -121,9 +121,14 @@ class RayFanout:
             ray.init(address=spec.address, include_dashboard=False, logging_level=logging.WARNING,
                      **({} if spec.address else {"num_cpus": spec.workers}))
         say(f"ray: {spec.workers} planner workers on {spec.address or 'a local cluster'}")
-        worker = ray.remote(num_cpus=1)(PlanWorker)
-        self.actors = [worker.remote(ctx.loaded.source, portable(cfg), ctx.loaded.weight_hash)
-                       for _ in range(spec.workers)]
+        self.actors = []
+        try:
+            worker = ray.remote(num_cpus=1)(PlanWorker)
+            self.actors = [worker.remote(ctx.loaded.source, portable(cfg), ctx.loaded.weight_hash)
+                           for _ in range(spec.workers)]
+        except BaseException:  # __exit__ will not run: stop what was started here
+            self.__exit__()
+            raise
         self.pool = ActorPool(self.actors)
 
     def __enter__(self):
