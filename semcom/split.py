@@ -236,13 +236,14 @@ class ServerHalf(nn.Module):
 
     def transcribe(self, messages: list[torch.Tensor], max_new_tokens: int = 96,
                    prompts: list[str] | None = None) -> list[str]:
-        """Transcripts, runaway loops cut (semcom/loops.py)."""
+        """Transcripts; a speech model's runaway loops cut (semcom/loops.py; text models' output as generated)."""
         from semedge.semcom.loops import cut_loop
 
         ids = self.generate(messages, max_new_tokens, prompts)
         if self.ct2 is not None:
             return self.ct2.decode(ids)
-        return [cut_loop(t.strip()) for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        texts = [t.strip() for t in self.loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [cut_loop(t) for t in texts] if self.fills_silence else texts
 
 
 @dataclass
