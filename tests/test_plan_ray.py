@@ -9,7 +9,7 @@ import warnings
 import pytest
 import yaml
 
-from semedge.compress.plan import Plan
+from test_planner import BIG, PLANS, SMALL
 
 warnings.filterwarnings("ignore")
 
@@ -17,24 +17,9 @@ MODEL = "tiny:whisper:0"
 SAMPLES = ["--n-cheap", "2", "--n-full", "3", "--no-realise"]
 
 
-def _profile(name, memory_mb, snr, channel) -> dict:
-    return {"name": name, "device_class": "phone", "memory_budget_mb": memory_mb,
-            "peak_gflops": {"fp32": 50.0, "fp16": 100.0, "int8": 200.0}, "mem_bandwidth_gbs": 10.0,
-            "cores": 4, "threads": 2, "execution_providers": ["CPU"], "latency_budget_ms": 5000,
-            "link": {"uplink_mbps": 10, "snr_db": list(snr), "channel": channel},
-            "efficiency": {"runtime_mb": 0.0, "session_mb": 0.0, "arena_factor": 0.0, "weights_factor": 1.0},
-            "sources": ["synthetic test profile"]}
-
-
-PROFILES = [_profile("big", 4096, (10, 25), "rician"), _profile("small", 0.4, (0, 10), "rayleigh")]
-PLANS = [  # two sets of torch steps (dense, pruned), each shared by two plans: the shared exports are fanned out too
-    Plan.make([], "dense.fp32"),
-    Plan.make([{"op": "quantize_onnx", "config": {"mode": "int8_dynamic", "other_weights": "int8"}}], "dense.int8"),
-    Plan.make([{"op": "prune", "config": {"heads": 0.5, "ffn": 0.5}},
-               {"op": "quantize_onnx", "config": {"mode": "int4", "block_size": 32, "other_weights": "int8"}}],
-              "h50f50.int4-b32"),
-    Plan.make([{"op": "prune", "config": {"heads": 0.5, "ffn": 0.5}}], "h50f50.fp32"),
-]
+# the planner tests' synthetic profiles and plans: two sets of torch steps (dense, pruned), each
+# shared by two plans, so the shared exports are fanned out too
+PROFILES = [BIG, SMALL]
 
 
 def _normal(doc: dict, workdir) -> dict:

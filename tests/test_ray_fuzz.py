@@ -18,6 +18,7 @@ from semedge.runtime.client import send, to_npy
 from semedge.runtime.package import Package
 from semedge.runtime.runner import DeviceRunner
 from semedge.runtime.server import ServerConfig, create_app, serve_in_thread
+from test_server import _raw
 
 LIMIT = 256 * 1024
 MID = "x-semedge-message-id"
@@ -68,19 +69,6 @@ def _both(hosts, body: bytes, package=None, token="phone", headers=None, method=
         r = httpx.request(method, f"{url}{path}", params=params, content=body, headers=h, timeout=300)
         out.append((r.status_code, r.json().get("detail") if "json" in r.headers.get("content-type", "") else r.text))
     return out
-
-
-def _raw(url: str, request: bytes) -> bytes:
-    u = urlparse(url)
-    with socket.create_connection((u.hostname, u.port), timeout=120) as s:
-        s.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
 
 
 def _mutations(good: bytes, n: int, seed: int = 0):
@@ -136,7 +124,7 @@ def test_ray_host_answers_malformed_requests_as_the_local_server(hosts):
     chunked = (f"POST /v1/decode?package={pid} HTTP/1.1\r\nHost: {u.netloc}\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"
                ).encode() + b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(6))
     for req in (head + b"\x93NUMPY", chunked):
-        first = [_raw(url, req).split(b"\r\n")[0] for url in (local, ray_url)]
+        first = [_raw(url, req, timeout=120).split(b"\r\n")[0] for url in (local, ray_url)]
         assert first[0] == first[1] and first[0].startswith(b"HTTP/1.1 413"), first
     # still serving, the same answer as the local host; the scoped /healthz and /metrics with a token
     ok = [send(url, pid, symbols, token=tokens["phone"], timeout=300, retries=2) for url in (local, ray_url)]

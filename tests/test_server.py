@@ -118,9 +118,10 @@ def test_unknown_package_404(served):
     _ok(split, pid, url, symbols)
 
 
-def _raw(url: str, request: bytes) -> bytes:
+def _raw(url: str, request: bytes, timeout: float = 30) -> bytes:
+    """The first response head the server writes for raw request bytes."""
     u = urlparse(url)
-    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
         s.sendall(request)
         data = b""
         while b"\r\n\r\n" not in data:
