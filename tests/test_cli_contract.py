@@ -216,3 +216,13 @@ def test_export_json(tmp_path):
     assert out["package"] == str(tmp_path / "pkg") and out["precision"] == "fp32" and out["parity"]["ok"]
     assert out["format"] == "fp32"
     assert out["bytes"] > 0 and out["signed"] is False and out["package_id"] in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--address", "auto", "--out", "p.json"], ["--address", "--ray"]),
+    (["plan", "--ray", "--ray-workers", "0", "--out", "p.json"], ["--ray-workers"]),
+    (["build", "--ray-workers", "2", "--out", "b"], ["--ray"]),
+])
+def test_ray_options_bad_input_exit_2_nothing_written(args, words, tmp_path):
+    one_line_error(run(*args, cwd=tmp_path), 2, *words)
+    assert list(tmp_path.iterdir()) == []
