@@ -209,6 +209,7 @@ def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measure
             "source": split.device_model.source, "weight_hash": split.device_model.weight_hash,
             "d_model": int(split.device_model.d_model)},
         "jsc": {"k": int(jsc_cfg["k"]), "identity": bool(jsc_cfg["identity"]), "hidden": int(jsc_cfg["hidden"]),
+                "power": str(jsc_cfg.get("power", "token")),
                 "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None},
         "plan": _plan_dict(plan),
         "profile": _name_of(profile),

@@ -89,6 +89,9 @@ class Package:
             raise UserError(f"package {root}: model.kind {m['model']['kind']!r} is not speech or text", _REEXPORT)
         if not isinstance(m["jsc"].get("k"), int) or m["jsc"]["k"] < 1:
             raise UserError(f"package {root}: {MANIFEST} field 'jsc.k' is missing or not a positive int", _REEXPORT)
+        if m["jsc"].get("power", "token") not in ("token", "message"):
+            raise UserError(f"package {root}: {MANIFEST} field 'jsc.power' is {m['jsc'].get('power')!r}, "
+                            "not token or message", _REEXPORT)
         if not isinstance(m["onnx"].get("file"), str):
             raise UserError(f"package {root}: {MANIFEST} field 'onnx.file' is missing", _REEXPORT)
         pid = m["package_id"]
@@ -135,6 +138,11 @@ class Package:
     @property
     def k(self) -> int:
         return int(self.manifest["jsc"]["k"])
+
+    @property
+    def power(self) -> str:
+        """The codec's power normalisation, "token" or "message" (older packages: token)."""
+        return str(self.manifest["jsc"].get("power", "token"))
 
     @property
     def identity(self) -> bool:

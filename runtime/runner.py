@@ -26,24 +26,27 @@ LOG_MEL, TOKENIZER = "whisper-log-mel", "tokenizer"
 GRAPH, NUMPY = "graph", "numpy"
 
 
-def normalize_power(x: np.ndarray, k_keep: int | None = None, eps: float = 1e-8) -> np.ndarray:
-    """numpy twin of semcom.jsc.normalize_power: each token's first k_keep symbols to unit mean power, rest zero."""
+def normalize_power(x: np.ndarray, k_keep: int | None = None, per: str = "token", eps: float = 1e-8) -> np.ndarray:
+    """numpy twin of semcom.jsc.normalize_power: the first k_keep symbols of each token (per="token")
+    or of the whole message [..., T, k] (per="message") to unit mean power, rest zero."""
     k = x.shape[-1]
     k_keep = k if k_keep is None else int(k_keep)
     if not 1 <= k_keep <= k:
         raise UserError(f"k_keep={k_keep} is out of range", f"choose 1 <= k_keep <= {k}")
     kept = x[..., :k_keep].astype(np.float32, copy=False)
-    kept = kept / np.sqrt(np.mean(np.square(kept), axis=-1, keepdims=True) + np.float32(eps))
+    axes = (-1,) if per == "token" else (-2, -1)
+    kept = kept / np.sqrt(np.mean(np.square(kept), axis=axes, keepdims=True) + np.float32(eps))
     out = np.zeros_like(x, dtype=np.float32)
     out[..., :k_keep] = kept
     return out
 
 
-def truncate(symbols: np.ndarray, k_keep: int | None) -> np.ndarray:
-    """Rate adaptation: keep the first k_keep symbols per token, renormalised to unit power ([n, k_keep])."""
-    if k_keep is None or k_keep == symbols.shape[-1]:
+def truncate(symbols: np.ndarray, k_keep: int | None, per: str = "token") -> np.ndarray:
+    """Rate adaptation: keep the first k_keep symbols per token, renormalised to unit power ([n, k_keep]).
+    per="message" always renormalises: the graph scaled over its whole window, the message is the sent frames."""
+    if per == "token" and (k_keep is None or k_keep == symbols.shape[-1]):
         return symbols
-    return normalize_power(symbols, k_keep)[..., :k_keep]
+    return normalize_power(symbols, k_keep, per)[..., :k_keep]
 
 
 def resolve_providers(wanted=None) -> list[str]:
@@ -152,7 +155,7 @@ class DeviceRunner:
             raise UserError(f"audio has shape {audio.shape}, expected non-empty 1-D samples", "pass mono 16 kHz audio")
         x = self._run({self.input_names[0]: self._features(audio, window or self.window)})[0]
         n = max(1, content_frames(int(audio.shape[0])))
-        return truncate(np.ascontiguousarray(x[:n], dtype=np.float32), k_keep)
+        return truncate(np.ascontiguousarray(x[:n], dtype=np.float32), k_keep, self.package.power)
 
     def _features(self, audio: np.ndarray, window: str) -> np.ndarray:
         """The graph's input: PCM [1, n] (front end in the graph; "full": padded to 30 s) or log-mel [1, 80, w]."""
@@ -184,4 +187,4 @@ class DeviceRunner:
         ids_name = next(n for n in self.input_names if n not in mask)
         feeds = {ids_name: ids, **{n: np.ones_like(ids) for n in mask}}
         x = self._run(feeds)[0]
-        return truncate(np.ascontiguousarray(x, dtype=np.float32), k_keep)
+        return truncate(np.ascontiguousarray(x, dtype=np.float32), k_keep, self.package.power)

@@ -2,8 +2,11 @@
 
 Conventions
 - Encoder: h [B, T, d] -> standardise per feature dimension (fixed mean/std, shared by
-  both ends) -> x [B, T, k] -> power normalisation per token, so every token's sent
-  symbols have unit mean power (hence every message too, whatever tokens are sent).
+  both ends) -> x [B, T, k] -> power normalisation, so the sent symbols have unit mean power.
+  `power="token"`: each token's symbols are scaled to unit power (relative token norms lost);
+  `power="message"`: one scale per message (all its tokens), which keeps relative token norms.
+  The device scales over the tokens it sends (normalisation is scale invariant, so the
+  runtime may renormalise the sent frames of a graph output exactly).
 - Rate adaptation: only the first `k_keep` <= k symbols of each token are sent; the
   power is normalised over those, and the receiver sees zeros in the rest.
 - Skip path (option): the decoder adds a linear map of the received symbols to its MLP's
@@ -26,6 +29,9 @@ from semedge.core.errors import UserError
 from semedge.core.frames import ENC_FRAMES
 
 
+POWER_MODES = ("token", "message")
+
+
 @dataclass(frozen=True)
 class JSCConfig:
     d_model: int
@@ -39,14 +45,19 @@ class JSCConfig:
     # server's decoder expects (e.g. whisper-tiny.en's 384 -> whisper-base's 512); None = d_model.
     d_in: int | None = None
     skip: bool = False  # decoder = MLP(y) + linear(y)
+    power: str = "token"  # power normalisation: per "token" or per "message"
 
     @property
     def d_enc(self) -> int:
         return self.d_model if self.d_in is None else self.d_in
 
     def __post_init__(self):
+        if self.power not in POWER_MODES:
+            raise UserError(f"power={self.power!r} is not a power normalisation", f"choose one of {', '.join(POWER_MODES)}")
         if self.identity and self.d_in not in (None, self.d_model):
             raise UserError(f"an identity JSC cannot map d_in={self.d_in} to d_model={self.d_model}", "train a codec for this encoder")
+        if self.identity and self.power != "token":
+            raise UserError("an identity JSC sends standardised features unscaled", "drop power (it is for trained codecs)")
         if self.identity and self.k != self.d_model:
             raise UserError(f"identity JSC needs k == d_model ({self.d_model}), got k={self.k}", "drop --k or set it to d_model")
         if self.tail_frames is not None and not 0 <= self.tail_frames <= ENC_FRAMES:
@@ -67,14 +78,16 @@ class JSCConfig:
         return cls(**d)
 
 
-def normalize_power(x: torch.Tensor, k_keep: int | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """Scale each token's first k_keep symbols to unit mean power; zero the rest."""
+def normalize_power(x: torch.Tensor, k_keep: int | None = None, per: str = "token", eps: float = 1e-8) -> torch.Tensor:
+    """Scale the first k_keep symbols of each token (per="token") or of each message x[..., T, k]
+    (per="message": one scale over all its tokens) to unit mean power; zero the rest."""
     k = x.shape[-1]
     k_keep = k if k_keep is None else int(k_keep)
     if not 1 <= k_keep <= k:
         raise UserError(f"k_keep={k_keep} is out of range", f"choose 1 <= k_keep <= {k}")
     kept = x[..., :k_keep]
-    kept = kept * torch.rsqrt(kept.pow(2).mean(-1, keepdim=True) + eps)
+    dims = (-1,) if per == "token" else (-2, -1)
+    kept = kept * torch.rsqrt(kept.pow(2).mean(dims, keepdim=True) + eps)
     if k_keep == k:
         return kept
     return torch.cat([kept, torch.zeros_like(x[..., k_keep:])], dim=-1)
@@ -92,7 +105,7 @@ class JSCEncoder(nn.Module):
         z = (h - self.mean) / self.std
         if self.proj is None:
             return z
-        return normalize_power(self.proj(z), k_keep)
+        return normalize_power(self.proj(z), k_keep, self.cfg.power)
 
 
 class JSCDecoder(nn.Module):
@@ -166,7 +179,7 @@ def init_pca(codec: JSCCodec, h: torch.Tensor, target: torch.Tensor | None = Non
     if target is None:  # power normalisation scales a token's k symbols to unit mean power: undo the typical scale
         codec.decoder.skip.weight.copy_(v * evals[: cfg.k].mean().sqrt())
     else:
-        y = normalize_power(z @ v)
+        y = normalize_power(z @ v, per=cfg.power)
         zt = (target.reshape(-1, target.shape[-1]).float() - codec.decoder.mean) / codec.decoder.std
         gram = y.T @ y + ridge * len(y) * torch.eye(cfg.k)
         codec.decoder.skip.weight.copy_(torch.linalg.solve(gram, y.T @ zt).T)

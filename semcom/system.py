@@ -38,9 +38,10 @@ def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_ke
     utterance's encoder runs on its own window (core.frames.window_frames: "fit" = the
     utterance + 0.4 s, as the device runtime does; "full" = 30 s)."""
     out = []
+    per = split.codec.cfg.power
     for xi in split.task.device_encode(split, inputs, frames=frames, window=window):
-        if k_keep is not None and k_keep < xi.shape[-1]:
-            xi = normalize_power(xi, k_keep)[:, :k_keep]
+        if per == "message" or (k_keep is not None and k_keep < xi.shape[-1]):  # over the tokens sent
+            xi = normalize_power(xi, k_keep, per)[:, :k_keep]
         out.append(xi)
     return out
 

@@ -104,6 +104,7 @@ def _register_train(app: typer.Typer) -> None:
         lora_lr: float = typer.Option(_D.lora_lr, "--lora-lr"),
         hidden: int = typer.Option(_D.hidden, "--hidden", help="JSC decoder MLP width"),
         init: str = typer.Option(_D.init, "--init", help="codec start: random, or pca (a linear PCA code of the features plus a linear decoder path; the MLP learns the rest)"),
+        power: str = typer.Option(_D.power, "--power", help="power normalisation of the sent symbols: token (each token unit power) or message (one scale per message, keeps relative token norms)"),
         tail_frames: Optional[int] = typer.Option(_D.tail_frames, "--tail-frames", help="speech: silence frames after the content the server decoder attends to (default: the whole 30 s window; 300 decodes ~2x faster)"),
         mse_warmup: int = typer.Option(_D.mse_warmup_steps, "--mse-warmup", help="feature-MSE-only steps first (cheap warm start)"),
         feature_loss: float = typer.Option(_D.feature_loss, "--feature-loss", help="weight of feature MSE added to the decoder loss"),
@@ -134,7 +135,7 @@ def _register_train(app: typer.Typer) -> None:
         from semedge.semcom.training.config import LoRASpec
 
         chans = tuple(str(c) for c in parse_channels(channel))
-        cfg = TrainConfig(model=model, encoder=encoder, k=k, hidden=hidden, init=init, tail_frames=tail_frames, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
+        cfg = TrainConfig(model=model, encoder=encoder, k=k, hidden=hidden, init=init, power=power, tail_frames=tail_frames, channels=chans, snr_low=snr_range[0], snr_high=snr_range[1],
                           steps=steps, batch_size=batch_size, lr=lr, lora_lr=lora_lr, mse_warmup_steps=mse_warmup,
                           feature_loss=feature_loss, ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
                           data=str(data) if data else None, voices=voices, augment=augment, rate_min=rate_min, lora=LoRASpec.parse(lora) if lora is not None else None,

@@ -23,14 +23,14 @@ from semedge.core.errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _split(arch: str, k: int = 16):
+def _split(arch: str, k: int = 16, power: str = "token"):
     from semedge.semcom.jsc import JSCCodec, JSCConfig
     from semedge.semcom.models import tiny_model
     from semedge.semcom.split import build_split
 
     loaded = tiny_model(arch)
     torch.manual_seed(1)
-    codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=k, hidden=64))
+    codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=k, hidden=64, power=power))
     return build_split(loaded, codec)
 
 
@@ -134,6 +134,22 @@ def test_runner_matches_torch_device_half(speech):
     np.testing.assert_allclose(np.mean(got8**2, axis=-1), 1.0, atol=1e-4)
 
 
+def test_runner_per_message_power_matches_torch(tmp_path):
+    """A per-message codec: the graph scales over its window, the runner over the sent frames."""
+    from semedge.semcom.system import device_encode
+
+    split = _split("whisper", power="message")
+    runner = DeviceRunner(build_package(split, tmp_path / "msg"))
+    assert runner.package.power == "message"
+    audio = _audio()
+    for k_keep in (None, 8):
+        got = runner.encode_audio(audio, k_keep=k_keep)
+        ref = device_encode(split, [audio], k_keep=k_keep)[0].numpy()
+        np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
+        assert abs(np.mean(got**2) - 1) < 1e-4  # unit power over the message
+        assert np.std(np.mean(got**2, axis=-1)) > 0.05  # tokens keep their relative norms
+
+
 def test_runner_refuses_a_foreign_filterbank(speech, tmp_path):
     """The runner reads the package's mel_filters.npy: a filterbank log_mel does not compute is refused."""
     p = _copy(speech[1], tmp_path)
@@ -163,7 +179,10 @@ def test_k_keep_renormalisation_matches_torch():
     for k_keep in (None, 1, 5, 12):
         ref = torch_np(torch.from_numpy(x), k_keep).numpy()
         np.testing.assert_allclose(normalize_power(x, k_keep), ref, rtol=1e-5, atol=1e-6)
+        ref = torch_np(torch.from_numpy(x), k_keep, "message").numpy()
+        np.testing.assert_allclose(normalize_power(x, k_keep, "message"), ref, rtol=1e-5, atol=1e-6)
     assert truncate(x, 5).shape == (3, 7, 5)
+    np.testing.assert_allclose(truncate(x, None, "message"), normalize_power(x, None, "message"))
     with pytest.raises(UserError, match="k_keep"):
         normalize_power(x, 13)
 

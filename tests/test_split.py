@@ -9,6 +9,7 @@ from semedge.semcom.jsc import JSCCodec, JSCConfig, normalize_power
 from semedge.semcom.models import load_model, tiny_model
 from semedge.semcom.split import build_split
 from semedge.semcom.system import run_link, unsplit_outputs
+from semedge.core.errors import UserError
 
 
 def _identity_matches_unsplit(source: str, n: int) -> None:
@@ -60,6 +61,26 @@ def test_learned_codec_power_and_rate_mask():
     assert torch.allclose(xk[..., :4].pow(2).mean(-1), torch.ones(2, 30), atol=1e-4)
     assert (xk[..., 4:] == 0).all()
     assert codec.decoder(xk[..., :4]).shape == (2, 30, 64)  # decoder zero-pads what was not sent
+
+
+def test_per_message_power_keeps_token_norms_and_matches_training_pass():
+    from semedge.semcom.training.forward import channel_pass
+
+    codec = JSCCodec(JSCConfig(d_model=64, k=16, power="message"))
+    h = torch.randn(2, 30, 64) * torch.linspace(0.2, 5, 30).view(1, 30, 1)
+    x = codec.encoder(h)
+    assert torch.allclose(x.pow(2).mean((1, 2)), torch.ones(2), atol=1e-4)  # unit power per message
+    assert x[:, :5].pow(2).mean() < x[:, -5:].pow(2).mean()  # loud tokens stay louder
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[0, 20:] = False  # a shorter message padded in the batch
+    for k_keep in (None, torch.tensor([16, 6])):
+        _, xt = channel_pass(codec, h, mask, lambda y, s, generator=None: y, torch.zeros(2), k_keep)
+        kk = None if k_keep is None else 16
+        assert torch.allclose(xt[0, :20], codec.encoder(h[:1, :20], k_keep=kk)[0], atol=1e-5)
+        assert (xt[0, 20:] == 0).all()
+    assert torch.allclose(xt[1, :, :6], codec.encoder(h[1:], k_keep=6)[0, :, :6], atol=1e-5)
+    with pytest.raises(UserError, match="power"):
+        JSCConfig(d_model=64, k=16, power="symbol")
 
 
 def test_codec_wrong_model_is_clear_error():

@@ -81,6 +81,7 @@ class TrainConfig:
     k: int = 64
     hidden: int = 1024
     init: str = "random"  # codec start: random, or pca (linear PCA code + skip path; decoder MLP at zero)
+    power: str = "token"  # power normalisation of the sent symbols: per token or per message (semcom.jsc)
     tail_frames: int | None = None  # speech: silence frames after the content the decoder sees (None: whole window)
     channels: tuple[str, ...] = ("awgn",)
     snr_low: float = -5.0
@@ -146,6 +147,8 @@ class TrainConfig:
                             "give e.g. --kl-weight 1 --ce-weight 0.1 (the unsplit model as teacher)")
         if self.init not in ("random", "pca"):
             raise UserError(f"--init {self.init!r} is not a codec start", "give --init random or --init pca")
+        if self.power not in ("token", "message"):
+            raise UserError(f"--power {self.power!r} is not a power normalisation", "give --power token or --power message")
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature} must be > 0", "give e.g. --temperature 1")
         if not 0.0 <= self.augment <= 1.0:

@@ -107,13 +107,19 @@ def channel_pass(codec, h: torch.Tensor, mask: torch.Tensor, channel, snr_db: to
 
     x = codec.encoder.proj((h - codec.encoder.mean) / codec.encoder.std)
     k = x.shape[-1]
-    if k_keep is None:
+    per_message = codec.cfg.power == "message"
+    if k_keep is None and not per_message:
         x = normalize_power(x)
         keep = None
     else:
-        keep = (torch.arange(k).view(1, 1, k) < k_keep.view(-1, 1, 1)).to(x.dtype)
-        x = x * keep
-        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / k_keep.view(-1, 1, 1).to(x.dtype) + 1e-8)
+        kk = torch.full((x.shape[0],), k, device=x.device) if k_keep is None else k_keep
+        keep = (torch.arange(k).view(1, 1, k) < kk.view(-1, 1, 1)).to(x.dtype)
+        x = x * keep * mask.unsqueeze(-1).to(x.dtype)
+        if per_message:  # one scale over the message's real tokens and kept symbols
+            n = mask.sum(1).to(x.dtype).clamp_min(1) * kk.to(x.dtype)
+            x = x * torch.rsqrt(x.pow(2).sum((1, 2)) / n + 1e-8).view(-1, 1, 1)
+        else:
+            x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / kk.view(-1, 1, 1).to(x.dtype) + 1e-8)
     x = x * mask.unsqueeze(-1).to(x.dtype)
     y = channel(x, snr_db, generator=generator)
     if keep is not None:

@@ -120,7 +120,7 @@ class Trainer:
         from semedge.semcom.jsc import JSCCodec, JSCConfig
 
         cfg, loaded = self.cfg, self.loaded
-        codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden, skip=cfg.init == "pca",
+        codec = JSCCodec(JSCConfig(d_model=loaded.d_model, k=cfg.k, hidden=cfg.hidden, skip=cfg.init == "pca", power=cfg.power,
                                    tail_frames=cfg.tail_frames if loaded.task.fills_silence else None,
                                    d_in=None if self.encoder is None else self.encoder.d_model))
         calib = self.examples[:CALIBRATION_EXAMPLES]
