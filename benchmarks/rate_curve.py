@@ -9,7 +9,9 @@ Whisper on the decoded audio. Every system runs on the same test utterances. Cha
 of a conventional link count the LDPC codewords of every bit its source codec wrote (for
 Opus the whole Ogg file: page headers, OpusHead, OpusTags). Writes
 benchmarks/results/rate_curve.json and .png (one panel per SNR: WER vs complex channel
-uses per utterance, one line per system; error bars are the 95% intervals).
+uses per utterance, one line per system; error bars are the 95% intervals). `paired` holds,
+per SNR, each JSC k' against each conventional configuration on the same utterances: the
+paired bootstrap 95% interval of WER(conventional) - WER(JSC) (above 0: the JSC link is better).
 
   python benchmarks/rate_curve.py            # 200 test utterances, SNR 0 5 10 dB
   python benchmarks/rate_curve.py --quick    # 10 utterances, one configuration per source codec
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     rows = []
     for k in ks:
         for r in evaluate_system("whisper-base", args.jsc, ["awgn"], snrs, k=k, n=n, with_similarity=False,
-                                 system="semedge-jsc", backend="ct2", progress=False, data=utts):
+                                 system="semedge-jsc", backend="ct2", progress=False, data=utts, keep_errors=True):
             rows.append(r)
             print(f"jsc k'={k:<3} {r['snr_db']:>4g} dB  uses {r['channel_uses']:6.0f}  WER {fmt_ci(r['wer_ci95'])}", flush=True)
     refs = [u.text for u in utts]
@@ -102,17 +104,32 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{cfg.name:<28} {s:>4g} dB  uses {r['channel_uses']:6.0f}  BER {st['ber']:.4f}  lost {st['lost_utts']:.2f}"
                   f"  WER {fmt_ci(r['wer_ci95'])}  ({time.perf_counter() - t1:.0f} s)", flush=True)
+    paired = paired_rows(rows)
+    for p in paired:
+        print(f"{p['snr_db']:>4g} dB  JSC k'={p['k_sent']:<3} vs {p['config']:<28} WER(conv) - WER(JSC) {fmt_ci(p['diff'])}")
     out = {"benchmark": "rate_curve", "quick": args.quick, "n_utterances": n, "family": args.family, "jsc": args.jsc,
            "snrs_db": snrs,
            "conventional_reused_from": str(args.reuse_conventional) if args.reuse_conventional else None,
            "receivers": "CTranslate2 int8 for both (JSC: the server's decoder; conventional: unmodified Whisper on decoded audio)",
            "channel_uses": "complex channel uses per utterance (JSC: ceil(real symbols / 2); conventional: LDPC "
                            "codewords of every bit the source codec wrote, Ogg/Opus container included, / bits per symbol)",
-           "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+           "rows": rows, "paired": paired, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out, args.out)
     plot(rows, snrs, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {out['seconds']} s")
     return 0
+
+
+def paired_rows(rows) -> list[dict]:
+    """Each JSC row against each conventional row at the same SNR (both with per-utterance
+    errors): {snr_db, k_sent, jsc_uses, config, conv_uses, diff}; diff = WER(conv) - WER(JSC)."""
+    from semedge.semcom.stats import paired_wer_diff
+
+    jsc = [r for r in rows if r["system"] == "semedge-jsc" and "word_errors" in r]
+    conv = [r for r in rows if r["system"] == "conventional" and "word_errors" in r]
+    return [{"snr_db": j["snr_db"], "k_sent": j["k_sent"], "jsc_uses": j["channel_uses"], "config": c["config"],
+             "conv_uses": c["channel_uses"], "diff": paired_wer_diff(j["word_errors"], c["word_errors"])}
+            for j in jsc for c in conv if c["snr_db"] == j["snr_db"]]
 
 
 def _previous(path, n: int, family: str, snrs, ap) -> list[dict]:

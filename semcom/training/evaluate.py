@@ -213,7 +213,8 @@ def _eval_data(base, codec, ck, n: int, split: str, data, max_segment_s, progres
 
 def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, split: str = "test", seed: int = 0,
                     with_similarity: bool = True, progress: bool = True, system: str | None = None,
-                    backend: str = "torch", data=None, max_segment_s: float | None = None) -> list[dict]:
+                    backend: str = "torch", data=None, max_segment_s: float | None = None,
+                    keep_errors: bool = False) -> list[dict]:
     """Rows {system, channel, snr_db, k_sent, wer, bleu, similarity, channel_uses, n} for a JSC checkpoint
     (or jsc='identity': the unsplit model's features); each figure has its 95% interval beside it
     (`wer_ci95` ..., see score_row) and the row names its text normaliser.
@@ -222,7 +223,7 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
     `data`: Utterances to measure on (e.g. semcom.tasks.audiofolder.load_audiofolder) instead of
     the first `n` of the built-in `split`; recordings longer than `max_segment_s` (default:
     default_segment_s) are sent as several messages and their transcripts joined (rows then
-    carry `segments` and `segment_s`).
+    carry `segments` and `segment_s`). keep_errors: rows carry `word_errors` for paired tests.
     """
     from semedge.core.channel_spec import parse_snr
     from semedge.semcom.models import load_model
@@ -241,7 +242,7 @@ def evaluate_system(model: str, jsc: str, channels, snrs, k=None, n: int = 200, 
                                            seed=seed, silence=silence, backend=backend, max_new_tokens=tokens)
             hyps, uses = join_segments(groups, hyps, sent)
             row = {"system": name, "channel": ch, "snr_db": s, "k_sent": kk, "n": len(refs),
-                   "channel_uses": float(np.mean(uses)), **score_row(refs, hyps, with_similarity)}
+                   "channel_uses": float(np.mean(uses)), **score_row(refs, hyps, with_similarity, keep_errors=keep_errors)}
             if data is not None:
                 row.update(segments=len(examples), segment_s=max_segment_s)
             rows.append(row)
