@@ -30,6 +30,15 @@ certificate the clients pin); --soak-clients x --soak-messages messages to each,
 alternate which server goes first. Per server: lost (no 200 after retries), 5xx answers, p50/p95,
 server CPU per message, RSS after the warm-up and at the end (growth %); and what auth + TLS add
 per message. Writes benchmarks/results/server_soak.json; exit 1 if a message was lost or answered 5xx.
+
+--mixed (only this; issue 16): one `semedge serve` hosting a speech package (--model, identity
+JSC, --tail-frames), a text package (--mixed-text-model, a random JSC with k=24) and an image
+package (the shipped image codec), and --mixed-clients clients (8) each sending speech, text and
+image messages interleaved (--mixed-messages per task, --mixed-rounds times each, AWGN 10 dB
+applied once on the device side). The reference: each package alone behind its own `semedge
+serve`, every message sent once. Reports errors, per-task p50/p95 latency and whether every
+mixed-load answer equals the single-task one; writes benchmarks/results/server_mixed.json;
+exit 1 on an error or a differing answer.
 """
 
 from __future__ import annotations
@@ -66,8 +75,10 @@ class Subprocess:
 
     def __init__(self, pkgs_dir: Path, max_batch: int, max_wait_ms: float, threads: int | None = None,
                  backend: str = "auto", workers: int = 1, engine: str = "local", replicas: int = 1,
-                 extra: list[str] = (), client_kw: dict | None = None):
-        """extra: more `semedge serve` options (--auth, --ssl-*); client_kw: httpx options for /healthz."""
+                 extra: list[str] = (), client_kw: dict | None = None, startup_s: float = 300.0):
+        """extra: more `semedge serve` options (--auth, --ssl-*); client_kw: httpx options for /healthz;
+        startup_s: how long to wait for /healthz (a niced server on a loaded host starts slowly)."""
+        self.startup_s = startup_s
         self.port = free_port()
         self.url = f"{'https' if '--ssl-certfile' in extra else 'http'}://127.0.0.1:{self.port}"
         self.client_kw = client_kw or {}
@@ -87,7 +98,7 @@ class Subprocess:
         import httpx
 
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 300:
+        while time.monotonic() - t0 < self.startup_s:
             if self.proc.poll() is not None:
                 self.log.seek(0)
                 raise RuntimeError("semedge serve exited:\n" + self.log.read().decode(errors="replace")[-3000:])
@@ -97,7 +108,8 @@ class Subprocess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError("semedge serve did not answer /healthz within 300 s")
+        self.__exit__()  # stop the server that did not come up
+        raise RuntimeError(f"semedge serve did not answer /healthz within {self.startup_s:.0f} s")
 
     def __exit__(self, *exc):
         self.proc.terminate()
@@ -423,6 +435,171 @@ def soak_report(figures: dict, args, seconds: float) -> int:
     return 1 if bad else 0
 
 
+# ----------------------------------------------------------------------------- mixed load (--mixed)
+
+
+def mixed_packages(root: Path, args) -> dict:
+    """{task: (package, [(body, query params)])}: one package per task under root/<task>, and its
+    messages (the device runners' symbols through AWGN at SNR_DB, as .npy bodies)."""
+    import torch
+
+    from semedge.export.image_package import build_image_package
+    from semedge.export.package import build_package
+    from semedge.runtime.client import apply_link, to_npy
+    from semedge.runtime.package import Package
+    from semedge.runtime.runner import DeviceRunner
+    from semedge.semcom.image_data import split_patches, to_hwc_uint8
+    from semedge.semcom.jsc import JSCCodec, JSCConfig, with_tail
+    from semedge.semcom.models import load_source
+    from semedge.semcom.split import build_split, identity_codec
+    from semedge.semcom.tasks.registry import get_task
+    from semedge.semcom.tasks.speech import load_split
+
+    n, rng = args.mixed_messages, np.random.default_rng(0)
+    loaded = load_source(args.model)
+    tail = None if args.tail_frames == "full" else int(args.tail_frames)
+    speech = Package.load(build_package(build_split(loaded, with_tail(identity_codec(loaded), tail)), root / "speech"))
+    text_model = load_source(args.mixed_text_model)
+    torch.manual_seed(1)
+    text_split = build_split(text_model, JSCCodec(JSCConfig(d_model=text_model.d_model, k=24, hidden=64)))
+    text = Package.load(build_package(text_split, root / "text", optimize=False))
+    image = Package.load(build_image_package(root / "image"))
+    runners = {t: DeviceRunner(p) for t, p in (("speech", speech), ("text", text), ("image", image))}
+    out = {"speech": (speech, [runners["speech"].encode_audio(u.audio) for u in load_split("test", n, progress=False)]),
+           "text": (text, [runners["text"].encode_text(x) for x in get_task("text").examples("test", n)])}
+    rgbs = [to_hwc_uint8(x) for x in split_patches("test", n)[0]]  # 32 x 32 test patches
+    out["image"] = (image, [runners["image"].encode_image(x) for x in rgbs])
+    sizes = {"image": [x.shape[:2] for x in rgbs]}
+    return {t: (pkg, [(to_npy(apply_link(sym, CHANNEL, SNR_DB, rng)),
+                       {"task": t, **({"height": sizes[t][i][0], "width": sizes[t][i][1]} if t in sizes else {})})
+                      for i, sym in enumerate(syms)])
+            for t, (pkg, syms) in out.items()}
+
+
+def mixed_post(c, url: str, pid: str, body: bytes, params: dict):
+    """One decode; (answer or None, seconds, error text or None)."""
+    import httpx
+
+    t = time.perf_counter()
+    try:
+        r = c.post(f"{url}/v1/decode", params={"package": pid, **params}, content=body,
+                   headers={"content-type": "application/x-npy"})
+    except httpx.HTTPError as e:
+        return None, time.perf_counter() - t, f"{type(e).__name__}: {e}"
+    dt = time.perf_counter() - t
+    if r.status_code != 200:
+        return None, dt, f"{r.status_code}: {r.text[:200]}"
+    js = r.json()
+    return js.get("image", js.get("text")), dt, None
+
+
+def mixed_single(url: str, pkg, msgs: list) -> list:
+    """Each message once, one at a time: the single-task answers."""
+    import httpx
+
+    with httpx.Client(timeout=600) as c:
+        return [mixed_post(c, url, pkg.package_id, body, params)[0] for body, params in msgs]
+
+
+def mixed_jobs(tasks: dict, rounds: int) -> list[tuple[str, int]]:
+    """(task, message index) interleaved task by task: speech 0, text 0, image 0, speech 1, ..., `rounds` times."""
+    n = max(len(m) for _, m in tasks.values())
+    one = [(t, i) for i in range(n) for t in tasks if i < len(tasks[t][1])]
+    return one * rounds
+
+
+def mixed_load(url: str, tasks: dict, jobs: list, clients: int) -> dict:
+    """`clients` threads, client c sending jobs c, c + clients, ... in order: per job (answer, seconds, error)."""
+    import httpx
+
+    results = {}
+
+    def worker(c_id: int):
+        with httpx.Client(timeout=600) as c:
+            for j in range(c_id, len(jobs), clients):
+                task, i = jobs[j]
+                pkg, msgs = tasks[task]
+                results[j] = mixed_post(c, url, pkg.package_id, *msgs[i])
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"results": results, "wall_s": time.perf_counter() - t0}
+
+
+def mixed_figures(tasks: dict, jobs: list, run: dict, single: dict) -> dict:
+    """Per task: messages, errors, p50/p95 latency (ms), answers equal to the single-task run."""
+    out = {}
+    for task in tasks:
+        mine = [(i, run["results"][j]) for j, (t, i) in enumerate(jobs) if t == task]
+        ok = [r[1] for _, r in mine if r[2] is None]
+        lat = np.array(ok) * 1000 if ok else np.array([math.nan])
+        errs = [r[2] for _, r in mine if r[2] is not None]
+        same = sum(r[0] == single[task][i] for i, r in mine if r[2] is None)
+        out[task] = {"messages": len(mine), "errors": len(errs), "error_samples": errs[:3],
+                     "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+                     "identical_to_single_task": same, "differing": len(mine) - len(errs) - same}
+    return out
+
+
+def mixed_main(args) -> int:
+    """--mixed: single-task references, then the mixed load against one `semedge serve`."""
+    t_start = time.time()
+    tmp = tempfile.TemporaryDirectory(prefix="semedge-mixed-")
+    root = Path(tmp.name) / "packages"
+    try:
+        tasks = mixed_packages(root, args)
+        serve_kw = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.server_threads,
+                        backend=args.backend, workers=args.workers, startup_s=args.mixed_startup_s)
+        single = {}
+        for task, (pkg, msgs) in tasks.items():
+            with Subprocess(root / task, **serve_kw) as url:
+                single[task] = mixed_single(url, pkg, msgs)
+            print(f"single-task {task}: {len(msgs)} answers", flush=True)
+        jobs = mixed_jobs(tasks, args.mixed_rounds)
+        with Subprocess(root, **serve_kw) as url:
+            for pkg, msgs in tasks.values():  # warm-up: one message per task
+                mixed_single(url, pkg, msgs[:1])
+            load_before = os.getloadavg()
+            run = mixed_load(url, tasks, jobs, args.mixed_clients)
+            batches = batch_hist(url)
+    finally:
+        tmp.cleanup()
+    per_task = mixed_figures(tasks, jobs, run, single)
+    result = {"benchmark": "server_mixed", "server": "semedge serve (subprocess), all three packages",
+              "packages": {t: {"id": p.package_id, "model": p.model_source, "k": p.k} for t, (p, _) in tasks.items()},
+              "speech_model": args.model, "text_model": args.mixed_text_model + " (random-init: no pretrained text "
+              "seq2seq ships offline; its answers are not sentences, the check is that they do not change)",
+              "image_codec": "semcom/assets/image-jsc (shipped)", "channel": CHANNEL, "snr_db": SNR_DB,
+              "clients": args.mixed_clients, "rounds": args.mixed_rounds, "messages": len(jobs),
+              "backend": args.backend, "workers": args.workers, "max_batch": args.max_batch,
+              "max_wait_ms": args.max_wait_ms, "wall_s": round(run["wall_s"], 2),
+              "messages_per_s": round(len(jobs) / run["wall_s"], 3), "per_task": per_task, "batches": batches,
+              "errors": sum(x["errors"] for x in per_task.values()),
+              "differing_answers": sum(x["differing"] for x in per_task.values()),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_before": load_before,
+                          "load_avg_after": os.getloadavg(), "note": "shared host, a training run beside it; run niced"},
+              "seconds": round(time.time() - t_start, 1)}
+    return mixed_report(result, args.out if args.out != RESULTS else RESULTS.with_name("server_mixed.json"))
+
+
+def mixed_report(result: dict, out: Path) -> int:
+    from semedge.core.files import write_atomic
+
+    print(f"\n{result['clients']} clients, {result['messages']} messages, {result['messages_per_s']} msg/s, "
+          f"batches {result['batches']}")
+    print(f"{'task':>7} {'msgs':>5} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8}  identical to single-task")
+    for task, x in result["per_task"].items():
+        print(f"{task:>7} {x['messages']:>5} {x['errors']:>6} {x['p50_ms']:>8.0f} {x['p95_ms']:>8.0f}  "
+              f"{x['identical_to_single_task']}/{x['messages']}")
+    write_atomic(out, json.dumps(result, indent=2, default=str))
+    print(f"wrote {out}")
+    return 1 if result["errors"] or result["differing_answers"] else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer messages (16 per level)")
@@ -448,7 +625,18 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-clients", type=int, default=8)
     ap.add_argument("--soak-messages", type=int, default=500, help="messages per client and server")
     ap.add_argument("--soak-rounds", type=int, default=5, help="rounds, alternating which server goes first")
+    ap.add_argument("--mixed", action="store_true", help="only the mixed load: speech, text and image on one server (issue 16)")
+    ap.add_argument("--mixed-clients", type=int, default=8, help="concurrent clients of the mixed load")
+    ap.add_argument("--mixed-messages", type=int, default=8, help="distinct messages per task in the mixed load")
+    ap.add_argument("--mixed-rounds", type=int, default=3, help="times each message is sent in the mixed load")
+    ap.add_argument("--mixed-text-model", default="tiny:bart:0", help="model of the mixed load's text package")
+    ap.add_argument("--mixed-startup-s", type=float, default=1200.0, help="how long each server may take to start")
     args = ap.parse_args(argv)
+    if args.mixed:
+        if min(args.mixed_clients, args.mixed_messages, args.mixed_rounds) < 1:
+            ap.error("--mixed-clients, --mixed-messages and --mixed-rounds must be >= 1")  # exit 2
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return mixed_main(args)
     if args.soak:
         if min(args.soak_clients, args.soak_messages, args.soak_rounds) < 1:
             ap.error("--soak-clients, --soak-messages and --soak-rounds must be >= 1")  # exit 2

@@ -1,9 +1,12 @@
-"""The device's HTTP client: channel symbols -> (simulated link) -> server -> text.
+"""The device's HTTP client: channel symbols -> (simulated link) -> server -> text (or an image).
 
 The body is one `.npy` array (np.save, no pickle), float16 or float32, shape
 [tokens, k] or [batch, tokens, k]. The link (runtime.link.transmit) runs here,
 on the device side, so a client-server run reproduces the in-process numbers.
-Only numpy and httpx.
+Only numpy and httpx (Pillow, only to read an image answer: `answer_images`).
+
+With `task` (the package's model.kind) the server checks the payload is for that task;
+an image message also names its size (`image_size=(H, W)`) and is answered with PNGs.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def send(
     ca: str | None = None,
     message_id: str | None = None,
     retries: int = 0,
+    task: str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict:
     """POST symbols to `server_url`/v1/decode?package=ID; returns the server's JSON.
 
@@ -64,6 +69,8 @@ def send(
     `retries`: tries again after an unreachable server, a timeout or a 502/503/504, with the
     same `message_id` (X-Semedge-Message-Id; a random one if not given), so a server that
     already decoded the message answers it from its replay cache instead of decoding it twice.
+    `task`: the payload's task (?task=; the server refuses a package of another task with 422);
+    `image_size`: (height, width) in pixels of the image the symbols encode (image packages).
     """
     import time
     import uuid
@@ -74,12 +81,15 @@ def send(
         symbols = apply_link(symbols, channel, snr_db, rng)
     body = to_npy(symbols, dtype)
     url = server_url.rstrip("/") + "/v1/decode"
+    params = {"package": package_id, **({"task": task} if task else {})}
+    if image_size is not None:
+        params.update(height=int(image_size[0]), width=int(image_size[1]))
     headers = {"content-type": NPY_TYPE}
     if message_id or retries:
         headers[MESSAGE_ID_HEADER] = message_id or uuid.uuid4().hex
     for attempt in range(retries + 1):
         try:
-            return _post_once(client, url, package_id, body, headers, timeout, token, ca, server_url)
+            return _post_once(client, url, params, body, headers, timeout, token, ca, server_url)
         except (ServerError, UserError) as e:
             if attempt == retries or getattr(e, "status", 503) not in RETRY_STATUSES:
                 raise
@@ -91,16 +101,16 @@ MESSAGE_ID_HEADER = "x-semedge-message-id"
 RETRY_STATUSES = (502, 503, 504)  # and no answer at all (status None: connection error, timeout)
 
 
-def _post_once(client, url, package_id, body, headers, timeout, token, ca, server_url) -> dict:
+def _post_once(client, url, params, body, headers, timeout, token, ca, server_url) -> dict:
     """One POST; the JSON answer, ServerError for a refusal, UserError (status 503) when unreachable."""
     import httpx
 
     try:
         if client is None:
             with make_client(timeout, token=token, ca=ca) as c:
-                r = c.post(url, params={"package": package_id}, content=body, headers=headers)
+                r = c.post(url, params=params, content=body, headers=headers)
         else:
-            r = client.post(url, params={"package": package_id}, content=body, headers=headers, timeout=timeout)
+            r = client.post(url, params=params, content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
         fix = ("pass the server's certificate with --ca (or check that --server names the host it was made for)"
                if "CERTIFICATE_VERIFY_FAILED" in str(e) else "start it with `semedge serve --packages DIR` and check --server")
@@ -112,6 +122,22 @@ def _post_once(client, url, package_id, body, headers, timeout, token, ca, serve
             detail = r.text
         raise ServerError(r.status_code, str(detail))
     return r.json()
+
+
+def answer_images(answer: dict) -> list[np.ndarray]:
+    """An image package's answer -> its reconstructions, uint8 [H, W, 3] each (decoded from PNG)."""
+    import base64
+
+    if "image" not in answer:
+        raise UserError(f"the answer of package {answer.get('package')} holds no image (task {answer.get('task')})",
+                        "send images to an image package")
+    from PIL import Image
+
+    out = []
+    for b64 in answer["image"]:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return out
 
 
 def make_client(timeout: float = 60.0, *, token: str | None = None, ca: str | None = None):

@@ -13,6 +13,13 @@ HTTPError (503 when its queue is full or a replica is gone). A host that keeps s
 memories (`?session=S`, semcom/memory.py) also has `sessions` (a memory.Sessions) and takes
 `decode(pid, arr, prompts)`; one with `kb` (semcom/kb.py) puts retrieved passages in every
 message's prompt. The local host does both, the Ray host neither (422 for a session).
+
+Several tasks on one host: a host with `task_of(pid)` (the local host) checks that the
+payload fits the package's task before decoding (`check_task_params`, `check_image_tokens`):
+`?task=T` must name the package's task; an image package needs `?height=H&width=W` (the
+image's size in pixels) and T = ceil(H/4) * ceil(W/4) tokens, and answers base64 PNGs
+(`decode(pid, arr, sizes=[(H, W), ...])`); a speech or text package refuses height/width.
+Each mismatch is a 422 naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from collections import OrderedDict
 import numpy as np
 
 NPY_MAGIC = b"\x93NUMPY"
+IMAGE_TASK = "image"  # the task whose messages are images (semcom/tasks/image.py)
+MAX_IMAGE_PIXELS = 16_000_000  # as semcom.tasks.image.MAX_PIXELS
+MAX_IMAGE_TOKENS = MAX_IMAGE_PIXELS // 16  # one token per 4 x 4 pixels
+IMAGE_STRIDE = 4  # pixels per token side (semcom.image_codec.STRIDE)
 MESSAGE_ID_HEADER = "x-semedge-message-id"
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
@@ -38,8 +49,9 @@ class HTTPError(Exception):
         super().__init__(detail)
 
 
-def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int) -> np.ndarray:
-    """A .npy body -> float32 [batch, tokens, k'] (1 <= k' <= k); HTTPError(422) with the reason."""
+def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int, what: str = "this package") -> np.ndarray:
+    """A .npy body -> float32 [batch, tokens, k'] (1 <= k' <= k); HTTPError(422) with the reason.
+    what: how refusals name the package (e.g. "package ID (speech task)")."""
     if not body.startswith(NPY_MAGIC):
         raise HTTPError(422, "body is not a .npy array (np.save, no pickle)")
     fp = io.BytesIO(body)
@@ -63,9 +75,10 @@ def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int) -> np.nda
     if b < 1 or b > max_messages:
         raise HTTPError(422, f"batch of {b} messages: send 1 to {max_messages} per request")
     if t < 1 or t > max_tokens:
-        raise HTTPError(422, f"{t} tokens per message: this package takes 1 to {max_tokens}")
+        raise HTTPError(422, f"{t} tokens per message: {what} takes 1 to {max_tokens}")
     if kk < 1 or kk > k:
-        raise HTTPError(422, f"{kk} symbols per token: this package has k={k} (send 1 to {k})")
+        raise HTTPError(422, f"{kk} symbols per token: {what} has k={k} (send 1 to {k}, "
+                             "the output of this package's own device runner)")
     expect = b * t * kk * dtype.itemsize
     data = body[fp.tell():]
     if len(data) != expect:
@@ -76,6 +89,46 @@ def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int) -> np.nda
     if not np.isfinite(arr).all():
         raise HTTPError(422, "symbols contain NaN or inf")
     return arr
+
+
+def _pixels(params, name: str, pid: str) -> int:
+    """The query parameter `name` (height or width) as a whole number of pixels; 422 otherwise."""
+    raw = params.get(name)
+    if raw is None:
+        raise HTTPError(422, f"{name} is missing: package {pid} serves the image task; add ?height=H&width=W "
+                             "(the image's size in pixels)")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_IMAGE_PIXELS:
+        raise HTTPError(422, f"{name}={raw!r} is not a whole number of pixels: send the image's {name}, e.g. {name}=32")
+    return int(raw)
+
+
+def check_task_params(task: str, params, pid: str) -> tuple[int, int] | None:
+    """The query's task fields against the package's `task`, before the body is read:
+    (height, width) for an image package, None for others; HTTPError(422) naming the field and the fix."""
+    asked = params.get("task")
+    if asked is not None and asked != task:
+        raise HTTPError(422, f"task={asked!r}, but package {pid} serves the {task} task: send {asked} payloads to a "
+                             f"{asked} package (GET /healthz lists each package's task)")
+    if task != IMAGE_TASK:
+        given = [n for n in ("height", "width") if n in params]
+        if given:
+            raise HTTPError(422, f"{'/'.join(given)} given, but package {pid} serves the {task} task, not images: "
+                                 "send an image to an image package, or drop height/width")
+        return None
+    h, w = _pixels(params, "height", pid), _pixels(params, "width", pid)
+    if h * w > MAX_IMAGE_PIXELS:
+        raise HTTPError(422, f"height x width = {h * w} pixels is over the limit of {MAX_IMAGE_PIXELS}: downscale the image")
+    return h, w
+
+
+def check_image_tokens(arr: np.ndarray, size: tuple[int, int], pid: str) -> None:
+    """An image message carries one token per 4 x 4 pixels of its padded size; 422 otherwise."""
+    h, w = size
+    rows, cols = -(-h // IMAGE_STRIDE), -(-w // IMAGE_STRIDE)
+    if arr.shape[1] != rows * cols:
+        raise HTTPError(422, f"{arr.shape[1]} tokens per message do not fit height={h} x width={w}: package {pid} "
+                             f"(image task) takes {rows} x {cols} = {rows * cols} tokens (one per {IMAGE_STRIDE} x "
+                             f"{IMAGE_STRIDE} pixels); send DeviceRunner.encode_image's output with the image's own size")
 
 
 def check_content_length(header: str | None, limit: int) -> None:
@@ -170,10 +223,16 @@ def decode_texts(half, messages: list[np.ndarray], max_new_tokens: int, prompts:
         return half.transcribe([torch.from_numpy(m) for m in messages], max_new_tokens=max_new_tokens, prompts=prompts)
 
 
-def answer_body(results: list, pid: str, tokens: int, total_s: float) -> dict:
-    """The 200 JSON: texts, timings (ms; the slowest message's queue and decode), batch size."""
+def answer_body(results: list, pid: str, tokens: int, total_s: float, task: str | None = None,
+                size: tuple[int, int] | None = None) -> dict:
+    """The 200 JSON: texts (or, for an image package, base64 PNGs under "image" with their
+    height and width), timings (ms; the slowest message's queue and decode), batch size."""
+    out = {"image": [r[0] for r in results], "format": "png", "height": size[0], "width": size[1]} \
+        if task == IMAGE_TASK else {"text": [r[0] for r in results]}
+    if task is not None:
+        out["task"] = task
     return {
-        "text": [r[0] for r in results],
+        **out,
         "timings_ms": {"queue": round(1000 * max(r[1] for r in results), 3),
                        "decode": round(1000 * max(r[2] for r in results), 3),
                        "total": round(1000 * total_s, 3)},
@@ -235,10 +294,17 @@ async def _decode_once(host, request, pid: str) -> dict:
     cfg = host.cfg
     check_content_length(request.headers.get("content-length"), cfg.max_body_bytes)
     mid = message_id(request)
+    task = host.task_of(pid) if hasattr(host, "task_of") else None  # None: a host of speech/text only (Ray)
+    size = check_task_params(task, request.query_params, pid) if task is not None else None
+    if size is not None and request.query_params.get("session") is not None:
+        raise HTTPError(422, f"session given, but package {pid} answers images, not text: send no session")
     mem = session_memory(host, pid, request.query_params.get("session"))
     k, max_tokens = await host.limits(pid)
     body = await read_body(request, cfg.max_body_bytes)
-    arr = parse_npy(body, k, max_tokens, cfg.max_messages_per_request)
+    what = f"package {pid}" + (f" ({task} task)" if task else "")
+    arr = parse_npy(body, k, max_tokens, cfg.max_messages_per_request, what)
+    if size is not None:
+        check_image_tokens(arr, size, pid)
     key = (pid, mid)
     if mid is not None:
         cached = await host.cache.lookup(key, hashlib.sha256(body).hexdigest())
@@ -246,11 +312,13 @@ async def _decode_once(host, request, pid: str) -> dict:
             return {**cached, "replayed": True}
     answer = None
     try:
-        if mem is None and getattr(host, "kb", None) is None:
+        if size is not None:  # images: no prompt, no knowledge base
+            results = await host.decode(pid, arr, sizes=[size] * arr.shape[0])
+        elif mem is None and getattr(host, "kb", None) is None:
             results = await host.decode(pid, arr)
         else:
             results = await _decode_with_context(host, pid, arr, mem)
-        answer = answer_body(results, pid, int(arr.shape[1]), time.perf_counter() - t_start)
+        answer = answer_body(results, pid, int(arr.shape[1]), time.perf_counter() - t_start, task, size)
         return answer
     finally:
         if mid is not None:
@@ -285,5 +353,6 @@ def health_body(limits: dict) -> dict:
     return {"status": "ok", "packages": limits}
 
 
-__all__ = ["HTTPError", "MESSAGE_ID_HEADER", "ReplayCache", "answer_body", "check_content_length", "decode_texts",
+__all__ = ["HTTPError", "IMAGE_TASK", "MESSAGE_ID_HEADER", "ReplayCache", "answer_body", "check_content_length",
+           "check_image_tokens", "check_task_params", "decode_texts",
            "handle_decode", "health_body", "message_id", "parse_npy", "read_body"]

@@ -18,6 +18,7 @@ from semedge.core.errors import UserError
 from semedge.core.files import sha256_file
 from semedge.core.layout import FORMAT, MANIFEST, SIGNATURE
 
+KINDS = ("speech", "text", "image")  # the tasks a package may carry (semcom/tasks/registry.py)
 _REEXPORT = "re-export the package (semedge export ...) and copy the whole folder"
 
 
@@ -85,8 +86,8 @@ class Package:
         for key in ("kind", "d_model", "source"):
             if key not in m["model"]:
                 raise UserError(f"package {root}: {MANIFEST} field 'model.{key}' is missing", _REEXPORT)
-        if m["model"]["kind"] not in ("speech", "text"):
-            raise UserError(f"package {root}: model.kind {m['model']['kind']!r} is not speech or text", _REEXPORT)
+        if m["model"]["kind"] not in KINDS:
+            raise UserError(f"package {root}: model.kind {m['model']['kind']!r} is not one of {', '.join(KINDS)}", _REEXPORT)
         if not isinstance(m["jsc"].get("k"), int) or m["jsc"]["k"] < 1:
             raise UserError(f"package {root}: {MANIFEST} field 'jsc.k' is missing or not a positive int", _REEXPORT)
         if m["jsc"].get("power", "token") not in ("token", "message"):

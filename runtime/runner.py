@@ -20,7 +20,7 @@ from semedge.core.errors import UserError
 # Profile names -> ONNX Runtime provider names (runtime.providers owns them).
 PROVIDER_NAMES = dict(ORT_NAMES)
 # manifest["frontend"]["type"] of the front ends the device computes (written by the speech / text tasks)
-LOG_MEL, TOKENIZER = "whisper-log-mel", "tokenizer"
+LOG_MEL, TOKENIZER, RGB = "whisper-log-mel", "tokenizer", "rgb"
 # manifest["frontend"]["compute"] of a log-mel package: "graph" = device.onnx takes PCM (semedge export
 # --frontend graph), "numpy" = this runtime computes the log-mel (packages without the key too)
 GRAPH, NUMPY = "graph", "numpy"
@@ -91,7 +91,7 @@ def check_frontend(manifest: dict, inputs: list[dict], where: str) -> None:
 
 
 class DeviceRunner:
-    """Runs a package's device.onnx: audio or text in, channel symbols [n, k] out."""
+    """Runs a package's device.onnx: audio, text or an image in, channel symbols [n, k] out."""
 
     def __init__(self, package: Package | str | Path, providers=None, threads: int | None = None,
                  provider_options: list[dict] | None = None, strict: bool = False):
@@ -149,7 +149,8 @@ class DeviceRunner:
         """16 kHz mono samples -> symbols [content_frames, k or k_keep] float32; the encoder runs
         on `window` (default: the package's, see runtime.features.window_frames)."""
         if self.package.frontend.get("type") != LOG_MEL:  # the front end the task wrote decides
-            raise UserError(f"package {self.package.package_id} is a text model", "use encode_text (--text) with this package")
+            raise UserError(f"package {self.package.package_id} is a {self.kind} model, not a speech model",
+                            "use encode_text (--text) or encode_image (--image) with this package")
         audio = np.asarray(audio)
         if audio.ndim != 1 or audio.size == 0:
             raise UserError(f"audio has shape {audio.shape}, expected non-empty 1-D samples", "pass mono 16 kHz audio")
@@ -179,7 +180,8 @@ class DeviceRunner:
     def encode_text(self, text: str, k_keep: int | None = None) -> np.ndarray:
         """A sentence -> symbols [tokens, k or k_keep] float32."""
         if self.package.frontend.get("type") != TOKENIZER:
-            raise UserError(f"package {self.package.package_id} is a speech model", "use encode_audio (--wav) with this package")
+            raise UserError(f"package {self.package.package_id} is a {self.kind} model, not a text model",
+                            "use encode_audio (--wav) or encode_image (--image) with this package")
         if not isinstance(text, str) or not text.strip():
             raise UserError("text is empty", "pass a non-empty sentence")
         ids = np.asarray(self.tokenizer().encode(text).ids, dtype=np.int64)[None]
@@ -188,3 +190,20 @@ class DeviceRunner:
         feeds = {ids_name: ids, **{n: np.ones_like(ids) for n in mask}}
         x = self._run(feeds)[0]
         return truncate(np.ascontiguousarray(x, dtype=np.float32), k_keep, self.package.power)
+
+    def encode_image(self, rgb, k_keep: int | None = None) -> np.ndarray:
+        """uint8 RGB [H, W, 3] -> symbols [ceil(H/4) * ceil(W/4), k or k_keep] float32; the image is
+        edge-padded to multiples of the package's stride first (the server crops back to H x W)."""
+        fe = self.package.frontend
+        if fe.get("type") != RGB:
+            raise UserError(f"package {self.package.package_id} is a {self.package.kind} model, not an image model",
+                            "send an image to an image package (semedge export-image)")
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or 0 in rgb.shape:
+            raise UserError(f"image has shape {rgb.shape} and dtype {rgb.dtype}, expected uint8 [H, W, 3]",
+                            "pass RGB pixels, e.g. np.asarray(Image.open(path).convert('RGB'))")
+        m = int(fe.get("multiple_of", 4))
+        padded = np.pad(rgb, ((0, -rgb.shape[0] % m), (0, -rgb.shape[1] % m), (0, 0)), mode="edge")
+        x = np.ascontiguousarray(padded.transpose(2, 0, 1)[None], dtype=np.float32) / np.float32(255.0)
+        out = self._run({self.input_names[0]: x})[0]
+        return truncate(np.ascontiguousarray(out, dtype=np.float32), k_keep, self.package.power)

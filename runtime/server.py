@@ -1,14 +1,17 @@
 """The edge server: JSC decoder + the model's decoder behind HTTP (FastAPI + uvicorn).
 
-One model object per model source is shared by every package built on it; each
-package brings its own JSC decoder (core.layout: JSC_WEIGHTS + JSC_CONFIG).
+Packages of every task (speech, text, image) are served side by side: the request names
+the package, the package's manifest names its task (model.kind). One model object per
+model source (+ LoRA adapters) is shared by every package built on it; an image
+package's CNN decoder is shared by sha256 (semcom/image_server.py); each package brings
+its own JSC decoder (core.layout: JSC_WEIGHTS + JSC_CONFIG).
 Requests for one package are batched dynamically: an asyncio queue per package,
 up to `max_batch` messages or `max_wait_ms` after the first, decoded in one
 `ServerHalf.transcribe` call on the model's decode thread.
 
-API (docs/runtime.md): POST /v1/decode?package=ID with a .npy body
-([tokens, k] or [batch, tokens, k], float16/float32) -> JSON; GET /healthz;
-GET /metrics (Prometheus text).
+API (docs/runtime.md): POST /v1/decode?package=ID[&task=T][&height=H&width=W] with a .npy
+body ([tokens, k] or [batch, tokens, k], float16/float32) -> JSON (text, or images as
+base64 PNG); GET /healthz; GET /metrics (Prometheus text).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from semedge.core.errors import UserError
 from semedge.core.layout import ADAPTERS, JSC_CONFIG, JSC_WEIGHTS, MANIFEST
 from semedge.runtime.auth import AuthError
 from semedge.runtime.decode_api import NPY_MAGIC, HTTPError, ReplayCache, decode_texts, handle_decode, parse_npy
+from semedge.runtime.decode_api import IMAGE_TASK, MAX_IMAGE_TOKENS
 from semedge.runtime.package import Package
 
 log = logging.getLogger("semedge.server")
@@ -233,9 +237,10 @@ def _adapters_of(pkg: Package):
 @dataclass
 class _Served:
     package: Package
-    half: object  # ServerHalf
+    half: object  # ServerHalf (speech, text) or ImageServerHalf (image)
     max_tokens: int
     model: _Model
+    task: str = "speech"  # the manifest's model.kind
     queue: asyncio.Queue | None = None
     worker: asyncio.Task | None = None
     stats: dict = field(default_factory=dict)
@@ -291,11 +296,38 @@ class Registry:
         self.models[key] = _Model(loaded, silence, ThreadPoolExecutor(cfg.workers, thread_name_prefix="decode"), engine)
         return self.models[key]
 
+    def _image_model(self, pkg: Package) -> _Model:
+        """The CNN decoder the image package ships, loaded once per sha256 and shared."""
+        from semedge.semcom.image_server import IMAGE_DECODER, load_image_decoder
+
+        key = f"image-decoder:{pkg.manifest['files'].get(IMAGE_DECODER)}"
+        if key not in self.models:
+            sec = pkg.manifest.get("image")
+            if not isinstance(sec, dict) or not isinstance(sec.get("config"), dict):
+                raise UserError(f"package {pkg.path} is an image package without the manifest's image.config",
+                                "re-export it: semedge export-image --out DIR")
+            dec = load_image_decoder(pkg.file(IMAGE_DECODER), sec["config"])  # pkg.file: refuses an unlisted file
+            if dec.net[0].in_channels != pkg.d_model:
+                raise UserError(f"package {pkg.path}: image.config d={dec.net[0].in_channels} disagrees with "
+                                f"model.d_model={pkg.d_model}", "re-export it: semedge export-image --out DIR")
+            self.models[key] = _Model(dec, None, ThreadPoolExecutor(self.config.workers, thread_name_prefix="decode"))
+        return self.models[key]
+
+    def _load_image(self, pkg: Package) -> _Served:
+        """An image package: its JSC decoder on the shared CNN decoder."""
+        from semedge.semcom.image_codec import ImageServerHalf
+
+        m = self._image_model(pkg)
+        half = ImageServerHalf(load_jsc_decoder(pkg), m.loaded).eval()
+        return _Served(pkg, half, MAX_IMAGE_TOKENS, m, task=IMAGE_TASK)
+
     def load(self, pkg: Package) -> _Served:
         """The package's server half (its JSC decoder on the shared model), checked against the model;
         the task says how long a message may be."""
         from semedge.semcom.split import ServerHalf
 
+        if pkg.kind == IMAGE_TASK:
+            return self._load_image(pkg)
         pid, src = pkg.package_id, pkg.model_source
         m = self._model(pkg)
         want = pkg.manifest["model"].get("weight_hash")
@@ -309,7 +341,7 @@ class Registry:
         half = ServerHalf(m.loaded, load_jsc_decoder(pkg), m.silence).eval()
         half.ct2 = m.ct2
         max_tokens = m.loaded.task.max_message_tokens(m.loaded, self.config.max_text_tokens)
-        return _Served(pkg, half, max_tokens, m)
+        return _Served(pkg, half, max_tokens, m, task=pkg.kind)
 
     def close(self) -> None:
         for m in self.models.values():
@@ -346,6 +378,7 @@ class _Item:
     future: asyncio.Future
     t_enqueued: float
     prompt: str = ""  # previous text from the session's memory
+    size: tuple[int, int] | None = None  # image messages: (height, width) in pixels
 
 
 class LocalHost:
@@ -373,6 +406,10 @@ class LocalHost:
         s = self.reg.served[pid]
         return s.package.k, s.max_tokens
 
+    def task_of(self, pid: str) -> str:
+        """The package's task (its manifest's model.kind): what payload it takes and what it answers."""
+        return self.reg.served[pid].task
+
     def start(self) -> None:
         for s in self.reg.served.values():
             s.queue = asyncio.Queue()
@@ -384,14 +421,16 @@ class LocalHost:
         await asyncio.gather(*(s.worker for s in self.reg.served.values()), return_exceptions=True)
         self.reg.close()
 
-    async def decode(self, pid: str, arr: np.ndarray, prompts: list[str] | None = None) -> list:
+    async def decode(self, pid: str, arr: np.ndarray, prompts: list[str] | None = None,
+                     sizes: list[tuple[int, int]] | None = None) -> list:
+        """Queue the messages; [(answer, queue_s, decode_s, batch)] each (answer: text, or base64 PNG)."""
         s, cfg = self.reg.served[pid], self.cfg
         if s.queue.qsize() + arr.shape[0] > cfg.max_queue:
             raise HTTPError(503, f"the queue for {pid} is full ({cfg.max_queue} messages)", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now, prompts[i] if prompts else "")
-                 for i, m in enumerate(arr)]
+        items = [_Item(np.ascontiguousarray(m), loop.create_future(), now, prompts[i] if prompts else "",
+                       sizes[i] if sizes else None) for i, m in enumerate(arr)]
         for it in items:
             s.queue.put_nowait(it)
         try:
@@ -442,11 +481,8 @@ class LocalHost:
     async def _decode_batch(self, s: _Served, items: list) -> None:
         loop, pid = asyncio.get_running_loop(), s.package.package_id
         t0 = time.perf_counter()
-        msgs = [it.symbols for it in items]
-        prompts = [it.prompt for it in items] if any(it.prompt for it in items) else None
         try:
-            texts = await loop.run_in_executor(s.model.executor, decode_texts, s.half, msgs, self.cfg.max_new_tokens,
-                                               prompts)
+            texts = await loop.run_in_executor(s.model.executor, _run_batch, s, items, self.cfg.max_new_tokens)
             err = None
         except Exception as e:  # noqa: BLE001 - reported to every waiting request
             log.exception("decode failed")
@@ -462,6 +498,17 @@ class LocalHost:
                 it.future.set_exception(err)
             else:
                 it.future.set_result((texts[i], t0 - it.t_enqueued, t1 - t0, len(items)))
+
+
+def _run_batch(s: _Served, items: list, max_new_tokens: int) -> list[str]:
+    """One batch on a decode thread: texts (speech, text) or base64 PNGs (image)."""
+    msgs = [it.symbols for it in items]
+    if s.task == IMAGE_TASK:
+        from semedge.semcom.image_server import decode_images
+
+        return decode_images(s.half, msgs, [it.size for it in items])
+    prompts = [it.prompt for it in items] if any(it.prompt for it in items) else None
+    return decode_texts(s.half, msgs, max_new_tokens, prompts)
 
 
 def create_app(packages: list[Package], loader=None, config: ServerConfig | None = None, gate=None):
@@ -516,7 +563,7 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
         except AuthError as e:
             return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
         return {"status": "ok", "packages": {pid: {"model": s.package.model_source, "kind": s.package.kind,
-                                                   "k": s.package.k, "max_tokens": s.max_tokens}
+                                                   "task": s.task, "k": s.package.k, "max_tokens": s.max_tokens}
                                              for pid, s in reg.served.items() if may(pid)}}
 
     @app.get("/metrics")

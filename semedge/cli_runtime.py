@@ -1,4 +1,5 @@
-"""`semedge device run` (the device side: runner -> link -> server) and `semedge serve`.
+"""`semedge device run` (the device side: runner -> link -> server), `semedge serve`, and
+`semedge export-image` (the image codec as a package `semedge serve` hosts).
 
 `device run` imports no torch: it runs on the device with `pip install semedge[device]`.
 """
@@ -24,6 +25,8 @@ def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[
     from semedge.semcom.tasks.registry import get_task
 
     modality = get_task(pkg.kind).modality  # the registry imports no torch
+    if modality == "image":
+        raise UserError(f"package {pkg.package_id} is an image model", "use --image photo.png")
     if wav is not None:
         if modality != "audio":
             raise UserError(f"package {pkg.package_id} is a text model", "use --text")
@@ -39,11 +42,42 @@ def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[
 
 
 def _send_all(server: str, pkg, messages: list, timeout: float, token=None, ca=None, **link) -> list[dict]:
-    """Each message in its own request, over one connection, in order."""
+    """Each message in its own request, over one connection, in order; ?task= names the package's task."""
     from semedge.runtime.client import make_client, send
 
     with make_client(timeout, token=token, ca=ca) as c:
-        return [send(server, pkg.package_id, m, timeout=timeout, client=c, **link) for m in messages]
+        return [send(server, pkg.package_id, m, timeout=timeout, client=c, task=pkg.kind, **link) for m in messages]
+
+
+def _run_image(runner, pkg, image: Path, server: str, timeout: float, k_keep, link: dict, auth: dict) -> dict:
+    """--image: the photo through the device half, the link and the server; the reconstruction
+    is written beside it (<stem>.semedge.png). Returns what was sent and where the image went."""
+    import base64
+    import time
+
+    from semedge.core.files import atomic_path
+    from semedge.runtime.client import make_client, send
+    from semedge.runtime.link import channel_uses
+    from semedge.semcom.tasks.image import load_image
+
+    if pkg.kind != "image":
+        raise UserError(f"package {pkg.package_id} is a {pkg.kind} model, not an image model",
+                        "use --wav or --text with it, or pass an image package")
+    rgb = load_image(image)
+    t0 = time.perf_counter()
+    symbols = runner.encode_image(rgb, k_keep=k_keep)
+    t_dev = time.perf_counter() - t0
+    with make_client(timeout, **auth) as c:
+        answer = send(server, pkg.package_id, symbols, timeout=timeout, client=c, task="image",
+                      image_size=rgb.shape[:2], **link)
+    out = image.with_name(f"{image.stem}.semedge.png")
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(base64.b64decode(answer["image"][0]))  # the PNG as the server made it
+    return {"output": str(out), "package": pkg.package_id, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
+            "tokens": int(symbols.shape[0]), "symbols_per_token": int(symbols.shape[1]),
+            "channel_uses": channel_uses(symbols.size), "providers": runner.providers,
+            "timings_ms": {"device": round(1000 * t_dev, 2), "server": answer["timings_ms"],
+                           "total": round(1000 * (time.perf_counter() - t0), 2)}}
 
 
 def _summed(timings: list[dict]) -> dict:
@@ -81,6 +115,8 @@ def device_run(
     package: Path = typer.Argument(..., help="the package folder (holds manifest.json)"),
     wav: Optional[Path] = typer.Option(None, help="an audio file to send (speech packages; longer than --segment-s: one message per segment)"),
     text: Optional[str] = typer.Option(None, help="a sentence to send (text packages)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="a PNG/JPEG to send (image packages); the server's "
+                                         "reconstruction is written beside it (<stem>.semedge.png)"),
     server: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     channel: str = typer.Option("awgn", help="link simulated on the device: none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
     snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
@@ -112,8 +148,9 @@ def device_run(
     from semedge.runtime.runner import DeviceRunner
     from semedge.core.channel_spec import parse_channel, parse_snr
 
-    if (wav is None) == (text is None):
-        raise UserError("give exactly one of --wav and --text", "e.g. --wav hello.wav (speech) or --text 'hello' (text)")
+    if sum(x is not None for x in (wav, text, image)) != 1:
+        raise UserError("give exactly one of --wav, --text and --image",
+                        "e.g. --wav hello.wav (speech), --text 'hello' (text) or --image photo.png (image)")
     snr_db = parse_snr(snr)
     parse_channel(channel)
     k_keep = renamed(k_keep, k_keep_old, "--k", "--k-keep")
@@ -130,6 +167,12 @@ def device_run(
                           provider_options=extra, strict=strict)
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
         raise UserError(f"--k {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
+    if image is not None:
+        out = _run_image(runner, pkg, image, server, timeout, k_keep,
+                         dict(channel=channel, snr_db=snr_db, rng=np.random.default_rng(seed), dtype=dtype),
+                         dict(token=token, ca=str(ca) if ca else None))
+        typer.echo(json.dumps(out) if as_json else f"wrote {out['output']}")
+        return
     t0 = time.perf_counter()
     messages, bounds = _messages(runner, pkg, wav, text, k_keep, segment_s)
     t_dev = time.perf_counter() - t0
@@ -241,9 +284,29 @@ def _serve_ray(packages, host, port, cfg, engine, *, replicas, autoscale, unsupp
     ray_serve.serve_forever(packages, host=host, port=port, config=cfg, replicas=replicas, autoscale=scale, **kw)
 
 
+def export_image(
+    out: Path = typer.Option(..., "--out", help="package folder to write; <out>.zip is written beside it"),
+    jsc: Optional[Path] = typer.Option(None, "--jsc", help="image codec folder (semedge train-image --out); default: the shipped one"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="signing.key (semedge keys new): sign the manifest"),
+    as_json: bool = typer.Option(False, "--json", help="print the package (path, id, parity) as JSON"),
+):
+    """Export the image codec's device half to ONNX (parity-checked) as a package `semedge serve` hosts."""
+    from semedge.export.image_package import build_image_package
+    from semedge.runtime.package import Package
+
+    path = build_image_package(out, jsc, opset=opset, sign_key=sign, progress=lambda m: typer.echo(f"… {m}", err=True))
+    pkg = Package.load(path)
+    info = {"path": str(path), "package_id": pkg.package_id, "task": pkg.kind, "k": pkg.k,
+            "parity": pkg.manifest["onnx"]["parity"]}
+    typer.echo(json.dumps(info) if as_json else f"wrote {path} (package {pkg.package_id}, parity max |diff| "
+                                                f"{info['parity']['max_abs']:.2e})")
+
+
 def register(app: typer.Typer) -> None:
     from semedge.cli_profiles import bench_device_cmd
 
     device_app.command("bench")(bench_device_cmd)
     app.add_typer(device_app, name="device")
     app.command("serve")(serve)
+    app.command("export-image")(export_image)
