@@ -1,4 +1,4 @@
-"""The planner's candidate space: pruning x precision, as plans (docs/planner.md)."""
+"""The planner's candidate space: pruning x precision, and the students x precision, as plans (docs/planner.md)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,21 @@ def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
     return p
 
 
-def candidate_space(loaded, quick: bool = False) -> list[Plan]:
+def candidate_space(loaded, quick: bool = False, students=None) -> list[Plan]:
     """pruning {dense, heads+ffn 25%, 50%, drop 2 layers} x precision {fp32, fp16, int8, int4 b128/b32,
-    int4 with fp32 critical parts}: 24 plans for a 6-layer encoder; quick: 15.
-    Distillation is not in the space: it needs training (give `candidates=` with a distill step to include it)."""
-    n_layers = int(getattr(loaded.model.config, "encoder_layers", 0) or 0)
+    int4 with fp32 critical parts}: 24 plans for a 6-layer encoder; quick: 15. Then each student
+    (compress/students.py) x the same precisions, unpruned: the shipped students of `loaded` and the
+    folders in `students`. Training a new student is not in the space (give `candidates=` with a distill step)."""
+    from semedge.compress.students import check_students, shipped_students, student_plans
+
     precs = QUICK_PRECISIONS if quick else tuple(PRECISIONS)
+    folders = list(dict.fromkeys(shipped_students(loaded) + check_students(students or [], loaded)))  # each once
+    return _base_space(loaded, precs, quick) + student_plans(folders, {q: PRECISIONS[q] for q in precs})
+
+
+def _base_space(loaded, precs: tuple, quick: bool) -> list[Plan]:
+    """Pruning x precision on the model's own encoder."""
+    n_layers = int(getattr(loaded.model.config, "encoder_layers", 0) or 0)
     out = []
     for pname, pcfg in _prunings(n_layers, quick).items():
         for qname in precs:

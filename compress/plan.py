@@ -3,6 +3,8 @@
 A step is {"op": OP, "config": {...}} with OP one of
 - "prune"           structured pruning of the encoder (compress/prune.py, torch)
 - "distill"         a smaller student encoder trained against the teacher (compress/distill.py, torch)
+- "student"         a shipped student codec: its smaller device encoder, codec and server adapters in
+                    place of the model's own (compress/students.py, torch; the plan's first step)
 - "quantize_onnx"   quantization of the exported device half (compress/quantize_onnx.py, ONNX)
 - "quantize_server" quantization of the PyTorch server half (compress/quantize_torch.py)
 
@@ -45,6 +47,7 @@ class StepKind:
 STEPS: dict[str, StepKind] = {
     "prune": StepKind("torch", "semedge.compress.prune:PruneConfig"),
     "distill": StepKind("torch", "semedge.compress.distill:DistillConfig"),
+    "student": StepKind("torch", "semedge.compress.students:StudentConfig"),
     "quantize_onnx": StepKind("onnx", "semedge.compress.quantize_onnx:OnnxQuantConfig"),
     "quantize_server": StepKind("server", "semedge.compress.quantize_torch:ServerQuantConfig"),
 }
@@ -153,6 +156,7 @@ class Plan:
             elif s.op in TORCH_OPS and seen_onnx:
                 raise UserError(f"plan step {i} ({s.op}) comes after quantize_onnx",
                                 "put prune/distill steps before the quantize_onnx step (torch steps run before export)")
+        _check_student(self.steps)
 
     @classmethod
     def make(cls, steps: list, name: str = "") -> "Plan":
@@ -209,6 +213,18 @@ class Plan:
         return [s for s in self.steps if s.op in kinds]
 
 
+def _check_student(steps) -> None:
+    """A student step replaces the whole device half: it comes first, once, and no distill step follows."""
+    ops = [s.op for s in steps]
+    if "student" not in ops:
+        return
+    if ops.index("student") != 0 or ops.count("student") > 1:
+        raise UserError(f"plan steps {ops}: a student step must be the plan's first and only student step",
+                        "put the one student step first (prune/quantize steps may follow it)")
+    if "distill" in ops:
+        raise UserError("a plan has both a student and a distill step", "use one of them: the student is already distilled")
+
+
 def describe(plan: Plan) -> str:
     """One line, e.g. 'prune(h=0.25,f=0.25) → int8'."""
     parts = [s.config.describe() for s in plan.steps]
@@ -232,14 +248,23 @@ def _distill(split, step: Step, calib, teacher, progress, workdir):
     return distill.apply(split, step.config, calib, progress=progress, workdir=workdir, teacher=teacher)
 
 
-_TORCH_APPLY = {"prune": _prune, "distill": _distill}  # torch op -> how it runs
+def _student(split, step: Step, calib, teacher, progress, workdir):
+    from semedge.compress import students
+
+    return students.apply(split, step.config)
+
+
+_TORCH_APPLY = {"prune": _prune, "distill": _distill, "student": _student}  # torch op -> how it runs
 
 
 def apply_torch_steps(split, plan: Plan, calib=None, progress: bool = False, workdir: str | Path | None = None):
     """Run the plan's prune/distill steps in order on a copy of `split`; returns the new split."""
     teacher = split  # distillation after pruning learns from the unpruned model (recovery)
     for step in plan.ops(TORCH_OPS):
-        split = _TORCH_APPLY[step.op](split, step, calib, teacher, progress, workdir)
+        new = _TORCH_APPLY[step.op](split, step, calib, teacher, progress, workdir)
+        if hasattr(split, "jsc_path") and not hasattr(new, "jsc_path"):  # a pruned student keeps its codec folder
+            new.jsc_path = split.jsc_path
+        split = new
     return split
 
 

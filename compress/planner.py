@@ -7,8 +7,8 @@ Stages (docs/planner.md), each a function of its own module:
 candidates (compress/candidates.py) → build + predict (compress/workspace.py, plan → ONNX by
 compress/realise.py) → accuracy (compress/accuracy.py) → choose (compress/choose.py) →
 realised check (compress/hostcheck.py).
-1. Candidates: pruning x precision (`candidate_space`), each built once (prune ->
-   export -> quantize) and cached by content under `workdir/onnx/`.
+1. Candidates: pruning x precision, and each student codec x precision (`candidate_space`),
+   each built once (student/prune -> export -> quantize) and cached by content under `workdir/onnx/`.
 2. Bytes are the ONNX file's size (exact); peak memory and latency per device come
    from the cost model (runtime/costmodel.py) on that file.
 3. Accuracy does not depend on the device, only on (plan, channel, SNR, data): it is
@@ -42,6 +42,7 @@ from semedge.compress.accuracy import Evaluator, cheap_pass, full_pass, rank, sh
 from semedge.compress.candidates import PRECISIONS, QUICK_PRECISIONS, Cand, candidate_space, make_candidates
 from semedge.compress.choose import TIE_RULE, choose_device, fits, tie_diffs
 from semedge.compress.plan import Plan, describe, write_atomic
+from semedge.compress.students import check_students, plan_codec, read_student, student_plans
 from semedge.core.files import json_default
 from semedge.compress.workspace import Workspace, codec_hash
 from semedge.core.errors import UserError
@@ -104,6 +105,7 @@ class PlannerConfig:
     realise: bool = True  # measure the chosen plans on this host
     realise_runs: int = 20
     ray: object = None  # a compress.fanout.RaySpec: builds and evaluations as Ray tasks (None: serial)
+    students: tuple = ()  # the user's student codec folders, beside the shipped ones (compress/students.py)
 
 
 # ---------------------------------------------------------------- stages
@@ -181,6 +183,16 @@ def load_context(model_source, cfg: PlannerConfig, say) -> Context:
     return Context(loaded, split, ckpt, calib_utts, ws, AccuracyCache(cfg.workdir / "accuracy.json"), segment_s)
 
 
+def space(loaded, cfg: PlannerConfig, plans: list[Plan] | None) -> list[Plan]:
+    """The default candidate space (shipped students and cfg.students included), or the given plans
+    with cfg.students' plans added."""
+    if plans is None:
+        return candidate_space(loaded, cfg.quick, cfg.students)
+    precs = QUICK_PRECISIONS if cfg.quick else tuple(PRECISIONS)
+    folders = list(dict.fromkeys(check_students(cfg.students, loaded)))
+    return list(plans) + student_plans(folders, {q: PRECISIONS[q] for q in precs})
+
+
 def build_candidates(builder, cands: list[Cand], profiles, devs: dict, say, on_candidate=None) -> None:
     """plan → ONNX for every candidate (cached), then the cost model's latency and memory per device.
     builder: the Workspace (serial) or a RayFanout (compress/fanout.py); both have each_built."""
@@ -249,7 +261,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
     profiles = check_profiles(profiles)
     torch.set_num_threads(max(1, cfg.threads))
     ctx = load_context(model_source, cfg, say)
-    plans = list(plans) if plans is not None else candidate_space(ctx.loaded, cfg.quick)
+    plans = space(ctx.loaded, cfg, plans)
     if not plans:
         raise UserError("the candidate space is empty", "give at least one plan")
     cands = make_candidates(plans)
@@ -288,21 +300,25 @@ def plan_devices(model_source, profiles, *, quick: bool = False, out=None, n_che
                  calib_split: str = "val", test_split: str = "test", full_share: float = 0.25,
                  shortlist: int = 2, threads: int = 1, realise_runs: int | None = None,
                  voices: str = "mix", data: str | None = None, on_candidate: Callable[[str, str], None] | None = None,
-                 ray=None) -> dict:
+                 ray=None, students=None) -> dict:
     """Plan every profile; returns the plans.json dict (written atomically to `out` when given).
 
     model_source: a model name/path or a LoadedModel. memory_mb / latency_ms override every
     device's budgets; max_wer adds an accuracy budget (mean WER at the device's SNRs).
     Raises NoPlanFits (exit code 3) after writing when a device has no fitting plan.
     ray: a compress.fanout.RaySpec to run builds and evaluations as Ray tasks (same results).
+    students: student codec folders (compress/students.py) added to the candidates, each x the precisions.
     The keyword form of run_planner: the arguments grouped into a PlannerConfig.
     """
     check_profiles(profiles)  # before any loading: the first errors a user can make
+    students = tuple(students or ())
+    for p in students:
+        read_student(p)  # a missing folder or a codec that is no student fails here, before any loading
     budgets = Budgets(memory_mb, latency_ms, max_wer)
     sampling = Sampling(n_cheap or (4 if quick else 8), n_full or (12 if quick else 40), calib_split, test_split,
                         full_share, shortlist, voices, None if data is None else str(data))
     cfg = PlannerConfig(sampling, budgets, quick, Path(workdir), jsc, threads, realise,
-                        realise_runs or (5 if quick else 20), ray)
+                        realise_runs or (5 if quick else 20), ray, students)
     return run_planner(model_source, profiles, cfg, candidates, out, _progress(progress), on_candidate)
 
 
@@ -357,7 +373,9 @@ def _cand_dict(c: Cand, k: int) -> dict:
         ch, snr = key.split("@")
         acc.setdefault(snr, {})
         acc[snr] = {**_public(v), "channel": ch} if not acc[snr] else acc[snr]
-    return {"plan": c.plan.to_dict(), "describe": describe(c.plan), "plan_hash": c.plan.hash(), "k": k,
+    codec = plan_codec(c.plan)
+    return {"plan": c.plan.to_dict(), "describe": describe(c.plan), "plan_hash": c.plan.hash(),
+            "k": codec["k"] if codec else k, "codec": codec,
             "bytes": c.bytes, "onnx": str(c.path), "optimized": c.optimized, "host": c.host,
             "predicted": c.predicted, "accuracy": acc,
             "accuracy_by_channel": {key: _public(v) for key, v in sorted(c.accuracy.items())}}

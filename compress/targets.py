@@ -293,6 +293,8 @@ def build_target_package(split, profile, kind: Kind, out: str | Path, *, opset: 
             files = {ORT_FILE: tmp / ORT_FILE, ORT_OPS_CONFIG: tmp / ORT_OPS_CONFIG}
         extra = {"target": _target_record(kind, tg, ort_rec), "node_assignment": assignment,
                  "onnx": {"parity": asdict(tg.parity)}, "frontend": _frontend_record(split, kind, tg)}
-        return build_package(split, out, onnx_path=tg.path, plan=plan, profile=profile.name, jsc_ckpt=jsc_ckpt,
+        own = getattr(split, "jsc_path", None)  # a student plan's split carries its own codec (compress/students.py)
+        return build_package(split, out, onnx_path=tg.path, plan=plan, profile=profile.name,
+                             jsc_ckpt=own if own is not None else jsc_ckpt,
                              export_report=tg.export, opset=opset, progress=say, sign_key=sign_key,
                              extra_files=files, extra=extra)

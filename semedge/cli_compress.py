@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         ray: bool = typer.Option(False, "--ray", help="builds, cost predictions and accuracy evaluations as Ray tasks (docs/scale.md); same plans.json"),
         address: Optional[str] = typer.Option(None, "--address", help="with --ray: join this cluster (e.g. auto); default: a local one"),
         ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="with --ray: planner workers, 1 CPU each (default 2)"),
+        student: Optional[List[Path]] = typer.Option(None, "--student", help="a student codec folder (semedge train --encoder) to add, x every precision; repeatable (the shipped students are always in)"),
     ):
         """Choose a compression plan per device: predicted bytes/memory/latency, accuracy measured through the channel."""
         import json
@@ -67,6 +68,7 @@ def register(app: typer.Typer) -> None:
 
         from semedge.compress.fanout import ray_spec
         from semedge.compress.planner import NoPlanFits, plan_devices
+        from semedge.compress.students import read_student
 
         con = Console(stderr=True)
         for name, v in (("--n-cheap", n_cheap), ("--n-full", n_full)):
@@ -74,6 +76,8 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"{name} {v} must be at least 1", f"e.g. {name} 8")
         spec = ray_spec(ray, address, ray_workers)
         profs = _select_profiles(profiles, devices)
+        for p in student or []:
+            read_student(p)  # a missing folder or a codec that is no student: exit 2 before any work
         if data is not None:
             from semedge.semcom.tasks.audiofolder import load_audiofolder
 
@@ -98,7 +102,7 @@ def register(app: typer.Typer) -> None:
                                realise=not no_realise, workdir=workdir or out.parent / "planner",
                                progress=lambda msg: con.print(msg, markup=False, highlight=False),
                                jsc=jsc, memory_mb=memory_mb, latency_ms=latency_ms, max_wer=max_wer,
-                               voices=voices, data=data, ray=spec)
+                               voices=voices, data=data, ray=spec, students=student)
         except NoPlanFits as e:
             _summary(e.result, as_json)
             if as_json:

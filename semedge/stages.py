@@ -64,14 +64,19 @@ def _run_planner(ws, profiles: dict, out: Path, quick: bool, progress: bool, ray
 # ---------------------------------------------------------------- stage 2: realise + package
 
 
+def _codec_folder(ws: Workspace, sp):
+    """The codec folder a package's server half comes from: a student plan's own (compress/students.py), else the build's."""
+    own = getattr(sp, "jsc_path", None)
+    return own if own is not None else (None if ws._ckpt is None else ws._ckpt.path)
+
+
 def _package_one(ws: Workspace, device: str, profile, cid: str, cand: dict) -> dict:
     from semedge.export.package import build_package, package_bytes
 
     onnx = ws.onnx_for(cid, cand)
     sp, plan = ws.realise(cand.get("plan") or {})
     dst = ws.out / "packages" / device
-    build_package(sp, dst, onnx_path=onnx, plan=plan, profile=profile.name,
-                  jsc_ckpt=None if ws._ckpt is None else ws._ckpt.path,
+    build_package(sp, dst, onnx_path=onnx, plan=plan, profile=profile.name, jsc_ckpt=_codec_folder(ws, sp),
                   measured={"candidate": cid, "planner": {k: cand.get(k) for k in ("bytes", "host") if k in cand}})
     man = json.loads((dst / "manifest.json").read_text())
     return {"path": str(dst.relative_to(ws.out)), "zip": str(dst.with_suffix(".zip").relative_to(ws.out)),
@@ -266,12 +271,19 @@ def stage_plan(run: BuildRun, quick: bool, plan_quick: bool | None, plans_in: Pa
     # default codec ships under the same --jsc) and how accuracy is measured
     plan_inputs = {"model": run.model, "profiles": run.prof_files, "devices": sorted(run.profs), "quick": quick,
                    "plan_quick": plan_quick, "codec": run.ws.codec_id, "metrics": METRICS_VERSION,
-                   "plans_in": sha256_file(plans_in) if plans_in else None,
+                   "plans_in": sha256_file(plans_in) if plans_in else None, "students": _student_ids(run.ws),
                    "voices": run.settings.get("voices"), "data": _data_id(run.settings.get("data"))}
     plan_res = run.st.run("plan", plan_inputs, do_plan, lambda r: [out / "plans.json"])
     plans_doc = _read_plans(out / "plans.json")
     check_plans(plans_doc, run.profs)
     return plan_res, plans_doc
+
+
+def _student_ids(ws) -> dict[str, str]:
+    """The shipped students in the planner's space, by folder: their codec weights' sha256 (a retrained one re-plans)."""
+    from semedge.compress.students import CODEC_FILE, read_student, shipped_students
+
+    return {p.name: read_student(p)["files"][CODEC_FILE] for p in shipped_students(ws.loaded)}
 
 
 def check_plans(plans_doc: dict, profs: dict) -> None:

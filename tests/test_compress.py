@@ -354,8 +354,8 @@ def test_mode_registries_map_names_to_classes():
     from semedge.compress.plan import STEPS
 
     assert STEPS["quantize_onnx"].config_class() is quantize_onnx.OnnxQuantConfig
-    assert {op: k.runs for op, k in STEPS.items()} == {"prune": "torch", "distill": "torch", "quantize_onnx": "onnx",
-                                                       "quantize_server": "server"}
+    assert {op: k.runs for op, k in STEPS.items()} == {"prune": "torch", "distill": "torch", "student": "torch",
+                                                       "quantize_onnx": "onnx", "quantize_server": "server"}
 
 
 def test_keep_fp32_is_a_node_filter(fp32_onnx):
