@@ -51,6 +51,8 @@ def print_summary(res: dict) -> None:
         per = ", ".join(f"{p}: up {c['total_up'] / 1e6:.2f} MB / down {c['total_down'] / 1e6:.2f} MB"
                         for p, c in sorted(r["clients"].items()))
         typer.echo(f"round {r['round']}: {r['seconds']:.1f} s; {per}")
+    for f in res.get("failures", []):
+        typer.echo(f"client {f['partition']} (node {f['node']}) failed in {f['phase']} round {f['round']}: {f['reason']}")
 
 
 def register(app: typer.Typer) -> None:
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
         local_steps: int = typer.Option(d.local_steps, "--local-steps", help="split steps per client per round"),
         fraction: float = typer.Option(d.fraction, "--fraction", help="share of clients sampled per round"),
         non_iid: str = typer.Option(d.non_iid, "--non-iid", help="voices | corpora | speeds | none"),
-        engine: str = typer.Option(d.engine, "--engine", help="simulation (Flower + Ray on this host) | local (one process, no Ray) | deployment"),
+        engine: str = typer.Option(d.engine, "--engine", help="simulation (Flower + Ray on this host) | local (one process, no Ray) | deployment (a SuperLink and SuperNodes as processes on 127.0.0.1)"),
         model: str = typer.Option(d.model, "--model", help="the speech model (whisper-base; tiny:whisper for tests)"),
         jsc: str = typer.Option(d.jsc, "--jsc", help="start codec: default (shipped) or a checkpoint folder"),
         batch_size: int = typer.Option(d.batch_size, "--batch-size", help="utterances per local step"),
@@ -80,6 +82,9 @@ def register(app: typer.Typer) -> None:
         personal_steps: int = typer.Option(d.personal_steps, "--personal-steps", help="local steps of the personalised model"),
         actors: Optional[int] = typer.Option(None, "--actors", help="simulation: client processes (default min(clients, 2))"),
         threads: int = typer.Option(d.threads, "--threads", help="torch threads per process"),
+        min_clients: int = typer.Option(d.min_clients, "--min-clients", help="a round's quorum: fewer final replies and the global model is kept"),
+        round_timeout: float = typer.Option(d.round_timeout_s, "--round-timeout", help="seconds to wait for each exchange's replies; silent clients drop out"),
+        port: int = typer.Option(d.port, "--port", help="deployment: the SuperLink's port on 127.0.0.1 (default: a free one)"),
         seed: int = typer.Option(d.seed, "--seed"),
         out: Path = typer.Option(Path("runs/federated"), "--out", help="folder for federated.json and the checkpoint"),
     ):
@@ -91,14 +96,16 @@ def register(app: typer.Typer) -> None:
                              fraction=fraction, non_iid=non_iid, engine=engine, batch_size=batch_size, n_train=n_train,
                              n_test=n_test, lr=lr, lora_lr=lora_lr, server_lr=server_lr, lora=lora,
                              proximal_mu=proximal_mu, channel=channel, snr_low=snr_range[0], snr_high=snr_range[1],
-                             eval_snrs=_snrs(eval_snr), personal_steps=personal_steps, seed=seed, threads=threads).validate()
+                             eval_snrs=_snrs(eval_snr), personal_steps=personal_steps, seed=seed, threads=threads,
+                             min_clients=min_clients, round_timeout_s=round_timeout, port=port).validate()
         if actors is not None and actors < 1:
             raise UserError(f"--actors {actors} must be >= 1", "give e.g. --actors 2")
         _need_flower()
         if cfg.engine == "deployment":
-            raise UserError("--engine deployment (a SuperLink and SuperNodes on loopback) is not built yet",
-                            "use --engine simulation (Ray) or --engine local (one process)")
-        if cfg.engine == "local":
+            from semedge.semcom.federated.deploy import run_deployment
+
+            res = run_deployment(cfg, out)
+        elif cfg.engine == "local":
             from semedge.semcom.federated.local_grid import run_local
 
             res = run_local(cfg, out)

@@ -180,7 +180,23 @@ def test_a_client_that_dies_mid_round_drops_out_and_the_round_completes(tmp_path
     cfg = _fed_cfg(personal_steps=0)
     res = F.run_server(recording_grid(2, fail=(1,), fail_step=0), cfg, tmp_path)
     assert res["rounds"][0]["sampled"] == 2 and res["rounds"][0]["aggregated"] == 1
+    failed = res["rounds"][0]["failed"]
+    assert [(f["partition"], f["phase"], f["reason"]) for f in failed] == [(1, "train", "client killed")]
+    assert res["failures"] == failed
     assert (tmp_path / "federated.json").exists()
+
+
+def test_a_round_below_the_quorum_keeps_the_global_device_model(tmp_path):
+    from semedge.semcom.checkpoint import load_checkpoint
+    from semedge.semcom.federated import flower_server as F
+    from semedge.semcom.federated.server import SplitServer
+
+    cfg = _fed_cfg(personal_steps=0, min_clients=2)
+    start = SplitServer(cfg)
+    res = F.run_server(recording_grid(2, fail=(1,), fail_step=0), cfg, tmp_path)
+    assert res["rounds"][0]["aggregated"] == 0 and len(res["rounds"][0]["failed"]) == 1
+    after = load_checkpoint(res["checkpoint"], start.loaded).codec.state_dict()
+    assert torch.equal(after["encoder.proj.weight"], start.codec.state_dict()["encoder.proj.weight"])
 
 
 def test_bad_options_name_the_option():

@@ -41,6 +41,8 @@ class FederateConfig:
     seed: int = 0
     threads: int = 1  # torch threads per process
     round_timeout_s: float = 600.0  # a step's replies are waited for this long; late or dead clients drop out
+    min_clients: int = 1  # a round's quorum: fewer final replies and the global model is kept (docs/federated.md)
+    port: int = 0  # deployment: the SuperLink's port on 127.0.0.1 (0: a free one)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -65,6 +67,16 @@ class FederateConfig:
         _at_least(self.n_train, self.batch_size, "--n-train", f"--n-train {max(16, self.batch_size)}")
         _at_least(self.n_test, 1, "--n-test", "--n-test 20")
         _at_least(self.personal_steps, 0, "--personal-steps", "--personal-steps 3")
+        _at_least(self.min_clients, 1, "--min-clients", "--min-clients 1")
+        if self.min_clients > self.clients:
+            raise UserError(f"--min-clients {self.min_clients} is more than --clients {self.clients}",
+                            f"give at most {self.clients}, e.g. --min-clients 1")
+        if not self.round_timeout_s > 0:
+            raise UserError(f"--round-timeout {self.round_timeout_s} must be > 0", "give seconds, e.g. --round-timeout 600")
+        if self.port and self.engine != "deployment":
+            raise UserError(f"--port {self.port} is for --engine deployment only", "drop --port, or add --engine deployment")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port} is not a TCP port", "give 1024-65535, or leave --port out to pick a free one")
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"--fraction {self.fraction} must lie in (0, 1]", "give the share of clients per round, e.g. --fraction 0.5")
         if self.non_iid not in NON_IID:

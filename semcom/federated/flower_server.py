@@ -37,8 +37,9 @@ def _numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def strategy_for(cfg: FederateConfig):
+    """FedAvg (FedProx if --proximal-mu > 0); a round samples from the clients connected, at least --min-clients."""
     kw = dict(fraction_train=cfg.fraction, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-              min_available_nodes=cfg.clients)
+              min_available_nodes=cfg.min_clients)
     return FedProx(proximal_mu=cfg.proximal_mu, **kw) if cfg.proximal_mu > 0 else FedAvg(**kw)
 
 
@@ -48,6 +49,7 @@ class Driver:
     def __init__(self, grid: Grid, cfg: FederateConfig, server):
         self.grid, self.cfg, self.server = grid, cfg, server
         self.ledger = Ledger()
+        self.failures: list[dict] = []  # every client that failed or stayed silent: phase, round, node, reason
 
     def config(self, **kw) -> ConfigRecord:
         return ConfigRecord({"fed": self.cfg.to_json(), "jsc": self.server.jsc_config, "personal": 0, **kw})
@@ -72,9 +74,9 @@ class Driver:
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout_s)
         ok = {}
         for r in replies:
-            node = r.metadata.src_node_id
+            node = _sender(r, msgs)
             if r.has_error():
-                log(f"federate: client node {node} failed in {phase} round {rnd}: {r.error.reason}; it drops out")
+                self.fail(phase, rnd, node, r.error.reason)
                 continue
             ok[node] = r
             c = r.content
@@ -86,10 +88,17 @@ class Driver:
                 self.ledger.add(phase, rnd, node, "up", "metrics", 8 * sum(np.size(v) for v in c["metrics"].values()))
             if "info" in c:
                 self.ledger.clients[node] = {"partition": int(c["info"]["partition"])}
-        lost = {m.metadata.dst_node_id for m in msgs} - set(ok)
-        if lost:
-            log(f"federate: no reply from nodes {sorted(lost)} in {phase} round {rnd}")
+        failed = {f["node"] for f in self.failures if f["phase"] == phase and f["round"] == rnd}
+        for node in sorted({m.metadata.dst_node_id for m in msgs} - set(ok) - failed):
+            self.fail(phase, rnd, node, f"no reply within {self.cfg.round_timeout_s:.0f} s (--round-timeout)")
         return ok
+
+    def fail(self, phase: str, rnd: int, node: int, reason: str) -> None:
+        """Record and report a client that failed: it drops out of the rest of this exchange's round."""
+        part = self.ledger.clients.get(node, {}).get("partition")
+        self.failures.append({"phase": phase, "round": rnd, "node": node, "partition": part, "reason": reason})
+        log(f"federate: client {part if part is not None else '?'} (node {node}) failed in {phase} round {rnd}: "
+            f"{reason}; it drops out of this round")
 
     def split_steps(self, phase: str, rnd: int, first: list[Message], personal: bool) -> dict[int, Message]:
         """The local steps of one round with the clients addressed by `first`; their final replies."""
@@ -108,20 +117,35 @@ class Driver:
         return replies
 
 
+def _sender(reply: Message, sent: list[Message]) -> int:
+    """The client a reply stands for. A SuperLink's own error reply (a node that stopped sending
+    heartbeats) comes from the SuperLink's node id: find the message it answers."""
+    dsts = {m.metadata.dst_node_id: m for m in sent}
+    if reply.metadata.src_node_id in dsts:
+        return reply.metadata.src_node_id
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def train_round(d: Driver, strategy, rnd: int) -> dict:
     """One federated round: sample, split steps, FedAvg. Its figures."""
     t0 = time.perf_counter()
+    _wait_for_clients(d.grid, d.cfg.min_clients, d.cfg.round_timeout_s)  # the strategy would wait forever
     msgs = list(strategy.configure_train(rnd, _arrays(d.server.global_arrays), d.config(round=rnd), d.grid))
+    log(f"federate: round {rnd} begins with {len(msgs)} clients")
     finals = d.split_steps("train", rnd, msgs, personal=False)
-    arrays, _ = strategy.aggregate_train(rnd, list(finals.values()))
+    quorum = len(finals) >= d.cfg.min_clients
+    arrays = strategy.aggregate_train(rnd, list(finals.values()))[0] if quorum else None
     if arrays is not None:
         d.server.update_global(_numpy(arrays))
     d.ledger.seconds[("train", rnd)] = time.perf_counter() - t0
     parts = sorted(d.ledger.clients.get(n, {}).get("partition", n) for n in finals)
-    log(f"federate: round {rnd}: {len(msgs)} sampled, {len(finals)} averaged (partitions {parts}), "
-        f"loss {np.mean(d.losses):.3f}, {d.ledger.seconds[('train', rnd)]:.1f} s")
-    return {"round": rnd, "sampled": len(msgs), "aggregated": len(finals), "loss_per_step": d.losses,
-            "seconds": d.ledger.seconds[("train", rnd)]}
+    failed = [f for f in d.failures if f["phase"] == "train" and f["round"] == rnd]
+    log(f"federate: round {rnd}: {len(msgs)} sampled, {len(finals) if quorum else 0} averaged (partitions {parts}), "
+        f"{len(failed)} failed, loss {np.nanmean(d.losses):.3f}, {d.ledger.seconds[('train', rnd)]:.1f} s"
+        + ("" if quorum else f"; fewer than --min-clients {d.cfg.min_clients} replied: the global model is kept"))
+    return {"round": rnd, "sampled": len(msgs), "aggregated": len(finals) if quorum else 0, "loss_per_step": d.losses,
+            "failed": failed, "seconds": d.ledger.seconds[("train", rnd)]}
 
 
 def evaluate(d: Driver, tag: str, personal: bool = False) -> dict:
@@ -180,6 +204,7 @@ def run_server(grid: Grid, cfg: FederateConfig, out) -> dict:
         personalise(d)
         res["wer"]["personal"] = evaluate(d, "personal", personal=True)
     res["clients"] = {str(v["partition"]): _client_label(cfg, v["partition"]) for v in d.ledger.clients.values()}
+    res["failures"] = d.failures
     res["accounting"] = d.ledger.to_dict()
     res["seconds"] = time.perf_counter() - t0
     out = Path(out)
@@ -201,8 +226,8 @@ def _wait_for_clients(grid: Grid, n: int, timeout_s: float) -> None:
     t0 = time.perf_counter()
     while len(list(grid.get_node_ids())) < n:
         if time.perf_counter() - t0 > timeout_s:
-            raise UserError(f"only {len(list(grid.get_node_ids()))} of {n} clients connected in {timeout_s:.0f} s",
-                            "start the SuperNodes (docs/federated.md) or lower --clients")
+            raise UserError(f"only {len(list(grid.get_node_ids()))} of the {n} clients needed are connected after {timeout_s:.0f} s",
+                            "check the SuperNodes' logs (docs/federated.md), or lower --clients / --min-clients")
         time.sleep(0.5)
 
 
