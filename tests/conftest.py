@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,3 +20,14 @@ def tiny_whisper_package(folder):
     torch.manual_seed(1)
     split = build_split(loaded, JSCCodec(JSCConfig(d_model=64, k=16, hidden=64, skip=True)))  # skip: as the shipped codec
     return loaded, split, build_package(split, folder)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small convs and tiny models on a shared CPU: one torch thread (2 threads under load ran 35x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

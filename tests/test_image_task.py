@@ -13,13 +13,7 @@ from semedge.semcom.tasks.registry import get_task
 TINY = ImageCodecConfig(k=8, d=16, width=16, hidden=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convs on a shared CPU: one thread (measured: 2 threads under load ran 35x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_registered_and_split_by_photo():

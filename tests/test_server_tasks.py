@@ -21,12 +21,7 @@ SENTENCES = ("the radio link carries only the symbols", "a short one", "hello th
 CROPS = ((0, 0, 32, 32), (10, 20, 50, 70), (40, 8, 64, 48))  # top, left, height, width: 50 x 70 is padded to 52 x 72
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _text_package(folder):
