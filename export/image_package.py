@@ -24,7 +24,7 @@ from typing import Callable
 from semedge.core.files import atomic_dir_and_file, sha256_bytes, sha256_file
 from semedge.core.layout import FORMAT, JSC_CONFIG, JSC_WEIGHTS, MANIFEST, ONNX_FILE
 from semedge.core.version import __version__
-from semedge.export.package import _opset_of, _private_key, _write_json, _zip_dir
+from semedge.export.package import _opset_of, _private_key, check_out_dir, _write_json, _zip_dir
 from semedge.runtime.trust import write_signature
 
 
@@ -100,16 +100,11 @@ def build_image_package(out_dir: str | Path, codec_dir: str | Path | None = None
                         sign_key=None, progress: Callable[[str], None] | None = None) -> Path:
     """Write the package folder `out_dir` and `<out_dir>.zip` atomically for the image codec in
     `codec_dir` (`semedge train-image --out`; None: the shipped one), or an ImageCodec `codec`."""
-    from semedge.core.errors import UserError
     from semedge.semcom.image_codec import load_codec
     from semedge.semcom.tasks.image import DEFAULT_CODEC
 
     say = progress or (lambda msg: None)
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.name in ("", ".", ".."):
-        raise UserError(f"package folder {out_dir} has no name", "give --out a folder name, e.g. dist/image")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"package path {out_dir} exists and is not a folder", "choose another --out")
+    out_dir = check_out_dir(out_dir, "dist/image")
     private = _private_key(sign_key)  # a bad key fails before any work
     if codec is None:
         codec_dir = Path(codec_dir) if codec_dir is not None else DEFAULT_CODEC

@@ -122,11 +122,7 @@ def build_package(
     from semedge.core.errors import UserError
 
     say = progress or (lambda msg: None)
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.name in ("", ".", ".."):
-        raise UserError(f"package folder {out_dir} has no name", "give --out a folder name, e.g. dist/android-mid")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"package path {out_dir} exists and is not a folder", "choose another --out")
+    out_dir = check_out_dir(out_dir, "dist/android-mid")
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise UserError(f"ONNX file {onnx_path} does not exist", "export it first, or leave onnx_path out")
     private = _private_key(sign_key)  # a bad key fails before any work
@@ -142,6 +138,18 @@ def build_package(
             write_signature(tmp, private)
         say("zipping")
         _zip_dir(tmp, zip_tmp, out_dir.name)
+    return out_dir
+
+
+def check_out_dir(out_dir, example: str) -> Path:
+    """The package folder `out_dir` as an absolute path; a UserError when it has no name or is a file."""
+    from semedge.core.errors import UserError
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.name in ("", ".", ".."):
+        raise UserError(f"package folder {out_dir} has no name", f"give --out a folder name, e.g. {example}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"package path {out_dir} exists and is not a folder", "choose another --out")
     return out_dir
 
 
