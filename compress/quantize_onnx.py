@@ -118,6 +118,18 @@ class _Reader:
         self.i = 0
 
 
+def common_shape(calib: list) -> list:
+    """Crop calibration inputs to their smallest size on every axis. ORT's histogram calibrators
+    (percentile, entropy) stack all of a tensor's activations into one array, so windows of
+    different lengths fail there ("inhomogeneous shape"); MinMax takes them as they are."""
+    if len({c.shape for c in calib}) <= 1:
+        return calib
+    if len({c.ndim for c in calib}) > 1:
+        raise UserError("calibration inputs have different ranks", "give inputs of one shape family, e.g. all [80, T]")
+    lo = np.min([c.shape for c in calib], axis=0)
+    return [c[tuple(slice(0, int(n)) for n in lo)] for c in calib]
+
+
 @dataclass(frozen=True)
 class Int8Static(OnnxMode):
     name: ClassVar[str] = "int8_static"
@@ -140,6 +152,8 @@ class Int8Static(OnnxMode):
         if len(inputs) != 1:
             raise UserError(f"int8_static calibration supports one-input graphs; this one has {inputs}", "use int8_dynamic for text encoders")
         calib = [np.asarray(c) for c in calib][: self.calib_size]
+        if self.calibrate != "minmax":
+            calib = common_shape(calib)
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
         a16 = self.activations == "uint16"
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

@@ -427,3 +427,22 @@ def test_planner_keeps_one_pruned_copy_whose_decoder_is_the_originals(split, fea
     ws.torch_split(Plan.make([{"op": "prune", "config": {"ffn": 0.5}}], "b"))
     gc.collect()
     assert gone() is None
+
+
+def test_percentile_calibration_takes_windows_of_different_lengths(tmp_path):
+    """ORT's histogram calibrators stack activations; ragged windows are cropped to a common shape."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [80, 16], np.random.default_rng(0).normal(size=(80, 16)).astype(np.float32).ravel())
+    g = helper.make_graph([helper.make_node("Transpose", ["input_features"], ["xt"], perm=[0, 2, 1]), helper.make_node("MatMul", ["xt", "w"], ["y"])],
+                          "g", [helper.make_tensor_value_info("input_features", TensorProto.FLOAT, [1, 80, "T"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 16])], [w])
+    src = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    rng = np.random.default_rng(1)
+    calib = [rng.normal(size=(80, t)).astype(np.float32) for t in (40, 64, 52)]
+    assert [c.shape for c in quantize_onnx.common_shape(calib)] == [(80, 40)] * 3
+    out = quantize_onnx.apply(src, tmp_path / "p.onnx", {"mode": "int8_static", "calibrate": "percentile", "calib_size": 3}, calib=calib)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out)
+    assert np.isfinite(_run(out, torch.from_numpy(calib[1][None]))).all()
