@@ -12,6 +12,8 @@ Writes benchmarks/results/snr_sweep.json and snr_sweep.png, and prints a table.
   python benchmarks/snr_sweep.py --baseline codec2:1600,opus:6k,opus:16k --family mix
   python benchmarks/snr_sweep.py --extra-k 16,32 --reuse-baseline benchmarks/results/snr_sweep.json
                                             # more JSC widths; the conventional rows from the last run
+  python benchmarks/snr_sweep.py --family mix --n 100 --snr -5,0,5,10,20 --baseline-backend ct2
+                                            # fewer points; Whisper in CTranslate2 on both links
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="codec2:1600,opus:8k",
                     help="conventional links, CODEC[:SETTING] comma-separated (codec2: modes 3200 ... 700C; "
                          "opus: 6k ... 16k b/s); LDPC 1/2 + QPSK")
+    ap.add_argument("--snr", default=",".join(f"{s:g}" for s in SNRS), help="SNRs in dB, comma-separated")
+    ap.add_argument("--channels", default=",".join(CHANNELS), help="awgn, rayleigh or both")
+    ap.add_argument("--baseline-backend", default="torch", choices=("torch", "ct2"),
+                    help="the conventional link's Whisper: transformers fp32 (torch) or CTranslate2 int8 (ct2, "
+                         "the JSC receiver's default)")
     ap.add_argument("--family", default="espeak", help="voice family of the test utterances (tasks.speech.load_split)")
     ap.add_argument("--no-similarity", action="store_true")
     ap.add_argument("--backend", default="ct2", choices=("ct2", "ct2-float32", "torch"),
@@ -54,6 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "snr_sweep.json")
     args = ap.parse_args(argv)
     n = args.n if args.n is not None else (10 if args.quick else 200)
+    try:
+        snrs = tuple(float(x) for x in args.snr.split(",") if x.strip())
+    except ValueError:
+        ap.error(f"--snr {args.snr!r}: give numbers in dB, e.g. -5,0,10")
+    chans = tuple(c.strip() for c in args.channels.split(",") if c.strip())
+    if not snrs or not chans or set(chans) - set(CHANNELS):
+        ap.error(f"--snr {args.snr!r} --channels {args.channels!r}: give at least one SNR and channels from {CHANNELS}")
 
     import numpy as np
     import torch
@@ -74,7 +88,7 @@ def main(argv=None) -> int:
         utts = load_split("test", n, family=args.family)
     except UserError as e:
         ap.error(f"{e}")
-    prev = _previous(args.reuse_baseline, n, args.family, ap)
+    prev = _previous(args.reuse_baseline, n, args.family, args.baseline_backend, ap)
 
     t0 = time.perf_counter()
     sim = not args.no_similarity
@@ -91,23 +105,25 @@ def main(argv=None) -> int:
     systems = [(None, f"semedge-jsc-k{ck.k}"), ("auto", "semedge-jsc-auto")] + [(kk, f"semedge-jsc-k{ck.k}-send{kk}") for kk in extra]
     for k, label in systems:
         print(f"== {label}", flush=True)
-        rows += evaluate_system(args.model, args.jsc, CHANNELS, SNRS, k=k, n=n, with_similarity=sim, system=label,
+        rows += evaluate_system(args.model, args.jsc, chans, snrs, k=k, n=n, with_similarity=sim, system=label,
                                 backend=args.backend, data=utts)
 
     refs_rows = [_clean_reference(base, utts, sim)]
     for cfg in cfgs:
-        reused = _reused(prev, cfg)
+        reused = _reused(prev, cfg, chans, snrs)
         if reused:
             print(f"== conventional {cfg.name}: rows reused from {args.reuse_baseline}", flush=True)
             rows_c, ref = reused
         else:
-            rows_c, ref = _baseline(base, cfg, utts, sim)
+            rows_c, ref = _baseline(base, cfg, utts, sim, chans, snrs, args.baseline_backend)
         rows += rows_c
         refs_rows.append(ref)
     out = {
         "benchmark": "snr_sweep", "quick": args.quick, "n_utterances": n, "model": args.model,
         "jsc_decoder_backend": args.backend,
-        "baseline_receiver": "transformers (PyTorch fp32) Whisper on the decoded audio",
+        "baseline_receiver": {"torch": "transformers (PyTorch fp32)", "ct2": "CTranslate2 int8"}[args.baseline_backend]
+                             + " Whisper on the decoded audio", "baseline_backend": args.baseline_backend,
+        "snrs_db": list(snrs), "channels": list(chans),
         "jsc": {"path": str(ck.path), "k": ck.k, "rate_policy": ck.manifest.get("rate_policy"),
                 "trained": {kk: ck.manifest.get(kk) for kk in ("command", "channels", "snr_range_db", "lora", "step")}},
         "family": args.family,
@@ -127,10 +143,10 @@ def main(argv=None) -> int:
     write_json(out, args.out)
     plot_results(rows, args.out.with_suffix(".png"))
     print(f"\nWER [95% CI] ({rows[0].get('normalizer', '?')} normaliser)")
-    print(f"{'system':<44} {'channel':<9} " + " ".join(f"{s:>18g}" for s in SNRS) + "   uses")
+    print(f"{'system':<44} {'channel':<9} " + " ".join(f"{s:>18g}" for s in snrs) + "   uses")
     for key in dict.fromkeys((r["system"], r["channel"]) for r in rows):
         rs = {r["snr_db"]: r for r in rows if (r["system"], r["channel"]) == key}
-        print(f"{key[0]:<44} {key[1]:<9} " + " ".join(f"{fmt_ci(rs[s].get('wer_ci95'), 2):>18}" for s in SNRS)
+        print(f"{key[0]:<44} {key[1]:<9} " + " ".join(f"{fmt_ci(rs[s].get('wer_ci95'), 2):>18}" for s in snrs)
               + f"   {np.mean([r['channel_uses'] for r in rs.values()]):.0f}")
     for r in refs_rows:
         print(f"reference {r['system']}: WER {fmt_ci(r.get('wer_ci95'))}")
@@ -138,20 +154,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _baseline(base, cfg, utts, sim: bool):
-    """One conventional link's rows (CHANNELS x SNRS), and the receiver on its error-free audio."""
+def _baseline(base, cfg, utts, sim: bool, chans, snrs, backend: str):
+    """One conventional link's rows (chans x snrs), and the receiver on its error-free audio."""
     import numpy as np
 
     from semedge.semcom.baseline import ConventionalLink
     from semedge.semcom.stats import fmt_ci
     from semedge.semcom.training.evaluate import score_row
 
-    link = ConventionalLink(base, cfg)
+    link = ConventionalLink(base, cfg, backend=backend)
     refs = [u.text for u in utts]
     rows = []
     print(f"== conventional {cfg.name}", flush=True)
-    for ch in CHANNELS:
-        for s in SNRS:
+    for ch in chans:
+        for s in snrs:
             hyps, uses, st = link.run(utts, ch, s)
             row = {"system": f"conventional-{cfg.name}", "channel": ch, "snr_db": s, "n": len(utts),
                    "channel_uses": float(np.mean(uses)), "ber_after_ldpc": st["ber"], "source_bits": st["bits_per_utt"],
@@ -175,7 +191,7 @@ def _clean_reference(base, utts, sim: bool) -> dict:
     return {"system": "whisper-clean-audio", "n": len(utts), **score_row([u.text for u in utts], hyps, sim, keep_errors=True)}
 
 
-def _previous(path, n: int, family: str, ap) -> dict | None:
+def _previous(path, n: int, family: str, backend: str, ap) -> dict | None:
     """An earlier run's JSON to reuse conventional rows from, checked against this run."""
     if path is None:
         return None
@@ -185,22 +201,23 @@ def _previous(path, n: int, family: str, ap) -> dict | None:
 
     prev = json.loads(path.read_text())
     norm = {r.get("normalizer") for r in prev.get("rows", [])}
-    if prev.get("n_utterances") != n or prev.get("family", "espeak") != family or norm != {normalizer_name()}:
-        ap.error(f"--reuse-baseline {path}: it ran n={prev.get('n_utterances')}, family {prev.get('family', 'espeak')}, "
-                 f"normaliser {sorted(map(str, norm))}; this run is n={n}, family {family}, normaliser {normalizer_name()}")
+    was = (prev.get("n_utterances"), prev.get("family", "espeak"), norm, prev.get("baseline_backend", "torch"))
+    if was != (n, family, {normalizer_name()}, backend):
+        ap.error(f"--reuse-baseline {path}: it ran n={was[0]}, family {was[1]}, normaliser {sorted(map(str, norm))}, "
+                 f"receiver {was[3]}; this run is n={n}, family {family}, normaliser {normalizer_name()}, receiver {backend}")
     return prev
 
 
-def _reused(prev: dict | None, cfg):
+def _reused(prev: dict | None, cfg, chans, snrs):
     """(rows, error-free reference) of `cfg` from an earlier run, or None when it lacks any of them."""
     if prev is None:
         return None
     rows = [r for r in prev["rows"] if r["system"] == f"conventional-{cfg.name}"]
     ref = [r for r in prev.get("references", []) if r["system"] == f"{cfg.source.label}-error-free"]
     have = {(r["channel"], r["snr_db"]) for r in rows}
-    if not ref or any((ch, s) not in have for ch in CHANNELS for s in SNRS):
+    if not ref or any((ch, s) not in have for ch in chans for s in snrs):
         return None
-    return rows, ref[0]
+    return [r for r in rows if r["channel"] in chans and r["snr_db"] in snrs], ref[0]
 
 
 if __name__ == "__main__":
