@@ -69,6 +69,20 @@ def _export(codec, root: Path, opset: int) -> dict:
             "optimized": False, "export_seconds": round(seconds, 3), "parity": dataclasses.asdict(parity)}
 
 
+def _copy_graph(onnx_path, root: Path) -> dict:
+    """A given (e.g. quantized) device graph copied in; the manifest's onnx section (its precision read from the graph)."""
+    import shutil
+
+    from semedge.export.onnx import describe_io
+    from semedge.export.package import graph_precision
+
+    path = root / ONNX_FILE
+    shutil.copyfile(onnx_path, path)
+    ins, outs = describe_io(path)
+    return {"file": ONNX_FILE, "opset": _opset_of(path), "inputs": ins, "outputs": outs,
+            "precision": graph_precision(path), "optimized": False}
+
+
 def _manifest(codec, name: str, files: dict, onnx_sec: dict, source: str, codec_dir) -> dict:
     from semedge.semcom.image_codec import STRIDE
     from semedge.semcom.image_server import IMAGE_DECODER
@@ -97,9 +111,12 @@ def _manifest(codec, name: str, files: dict, onnx_sec: dict, source: str, codec_
 
 
 def build_image_package(out_dir: str | Path, codec_dir: str | Path | None = None, *, codec=None, opset: int = 17,
-                        sign_key=None, progress: Callable[[str], None] | None = None) -> Path:
+                        sign_key=None, progress: Callable[[str], None] | None = None, onnx_path=None,
+                        plan: dict | None = None, profile: str | None = None, measured: dict | None = None) -> Path:
     """Write the package folder `out_dir` and `<out_dir>.zip` atomically for the image codec in
-    `codec_dir` (`semedge train-image --out`; None: the shipped one), or an ImageCodec `codec`."""
+    `codec_dir` (`semedge train-image --out`; None: the shipped one), or an ImageCodec `codec`.
+    onnx_path: a device graph already built from that codec (a plan of `semedge build --task image`)
+    to ship instead of exporting; plan, profile and measured go into the manifest."""
     from semedge.semcom.image_codec import load_codec
     from semedge.semcom.tasks.image import DEFAULT_CODEC
 
@@ -111,11 +128,16 @@ def build_image_package(out_dir: str | Path, codec_dir: str | Path | None = None
         codec = load_codec(codec_dir)[0]
     source = f"image-codec:{codec_dir.name if codec_dir is not None else 'in-memory'}"
     with atomic_dir_and_file(out_dir, out_dir.with_name(out_dir.name + ".zip")) as (tmp, zip_tmp):
-        say("exporting the image device half to ONNX (parity-checked)")
-        onnx_sec = _export(codec.eval(), tmp, opset)
+        if onnx_path is None:
+            say("exporting the image device half to ONNX (parity-checked)")
+            onnx_sec = _export(codec.eval(), tmp, opset)
+        else:
+            onnx_sec = _copy_graph(onnx_path, tmp)
         _write_server(codec, tmp)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_json(tmp / MANIFEST, _manifest(codec, out_dir.name, files, onnx_sec, source, codec_dir))
+        man = _manifest(codec, out_dir.name, files, onnx_sec, source, codec_dir)
+        man.update(plan=plan, profile=profile, measured=dict(measured or {}))
+        _write_json(tmp / MANIFEST, man)
         if private is not None:
             write_signature(tmp, private)
         _zip_dir(tmp, zip_tmp, out_dir.name)

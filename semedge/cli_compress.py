@@ -39,7 +39,8 @@ def _select_profiles(profiles_dir: Optional[Path], devices: Optional[str]):
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
-        model: str = typer.Option("whisper-base", "--model", help="model name, local checkpoint folder or hub id"),
+        model: Optional[str] = typer.Option(None, "--model", help="speech: a Whisper model (default whisper-base); text: a text seq2seq (required); image: a `semedge train-image` folder (default: the shipped codec)"),
+        task: str = typer.Option("speech", "--task", help="speech, text or image (one task per run; docs/tasks.md)"),
         profiles: Optional[Path] = typer.Option(None, "--profiles", help="folder of device profiles (default: the shipped ones)"),
         devices: Optional[str] = typer.Option(None, "--devices", help="comma-separated profile names (default: every profile in --profiles)"),
         out: Path = typer.Option(Path("build/plans.json"), "--out", help="plans.json to write"),
@@ -70,10 +71,17 @@ def register(app: typer.Typer) -> None:
         from semedge.compress.planner import NoPlanFits, plan_devices
         from semedge.compress.students import read_student
 
+        from semedge.compress.task_subjects import check_task_model, parse_task
+
         con = Console(stderr=True)
         for name, v in (("--n-cheap", n_cheap), ("--n-full", n_full)):
             if v is not None and v < 1:
                 raise UserError(f"{name} {v} must be at least 1", f"e.g. {name} 8")
+        task = parse_task(task)
+        model = check_task_model(task, model)
+        if task != "speech":
+            speech_only(task, {"--n-cheap": n_cheap, "--max-wer": max_wer, "--data": data, "--student": student,
+                               "--ray": ray or None, "--voices": None if voices == "mix" else voices})
         spec = ray_spec(ray, address, ray_workers)
         profs = _select_profiles(profiles, devices)
         for p in student or []:
@@ -96,6 +104,9 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--candidates {candidates} must hold a non-empty JSON list of plans",
                                 '[{"name": "int8", "steps": [{"op": "quantize_onnx", "config": {"mode": "int8_dynamic"}}]}]')
             plans = [Plan.from_json(json.dumps(p)) for p in items]
+        if task != "speech":
+            return _plan_task(task, model, jsc, profs, out, workdir, quick, n_full, memory_mb, latency_ms,
+                              not no_realise, plans, as_json, con)
         con.print(f"planning {model} for {len(profs)} device(s): {', '.join(p.name for p in profs)}")
         try:
             res = plan_devices(model, profs, quick=quick, out=out, n_cheap=n_cheap, n_full=n_full, candidates=plans,
@@ -114,13 +125,47 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {out}", err=as_json)
 
 
+def speech_only(task: str, given: dict) -> None:
+    """A UserError naming the first option given that only the speech task takes."""
+    for name, v in given.items():
+        if v:
+            raise UserError(f"{name} applies to --task speech only, not --task {task}", f"drop {name}")
+
+
+def _plan_task(task, model, jsc, profs, out: Path, workdir, quick, n_full, memory_mb, latency_ms, realise, plans,
+               as_json: bool, con) -> None:
+    """`semedge plan --task text|image`: compress/task_plan.py, the same plans.json format and exit codes."""
+    from semedge.compress.planner import NoPlanFits
+    from semedge.compress.task_plan import plan_task
+    from semedge.compress.task_subjects import open_subject
+
+    say = lambda msg: con.print(msg, markup=False, highlight=False)  # noqa: E731
+    con.print(f"planning the {task} task ({model or 'the shipped image codec'}) for {len(profs)} device(s): "
+              f"{', '.join(p.name for p in profs)}")
+    subject = open_subject(task, model, jsc, workdir or out.parent / "planner")
+    try:
+        res = plan_task(subject, profs, quick=quick, out=out, n_eval=n_full, memory_mb=memory_mb,
+                        latency_ms=latency_ms, realise=realise, candidates=plans, say=say)
+    except NoPlanFits as e:
+        _summary(e.result, as_json)
+        if as_json:
+            echo_json({"plans": str(out), "task": task, "exit_code": e.exit_code, "devices": e.result["devices"]})
+        raise
+    _summary(res, as_json)
+    if as_json:
+        echo_json({"plans": str(out), "task": task, "exit_code": 0, "devices": res["devices"]})
+    typer.echo(f"wrote {out}", err=as_json)
+
+
 def _summary(res: dict, to_stderr: bool = False) -> None:
-    typer.echo(f"{'device':18} {'mem MB':>7} {'ms':>6}  {'plan':22} {'WER':>6}  {'pred MB':>7} {'pred ms':>7}  note",
+    metric = (res.get("metric") or {}).get("primary", "wer")
+    col = {"wer": "WER", "psnr": "PSNR", "similarity": "sim."}.get(metric, metric)
+    typer.echo(f"{'device':18} {'mem MB':>7} {'ms':>6}  {'plan':22} {col:>6}  {'pred MB':>7} {'pred ms':>7}  note",
                err=to_stderr)
     for d, info in res["devices"].items():
         cid = info["chosen"] or info["closest"]
         p = info.get("predicted") or {}
-        w = info.get("wer")
+        w = info.get("wer") if metric == "wer" else info.get("score")
         note = "" if info["fits"] else f"NO PLAN FITS ({info['failing_budget']}); closest shown"
         typer.echo(f"{d:18} {info['budgets']['memory_mb']:7.0f} {info['budgets']['latency_ms']:6.0f}  {cid:22} "
                    f"{'-' if w is None else f'{w:.3f}':>6}  {p.get('memory_mb', 0):7.0f} {p.get('latency_ms', 0):7.0f}  {note}", err=to_stderr)

@@ -591,6 +591,10 @@ def write_report(build_json: dict | str | Path, out_dir: str | Path) -> Path:
         raise UserError("the build has no 'devices' object", "pass the dict semedge.pipeline.build returns (build.json)")
     rep = Path(out_dir) / "report"
     rep.mkdir(parents=True, exist_ok=True)
+    if build_json.get("task", "speech") != "speech":  # a text or image build: its task's section
+        from semedge.report_tasks import write_task_report
+
+        return write_task_report(build_json, rep)
     rows = device_rows(build_json)
     foot = plot_footprint(build_json, rep / "footprint_accuracy.png")
     lines = snr_series(build_json)
