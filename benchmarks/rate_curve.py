@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10 utterances, one conventional configuration per source codec")
     ap.add_argument("--n", type=int, default=None, help="test utterances (default 200, --quick 10)")
-    ap.add_argument("--jsc", default="default", help="a nested codec (its k' <= k are sent): folder or default (the shipped k = 64 codec)")
+    ap.add_argument("--jsc", default="default", help="a nested codec (its k' <= k are sent): folder or default (the shipped codec)")
     ap.add_argument("--k", default="16,24,32,40,48,64", help="k' values of the JSC curve")
     ap.add_argument("--conventional", default=",".join(CONVENTIONAL),
                     help="CODEC:SETTING:LDPC_RATE:BITS_PER_SYMBOL configurations, comma-separated (codecs: codec2, opus)")
