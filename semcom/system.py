@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from semedge.core.errors import UserError
 from semedge.core.frames import content_frames as _frames
 from semedge.semcom.channels import make_channel
+from semedge.semcom.importance import ImportanceRate, Layout, normalize_stream, unpack
 from semedge.semcom.jsc import normalize_power
 from semedge.semcom.split import SplitModel
 
@@ -46,6 +48,18 @@ def device_encode(split: SplitModel, inputs: list, frames: str = "content", k_ke
     return out
 
 
+@torch.no_grad()
+def send_layout(x: torch.Tensor, rate: ImportanceRate, ch, snr_db: float, gen: torch.Generator,
+                per: str = "message") -> tuple[torch.Tensor, Layout]:
+    """One message's code x [n, k] sent with the importance policy's per-frame layout:
+    (what the server decodes: [n, k], zero above each frame's k_t; the layout). The layout
+    header is counted in Layout.symbols and modelled as received without error."""
+    lay = rate.layout(x.numpy(), snr_db)
+    stream = torch.from_numpy(normalize_stream(x.numpy(), lay.k, per))  # [sum k_t], unit mean power
+    y = ch(stream.view(1, 1, -1), snr_db, generator=gen)[0, 0]
+    return torch.from_numpy(unpack(y.numpy(), lay.k, x.shape[-1])), lay
+
+
 def run_link(
     split: SplitModel,
     inputs: list,
@@ -57,11 +71,16 @@ def run_link(
     batch_size: int = 8,
     max_new_tokens: int = 96,
     progress: bool = False,
+    rate: ImportanceRate | None = None,
 ) -> LinkResult:
-    """Transmit every input through `channel` at `snr_db`; return the server's outputs."""
+    """Transmit every input through `channel` at `snr_db`; return the server's outputs.
+    `rate`: a per-frame layout per message (semcom.importance) instead of k_keep for all frames;
+    extra["layouts"] then holds each message's {"k": k_t list, "header": header symbols}."""
+    if rate is not None and k_keep is not None:
+        raise UserError("give k_keep (one k for every frame) or rate (a per-frame layout), not both", "drop one")
     ch = make_channel(channel)
     gen = torch.Generator().manual_seed(seed)
-    hyps, sent, toks = [], [], []
+    hyps, sent, toks, layouts = [], [], [], []
     batches = range(0, len(inputs), batch_size)
     if progress:
         from tqdm import tqdm
@@ -69,11 +88,17 @@ def run_link(
         batches = tqdm(batches, desc=f"{channel} {snr_db:g} dB", unit="batch", leave=False)
     for b in batches:
         msgs = device_encode(split, inputs[b : b + batch_size], frames=frames, k_keep=k_keep)
-        rx = [ch(m.unsqueeze(0), snr_db, generator=gen)[0] for m in msgs]
+        if rate is None:
+            rx = [ch(m.unsqueeze(0), snr_db, generator=gen)[0] for m in msgs]
+            sent += [m.numel() for m in msgs]
+        else:
+            out = [send_layout(m, rate, ch, snr_db, gen, split.codec.cfg.power) for m in msgs]
+            rx = [y for y, _ in out]
+            sent += [lay.symbols for _, lay in out]
+            layouts += [{"k": lay.k.tolist(), "header": lay.header} for _, lay in out]
         hyps += split.server.transcribe(rx, max_new_tokens=max_new_tokens)
-        sent += [m.numel() for m in msgs]
         toks += [m.shape[0] for m in msgs]
-    return LinkResult(hyps, sent, toks)
+    return LinkResult(hyps, sent, toks, {"layouts": layouts} if rate is not None else {})
 
 
 @torch.no_grad()

@@ -13,15 +13,18 @@ from semedge.core.errors import UserError
 
 
 def _parse_k(k: Optional[str]) -> Optional[str | int]:
-    if k is None or k == "auto":
+    """None, "auto", "importance", "importance:N" or a positive int."""
+    if k is None or k in ("auto", "importance"):
         return k
+    budget = k[len("importance:"):] if k.startswith("importance:") else None
     try:
-        v = int(k)
+        v = int(k if budget is None else budget)
     except ValueError:
-        raise UserError(f"--k must be a whole number or 'auto', got {k!r}", "e.g. --k 64 or --k auto") from None
+        raise UserError(f"--k must be a whole number, 'auto', 'importance' or 'importance:N', got {k!r}",
+                        "e.g. --k 64, --k auto or --k importance:256") from None
     if v < 1:
         raise UserError(f"--k must be positive, got {v}", "e.g. --k 64")
-    return v
+    return v if budget is None else f"importance:{v}"
 
 
 def _k_to_send(k_opt, ckpt, loaded, snr_db: float) -> int | None:
@@ -39,14 +42,34 @@ def _k_to_send(k_opt, ckpt, loaded, snr_db: float) -> int | None:
     if k_opt == "auto":
         kk = choose_k(ckpt, snr_db)
     else:
-        kk = k_opt
-        lo = (ckpt.manifest.get("rate_training") or {}).get("rate_min") or ckpt.k
-        if not lo <= kk <= ckpt.k:
-            parent = ckpt.manifest.get("cut_from") or {}
-            more = f" (it was cut from {parent['folder']}, which sends up to {parent['k']})" if kk > ckpt.k and parent.get("folder") else ""
-            raise UserError(f"--k {kk}: this codec sends {lo} to {ckpt.k} symbols per token", f"give --k between {lo} and {ckpt.k}, "
-                            f"or pass --jsc with a codec trained for {kk}{more}")
+        kk = _check_nested_k(k_opt, ckpt)
     return None if kk == ckpt.k else kk
+
+
+def _check_nested_k(kk: int, ckpt) -> int:
+    """kk if the codec can send its first kk symbols (rate_min..k), else a UserError."""
+    lo = (ckpt.manifest.get("rate_training") or {}).get("rate_min") or ckpt.k
+    if not lo <= kk <= ckpt.k:
+        parent = ckpt.manifest.get("cut_from") or {}
+        more = f" (it was cut from {parent['folder']}, which sends up to {parent['k']})" if kk > ckpt.k and parent.get("folder") else ""
+        raise UserError(f"--k {kk}: this codec sends {lo} to {ckpt.k} symbols per token", f"give --k between {lo} and {ckpt.k}, "
+                        f"or pass --jsc with a codec trained for {kk}{more}")
+    return kk
+
+
+def _importance_rate(k_opt, ckpt, snr_db: float):
+    """--k importance[:N]: a per-frame layout on the nested codec's ladder (rate_min, 2 rate_min, ..., k)
+    at the budget of N symbols per frame (default: what --k auto sends at this SNR)."""
+    from semedge.semcom.importance import ImportanceRate, ladder
+    from semedge.semcom.rate import choose_k
+
+    lo = (ckpt.manifest.get("rate_training") or {}).get("rate_min") if ckpt is not None else None
+    if lo is None or lo >= ckpt.k:
+        what = "the identity codec" if ckpt is None else f"codec {ckpt.path} (k={ckpt.k})"
+        raise UserError(f"--k {k_opt} needs a nested codec (trained with --rate-min), and {what} is not one",
+                        "pass --jsc with a codec trained with --rate-min (e.g. runs/msg512-mix), or use --k auto")
+    budget = choose_k(ckpt, snr_db) if k_opt == "importance" else _check_nested_k(int(k_opt.split(":")[1]), ckpt)
+    return ImportanceRate(ladder(ckpt.k, lo), budget)
 
 
 def _inputs(loaded, model: str, text, wav, segment_s: float) -> tuple[list, list | None]:
@@ -82,6 +105,19 @@ def _segments_json(bounds, res) -> list[dict]:
             for d, h, s, t in zip(describe(bounds), res.hyps, res.symbols_sent, res.tokens_sent)]
 
 
+def _layout_json(rate, res) -> dict:
+    """--k importance: the ladder, the budget, and what the layouts spent (header included in symbols_sent)."""
+    lays = res.extra["layouts"]
+    ks = [k for lay in lays for k in lay["k"]]
+    return {"policy": "importance", "ladder": list(rate.levels), "budget_symbols": rate.k_budget * len(ks),
+            "header_symbols": sum(lay["header"] for lay in lays), "code_rate": rate.code_rate,
+            "frames_per_level": {str(v): ks.count(v) for v in rate.levels}, "k_per_frame": [lay["k"] for lay in lays]}
+
+
+def _k_text(out: dict) -> str:
+    return f"importance, at most {out['k']} on average" if "rate" in out else str(out["k"])
+
+
 def _print(out: dict, snr: str) -> None:
     segs = out.get("segments") or []
     if len(segs) > 1:
@@ -90,9 +126,13 @@ def _print(out: dict, snr: str) -> None:
     typer.echo(f"transcript : {out['transcript']}")
     typer.echo(f"reference  : {out['reference']}  ({out['reference_source']})")
     parts = f" in {len(segs)} messages" if len(segs) > 1 else ""
+    if "rate" in out:
+        r = out["rate"]
+        typer.echo(f"layout     : frames per k' {r['frames_per_level']}, {r['header_symbols']} header symbols "
+                   f"(BPSK, rate-{r['code_rate']:g} code), budget {r['budget_symbols']} symbols")
     typer.echo(
         f"WER {out['wer']:.3f}  BLEU {out['bleu']:.1f}  similarity {out['similarity']:.3f}  |  "
-        f"{out['channel']} {snr} dB, {out['symbols_sent']} real symbols ({out['tokens_sent']} tokens x k={out['k']}){parts}, codec {out['codec']}"
+        f"{out['channel']} {snr} dB, {out['symbols_sent']} real symbols ({out['tokens_sent']} tokens x k={_k_text(out)}){parts}, codec {out['codec']}"
     )
 
 
@@ -103,7 +143,8 @@ def transmit(
     text: Optional[str] = typer.Option(None, help="text to speak with espeak-ng (speech models) or to send (text models)"),
     wav: Optional[Path] = typer.Option(None, help="an audio file to send (speech models; WAV/FLAC/OGG, any rate; longer than --segment-s: several messages)"),
     reference: Optional[str] = typer.Option(None, help="reference transcript for --wav (default: the unsplit model's own output)"),
-    k: Optional[str] = typer.Option(None, help="symbols per token to send: up to the codec's k (down to its --rate-min), or 'auto' (rate policy by SNR)"),
+    k: Optional[str] = typer.Option(None, help="symbols per token to send: up to the codec's k (down to its --rate-min), 'auto' (rate policy by SNR), or "
+                                                  "'importance[:N]' (per-frame k on a nested codec's ladder, N per frame on average incl. signalling; default N: auto's)"),
     jsc: Optional[Path] = typer.Option(None, help="a JSC checkpoint (safetensors + manifest) from `semedge train`"),
     frames: str = typer.Option("content", help="speech: 'content' (utterance frames + shared silence fill) or 'all' (the padded 30 s window)"),
     segment_s: Optional[float] = typer.Option(None, "--segment-s", help="speech longer than this is cut at quiet points into segments, each sent as its own message (1-30; default 30 for --jsc identity, 6 for a trained codec)"),
@@ -133,11 +174,14 @@ def transmit(
 
     loaded = load_model(model)
     receiver, ckpt = load_for_inference(loaded, None if jsc is None else str(jsc))
+    per_frame = isinstance(k_opt, str) and k_opt.startswith("importance")
+    rate = _importance_rate(k_opt, ckpt, snr_db) if per_frame else None
+    k_keep = None if per_frame else _k_to_send(k_opt, ckpt, loaded, snr_db)
     inputs, bounds = _inputs(loaded, model, text, wav, segment_s or default_segment_s(ckpt is None))
-    k_keep = _k_to_send(k_opt, ckpt, loaded, snr_db)
     split = build_split(receiver, None if ckpt is None else ckpt.codec, encoder=device_encoder(ckpt))
     tokens = new_tokens_for(max(len(a) for a in inputs) / 16000) if bounds else 96
-    res = run_link(split, inputs, channel=channel, snr_db=snr_db, k_keep=k_keep, frames=frames, seed=seed, max_new_tokens=tokens)
+    res = run_link(split, inputs, channel=channel, snr_db=snr_db, k_keep=k_keep, frames=frames, seed=seed,
+                   max_new_tokens=tokens, rate=rate)
     hyp = join_texts(res.hyps)
     ref, ref_source = _reference(split, inputs, text, reference, tokens)
 
@@ -153,6 +197,8 @@ def transmit(
         "k": k_keep or split.k, "model": loaded.source,
         "codec": "identity" if split.codec.cfg.identity else f"jsc k={split.k}",
     }
+    if rate is not None:
+        out.update(k=rate.k_budget, rate=_layout_json(rate, res))
     if bounds is not None:
         out["segments"] = _segments_json(bounds, res)
     if as_json:

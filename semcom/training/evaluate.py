@@ -36,11 +36,13 @@ def _server(loaded, codec, silence, backend: str):
 @torch.no_grad()
 def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_db: float, k_keep: int | None = None,
                       seed: int = 0, batch_size: int = 8, max_new_tokens: int = 96, silence=None,
-                      backend: str = "torch") -> tuple[list[str], list[int]]:
+                      backend: str = "torch", rate=None) -> tuple[list[str], list[int]]:
     """Send each example's encoder output through codec + channel; return (hypotheses, real symbols sent per message).
-    backend: "torch", or "ct2" / "ct2-float32" (the server's CTranslate2 decoder, int8 by default)."""
+    backend: "torch", or "ct2" / "ct2-float32" (the server's CTranslate2 decoder, int8 by default).
+    rate: a semcom.importance.ImportanceRate (a per-frame layout, header counted) instead of k_keep."""
     from semedge.semcom.channels import make_channel
     from semedge.semcom.split import silence_encoding
+    from semedge.semcom.system import send_layout
 
     if silence is None and loaded.task.fills_silence:
         silence = silence_encoding(loaded)
@@ -55,9 +57,14 @@ def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_
             if k_keep is not None:
                 x = x[:, :k_keep]
             msgs.append(x)
-        rx = [ch(m.unsqueeze(0), snr_db, generator=gen)[0] for m in msgs]
+        if rate is None:
+            rx = [ch(m.unsqueeze(0), snr_db, generator=gen)[0] for m in msgs]
+            sent += [m.numel() for m in msgs]
+        else:
+            out = [send_layout(m, rate, ch, snr_db, gen, codec.cfg.power) for m in msgs]
+            rx = [y for y, _ in out]
+            sent += [lay.symbols for _, lay in out]
         hyps += server.transcribe(rx, max_new_tokens=max_new_tokens)
-        sent += [m.numel() for m in msgs]
     return hyps, sent
 
 
