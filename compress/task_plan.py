@@ -54,6 +54,33 @@ def predict(subject, cand: Cand, profiles) -> None:
             "weights_mb": round(cost.weight_bytes / 1e6, 3), "activations_mb": round(cost.peak_activation_bytes / 1e6, 3)}
 
 
+def _signature(path) -> tuple:
+    """(op-type counts, initializer bytes) of a graph: equal for a graph a quantize step left unchanged."""
+    import collections
+
+    import onnx
+
+    m = onnx.load(str(path))
+    return (sorted(collections.Counter(n.op_type for n in m.graph.node).items()),
+            sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
+
+
+def drop_no_ops(subject, cands: list[Cand]) -> tuple[list[Cand], dict[str, str]]:
+    """Candidates whose quantize step changed nothing in the graph (e.g. int4 with the critical layers
+    kept fp32, on a CNN or a 2-layer encoder: every quantizable weight is critical) are dropped:
+    they are the unquantized plan again, and would win every tie by a few bytes of metadata."""
+    from semedge.compress.plan import ONNX_OPS, TORCH_OPS, Plan
+
+    keep, dropped = [], {}
+    for c in cands:
+        base = subject.export_fp32(Plan.make(c.plan.ops(TORCH_OPS))) if c.plan.ops(ONNX_OPS) else None
+        if base is not None and _signature(c.path) == _signature(base):
+            dropped[c.cid] = "its quantize step leaves the graph as it was (every quantizable weight kept fp32)"
+        else:
+            keep.append(c)
+    return keep, dropped
+
+
 def conditions(cands: list[Cand], devs: dict) -> dict[str, set]:
     """Candidate id -> {(channel, snr)} the devices it fits are evaluated at."""
     need: dict[str, set] = {}
@@ -88,7 +115,7 @@ def accuracy(subject, cand: Cand, conds, n: int, cache, seed: int = 0) -> None:
     inputs, refs = subject.examples(n)
     msgs = None
     for ch, snr in sorted(conds):
-        key = cache_key(v2=ACCURACY_VERSION, task=subject.task, subject=subject.key, plan=cand.plan.hash(),
+        key = cache_key(task_accuracy=ACCURACY_VERSION, task=subject.task, subject=subject.key, plan=cand.plan.hash(),
                         channel=ch, snr=float(snr), n=n, seed=seed)
         hit = cache.get(key)
         if hit is None:
@@ -169,7 +196,8 @@ def plans_doc(subject, cands: list[Cand], devs: dict, quick: bool, n: int, workd
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "codec": {"k": subject.k}, "metric": {"primary": subject.metric, "higher_is_better": True,
                                                  "all": list(subject.metrics)},
-            "cost_length": {"length": subject.length, "what": "image side (pixels)" if subject.task == "image" else "tokens"},
+            "cost_length": {"length": subject.length, "what": f"{subject.length} x {subject.length} pixels"
+                            if subject.task == "image" else f"{subject.length} tokens"},
             "calibration": {"test_split": "test", "n": n, "quick": quick, "workdir": str(workdir)},
             "candidates": {c.cid: _cand_dict(c) for c in cands}, "devices": devs, "timing": timing}
 
@@ -192,6 +220,9 @@ def plan_task(subject, profiles, *, quick: bool = False, out=None, n_eval: int |
         c.path = subject.build(c.plan)
         predict(subject, c, profiles)
         say(f"  {c.cid}: {describe(c.plan)}  {c.bytes / 1e6:.3f} MB")
+    cands, dropped = drop_no_ops(subject, cands)
+    for cid, why in dropped.items():
+        say(f"  {cid}: dropped ({why})")
     cache = AccuracyCache(subject.workdir / "task_accuracy.json")
     for c in cands:
         conds = conditions(cands, devs).get(c.cid)
@@ -205,6 +236,7 @@ def plan_task(subject, profiles, *, quick: bool = False, out=None, n_eval: int |
         host_check(subject, cands, devs, runs=5 if quick else 20)
     doc = plans_doc(subject, cands, devs, quick, n, subject.workdir, {"seconds": round(time.time() - t0, 1),
                                                                        "candidates": len(cands)})
+    doc["dropped"] = dropped
     if out is not None:
         write_atomic(out, (json.dumps(doc, indent=1, default=json_default) + "\n").encode())
     _raise_if_unfit(doc, out)

@@ -14,7 +14,7 @@ precision, as for Whisper's encoder. Speech keeps its own planner (compress/plan
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,6 @@ class Subject:
     metric: str = ""  # the primary metric (higher is better): the choice and the tie rule use it
     metrics: tuple = ()  # every figure kept per condition
     length: int = 0
-    _base: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -143,6 +142,7 @@ class TextSubject(Subject):
     """A text seq2seq: its encoder + JSC encoder on the device, JSC decoder + decoder on the server."""
 
     def __init__(self, loaded, jsc, workdir: Path):
+        from semedge.compress.workspace import codec_hash
         from semedge.semcom.checkpoint import load_for_inference
         from semedge.semcom.split import build_split
 
@@ -150,8 +150,6 @@ class TextSubject(Subject):
         self.loaded, self.ckpt = loaded, ckpt
         self.split = build_split(receiver, ckpt.codec if ckpt is not None else None)
         self._torch: dict[str, object] = {}
-        from semedge.compress.workspace import codec_hash
-
         super().__init__("text", loaded.source, f"{loaded.weight_hash}:{codec_hash(self.split.codec)[:16]}",
                          int(self.split.k), Path(workdir), "similarity", ("similarity", "bleu", "wer"),
                          COST_LENGTH["text"])
@@ -311,4 +309,6 @@ def check_task_model(task: str, model: str | None) -> str | None:
            "image": "drop --model (the shipped image codec) or give a `semedge train-image --out` folder"}[task]
     if task == "speech" and kind in ("text", "image"):
         fix = f"use --task {kind} with it, or drop --model (whisper-base)"
+    if kind == "jsc-codec":
+        fix = "pass the codec as --jsc and the model it was trained for as --model"
     raise UserError(f"--task {task}: --model {model} is {what}; it cannot do the {task} task", fix)

@@ -23,7 +23,7 @@ PLOTS = ("task_snr.png", "task_footprint.png", "task_latency.png")
 NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "similarity": "semantic similarity", "bleu": "BLEU", "wer": "WER"}
 COLS = ("device", "fits", "plan", "package", "precision", "metric at the device's SNRs [95% CI]",
         "device latency: host p50 (measured) / device (predicted)", "peak RSS (host, measured)",
-        "predicted memory (device)", "link airtime (predicted)")
+        "predicted model memory (device; the budget's measure)", "link airtime (predicted)")
 
 
 def _metric(build: dict) -> str:
@@ -43,7 +43,7 @@ def row_cells(name: str, r: dict, m: str) -> list[str]:
     return [name, "yes" if r["fits"] else f"no ({r.get('failing_budget')})", r.get("describe") or "–",
             _mb(pkg.get("bytes")) if pkg else "not built", pkg.get("precision") or "–", _acc_cell(r, m),
             f"{_fmt(host.get('latency_ms_p50'), '.2f', ' ms')} / {_fmt(pred.get('latency_ms'), '.2f', ' ms')}",
-            _fmt(host.get("peak_rss_mb"), ".0f", " MB"), _fmt(pred.get("memory_mb"), ".0f", " MB"),
+            _fmt(host.get("peak_rss_mb"), ".0f", " MB"), _fmt(pred.get("model_memory_mb", pred.get("memory_mb")), ".0f", " MB"),
             _fmt(lat.get("link_ms_predicted"), ".2f", " ms")]
 
 
@@ -69,7 +69,8 @@ def plot_snr(build: dict, path: Path) -> list[dict]:
     ax.set_xlabel("SNR (dB)")
     ax.set_ylabel(NAMES.get(m, m) + " (measured)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if lines:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save_fig(fig, path)
     return lines
 
@@ -92,7 +93,7 @@ def plot_footprint(build: dict, path: Path) -> list[dict]:
     ax.set_ylabel(NAMES.get(m, m) + " (measured)")
     ax.grid(alpha=0.3)
     if pts:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save_fig(fig, path)
     return pts
 
@@ -121,7 +122,7 @@ def _notes(build: dict) -> list[str]:
     b = build.get("baseline") or {}
     tie = next((i.get("tie_rule") for i in ((build.get("plans") or {}).get("devices") or {}).values() if i.get("tie_rule")), "")
     out = [f"Task {build['task']}: primary metric {NAMES.get(m, m)} (higher is better); the planner's tie rule: {tie}.",
-           f"Measured: package bytes, host latency and peak RSS (ORT, 1 thread) at {cl.get('length')} {cl.get('what', '')}, "
+           f"Measured: package bytes, host latency and peak RSS (ORT, 1 thread) at {cl.get('what', '?')} per message, "
            f"the metric through the simulated channel on {(build.get('settings') or {}).get('n_eval')} test examples; "
            "[brackets] and error bars: bootstrap 95% intervals over those examples.",
            "Predicted: device latency and memory (cost model over the device profile, at the same message size), link airtime "

@@ -287,7 +287,10 @@ def _student_ids(ws) -> dict[str, str]:
 
 
 def check_plans(plans_doc: dict, profs: dict) -> None:
-    """Every device has an entry, and each chosen plan is a candidate."""
+    """The plans are speech plans, every device has an entry, and each chosen plan is a candidate."""
+    if plans_doc.get("task", "speech") != "speech":
+        raise UserError(f"plans.json is for the {plans_doc['task']} task, not speech",
+                        f"build it with --task {plans_doc['task']}, or give the plans.json of `semedge plan --task speech`")
     cands, pdev = plans_doc["candidates"], plans_doc["devices"]
     missing = [d for d in profs if d not in pdev]
     if missing:

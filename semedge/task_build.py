@@ -252,6 +252,8 @@ def device_record(subject, d: str, prof, doc: dict, pkgs: dict, prof_res: dict, 
     uses, how = _message_uses(subject, doc)
     rate = prof.link.uplink_mbps * 1e6 / BITS_PER_USE
     rec.update(package=pkgs[d], **prof_res[d])
+    # the planner's model memory (what the budget is compared with) beside the process memory
+    rec["predicted"] = {**prof_res[d]["predicted"], "model_memory_mb": cand["predicted"][d]["memory_mb"]}
     rec["accuracy"] = {snr_key(s): ev["accuracy"][snr_key(s)] for s in info["eval_snrs"]}
     rec["curve"] = {"channel": ev["channel"], "snrs": ev["snrs"],
                     **{m: [ev["accuracy"][snr_key(s)][m] for s in ev["snrs"]] for m in subject.metrics},
