@@ -105,8 +105,12 @@ class ImageSubject(Subject):
             raise UserError(f"plan step {torch_plan.steps[0].op!r} does not apply to the image CNN",
                             "give the image task quantize_onnx steps only")
         base = self.graph_dir() / "fp32.onnx"
-        if not check_cache(base, "ONNX candidate"):
+        if not check_cache(base, "ONNX candidate"):  # exported, then checked on ORT as export-image does
+            from semedge.export.image_package import parity_inputs
+            from semedge.export.onnx import check_parity
+
             IMAGE.export_onnx(self.codec, base)
+            check_parity(base, self.codec.device_half, parity_inputs(self.codec))  # ExportParityError: exit 4
             seal(base)
         return base
 
