@@ -218,7 +218,8 @@ def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measure
             "d_model": int(split.device_model.d_model)},
         "jsc": {"k": int(jsc_cfg["k"]), "identity": bool(jsc_cfg["identity"]), "hidden": int(jsc_cfg["hidden"]),
                 "power": str(jsc_cfg.get("power", "token")),
-                "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None},
+                "sha256": files[JSC_WEIGHTS], "checkpoint": str(jsc_ckpt) if jsc_ckpt is not None else None,
+                **_rate_fields(jsc_ckpt, int(jsc_cfg["k"]))},
         "plan": _plan_dict(plan),
         "profile": _name_of(profile),
         "onnx": onnx_sec,
@@ -228,6 +229,22 @@ def _fill_package(tmp: Path, name: str, split, onnx_path, plan, profile, measure
         **extra,
     }
     _write_json(tmp / MANIFEST, manifest)
+
+
+def _rate_fields(jsc_ckpt, k: int) -> dict:
+    """A nested codec's (trained with --rate-min) `ladder` (rate_min, 2 rate_min, ..., k: the
+    per-frame k_t a layout message may use) and its `rate_policy`; {} for other codecs."""
+    if jsc_ckpt is None:
+        return {}
+    from semedge.semcom.checkpoint import read_manifest
+    from semedge.semcom.importance import ladder
+
+    man = read_manifest(Path(jsc_ckpt))
+    lo = (man.get("rate_training") or {}).get("rate_min")
+    out = {"ladder": list(ladder(k, int(lo)))} if lo and int(lo) < k else {}
+    if out and man.get("rate_policy"):
+        out["rate_policy"] = man["rate_policy"]
+    return out
 
 
 def _opset_of(path: Path) -> int:

@@ -19,6 +19,8 @@ import numpy as np
 from semedge.core.errors import UserError
 
 NPY_TYPE = "application/x-npy"
+LAYOUT_TYPE = "application/x-semedge-layout"  # as runtime.decode_api.LAYOUT_TYPE
+LAYOUT_VERSION = "1"
 DTYPES = ("float32", "float16")
 
 
@@ -30,12 +32,35 @@ def to_npy(symbols: np.ndarray, dtype: str = "float32") -> bytes:
     return buf.getvalue()
 
 
+def to_layout(k: np.ndarray, stream: np.ndarray, dtype: str = "float32") -> bytes:
+    """A layout message's body: np.save of k [T] (int32, each frame's k_t) then of stream [sum k]."""
+    k = np.asarray(k)
+    if k.ndim != 1 or k.dtype.kind not in "iu" or np.asarray(stream).shape != (int(k.sum()),):
+        raise UserError(f"layout k {k.shape} {k.dtype} and stream {np.asarray(stream).shape} do not fit",
+                        "pass runner.layout_message's k (ints, [T]) and stream ([sum k])")
+    buf = io.BytesIO()
+    np.save(buf, k.astype(np.int32), allow_pickle=False)
+    return buf.getvalue() + to_npy(stream, dtype)
+
+
+def _body(symbols: np.ndarray, layout, dtype: str) -> tuple[bytes, str]:
+    """(body, content type): a plain .npy, or with `layout` (k_t per frame) the layout message;
+    a layout whose frames all keep the same k' goes as the plain [T, k'] array (the same decode)."""
+    if layout is None:
+        return to_npy(symbols, dtype), NPY_TYPE
+    k = np.asarray(layout)
+    if k.size and (k == k[0]).all() and symbols.shape == (int(k.sum()),):
+        return to_npy(symbols.reshape(len(k), int(k[0])), dtype), NPY_TYPE
+    return to_layout(k, symbols, dtype), f"{LAYOUT_TYPE}; version={LAYOUT_VERSION}"
+
+
 def apply_link(symbols: np.ndarray, channel: str, snr_db, rng: np.random.Generator | None = None) -> np.ndarray:
-    """One message [tokens, k] (or a batch [B, tokens, k], one message each) through the channel."""
+    """One message [tokens, k] or a layout's stream [sum k_t] (or a batch [B, tokens, k], one message
+    each) through the channel."""
     from semedge.runtime.link import transmit
 
     x = np.asarray(symbols, dtype=np.float32)
-    if x.ndim == 2:
+    if x.ndim in (1, 2):
         return transmit(x[None], channel, snr_db, rng)[0]
     if x.ndim == 3:
         return transmit(x, channel, snr_db, rng)
@@ -59,6 +84,7 @@ def send(
     retries: int = 0,
     task: str | None = None,
     image_size: tuple[int, int] | None = None,
+    layout: np.ndarray | None = None,
 ) -> dict:
     """POST symbols to `server_url`/v1/decode?package=ID; returns the server's JSON.
 
@@ -71,6 +97,8 @@ def send(
     already decoded the message answers it from its replay cache instead of decoding it twice.
     `task`: the payload's task (?task=; the server refuses a package of another task with 422);
     `image_size`: (height, width) in pixels of the image the symbols encode (image packages).
+    `layout`: each frame's k_t (runner.LayoutMessage.k); `symbols` is then the 1-D stream of sum k_t
+    symbols (LayoutMessage.stream), sent as a layout message (LAYOUT_TYPE; the link applies to the stream).
     """
     import time
     import uuid
@@ -79,12 +107,12 @@ def send(
 
     if channel is not None:
         symbols = apply_link(symbols, channel, snr_db, rng)
-    body = to_npy(symbols, dtype)
+    body, ctype = _body(np.asarray(symbols), layout, dtype)
     url = server_url.rstrip("/") + "/v1/decode"
     params = {"package": package_id, **({"task": task} if task else {})}
     if image_size is not None:
         params.update(height=int(image_size[0]), width=int(image_size[1]))
-    headers = {"content-type": NPY_TYPE}
+    headers = {"content-type": ctype}
     if message_id or retries:
         headers[MESSAGE_ID_HEADER] = message_id or uuid.uuid4().hex
     for attempt in range(retries + 1):

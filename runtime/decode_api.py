@@ -38,6 +38,8 @@ MAX_IMAGE_PIXELS = 16_000_000  # as semcom.tasks.image.MAX_PIXELS
 MAX_IMAGE_TOKENS = MAX_IMAGE_PIXELS // 16  # one token per 4 x 4 pixels
 IMAGE_STRIDE = 4  # pixels per token side (semcom.image_codec.STRIDE)
 MESSAGE_ID_HEADER = "x-semedge-message-id"
+LAYOUT_TYPE = "application/x-semedge-layout"  # a per-frame layout message (semcom/importance.py), see parse_layout
+LAYOUT_VERSION = "1"
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -49,24 +51,43 @@ class HTTPError(Exception):
         super().__init__(detail)
 
 
+def _npy_header(fp: io.BytesIO, part: str) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran, dtype) of the .npy array starting at fp's position; HTTPError(422) naming `part`."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(fp)
+        if version in ((2, 0), (3, 0)):
+            return np.lib.format.read_array_header_2_0(fp)
+        raise ValueError(f"npy version {version}")
+    except Exception as e:  # noqa: BLE001 - any malformed header
+        raise HTTPError(422, f"{part} is not a valid .npy array ({e})") from None
+
+
+def _npy_data(body: bytes, fp: io.BytesIO, shape: tuple, fortran: bool, dtype, part: str) -> np.ndarray:
+    """The array's data after its header (fp moves past it); 422 when the body is too short."""
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    data = body[fp.tell(): fp.tell() + n]
+    if len(data) != n:
+        raise HTTPError(422, f"{part} holds {len(data)} data bytes, the header's shape needs {n}")
+    fp.seek(fp.tell() + n)
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+
+
+def _float_dtype(dtype, part: str) -> None:
+    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4):
+        raise HTTPError(422, f"{part}: dtype {dtype} is not accepted: send float16 or float32")
+
+
 def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int, what: str = "this package") -> np.ndarray:
     """A .npy body -> float32 [batch, tokens, k'] (1 <= k' <= k); HTTPError(422) with the reason.
     what: how refusals name the package (e.g. "package ID (speech task)")."""
     if not body.startswith(NPY_MAGIC):
         raise HTTPError(422, "body is not a .npy array (np.save, no pickle)")
     fp = io.BytesIO(body)
-    try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f"npy version {version}")
-    except Exception as e:  # noqa: BLE001 - any malformed header
-        raise HTTPError(422, f"body is not a valid .npy array ({e})") from None
-    if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4):
-        raise HTTPError(422, f"dtype {dtype} is not accepted: send float16 or float32")
+    shape, fortran, dtype = _npy_header(fp, "body")
+    _float_dtype(dtype, "body")
     if len(shape) not in (2, 3):
         raise HTTPError(422, f"shape {shape} is not accepted: send [tokens, k] or [batch, tokens, k]")
     if len(shape) == 2:
@@ -80,15 +101,57 @@ def parse_npy(body: bytes, k: int, max_tokens: int, max_messages: int, what: str
         raise HTTPError(422, f"{kk} symbols per token: {what} has k={k} (send 1 to {k}, "
                              "the output of this package's own device runner)")
     expect = b * t * kk * dtype.itemsize
-    data = body[fp.tell():]
-    if len(data) != expect:
-        raise HTTPError(422, f"body holds {len(data)} data bytes, the header's shape needs {expect}")
-    arr = np.frombuffer(data, dtype=dtype)
-    arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
-    arr = arr.astype(np.float32)
+    if len(body) - fp.tell() != expect:
+        raise HTTPError(422, f"body holds {len(body) - fp.tell()} data bytes, the header's shape needs {expect}")
+    arr = _npy_data(body, fp, shape, fortran, dtype, "body").astype(np.float32)
     if not np.isfinite(arr).all():
         raise HTTPError(422, "symbols contain NaN or inf")
     return arr
+
+
+def layout_version(content_type: str | None) -> str | None:
+    """The layout format's version when the Content-Type is LAYOUT_TYPE (else None: a plain .npy body)."""
+    media, *params = [p.strip() for p in (content_type or "").split(";")]
+    if media.lower() != LAYOUT_TYPE:
+        return None
+    opts = dict(p.split("=", 1) for p in params if "=" in p)
+    return opts.get("version", "").strip('"')
+
+
+def parse_layout(body: bytes, ladder: tuple[int, ...] | None, max_tokens: int, what: str,
+                 version: str = LAYOUT_VERSION) -> np.ndarray:
+    """A layout message (LAYOUT_TYPE: .npy k [T] ints, then .npy stream [sum k] floats) -> float32
+    [1, T, k], frame t's first k[t] symbols from the stream, zero above; HTTPError(422) naming the field."""
+    from semedge.semcom.importance import unpack
+
+    if version != LAYOUT_VERSION:
+        raise HTTPError(422, f"content-type {LAYOUT_TYPE} version={version!r} is unknown: this server reads "
+                             f"version={LAYOUT_VERSION} (update the client, or send a plain .npy [tokens, k'])")
+    if ladder is None:
+        raise HTTPError(422, f"layout sent, but {what} is not a nested codec (its manifest has no jsc.ladder): send a "
+                             "plain .npy [tokens, k'] (--k N), or re-export from a codec trained with --rate-min")
+    fp = io.BytesIO(body)
+    shape, fortran, dtype = _npy_header(fp, "layout part 1 (k)")
+    if dtype.kind not in "iu" or len(shape) != 1 or not 1 <= shape[0] <= max_tokens:
+        raise HTTPError(422, f"layout part 1 (k) has dtype {dtype} and shape {shape}: send each frame's k_t as "
+                             f"integers, shape [tokens] with 1 to {max_tokens} tokens ({what})")
+    k = _npy_data(body, fp, shape, fortran, dtype, "layout part 1 (k)").astype(np.int64)
+    off = np.flatnonzero(~np.isin(k, ladder))
+    if off.size:
+        t = int(off[0])
+        raise HTTPError(422, f"layout k[{t}]={int(k[t])} is not on the ladder of {what} {list(ladder)}: send each "
+                             "frame's k_t from the package's jsc.ladder (GET /healthz lists it)")
+    shape, fortran, dtype = _npy_header(fp, "layout part 2 (stream)")
+    _float_dtype(dtype, "layout part 2 (stream)")
+    if len(shape) != 1 or shape[0] != int(k.sum()):
+        raise HTTPError(422, f"layout part 2 (stream) has shape {shape}, but k sums to {int(k.sum())}: send "
+                             "x[t, :k_t] of every frame in frame order, [sum k] symbols")
+    stream = _npy_data(body, fp, shape, fortran, dtype, "layout part 2 (stream)").astype(np.float32)
+    if fp.tell() != len(body):
+        raise HTTPError(422, f"layout body holds {len(body) - fp.tell()} bytes after its two arrays: send k then stream")
+    if not np.isfinite(stream).all():
+        raise HTTPError(422, "layout part 2 (stream) contains NaN or inf")
+    return unpack(stream, k, ladder[-1])[None]
 
 
 def _pixels(params, name: str, pid: str) -> int:
@@ -302,7 +365,12 @@ async def _decode_once(host, request, pid: str) -> dict:
     k, max_tokens = await host.limits(pid)
     body = await read_body(request, cfg.max_body_bytes)
     what = f"package {pid}" + (f" ({task} task)" if task else "")
-    arr = parse_npy(body, k, max_tokens, cfg.max_messages_per_request, what)
+    version = layout_version(request.headers.get("content-type"))
+    if version is None:
+        arr = parse_npy(body, k, max_tokens, cfg.max_messages_per_request, what)
+    else:
+        ladder = host.ladder_of(pid) if hasattr(host, "ladder_of") else None
+        arr = parse_layout(body, ladder, max_tokens, what, version)
     if size is not None:
         check_image_tokens(arr, size, pid)
     key = (pid, mid)
@@ -353,6 +421,6 @@ def health_body(limits: dict) -> dict:
     return {"status": "ok", "packages": limits}
 
 
-__all__ = ["HTTPError", "IMAGE_TASK", "MESSAGE_ID_HEADER", "ReplayCache", "answer_body", "check_content_length",
+__all__ = ["HTTPError", "IMAGE_TASK", "LAYOUT_TYPE", "LAYOUT_VERSION", "MESSAGE_ID_HEADER", "ReplayCache", "answer_body", "check_content_length",
            "check_image_tokens", "check_task_params", "decode_texts",
-           "handle_decode", "health_body", "message_id", "parse_npy", "read_body"]
+           "handle_decode", "health_body", "layout_version", "message_id", "parse_layout", "parse_npy", "read_body"]

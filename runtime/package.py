@@ -93,6 +93,11 @@ class Package:
         if m["jsc"].get("power", "token") not in ("token", "message"):
             raise UserError(f"package {root}: {MANIFEST} field 'jsc.power' is {m['jsc'].get('power')!r}, "
                             "not token or message", _REEXPORT)
+        lad = m["jsc"].get("ladder")
+        if lad is not None and not (isinstance(lad, list) and len(lad) >= 2 and all(isinstance(v, int) for v in lad)
+                                    and lad == sorted(set(lad)) and lad[0] >= 1 and lad[-1] == m["jsc"]["k"]):
+            raise UserError(f"package {root}: {MANIFEST} field 'jsc.ladder' {lad!r} is not increasing symbol "
+                            f"counts ending at k={m['jsc']['k']}", _REEXPORT)
         if not isinstance(m["onnx"].get("file"), str):
             raise UserError(f"package {root}: {MANIFEST} field 'onnx.file' is missing", _REEXPORT)
         pid = m["package_id"]
@@ -144,6 +149,12 @@ class Package:
     def power(self) -> str:
         """The codec's power normalisation, "token" or "message" (older packages: token)."""
         return str(self.manifest["jsc"].get("power", "token"))
+
+    @property
+    def ladder(self) -> tuple[int, ...] | None:
+        """A nested codec's per-frame symbol counts (rate_min, 2 rate_min, ..., k); None: not nested."""
+        lad = self.manifest["jsc"].get("ladder")
+        return tuple(lad) if lad else None
 
     @property
     def identity(self) -> bool:

@@ -130,6 +130,9 @@ class RayHost:
     def package_ids(self):
         return self.infos.keys()
 
+    def ladder_of(self, pid: str) -> tuple[int, ...] | None:
+        return self.infos[pid].get("ladder")
+
     async def limits(self, pid: str) -> tuple[int, int]:
         if pid not in self.max_tokens:  # asked of a replica once (text models: their position limit)
             _, self.max_tokens[pid] = await self._call(pid, "limits")
@@ -243,7 +246,7 @@ def build_app(packages: list[Package], cfg: ServerConfig, replicas: int | None =
     if not packages:
         raise UserError("no packages to serve", "give a folder holding package folders (each with manifest.json)")
     blobs = {p.package_id: ray.put(package_blob(p)) for p in packages}
-    infos = {p.package_id: {"model": p.model_source, "kind": p.kind, "k": p.k} for p in packages}
+    infos = {p.package_id: {"model": p.model_source, "kind": p.kind, "k": p.k, "ladder": p.ladder} for p in packages}
     decoder = Decoder.options(**replica_options(replicas, autoscale, num_cpus, num_gpus, cfg)).bind(blobs, cfg)
     return Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
                            max_ongoing_requests=cfg.max_queue).bind(decoder, infos, cfg, devices)

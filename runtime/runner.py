@@ -3,10 +3,12 @@
     runner = DeviceRunner(Package.load("pkg"), providers=load_profile("jetson-orin-nano"))
     symbols = runner.encode_audio(audio)           # [n_frames, k] float32, the channel input
     symbols = runner.encode_text("hello", k_keep=32)
+    msg = layout_message(symbols, package_rate(runner.package, 256, snr_db), snr_db, runner.package.power)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,54 @@ def truncate(symbols: np.ndarray, k_keep: int | None, per: str = "token") -> np.
     if per == "token" and (k_keep is None or k_keep == symbols.shape[-1]):
         return symbols
     return normalize_power(symbols, k_keep, per)[..., :k_keep]
+
+
+@dataclass(frozen=True)
+class LayoutMessage:
+    """One message sent with a per-frame layout (semcom/importance.py): what crosses the link."""
+
+    k: np.ndarray  # [T] symbols sent per frame, on the package's ladder
+    stream: np.ndarray  # [sum k] float32: x[t, :k_t] of every frame in order, unit mean power
+    header: int  # real symbols of the layout header (counted in `symbols`, taken as received without error)
+
+    @property
+    def symbols(self) -> int:
+        """Real channel symbols: payload + header."""
+        return int(self.k.sum()) + self.header
+
+
+def package_rate(package: Package, budget: int | None, snr_db: float):
+    """The importance policy for a nested package (manifest jsc.ladder) at `budget` symbols per frame
+    on average, header included; budget None: the package's rate policy at `snr_db` (as --k auto)."""
+    from semedge.semcom.importance import ImportanceRate
+
+    lad = package.ladder
+    if lad is None:
+        raise UserError(f"--k importance needs a nested codec, and package {package.package_id} is not one "
+                        "(its manifest has no jsc.ladder)", "export the package from a codec trained with --rate-min "
+                        "(e.g. the shipped default), or send a uniform --k N")
+    if budget is None:
+        from semedge.semcom.rate import RatePolicy
+
+        rp = package.manifest["jsc"].get("rate_policy")
+        if not rp:
+            raise UserError(f"package {package.package_id} has no rate policy to choose the budget from",
+                            f"give it: --k importance:N with N between {lad[0]} and {lad[-1]}")
+        budget = RatePolicy.from_dict(rp).choose(snr_db)
+    if not lad[0] <= budget <= lad[-1]:
+        raise UserError(f"--k importance:{budget}: package {package.package_id} sends {lad[0]} to {lad[-1]} symbols "
+                        "per frame", f"give a budget between {lad[0]} and {lad[-1]}")
+    return ImportanceRate(lad, int(budget))
+
+
+def layout_message(code: np.ndarray, rate, snr_db: float, per: str = "message") -> LayoutMessage:
+    """One message's code [T, k] (the runner's output at full k) -> its layout and power-normalised
+    stream, as semcom.system.send_layout computes them in process."""
+    from semedge.semcom.importance import normalize_stream
+
+    lay = rate.layout(code, snr_db)
+    stream = normalize_stream(code, lay.k, per).astype(np.float32, copy=False)
+    return LayoutMessage(lay.k, stream, lay.header)
 
 
 def resolve_providers(wanted=None) -> list[str]:

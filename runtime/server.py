@@ -406,6 +406,10 @@ class LocalHost:
         s = self.reg.served[pid]
         return s.package.k, s.max_tokens
 
+    def ladder_of(self, pid: str) -> tuple[int, ...] | None:
+        """The package's nested-codec ladder (the k_t a layout message may use), None when not nested."""
+        return self.reg.served[pid].package.ladder
+
     def task_of(self, pid: str) -> str:
         """The package's task (its manifest's model.kind): what payload it takes and what it answers."""
         return self.reg.served[pid].task
@@ -563,7 +567,8 @@ def create_app(packages: list[Package], loader=None, config: ServerConfig | None
         except AuthError as e:
             return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
         return {"status": "ok", "packages": {pid: {"model": s.package.model_source, "kind": s.package.kind,
-                                                   "task": s.task, "k": s.package.k, "max_tokens": s.max_tokens}
+                                                   "task": s.task, "k": s.package.k, "max_tokens": s.max_tokens,
+                                                   "ladder": list(s.package.ladder or [])}
                                              for pid, s in reg.served.items() if may(pid)}}
 
     @app.get("/metrics")

@@ -42,11 +42,44 @@ def _messages(runner, pkg, wav, text, k_keep, segment_s: float | None) -> tuple[
 
 
 def _send_all(server: str, pkg, messages: list, timeout: float, token=None, ca=None, **link) -> list[dict]:
-    """Each message in its own request, over one connection, in order; ?task= names the package's task."""
+    """Each message in its own request, over one connection, in order; ?task= names the package's task.
+    A LayoutMessage goes as its stream with its per-frame k (a layout message, runtime/client.py)."""
     from semedge.runtime.client import make_client, send
 
+    def one(m, c):
+        if hasattr(m, "stream"):
+            return send(server, pkg.package_id, m.stream, timeout=timeout, client=c, task=pkg.kind, layout=m.k, **link)
+        return send(server, pkg.package_id, m, timeout=timeout, client=c, task=pkg.kind, **link)
+
     with make_client(timeout, token=token, ca=ca) as c:
-        return [send(server, pkg.package_id, m, timeout=timeout, client=c, task=pkg.kind, **link) for m in messages]
+        return [one(m, c) for m in messages]
+
+
+def _parse_device_k(k: Optional[str]) -> tuple[Optional[int], Optional[str]]:
+    """--k: (k_keep, None) for a whole number, (None, "importance[:N]") for a per-frame layout."""
+    from semedge.cli_transmit import _parse_k
+
+    v = _parse_k(k)
+    if v == "auto":
+        raise UserError("--k auto is not built for device run", "give --k N or --k importance[:N]")
+    return (None, v) if isinstance(v, str) else (v, None)
+
+
+def _tokens(m) -> int:
+    return len(m.k) if hasattr(m, "stream") else int(m.shape[0])
+
+
+def _real_symbols(m) -> int:
+    """Real channel symbols of a message (a layout's header included)."""
+    return m.symbols if hasattr(m, "stream") else int(m.size)
+
+
+def _rate_json(rate, messages: list) -> dict:
+    """--k importance: the ladder, the budget and what the layouts spent (as `semedge transmit --json`)."""
+    ks = [int(k) for m in messages for k in m.k]
+    return {"policy": "importance", "ladder": list(rate.levels), "budget_symbols": rate.k_budget * len(ks),
+            "header_symbols": sum(m.header for m in messages), "code_rate": rate.code_rate,
+            "frames_per_level": {str(v): ks.count(v) for v in rate.levels}, "k_per_frame": [m.k.tolist() for m in messages]}
 
 
 def _run_image(runner, pkg, image: Path, server: str, timeout: float, k_keep, link: dict, auth: dict) -> dict:
@@ -96,16 +129,16 @@ def _result(pkg, runner, channel: str, snr_db: float, messages: list, bounds, an
         "package": pkg.package_id,
         "channel": channel,
         "snr_db": snr_db if math.isfinite(snr_db) else "inf",
-        "tokens": sum(int(m.shape[0]) for m in messages),
-        "symbols_per_token": int(messages[0].shape[1]),
-        "channel_uses": sum(channel_uses(m.size) for m in messages),
+        "tokens": sum(_tokens(m) for m in messages),
+        "symbols_per_token": int(messages[0].shape[1]) if not hasattr(messages[0], "stream") else "importance",
+        "channel_uses": sum(channel_uses(_real_symbols(m)) for m in messages),
         "messages": len(messages),
         "providers": runner.providers,
         "timings_ms": {"device": round(1000 * t_dev, 2), "server": _summed([a["timings_ms"] for a in answers]),
                        "round_trip": round(1000 * (t_all - t_dev), 2), "total": round(1000 * t_all, 2)},
     }
     if bounds is not None:
-        out["segments"] = [{**d, "text": t, "tokens": int(m.shape[0]), "channel_uses": channel_uses(m.size)}
+        out["segments"] = [{**d, "text": t, "tokens": _tokens(m), "channel_uses": channel_uses(_real_symbols(m))}
                            for d, t, m in zip(describe(bounds), texts, messages)]
     return out
 
@@ -120,8 +153,10 @@ def device_run(
     server: str = typer.Option("http://127.0.0.1:8000", help="the server's base URL"),
     channel: str = typer.Option("awgn", help="link simulated on the device: none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
     snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
-    k_keep: Optional[int] = typer.Option(None, "--k", help="send only the first K symbols per token (renormalised)"),
-    k_keep_old: Optional[int] = old_spelling("--k-keep", "--k"),
+    k_keep: Optional[str] = typer.Option(None, "--k", help="send only the first K symbols per token (renormalised), or "
+                                         "'importance[:N]' (per-frame k on a nested package's ladder, N per frame on "
+                                         "average incl. the layout header; default N: the package's rate policy)"),
+    k_keep_old: Optional[str] = old_spelling("--k-keep", "--k"),
     segment_s: Optional[float] = typer.Option(None, "--segment-s", help="audio longer than this is cut at quiet points and sent as several messages (1-30; default 30 for an identity-codec package, 6 for a trained codec)"),
     profile: Optional[str] = typer.Option(None, "--device", help="device profile (name or YAML path) whose execution providers and threads to use"),
     profile_old: Optional[str] = old_spelling("--profile", "--device"),
@@ -153,7 +188,7 @@ def device_run(
                         "e.g. --wav hello.wav (speech), --text 'hello' (text) or --image photo.png (image)")
     snr_db = parse_snr(snr)
     parse_channel(channel)
-    k_keep = renamed(k_keep, k_keep_old, "--k", "--k-keep")
+    k_keep, per_frame = _parse_device_k(renamed(k_keep, k_keep_old, "--k", "--k-keep"))
     profile = renamed(profile, profile_old, "--device", "--profile")
     prof = None
     if profile is not None:
@@ -167,6 +202,13 @@ def device_run(
                           provider_options=extra, strict=strict)
     if k_keep is not None and not 1 <= k_keep <= pkg.k:
         raise UserError(f"--k {k_keep} is out of range for this package (k={pkg.k})", f"choose 1 to {pkg.k}")
+    if image is not None and per_frame:
+        raise UserError("--k importance is built for speech and text packages", "send the image with --k N or no --k")
+    rate = None
+    if per_frame:
+        from semedge.runtime.runner import package_rate
+
+        rate = package_rate(pkg, int(per_frame.split(":")[1]) if ":" in per_frame else None, snr_db)
     if image is not None:
         out = _run_image(runner, pkg, image, server, timeout, k_keep,
                          dict(channel=channel, snr_db=snr_db, rng=np.random.default_rng(seed), dtype=dtype),
@@ -175,14 +217,24 @@ def device_run(
         return
     t0 = time.perf_counter()
     messages, bounds = _messages(runner, pkg, wav, text, k_keep, segment_s)
+    if rate is not None:
+        from semedge.runtime.runner import layout_message
+
+        messages = [layout_message(m, rate, snr_db, pkg.power) for m in messages]
     t_dev = time.perf_counter() - t0
     answers = _send_all(server, pkg, messages, timeout, token=token, ca=str(ca) if ca else None, channel=channel, snr_db=snr_db, rng=np.random.default_rng(seed), dtype=dtype)
     result = _result(pkg, runner, channel, snr_db, messages, bounds, answers, (t_dev, time.perf_counter() - t0))
+    if rate is not None:
+        result["rate"] = _rate_json(rate, messages)
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(result["text"])
     parts = f" in {result['messages']} messages" if result["messages"] > 1 else ""
+    if rate is not None:
+        r = result["rate"]
+        typer.echo(f"[layout: frames per k' {r['frames_per_level']}, {r['header_symbols']} header symbols, "
+                   f"budget {r['budget_symbols']} symbols]", err=True)
     typer.echo(f"[{result['tokens']} tokens x {result['symbols_per_token']} symbols = {result['channel_uses']} channel uses{parts}, "
                f"{channel} {snr} dB; device {result['timings_ms']['device']:.0f} ms, "
                f"round trip {result['timings_ms']['round_trip']:.0f} ms]", err=True)
