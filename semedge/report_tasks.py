@@ -66,12 +66,7 @@ def plot_snr(build: dict, path: Path) -> list[dict]:
         if m in b:
             ax.plot(b["snrs"], b[m], "k--", marker="s", label=f"{b.get('name', 'baseline')} ({ch})")
             lines.append({"baseline": b.get("name"), "channel": ch, "snrs": b["snrs"], m: b[m]})
-    ax.set_xlabel("SNR (dB)")
-    ax.set_ylabel(NAMES.get(m, m) + " (measured)")
-    ax.grid(alpha=0.3)
-    if lines:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _save_fig(fig, path)
+    _finish(fig, ax, path, "SNR (dB)", NAMES.get(m, m) + " (measured)", bool(lines))
     return lines
 
 
@@ -89,13 +84,18 @@ def plot_footprint(build: dict, path: Path) -> list[dict]:
         ax.scatter([p["bytes"] / 1e6 for p in sel], [p[m] for p in sel], label=cond)
         for p in sel:
             ax.annotate(p["candidate"], (p["bytes"] / 1e6, p[m]), fontsize=6)
-    ax.set_xlabel("device graph (MB, measured)")
-    ax.set_ylabel(NAMES.get(m, m) + " (measured)")
+    _finish(fig, ax, path, "device graph (MB, measured)", NAMES.get(m, m) + " (measured)", bool(pts))
+    return pts
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, legend: bool) -> None:
+    """Labels, grid, the legend outside the axes when there is something to name, then save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if pts:
+    if legend:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save_fig(fig, path)
-    return pts
 
 
 def plot_latency(build: dict, path: Path) -> list[dict]:
