@@ -44,7 +44,10 @@ def _nested_package(root, loaded):
     from semedge.semcom.split import build_split
 
     torch.manual_seed(3)
-    codec = JSCCodec(JSCConfig(d_model=64, k=32, hidden=64, skip=True, power="message")).eval()
+    # a short silence tail and a wide output scale: the random tiny decoder's text then depends on the
+    # symbols (with the defaults it answers the same text for any input, and parity would prove nothing)
+    codec = JSCCodec(JSCConfig(d_model=64, k=32, hidden=64, skip=True, power="message", tail_frames=4)).eval()
+    codec.decoder.std.fill_(50.0)
     ck = save_checkpoint(root / "codec", loaded, codec, info={"rate_training": {"rate_min": 8, "rate_prob": 0.5}})
     split = build_split(loaded, codec)
     return split, build_package(split, root / "nested", jsc_ckpt=ck)
@@ -102,6 +105,8 @@ def test_layout_message_decodes_like_run_link(served, message):
     assert np.abs(unpack(rx, msg.k, 32) - y_in.numpy()).max() < 1e-4
     out = send(url, nested.package_id, rx, layout=msg.k, task="speech")
     assert out["text"] == res.hyps and out["tokens"] == len(msg.k)
+    flipped = send(url, nested.package_id, rx, layout=msg.k[::-1].copy())  # the text depends on the unpacking
+    assert flipped["text"] != out["text"]
 
 
 def test_layout_is_the_zero_filled_frames(served, message):
