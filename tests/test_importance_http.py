@@ -211,3 +211,45 @@ def test_device_run_importance_cli(served, tmp_path, capsys):
                        ([*args[:2], str(flat.path), *args[3:], "--k", "importance:12"], "nested")):
         assert main(bad) == 2
         assert words in capsys.readouterr().err
+
+
+def test_semedge_serve_process_decodes_layouts(served, message, tmp_path):
+    """The `semedge serve` command (its own process) answers a layout message as the in-thread server does,
+    refuses a bad one with 422, and keeps serving."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    _, nested, _, url = served
+    _, msg = message
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "semedge.cli", "serve", "--packages", str(nested.path), "--port", str(port),
+           "--backend", "torch", "--threads", "1", "--max-new-tokens", str(MAX_NEW), "--log-level", "warning"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            there = f"http://127.0.0.1:{port}"
+            t0 = time.monotonic()
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    if httpx.get(f"{there}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    assert time.monotonic() - t0 < 300, "semedge serve did not start"
+                    time.sleep(0.2)
+            want = send(url, nested.package_id, msg.stream, layout=msg.k)["text"]
+            assert send(there, nested.package_id, msg.stream, layout=msg.k)["text"] == want
+            off = msg.k.copy()
+            off[0] = 5
+            r = _post(there, nested.package_id, to_layout(off, np.zeros(int(off.sum()), np.float32)))
+            assert r.status_code == 422 and "k[0]=5" in r.json()["detail"]
+            assert send(there, nested.package_id, msg.stream, layout=msg.k)["text"] == want
+        finally:
+            proc.terminate()
+            proc.wait(60)
