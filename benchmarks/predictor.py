@@ -127,6 +127,34 @@ def variants(which: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def measure_interleaved(paths: list[Path], threads: int, runs: int, warmup: int, rounds: int) -> list[dict]:
+    """p50/p95 wall and thread-CPU time of each model, its `runs` timed runs spread over `rounds`
+    rounds; each round visits every model (one warm-up run first) in a seeded random order."""
+    import numpy as np
+
+    from semedge.runtime import profiler
+
+    rounds = max(1, min(rounds, runs))
+    sessions = [profiler.session(p, threads) for p in paths]
+    feeds = [profiler.make_inputs(s, None) for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(warmup):
+            s.run(None, f)
+    wall, cpu = [[] for _ in paths], [[] for _ in paths]
+    rng = np.random.default_rng(0)
+    for r in range(rounds):
+        n = runs // rounds + (r < runs % rounds)
+        for i in rng.permutation(len(paths)):
+            sessions[i].run(None, feeds[i])
+            for _ in range(n):
+                c0, t0 = time.thread_time(), time.perf_counter()
+                sessions[i].run(None, feeds[i])
+                wall[i].append((time.perf_counter() - t0) * 1e3)
+                cpu[i].append((time.thread_time() - c0) * 1e3)
+    return [{"p50_ms": round(float(np.percentile(w, 50)), 4), "p95_ms": round(float(np.percentile(w, 95)), 4),
+             "cpu_p50_ms": round(float(np.percentile(c, 50)), 4)} for w, c in zip(wall, cpu)]
+
+
 def repeatability(path: Path, threads: int, runs: int) -> list[dict]:
     """p50 (wall and thread CPU time) of the same model in 3 separate processes."""
     code = ("import json,sys; from semedge.runtime.profiler import time_onnx; "
@@ -146,6 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predictor.json"))
     ap.add_argument("--refit", action="store_true", help="re-fit the measurements already in --out")
     ap.add_argument("--profile", default="host", help="profile name or path whose peaks the model uses")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="measure every variant in this many interleaved rounds (calibration and test "
+                         "variants alternate, in a new order each round), so slow drifts of a shared "
+                         "host hit both sets alike; 1 = one variant after another")
     a = ap.parse_args(argv)
 
     from semedge.runtime import costmodel, profiler
@@ -164,11 +196,12 @@ def main(argv=None) -> int:
                 r["_cost"] = costmodel.analyze(quantized(r["model"], r["length"], r["precision"]))
                 rows[which].append(r)
         runs, warmup = old["runs"], old["warmup"]
-    for which in ("calib", "test") if not a.refit else ():
-        for name, prec, length in variants(which):
+    if not a.refit:
+        todo = [(which, v) for which in ("calib", "test") for v in variants(which)]
+        lats = measure_interleaved([quantized(n, L, p) for _, (n, p, L) in todo], threads, runs, warmup, a.rounds)
+        for (which, (name, prec, length)), lat in zip(todo, lats):
             path = quantized(name, length, prec)
             cost = costmodel.analyze(path)
-            lat = profiler.time_onnx(path, None, threads, runs, warmup)
             mem = profiler.peak_rss(path, [None], threads)
             rows[which].append({"model": name, "precision": prec, "length": length, "path": str(path),
                                 "measured_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"],
@@ -233,7 +266,8 @@ def main(argv=None) -> int:
             r.pop("_cost")
     result = {
         "benchmark": "predictor", "quick": a.quick or (a.refit and old.get("quick")), "refit": a.refit, "profile": prof.name, "threads": threads,
-        "runs": runs, "warmup": warmup, "host": profiler._host_info(),
+        "runs": runs, "warmup": warmup, "rounds": None if a.refit else max(1, min(a.rounds, runs)),
+        "host": profiler._host_info(),
         "note": "2-core machine shared with other jobs: timings are noisy",
         "efficiency": eff.model_dump(exclude_none=True),
         "summary": {"test": s_test, "calib": s_cal},
