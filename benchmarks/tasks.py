@@ -69,24 +69,39 @@ def plot_image(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from semedge.core.files import atomic_path
-
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for j, ch in enumerate(CHANNELS):
         for i, metric in enumerate(("psnr", "ssim")):
             ax = axes[i][j]
             for system in dict.fromkeys(r["system"] for r in rows):
                 rs = [r for r in rows if r["system"] == system and r["channel"] == ch]
-                v = [r[metric]["value"] for r in rs]
-                lo = [r[metric]["value"] - r[metric]["ci95"][0] for r in rs]
-                hi = [r[metric]["ci95"][1] - r[metric]["value"] for r in rs]
-                ax.errorbar([r["snr_db"] for r in rs], v, yerr=[lo, hi], marker="o", capsize=3, label=system)
-            ax.set_title(f"{metric.upper()} on {ch}")
-            ax.set_xlabel("SNR (dB)")
-            ax.set_ylabel("PSNR (dB)" if metric == "psnr" else "SSIM")
-            ax.grid(alpha=0.3)
+                _ci_errorbar(ax, rs, metric, system)
+            _panel(ax, f"{metric.upper()} on {ch}", "PSNR (dB)" if metric == "psnr" else "SSIM")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"image task: {rows[0]['n']} test patches 32x32, {rows[0]['channel_uses']} channel uses each (95% CI)")
+    _save(fig, path)
+
+
+def _ci_errorbar(ax, rs: list[dict], metric: str, label: str) -> None:
+    """One system's metric vs SNR with its 95% interval as error bars."""
+    v = [r[metric]["value"] for r in rs]
+    lo = [r[metric]["value"] - r[metric]["ci95"][0] for r in rs]
+    hi = [r[metric]["ci95"][1] - r[metric]["value"] for r in rs]
+    ax.errorbar([r["snr_db"] for r in rs], v, yerr=[lo, hi], marker="o", capsize=3, label=label)
+
+
+def _panel(ax, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("SNR (dB)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from semedge.core.files import atomic_path
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
@@ -198,29 +213,17 @@ def plot_text(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from semedge.core.files import atomic_path
-
     fig, axes = plt.subplots(len(TEXT_METRICS), 2, figsize=(10, 9), sharex=True)
     for j, ch in enumerate(CHANNELS):
         for i, (metric, name, _) in enumerate(TEXT_METRICS):
             ax = axes[i][j]
             for system in dict.fromkeys(r["system"] for r in rows):
                 rs = [r for r in rows if r["system"] == system and r["channel"] == ch]
-                v = [r[metric]["value"] for r in rs]
-                lo = [r[metric]["value"] - r[metric]["ci95"][0] for r in rs]
-                hi = [r[metric]["ci95"][1] - r[metric]["value"] for r in rs]
-                label = f"{system} ({rs[0]['channel_uses_mean']:.0f} uses)"
-                ax.errorbar([r["snr_db"] for r in rs], v, yerr=[lo, hi], marker="o", capsize=3, label=label)
-            ax.set_title(f"{name} on {ch}")
-            ax.set_xlabel("SNR (dB)")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
+                _ci_errorbar(ax, rs, metric, f"{system} ({rs[0]['channel_uses_mean']:.0f} uses)")
+            _panel(ax, f"{name} on {ch}", name)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"text task, conventional baseline: {rows[0]['n']} test sentences (95% CI; no semedge text codec ships)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def print_text(rows: list[dict]) -> None:
