@@ -146,11 +146,9 @@ def measure_interleaved(paths: list[Path], threads: int, runs: int, warmup: int,
         n = runs // rounds + (r < runs % rounds)
         for i in rng.permutation(len(paths)):
             sessions[i].run(None, feeds[i])
-            for _ in range(n):
-                c0, t0 = time.thread_time(), time.perf_counter()
-                sessions[i].run(None, feeds[i])
-                wall[i].append((time.perf_counter() - t0) * 1e3)
-                cpu[i].append((time.thread_time() - c0) * 1e3)
+            w, c = profiler.timed_runs(sessions[i], feeds[i], n)
+            wall[i] += w
+            cpu[i] += c
     return [{"p50_ms": round(float(np.percentile(w, 50)), 4), "p95_ms": round(float(np.percentile(w, 95)), 4),
              "cpu_p50_ms": round(float(np.percentile(c, 50)), 4)} for w, c in zip(wall, cpu)]
 

@@ -110,6 +110,17 @@ def _percentiles(times_ms: list[float]) -> dict:
     }
 
 
+def timed_runs(sess, feeds: dict, n: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and thread CPU milliseconds of `n` runs of one session."""
+    wall, cpu = [], []
+    for _ in range(n):
+        c0, t0 = time.thread_time(), time.perf_counter()
+        sess.run(None, feeds)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.thread_time() - c0) * 1e3)
+    return wall, cpu
+
+
 def time_onnx(model_path, length: int | None = None, threads: int = 1, runs: int = 20, warmup: int = 3,
               providers: list[str] | None = None, sess=None) -> dict:
     """Latency percentiles of one model after `warmup` runs, over `runs` runs."""
@@ -117,12 +128,7 @@ def time_onnx(model_path, length: int | None = None, threads: int = 1, runs: int
     feeds = make_inputs(s, length)
     for _ in range(max(0, warmup)):
         s.run(None, feeds)
-    times, cpu = [], []
-    for _ in range(max(1, runs)):
-        c0, t0 = time.thread_time(), time.perf_counter()
-        s.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.thread_time() - c0) * 1e3)
+    times, cpu = timed_runs(s, feeds, max(1, runs))
     out = _percentiles(times)
     # with 1 thread ORT computes in the calling thread: its CPU time is the latency
     # without contention from other processes (wall time includes their share)
