@@ -13,7 +13,12 @@ A session is `per_session` consecutive kept sentences of one document, at most t
 per document, in a fixed hash order. Audio: the speech task's voices and its cache (split "test").
 
 Rare terms (for recall): words of >= 4 letters seen at most once in the train split's
-sentences; a term counts in a sentence when it also occurred earlier in its session.
+sentences; a term counts in a sentence when it also occurred earlier in its session (or, for
+the knowledge-base rows, anywhere in the KB).
+
+Knowledge base for retrieval (`kb_documents`): every document, less every sentence that holds
+or is held by a sentence spoken in the chosen sessions, so the KB holds a session's other
+passages (and all other documents) but never the sentence being decoded.
 """
 
 from __future__ import annotations
@@ -123,13 +128,35 @@ def sessions(n: int | None = None, per_session: int = 4) -> list[Session]:
     return found[:n] if n is not None else found
 
 
-def rare_terms(sentence: str, earlier: list[str], max_train_count: int = 1) -> list[str]:
+def rare_terms(sentence: str, earlier: list[str], max_train_count: int = 1, known: frozenset = frozenset()) -> list[str]:
     """The sentence's rare words (seen <= max_train_count times in the train split) that occurred
-    earlier in its session."""
-    before = {w for e in earlier for w in normalize(e).split()}
+    earlier in its session or are in `known` (e.g. the KB's words)."""
+    before = {w for e in earlier for w in normalize(e).split()} | known
     counts = _train_words()
     return sorted({w for w in normalize(sentence).split()
                    if len(w) >= 4 and w in before and counts.get(w, 0) <= max_train_count})
+
+
+def _overlaps(padded: str, said: list[str]) -> bool:
+    """Whether a sentence (normalised, space-padded) holds or is held by a spoken one, word for word."""
+    return any(padded in p or p in padded for p in said)
+
+
+def kb_documents(spoken: list[Session]) -> dict[str, str]:
+    """doc id -> its text for the knowledge base: the kept sentences less every one that holds a
+    spoken sentence or is held by one (normalised, whole words)."""
+    said = [f" {normalize(t)} " for s in spoken for t in s.sentences]
+    out = {}
+    for doc, sents in documents().items():
+        keep = [t for t in sents if not _overlaps(f" {normalize(t)} ", said)]
+        if keep:
+            out[doc] = " ".join(keep)
+    return out
+
+
+def words_of(texts) -> frozenset:
+    """The normalised words of some texts (what `rare_terms(known=)` takes)."""
+    return frozenset(w for t in texts for w in normalize(t).split())
 
 
 def session_utterances(chosen: list[Session], family="mix", progress: bool = True) -> list:
@@ -145,4 +172,4 @@ def session_utterances(chosen: list[Session], family="mix", progress: bool = Tru
     return utts
 
 
-__all__ = ["Session", "documents", "rare_terms", "session_utterances", "sessions"]
+__all__ = ["Session", "documents", "kb_documents", "rare_terms", "session_utterances", "sessions", "words_of"]

@@ -195,6 +195,20 @@ class Memory:
         return [it.text for it in self.items]
 
 
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    w = _WORD.findall(text.lower())
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def keep_prompted(plain: str, prompted: str, prompt: str, ratio: float = 1.3, slack: int = 2, copy_n: int = 5) -> bool:
+    """Receiver-side guard over the two decodes of one message (no reference): keep the prompted
+    one unless it ran on (more than ratio x + slack the unprompted one's words) or copied a run of
+    copy_n words from the prompt that the unprompted decode does not have."""
+    if len(prompted.split()) > ratio * len(plain.split()) + slack:
+        return False
+    return not (_ngrams(prompted, copy_n) & _ngrams(prompt, copy_n)) - _ngrams(plain, copy_n)
+
+
 def check_session_id(sid: str) -> str:
     """A session id: 1-128 of [A-Za-z0-9-_.:]; UserError otherwise."""
     if not isinstance(sid, str) or not 1 <= len(sid) <= 128 or not set(sid) <= _SESSION_CHARS:
@@ -239,4 +253,4 @@ class Sessions:
 
 
 __all__ = ["RULES", "Item", "Memory", "MemoryConfig", "Sessions", "check_session_id", "content_words",
-           "default_embed", "parse_rule"]
+           "default_embed", "keep_prompted", "parse_rule"]
