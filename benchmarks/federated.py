@@ -1,19 +1,26 @@
-"""Federated split fine-tuning on whisper-base: WER per client before / after / personalised, bytes and
-time per round (docs/federated.md). Writes benchmarks/results/federated[_quick].json and prints a table.
+"""Federated vs centralised vs no fine-tuning of a whisper-base codec, split at the link (docs/federated.md).
 
-    python benchmarks/federated.py --quick     # 3 clients x 3 rounds x 5 local steps x batch 2 (~15 min, 2 cores)
-    python benchmarks/federated.py             # 4 clients x 5 rounds x 10 local steps x batch 4
+Three arms from the same start codec (--jsc), scored on the same test speech:
+- start:       no fine-tuning;
+- federated:   N clients, non-IID by voice family, R rounds x S local split steps x batch B, FedAvg
+               (`semedge federate`'s ServerApp and ClientApp, --engine local or simulation);
+- centralised: one client holding the union of the N clients' training data, the same split step,
+               R rounds x (N x F x S) steps x batch B: the same number of split steps and examples.
+WER clean / 10 dB per client and pooled over the clients (the common test set), 95% bootstrap
+intervals, paired differences to the start (and federated - centralised); bytes and time per round.
 
-Not measured here yet: the centralised `semedge train` run with the same total steps (the issue's
-third arm); see docs/federated.md.
+    python benchmarks/federated.py --quick --out runs/fed-quick.json   # a few minutes: 4 x 2 x 2, 8 test utterances
+    python benchmarks/federated.py                                     # writes benchmarks/results/federated.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,39 +28,127 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUICK = dict(clients=3, rounds=3, local_steps=5, batch_size=2, n_train=16, n_test=20)
-FULL = dict(clients=4, rounds=5, local_steps=10, batch_size=4, n_train=40, n_test=50)
+QUICK = dict(clients=4, rounds=2, local_steps=2, batch_size=2, n_train=8, n_test=8)
+FULL = dict(clients=4, rounds=5, local_steps=10, batch_size=4, n_train=100, n_test=50)
+START = "runs/msg512-lofo-piper"  # trained without Piper voices: the Piper client brings a voice it never heard
+LR = 1e-4  # every side: JSC encoder, encoder LoRA, JSC decoder
+EQUAL = ("start codec, loss (CE on the transcript, split step), optimiser (AdamW, clip 1, moments reset each round), "
+         "learning rates, channel and SNR draws' distribution, batch size, number of split steps and of training "
+         "examples seen, the training utterances (the union), rounds")
+NOT_EQUAL = ("federated: each client steps on its own voice family and FedAvg averages the N device models after "
+             "each round; the server's JSC decoder takes S steps per round on the mean of N clients' losses "
+             "(N x B utterances). centralised: one device model takes N x S steps per round on batches drawn from "
+             "the union, and the JSC decoder takes one step per split step (B utterances), N times as many steps")
+
+
+def configs(a) -> tuple:
+    """(federated, centralised) FederateConfig of the run."""
+    from semedge.semcom.federated.config import FederateConfig
+
+    sizes = {**(QUICK if a.quick else FULL), **{k: v for k, v in vars(a).items() if k in FULL and v is not None}}
+    fed = FederateConfig(model=a.model, jsc=a.jsc, non_iid="voices", engine=a.engine, threads=1, lr=a.lr,
+                         lora_lr=a.lr, server_lr=a.lr, personal_steps=0, evaluate=False, **sizes).validate()
+    sampled = max(int(fed.clients * fed.fraction), 1)  # FedAvg's sample size (fraction_train, min 1)
+    central = dataclasses.replace(fed, clients=1, pool=fed.clients, engine="local",
+                                  local_steps=sampled * fed.local_steps).validate()
+    return fed, central
+
+
+def train(cfg, out: Path, reuse: bool = False) -> tuple[dict, float]:
+    """(the run's results, seconds); reuse: read OUT/federated.json of an earlier run with this config instead."""
+    from semedge.semcom.federated.flower_server import run_simulation
+    from semedge.semcom.federated.local_grid import run_local
+
+    done = out / "federated.json"
+    if reuse and done.exists():
+        res = json.loads(done.read_text())
+        if res["config"] != json.loads(cfg.to_json()):
+            raise SystemExit(f"{done} was run with another config: drop --reuse")
+        return res, res["seconds"]
+    t0 = time.perf_counter()
+    res = run_local(cfg, out) if cfg.engine == "local" else run_simulation(cfg, out, 1)
+    return res, time.perf_counter() - t0
+
+
+def score(fed, arms: dict[str, str]) -> tuple[dict, dict]:
+    """(per-utterance pairs {arm: {client: {snr: [(errors, words)]}}}, seconds per arm) on the clients' test sets."""
+    from semedge.semcom.federated.client import base_model
+    from semedge.semcom.federated.data import client_data
+    from semedge.semcom.federated.evaluate import arm_halves, score_arm
+
+    loaded = base_model(fed.model)
+    tests = {i: client_data(loaded, fed, i, "test") for i in range(fed.clients)}
+    pairs, secs = {}, {}
+    for arm, jsc in arms.items():
+        t0 = time.perf_counter()
+        encoder, codec = arm_halves(loaded, jsc)
+        pairs[arm] = score_arm(loaded, encoder, codec, tests, fed.channel, fed.eval_snrs, fed.seed)
+        secs[arm] = time.perf_counter() - t0
+        print(f"scored {arm} in {secs[arm]:.0f} s", flush=True)
+    return pairs, secs
+
+
+def round_figures(res: dict) -> list[dict]:
+    """Per training round: seconds, and bytes up / down per client (MB)."""
+    return [{"round": r["round"], "seconds": r["seconds"],
+             "clients": {p: {"up_mb": c["total_up"] / 1e6, "down_mb": c["total_down"] / 1e6, "up": c["up"], "down": c["down"]}
+                         for p, c in sorted(r["clients"].items())}}
+            for r in res["accounting"]["phases"].get("train", [])]
+
+
+def print_table(summary: dict, labels: dict, snrs) -> None:
+    from semedge.semcom.stats import fmt_ci
+
+    arms = list(summary)
+    print(f"{'client':<12}{'SNR':>5}  " + "".join(f"{a:<26}" for a in arms) + "".join(f"{a} - start{'':<13}" for a in arms[1:]))
+    for part in summary[arms[0]]:
+        for snr in snrs:
+            cells = [summary[a][part][snr] for a in arms]
+            row = "".join(f"{fmt_ci(c['wer']):<26}" for c in cells)
+            row += "".join(f"{fmt_ci(c['vs_start']):<26}" for c in cells[1:])
+            print(f"{part + ' ' + labels.get(part, ''):<12}{snr:>5}  {row}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small run (3 x 3 x 5, batch 2)")
+    p.add_argument("--quick", action="store_true", help="a small run to time the benchmark (4 x 2 x 2, batch 2)")
     p.add_argument("--model", default="whisper-base")
-    p.add_argument("--non-iid", default="voices")
-    p.add_argument("--actors", type=int, default=1, help="client processes (1: clients run in turn)")
-    p.add_argument("--engine", default="simulation", choices=("simulation", "local"), help="local: one process, no Ray")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--jsc", default=START, help="the start codec (a checkpoint folder, or default)")
+    p.add_argument("--lr", type=float, default=LR, help="learning rate on every side")
+    for opt in ("clients", "rounds", "local_steps", "batch_size", "n_train", "n_test"):
+        p.add_argument("--" + opt.replace("_", "-"), dest=opt, type=int, default=None)
+    p.add_argument("--engine", default="local", choices=("simulation", "local"), help="local: one process, no Ray")
+    p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/federated.json)")
+    p.add_argument("--reuse", action="store_true", help="take finished arms from runs/<out's name>/ instead of training")
     a = p.parse_args(argv)
 
-    from semedge.semcom.federated.config import FederateConfig
-    from semedge.semcom.federated.flower_server import run_simulation
-    from semedge.cli_federate import print_summary
-
-    sizes = QUICK if a.quick else FULL
-    cfg = FederateConfig(model=a.model, non_iid=a.non_iid, engine=a.engine, threads=1, **sizes).validate()
-    out = a.out or RESULTS / ("federated_quick" if a.quick else "federated")
-    if a.engine == "local":
-        from semedge.semcom.federated.local_grid import run_local
-
-        res = run_local(cfg, Path("runs") / out.name)
-    else:
-        res = run_simulation(cfg, Path("runs") / out.name, a.actors)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from semedge.core.files import write_atomic
+    from semedge.semcom.federated.data import client_label
+    from semedge.semcom.federated.evaluate import summarise
 
-    write_atomic(out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
-    print_summary(res)
-    print(f"wrote {out.with_suffix('.json')}")
+    fed, central = configs(a)
+    out = a.out or RESULTS / "federated.json"
+    work = Path("runs") / out.stem
+    fed_res, fed_s = train(fed, work / "federated", a.reuse)
+    cen_res, cen_s = train(central, work / "centralised", a.reuse)
+    arms = {"start": fed.jsc, "federated": fed_res["checkpoint"], "centralised": cen_res["checkpoint"]}
+    pairs, eval_s = score(fed, arms)
+    labels = {str(i): client_label(fed.non_iid, i) for i in range(fed.clients)} | {"all": "pooled"}
+    summary = summarise(pairs, references=("start", "centralised"))
+    res = {"config": {"federated": json.loads(fed.to_json()), "centralised": json.loads(central.to_json())},
+           "equal": EQUAL, "not_equal": NOT_EQUAL, "clients": labels, "decoder": "ctranslate2 int8",
+           "wer": summary, "pairs": {a: {str(k): v for k, v in per.items()} for a, per in pairs.items()},
+           "rounds": {"federated": round_figures(fed_res), "centralised": round_figures(cen_res)},
+           "loss_per_step": {"federated": [r["loss_per_step"] for r in fed_res["rounds"]],
+                             "centralised": [r["loss_per_step"] for r in cen_res["rounds"]]},
+           "seconds": {"federated": fed_s, "centralised": cen_s, "eval": eval_s}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(res, indent=1) + "\n")
+    print_table(summary, labels, fed.eval_snrs)
+    for r in res["rounds"]["federated"]:
+        print(f"round {r['round']}: {r['seconds']:.0f} s; " + ", ".join(
+            f"client {p}: up {c['up_mb']:.2f} MB / down {c['down_mb']:.2f} MB" for p, c in r["clients"].items()))
+    print(f"wrote {out}")
     return 0
 
 

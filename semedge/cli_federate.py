@@ -43,7 +43,7 @@ def print_summary(res: dict) -> None:
     tags = [t for t in ("start", "global", "personal") if t in wer]
     snrs = res["config"]["eval_snrs"]
     typer.echo("client        SNR   " + "".join(f"{t:<26}" for t in tags))
-    for part in sorted(wer["start"], key=int):
+    for part in sorted(wer.get("start", {}), key=int):
         for snr in snrs:
             cells = "".join(f"{fmt_ci(wer[t].get(part, {}).get(snr)):<26}" for t in tags)
             typer.echo(f"{part} {labels.get(part, ''):<10} {snr:>4}  {cells}")

@@ -61,12 +61,14 @@ class DeviceRuntime:
         codec = JSCCodec(JSCConfig.from_dict(json.loads(jsc_config)))
         self.half = S.DeviceHalf(self.loaded, codec, cfg.lora_spec())
         self.channel = make_channel(cfg.channel)
-        self.data: dict[tuple[int, str], ClientData] = {}
+        self.data: dict[tuple, ClientData] = {}
 
     def client(self, part: int, split: str) -> ClientData:
-        if (part, split) not in self.data:
-            self.data[(part, split)] = client_data(self.loaded, self.cfg, part, split)
-        return self.data[(part, split)]
+        c = self.cfg  # the key names all the data depends on: a later run in this process may differ
+        key = (part, split, c.non_iid, c.clients, c.pool, c.n_train, c.n_test)
+        if key not in self.data:
+            self.data[key] = client_data(self.loaded, c, part, split)
+        return self.data[key]
 
     def load(self, arrays: dict[str, np.ndarray], prefix: str = "") -> None:
         """Set the device half's parameters (and the codec's statistics) from `arrays`."""

@@ -43,6 +43,8 @@ class FederateConfig:
     round_timeout_s: float = 600.0  # a step's replies are waited for this long; late or dead clients drop out
     min_clients: int = 1  # a round's quorum: fewer final replies and the global model is kept (docs/federated.md)
     port: int = 0  # deployment: the SuperLink's port on 127.0.0.1 (0: a free one)
+    pool: int = 0  # > 0: the centralised arm: one client holding the data of `pool` non-IID clients (data.py)
+    evaluate: bool = True  # False: no WER inside the run (a benchmark scores the checkpoints itself)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -68,6 +70,10 @@ class FederateConfig:
         _at_least(self.n_test, 1, "--n-test", "--n-test 20")
         _at_least(self.personal_steps, 0, "--personal-steps", "--personal-steps 3")
         _at_least(self.min_clients, 1, "--min-clients", "--min-clients 1")
+        _at_least(self.pool, 0, "pool", "pool=4")
+        if self.pool and self.clients != 1:
+            raise UserError(f"pool={self.pool} is the centralised arm: one client holds the pooled data, not {self.clients}",
+                            "set clients=1 with pool > 0")
         if self.min_clients > self.clients:
             raise UserError(f"--min-clients {self.min_clients} is more than --clients {self.clients}",
                             f"give at most {self.clients}, e.g. --min-clients 1")

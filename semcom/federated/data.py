@@ -6,6 +6,8 @@ Non-IID partitions of N clients (client i of N):
 - speeds:  espeak voices, client i's audio tempo-changed by SPEED_FACTORS[i % 3] (sox, pitch kept);
 - none:    the voice-family mix, disjoint sentences.
 Train and test sets follow the same rule on the train and test splits (disjoint by sentence).
+The centralised arm (`FederateConfig.pool` = P): one client holding the union of the data of
+clients 0..P-1 of P under the same rule, in that order.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ class ClientData:
         return DeviceBatch([self.mels[i] for i in idx], [self.frames[i] for i in idx], [self.ids[i] for i in idx])
 
 
-def client_label(non_iid: str, i: int) -> str:
+def client_label(non_iid: str, i: int, pool: int = 0) -> str:
     from semedge.semcom.tasks.speech import FAMILIES
 
+    if pool:
+        return f"pool of {pool}"
     if non_iid == "voices":
         return FAMILIES[i % len(FAMILIES)]
     if non_iid == "corpora":
@@ -85,13 +89,16 @@ def client_data(loaded, cfg: FederateConfig, i: int, split: str) -> ClientData:
     from semedge.semcom.training.data import target_ids
 
     n = cfg.n_train if split == "train" else cfg.n_test
-    utts = client_utterances(cfg.non_iid, i, cfg.clients, split, n)
+    if cfg.pool:
+        utts = [u for j in range(cfg.pool) for u in client_utterances(cfg.non_iid, j, cfg.pool, split, n)]
+    else:
+        utts = client_utterances(cfg.non_iid, i, cfg.clients, split, n)
     utts = [u for u in utts if len(u.audio) <= 30 * SAMPLE_RATE]
     fe = loaded.feature_extractor
     mels = [fe(u.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features[0, :, : window_frames(len(u.audio))]
             for u in utts]
     return ClientData(mels, [content_frames(len(u.audio)) for u in utts], [target_ids(loaded, u.text) for u in utts],
-                      [u.text for u in utts], client_label(cfg.non_iid, i))
+                      [u.text for u in utts], client_label(cfg.non_iid, i, cfg.pool))
 
 
 def step_indices(n: int, batch_size: int, seed: int, client: int, rnd: int, step: int) -> list[int]:

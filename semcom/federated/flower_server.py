@@ -196,13 +196,17 @@ def run_server(grid: Grid, cfg: FederateConfig, out) -> dict:
     d = Driver(grid, cfg, SplitServer(cfg))
     strategy = strategy_for(cfg)
     _wait_for_clients(grid, cfg.clients, cfg.round_timeout_s)
-    res = {"config": json.loads(cfg.to_json()), "wer": {"start": evaluate(d, "start")}, "rounds": []}
+    res = {"config": json.loads(cfg.to_json()), "wer": {}, "rounds": []}
+    if cfg.evaluate:
+        res["wer"]["start"] = evaluate(d, "start")
     for rnd in range(1, cfg.rounds + 1):
         res["rounds"].append(train_round(d, strategy, rnd))
-    res["wer"]["global"] = evaluate(d, "global")
+    if cfg.evaluate:
+        res["wer"]["global"] = evaluate(d, "global")
     if cfg.personal_steps:
         personalise(d)
-        res["wer"]["personal"] = evaluate(d, "personal", personal=True)
+        if cfg.evaluate:
+            res["wer"]["personal"] = evaluate(d, "personal", personal=True)
     res["clients"] = {str(v["partition"]): _client_label(cfg, v["partition"]) for v in d.ledger.clients.values()}
     res["failures"] = d.failures
     res["accounting"] = d.ledger.to_dict()
@@ -217,7 +221,7 @@ def run_server(grid: Grid, cfg: FederateConfig, out) -> dict:
 def _client_label(cfg: FederateConfig, part: int) -> str:
     from semedge.semcom.federated.data import client_label
 
-    return client_label(cfg.non_iid, part)
+    return client_label(cfg.non_iid, part, cfg.pool)
 
 
 def _wait_for_clients(grid: Grid, n: int, timeout_s: float) -> None:

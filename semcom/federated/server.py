@@ -110,7 +110,7 @@ class SplitServer:
         spec = self.cfg.lora_spec()
         man = {"lora": dataclasses.asdict(spec), "qlora": False, "channels": [self.cfg.channel],
                "snr_range_db": [self.cfg.snr_low, self.cfg.snr_high], "seed": self.cfg.seed,
-               "data": {"task": "speech", "split": "train", "n_train": self.cfg.n_train * self.cfg.clients, "n_val": 0},
+               "data": {"task": "speech", "split": "train", "n_train": self.cfg.n_train * max(self.cfg.clients, self.cfg.pool), "n_val": 0},
                "federated": json.loads(self.cfg.to_json()), **info}
         return save_checkpoint(path, self.loaded, self.codec_now(), adapters=adapters or None, info=man)
 

@@ -79,8 +79,14 @@ class DeviceHalf(nn.Module):
     def forward(self, batch: DeviceBatch, channel, snr_db, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(y [B, m, k] what the receiver gets, mask [B, m]); x is zero past each message's end."""
         h, mask = self.features(batch)
-        x = self.jsc(h) * mask.unsqueeze(-1).to(h.dtype)
+        x = self.encode(h, batch.frames)
         return channel(x, snr_db, generator=generator), mask
+
+    def encode(self, h: torch.Tensor, frames: list[int]) -> torch.Tensor:
+        """JSC-encode each message over its own content rows only (a power="message" codec scales
+        over the frames it sends, not the padding); x [B, m, k], zero past each end."""
+        m = h.shape[1]
+        return torch.stack([nn.functional.pad(self.jsc(h[i:i + 1, :n])[0], (0, 0, 0, m - n)) for i, n in enumerate(frames)])
 
 
 # the wire ---------------------------------------------------------------------
