@@ -2,8 +2,8 @@
 
 Per node (after shape inference): FLOPs and bytes moved (inputs + outputs +
 weights). Roofline time per node = max(flops / (peak[prec] * eff[class]),
-bytes / (bandwidth * eff[memory])), plus a per-node overhead; a fixed cost per
-run on top. The efficiency factors are fitted by least squares on measured
+bytes / (bandwidth * eff[memory])), plus unpacking of packed (int4) weights and a
+per-node overhead; a fixed cost per run on top. The efficiency factors are fitted by least squares on measured
 variants (`calibrate`). numpy + onnx only: this runs on a device.
 """
 
@@ -28,7 +28,16 @@ from semedge.core.errors import UserError
 # Classes with their own efficiency factor. Compute classes are bounded by a peak,
 # "memory" by bandwidth.
 COMPUTE_CLASSES = ("matmul_fp32", "matmul_fp16", "matmul_int8", "matmul_int4", "attention", "conv")
-CLASSES = COMPUTE_CLASSES + ("memory",)
+# Added to a node's roofline time, only once a calibration has fitted them (no default):
+# "dequant", unpacking packed weights each run (MatMulNBits unpacks all K x N, whatever the
+# rows; elements at the fp32 peak), and "weights", streaming a matmul's or conv's weights from
+# memory each run (bytes at the bandwidth). Both matter most for short inputs.
+ADDED_CLASSES = ("dequant", "weights")
+CLASSES = COMPUTE_CLASSES + ("memory",) + ADDED_CLASSES
+# Fitted with another class's factor: on a CPU, attention's activation x activation MatMuls and
+# the convolutions run the same fp32 GEMM; fitted apart, they trade time with the other classes
+# (the least-squares fit zeroed them on some runs and lost the quadratic attention term).
+TIED = {"attention": "matmul_fp32", "conv": "matmul_fp32"}
 
 # Defaults before any calibration (rough CPU figures).
 DEFAULT_EFFICIENCY = {
@@ -72,6 +81,7 @@ class NodeCost:
     inputs: tuple[tuple[str, float], ...] = ()  # (tensor, bytes) of non-constant inputs
     outputs: tuple[str, ...] = ()
     dtypes: tuple[int, ...] = ()  # onnx element types of its inputs and outputs (EPs without float64)
+    dequant: float = 0.0  # packed weight elements unpacked per run (MatMulNBits: K x N)
 
 
 @dataclass
@@ -275,7 +285,9 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
     if all(i in consts for i in ins) or op in _VIEW_OPS:
         return NodeCost(node.name, op, "free", 0.0, 0.0, 0.0, node.domain)
     attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
-    flops, cls = 0.0, "memory"
+    if op == "Gather" and ins[0] in consts:  # an embedding lookup reads its rows, not the table
+        io_bytes = 2 * sum(_nbytes(o, shapes, types) for o in outs) + sum(_nbytes(i, shapes, types) for i in ins[1:])
+    flops, cls, dequant = 0.0, "memory", 0.0
     a = shapes.get(ins[0]) if ins else None
     if op in ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
               "MatMulNBits", "Gemm") and a is not None and out_shape is not None:
@@ -284,6 +296,7 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
         weight_in = len(ins) > 1 and ins[1] in consts
         if op == "MatMulNBits":
             cls = "matmul_int8" if int(attrs.get("accuracy_level", 0)) == 4 else "matmul_int4"
+            dequant = float(attrs["K"]) * float(attrs["N"])
         elif op in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
             cls = "matmul_int8"
         elif not weight_in:
@@ -302,7 +315,8 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
         flops = _numel(out_shape) * _ELEM_FLOPS.get(op, 1)
     edges = tuple((i, _nbytes(i, shapes, types)) for i in ins if i not in consts)
     dtypes = tuple(sorted({types[t] for t in ins + outs if t in types}))
-    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes, node.domain, edges, tuple(outs), dtypes)
+    return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes, node.domain, edges, tuple(outs), dtypes,
+                    dequant)
 
 
 def _const_names(model: onnx.ModelProto) -> set[str]:
@@ -383,7 +397,8 @@ def _peak(peaks, cls: str) -> float:
 def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | None = None,
                unit: str | None = None) -> list[tuple[str, float]]:
     """(bound class, seconds) per non-free node: the roofline max of compute and memory time, each
-    node on the unit of the EP that takes it (`unit`: every node on that unit, e.g. for calibration)."""
+    node on the unit of the EP that takes it (`unit`: every node on that unit, e.g. for calibration).
+    A node with packed weights adds a second entry, ("dequant", unpacking time)."""
     out = []
     for n, ep in partition(cost, profile):
         u = unit or _modelled_unit(profile, ep)
@@ -395,6 +410,10 @@ def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | 
             continue
         t_comp = n.flops / (_peak(peaks, n.cls) * e[n.cls])
         out.append((n.cls, t_comp) if t_comp >= t_mem else ("memory", t_mem))
+        if n.dequant and "dequant" in e:
+            out.append(("dequant", n.dequant / (_peak(peaks, "dequant") * e["dequant"])))
+        if n.weight_bytes and "weights" in e and n.cls in COMPUTE_CLASSES:
+            out.append(("weights", n.weight_bytes / (bw_gbs * 1e9 * e["weights"])))
     return out
 
 
@@ -475,17 +494,21 @@ def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, it
         pred = np.array([predict_latency_ms(c, profile, unit) for c, _ in samples])
         ratio = float(np.exp(np.mean(np.log(pred / meas))))  # >1: device faster than predicted
         for c in CLASSES:
-            e[c] = float(e[c] * ratio)
+            if c in e:
+                e[c] = float(e[c] * ratio)
         e["overhead_us_per_node"] /= ratio
         e["fixed_ms"] /= ratio
         iters = 0
+    else:
+        for c in ADDED_CLASSES:
+            e.setdefault(c, 1.0)  # fitted below; a zero coefficient leaves it negligible
     for _ in range(iters):
         cols = CLASSES + ("overhead", "fixed")
         a = np.zeros((len(samples), len(cols)))
         for r, (cost, _) in enumerate(samples):
             for cls, s in node_times(cost, profile, e, unit):
                 # s * eff = nominal time at the peak; coefficient to fit is 1/eff
-                a[r, cols.index(cls)] += 1e3 * s * e[cls]
+                a[r, cols.index(TIED.get(cls, cls))] += 1e3 * s * e[cls]
             a[r, cols.index("overhead")] = cost.n_nodes * 1e-3
             a[r, cols.index("fixed")] = 1.0
         used = a.any(axis=0)
@@ -495,10 +518,11 @@ def calibrate(samples: list[tuple[GraphCost, float]], profile: DeviceProfile, it
         for j, c in enumerate(cols[: len(CLASSES)]):
             if used[j]:  # a zero coefficient means "no measurable time": a very high factor
                 e[c] = float(1.0 / max(x[j], 1e-3))
+        e.update({c: e[t] for c, t in TIED.items()})
         e["overhead_us_per_node"] = float(x[cols.index("overhead")])
         e["fixed_ms"] = float(x[cols.index("fixed")])
     cur = profile.efficiency.model_dump()
-    fitted = {c: round(e[c], 4) for c in CLASSES}
+    fitted = {c: round(e[c], 4) for c in CLASSES if c in e}
     fitted.update(overhead_us_per_node=round(e["overhead_us_per_node"], 3), fixed_ms=round(e["fixed_ms"], 4))
     keep = {k: cur[k] for k in ("runtime_mb", "arena_factor", "weights_factor") if cur.get(k) is not None}
     return Efficiency(**fitted, **keep, calibrated_on=label or f"{len(samples)} samples")

@@ -93,6 +93,8 @@ class Efficiency(_Strict):
     attention: float | None = Field(default=None, gt=0)
     conv: float | None = Field(default=None, gt=0)
     memory: float | None = Field(default=None, gt=0)
+    dequant: float | None = Field(default=None, gt=0)
+    weights: float | None = Field(default=None, gt=0)
     overhead_us_per_node: float | None = Field(default=None, ge=0)
     fixed_ms: float | None = Field(default=None, ge=0)
     runtime_mb: float | None = Field(default=None, ge=0)

@@ -53,6 +53,30 @@ def test_quantized_classes(tiny, tmp_path):
     assert not c4.unresolved
     c32 = costmodel.analyze(tiny, length=16)
     assert c4.weight_bytes < 0.3 * c32.weight_bytes and c8.weight_bytes < 0.4 * c32.weight_bytes
+    # MatMulNBits unpacks all K x N weights each run; the other kinds unpack nothing
+    assert sum(n.dequant for n in c4.nodes) == pytest.approx(2 * 2 * 64 * 256)
+    assert sum(n.dequant for n in c8.nodes) == sum(n.dequant for n in c32.nodes) == 0
+    # an uncalibrated profile leaves the added terms out; a fitted one adds time for them
+    prof = load_profile("raspberry-pi-5")
+    assert "dequant" not in {cls for cls, _ in costmodel.node_times(c4, prof)}
+    fitted = prof.model_copy(update={"efficiency": prof.efficiency.model_copy(update={"dequant": 0.05})})
+    assert costmodel.predict_latency_ms(c4, fitted) > costmodel.predict_latency_ms(c4, prof)
+
+
+def test_gather_reads_rows_not_table(tmp_path):
+    """An embedding lookup moves the rows it gathers, not the whole (large) table."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((50000, 64), np.float32), "table")
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "t"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table])
+    p = tmp_path / "gather.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    (n,) = [n for n in costmodel.analyze(p, length=32).nodes if n.op_type == "Gather"]
+    assert n.bytes == pytest.approx(2 * 32 * 64 * 4 + 32 * 8)
+    assert n.weight_bytes == pytest.approx(50000 * 64 * 4)  # the table still counts as weights
 
 
 def test_prediction_scales_with_device(tiny):
@@ -65,10 +89,11 @@ def test_prediction_scales_with_device(tiny):
 
 
 def test_calibration_recovers_factors(tiny):
-    """Synthetic 'measurements' from known factors: the fit must recover them."""
+    """Synthetic 'measurements' from known factors: the fit must recover them (attention and
+    conv share matmul_fp32's factor: costmodel.TIED)."""
     prof = load_profile("raspberry-pi-5")
-    truth = prof.efficiency.model_copy(update=dict(matmul_fp32=0.3, attention=0.1, memory=0.4,
-                                                   overhead_us_per_node=20.0, fixed_ms=0.5))
+    truth = prof.efficiency.model_copy(update=dict(matmul_fp32=0.3, attention=0.3, conv=0.3, memory=0.4,
+                                                   weights=2.0, overhead_us_per_node=20.0, fixed_ms=0.5))
     true_prof = prof.model_copy(update={"efficiency": truth})
     costs = []
     for seed, (d, f) in enumerate([(64, 256), (128, 512), (96, 128)]):
@@ -82,6 +107,7 @@ def test_calibration_recovers_factors(tiny):
     fitted = prof.model_copy(update={"efficiency": eff})
     err = [costmodel.predict_latency_ms(c, fitted) / m - 1 for c, m in samples]
     assert max(abs(e) for e in err) < 0.02
+    assert eff.weights == pytest.approx(2.0, rel=0.05) and eff.attention == eff.matmul_fp32
     before = [costmodel.predict_latency_ms(c, prof) / m - 1 for c, m in samples]
     assert max(abs(e) for e in before) > 0.2  # the test can fail: defaults are far off
 
