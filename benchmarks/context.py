@@ -31,9 +31,10 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -157,12 +158,70 @@ def _build_kb(folder: Path, chosen) -> tuple:
     return kb, words_of(docs.values()), stats
 
 
+def _hits(hyps, terms, f) -> list[tuple[int, int]]:
+    """(rare terms produced, rare terms) of each utterance that has any."""
+    rows = [(sum(1 for t in ts if t in f(h).split()), len(ts)) for h, ts in zip(hyps, terms)]
+    return [r for r in rows if r[1] > 0]
+
+
 def _recall(hyps, terms, f):
     from semedge.semcom import stats
 
-    rows = [(sum(1 for t in ts if t in f(h).split()), len(ts)) for h, ts in zip(hyps, terms)]
-    rows = [r for r in rows if r[1] > 0]
+    rows = _hits(hyps, terms, f)
     return stats.wer_ci(rows) if rows else None  # sum(hits) / sum(terms): the same ratio bootstrap
+
+
+def _paired_recall(base_hyps, hyps, terms) -> dict | None:
+    """Recall(B) - recall(A) on the same utterances and terms, paired bootstrap 95% interval."""
+    from semedge.semcom import stats
+    from semedge.semcom.metrics import normalizer_fn
+
+    f = normalizer_fn()
+    a, b = _hits(base_hyps, terms, f), _hits(hyps, terms, f)
+    return stats.paired_wer_diff(a, b) if a else None
+
+
+def _summarize(path: Path, merge: list[Path]) -> dict:
+    """Add paired recall differences (vs none; plug-in: after vs before) to a written result,
+    recomputing the rare terms from its sessions; `merge`: results of the same sessions at other SNRs."""
+    from semedge.semcom.context_data import kb_documents, rare_terms, sessions, words_of
+
+    out = json.loads(path.read_text())
+    for m in merge:
+        other = json.loads(m.read_text())
+        assert other["refs"] == out["refs"], f"{m} decodes other sessions"
+        out["rows"].update(other["rows"])
+        out.setdefault("merged", []).append({"file": m.name, "snrs": list(other["rows"]), "wall_s": other["wall_s"]})
+    by_id = {s.id: s for s in sessions(None, out.get("per_session", 4))}
+    chosen = [replace(by_id[i], sentences=by_id[i].sentences[:out.get("sentences") or None]) for i in out["session_ids"]]
+    earlier = [list(s.sentences[:j]) for s in chosen for j in range(len(s.sentences))]
+    words = words_of(kb_documents(chosen).values())
+    terms = {"rare": [rare_terms(t, e) for t, e in zip(out["refs"], earlier)],
+             "kb": [rare_terms(t, e, known=words) for t, e in zip(out["refs"], earlier)]}
+    for rows in out["rows"].values():
+        for name, row in rows.items():
+            if name != "none":
+                for kind, ts in terms.items():
+                    row[f"{kind}_recall_minus_none"] = _paired_recall(rows["none"]["hyps"], row["hyps"], ts)
+    return out
+
+
+def _plugin_summary(out: dict) -> None:
+    """after - before, paired: WER and recall over the added documents' rare terms."""
+    from semedge.semcom import stats
+    from semedge.semcom.context_data import kb_documents, rare_terms, sessions, words_of
+
+    every = sessions(None, 4)
+    ids = out.get("session_ids") or [s.id for s in every[out["first"]:out["first"] + out["sessions"]]]
+    chosen = [next(s for s in every if s.id == i) for i in ids]
+    docs = kb_documents(chosen)
+    own = [docs.get(s.id.rsplit(":", 1)[0], "") for s in chosen for _ in s.sentences]
+    terms = [rare_terms(t, [], known=words_of([o])) for t, o in zip(out["refs"], own)]
+    for key, r in out["plugin"].items():
+        if isinstance(r, dict) and "before" in r:
+            r["after_minus_before"] = {
+                "wer": stats.paired_wer_diff(r["before"]["word_errors"], r["after"]["word_errors"]),
+                "recall": _paired_recall(r["before"]["hyps"], r["after"]["hyps"], terms)}
 
 
 def _score(refs, hyps, terms, kb_terms, secs, nbytes, base_pairs=None) -> dict:
@@ -183,6 +242,74 @@ def _score(refs, hyps, terms, kb_terms, secs, nbytes, base_pairs=None) -> dict:
     return out
 
 
+def _kb_add_cli(folder: Path, docs: dict[str, str], files: Path) -> float:
+    """`semedge kb add` in its own process (as a user would, while the server runs); its seconds."""
+    import subprocess
+    import sys
+
+    files.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in docs.items():
+        paths.append(files / (name.replace(":", "_") + ".txt"))
+        paths[-1].write_text(text, encoding="utf-8")
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "semedge.cli", "kb", "add", "--kb", str(folder), *map(str, paths)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.perf_counter() - t0
+
+
+def _doc_hits(prompts, own) -> int:
+    """Prompts holding a passage of the message's own document (own: its KB text per message)."""
+    return sum(1 for p, o in zip(prompts, own) if p and o and any(x in o for x in p.split(". ") if len(x) > 20))
+
+
+def _plugin(args, chosen, server, msgs, refs, max_new, snrs) -> dict:
+    """Plug-in update: the KB starts without the sessions' documents; rag decodes, then `semedge kb add`
+    adds them (less the spoken sentences) while this KB connection (the server's) stays open, and the
+    same messages decode again. Recall over the rare words of each sentence found in its own document."""
+    from semedge.runtime.evaluate import receive
+    from semedge.semcom.context_data import kb_documents, rare_terms, words_of
+    from semedge.semcom.kb import KnowledgeBase
+    from semedge.semcom.stats import fmt_ci
+
+    docs = kb_documents(chosen)
+    own_ids = [s.id.rsplit(":", 1)[0] for s in chosen for _ in s.sentences]
+    new = {d: docs[d] for d in dict.fromkeys(own_ids) if d in docs}
+    own = [docs.get(d, "") for d in own_ids]
+    terms = [rare_terms(t, [], known=words_of([o])) for t, o in zip(refs, own)]
+    tmp = Path(tempfile.mkdtemp(prefix="semedge-plugin-kb-"))
+    kb = KnowledgeBase(tmp / "kb", create=True)
+    for name, text in docs.items():
+        if name not in new:
+            kb.add(name, text)
+    host, cfg, out = _host(kb, args.kb_passages), Config.parse("rag"), {"new_documents": len(new)}
+    passes = {}
+    for phase in ("before", "after"):
+        if phase == "after":
+            out["kb_add_s"] = round(_kb_add_cli(tmp / "kb", new, tmp / "files"), 1)
+        for snr in snrs:
+            key = "clean" if snr is None else f"{snr:g}dB"
+            rx = msgs if snr is None else receive(msgs, "awgn", snr, seed=0)
+            if key not in passes:
+                passes[key] = list(zip(*(_decode(server, x, "", m) for x, m in zip(rx, max_new))))
+            plain, psecs = passes[key]
+            r = _run(server, cfg, args.memory_items, chosen, rx, list(plain), psecs, max_new, {}, host)
+            row = _score(refs, r["hyps"], terms, terms, r["secs"], [], None)
+            row.update(own_doc_prompts=_doc_hits(r["prompts"], own), kb_documents=len(kb.list()))
+            out.setdefault(key, {"none": _score(refs, plain, terms, terms, psecs, [], None)})[phase] = row
+            print(f"plug-in {key:>6} {phase:>6}  WER {fmt_ci(row['wer'])}  recall {fmt_ci(row['rare_recall'])}  "
+                  f"own-doc prompts {row['own_doc_prompts']}/{len(refs)}", flush=True)
+    return out
+
+
+def _write(args, out: dict) -> None:
+    """The JSON, written whole to a temp name then renamed."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
+
+
 def _print_row(key: str, name: str, row: dict) -> None:
     from semedge.semcom.stats import fmt_ci
 
@@ -200,6 +327,8 @@ def _args(argv):
     ap.add_argument("--sessions", type=int, default=None, help="sessions (default 120, --quick 12)")
     ap.add_argument("--first", type=int, default=0, help="skip this many sessions first (a slice apart from the test run's)")
     ap.add_argument("--per-session", type=int, default=4)
+    ap.add_argument("--sentences", type=int, default=None,
+                    help="decode only each session's first N sentences (the same sessions, fewer messages)")
     ap.add_argument("--snrs", default="clean,10,5,0", help="AWGN SNRs in dB, 'clean' for no channel noise")
     ap.add_argument("--configs", "--rules", default=",".join(CONFIGS),
                     help="rows besides none: a memory rule (semcom/memory.py), rag, and/or guard joined by +")
@@ -209,6 +338,11 @@ def _args(argv):
     ap.add_argument("--model", default="whisper-base")
     ap.add_argument("--jsc", default="default")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plugin", action="store_true",
+                    help="the plug-in update run instead (rag before vs after `semedge kb add` of the sessions' documents)")
+    ap.add_argument("--summarize", type=Path, default=None,
+                    help="add paired recall differences to a written result (and --merge other SNRs' results), write --out")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[])
     ap.add_argument("--keep-prompts", action="store_true", help="write every prompt into the JSON")
     ap.add_argument("--out", type=Path, default=RESULTS / "context.json")
     return ap, ap.parse_args(argv)
@@ -216,6 +350,14 @@ def _args(argv):
 
 def main(argv=None) -> int:
     ap, args = _args(argv)
+    if args.summarize is not None:
+        out = json.loads(args.summarize.read_text())
+        if "plugin" in out:
+            _plugin_summary(out)
+        else:
+            out = _summarize(args.summarize, args.merge)
+        _write(args, out)
+        return 0
     n = args.sessions if args.sessions is not None else (12 if args.quick else 120)
 
     from semedge.core.errors import UserError
@@ -230,6 +372,10 @@ def main(argv=None) -> int:
                 parse_rule(c.rule)
         snrs = _snrs(args.snrs)
         chosen = sessions(None, args.per_session)[args.first:args.first + n]
+        if args.sentences is not None:
+            if not 2 <= args.sentences <= args.per_session:
+                raise UserError(f"--sentences {args.sentences}", f"use 2 to --per-session ({args.per_session})")
+            chosen = [replace(s, sentences=s.sentences[:args.sentences]) for s in chosen]
         if len(chosen) < n:
             raise UserError(f"{n} sessions from #{args.first} asked for, {len(chosen)} there", "ask for fewer")
     except (UserError, ValueError) as e:
@@ -242,10 +388,25 @@ def main(argv=None) -> int:
     max_new = [min(96, 8 + 2 * len(r.split())) for r in refs]
     server, ck, encoder = _setup(args)
     msgs = _messages(ck, encoder, utts)
+    if args.plugin:
+        out = {"refs": refs, "sessions": len(chosen), "first": args.first, "utterances": len(utts), "k": ck.k,
+               "session_ids": [s.id for s in chosen],
+               "kb_passages": args.kb_passages, "plugin": _plugin(args, chosen, server, msgs, refs, max_new, snrs)}
+        out["wall_s"] = round(time.perf_counter() - t0, 1)
+        _write(args, out)
+        print(f"wrote {args.out} ({out['wall_s']} s)")
+        return 0
     tmp = tempfile.TemporaryDirectory(prefix="semedge-context-kb-")
     kb, kb_words, kb_stats = _build_kb(Path(tmp.name), chosen) if any(c.rag for c in configs) else (None, frozenset(), {})
     kb_terms = [rare_terms(t, e, known=kb_words) for t, e in zip(refs, earlier)]
     host = _host(kb, args.kb_passages)
+    meta = {"refs": refs, "sessions": len(chosen), "first": args.first, "per_session": args.per_session,
+            "sentences": args.sentences, "utterances": len(utts), "rare_terms": sum(map(len, terms)),
+            "kb_terms": sum(map(len, kb_terms)), "memory_items": args.memory_items, "kb_passages": args.kb_passages,
+            "kb": kb_stats, "family": args.family, "model": args.model, "jsc": args.jsc, "k": ck.k,
+            "backend": "ct2-int8", "threads": args.threads, "channel": "awgn", "host": platform.node(),
+            "command": "python benchmarks/context.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "session_ids": [s.id for s in chosen]}
     rows = {}
     for snr in snrs:
         key = "clean" if snr is None else f"{snr:g}dB"
@@ -262,14 +423,9 @@ def main(argv=None) -> int:
                 row["prompts"] = r["prompts"]
             rows[key][c.name] = row
             _print_row(key, c.name, row)
-    out = {"refs": refs, "sessions": len(chosen), "first": args.first, "per_session": args.per_session,
-           "utterances": len(utts), "rare_terms": sum(map(len, terms)), "kb_terms": sum(map(len, kb_terms)),
-           "memory_items": args.memory_items, "kb_passages": args.kb_passages, "kb": kb_stats, "family": args.family,
-           "model": args.model, "jsc": args.jsc, "k": ck.k, "backend": "ct2-int8", "threads": args.threads,
-           "channel": "awgn", "host": platform.node(), "wall_s": round(time.perf_counter() - t0, 1), "rows": rows,
-           "session_ids": [s.id for s in chosen]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+        _write(args, {**meta, "wall_s": round(time.perf_counter() - t0, 1), "rows": rows})  # each SNR as it ends
+    out = {**meta, "wall_s": round(time.perf_counter() - t0, 1), "rows": rows}
+    _write(args, out)
     print(f"wrote {args.out} ({len(chosen)} sessions, {len(utts)} utterances, {out['rare_terms']} rare terms "
           f"in the session, {out['kb_terms']} in the KB or session, {out['wall_s']} s)")
     return 0
