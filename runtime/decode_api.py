@@ -325,14 +325,21 @@ def session_memory(host, pid: str, sid: str | None):
 async def _decode_with_context(host, pid: str, arr: np.ndarray, mem) -> list:
     """Messages one after another, each with a prompt: passages from the host's knowledge base
     (`kb`, semcom/kb.py) then the session memory's text, each decode stored in the memory.
-    The KB and corr search with a first-pass decode of the message (no prompt)."""
+    The KB and corr search with a first-pass decode of the message (no prompt); with
+    cfg.context_guard the answer is that first pass when semcom.memory.keep_prompted refuses
+    the prompted decode."""
+    from semedge.semcom.memory import keep_prompted
+
     loop, results = asyncio.get_running_loop(), []
-    kb = getattr(host, "kb", None)
+    kb, guard = getattr(host, "kb", None), getattr(host.cfg, "context_guard", False)
     for m in arr:
-        first = kb is not None or (mem is not None and mem.needs_query)
-        query = (await host.decode(pid, m[None]))[0][0] if first else None
+        first = kb is not None or guard or (mem is not None and mem.needs_query)
+        plain = (await host.decode(pid, m[None]))[0] if first else None
+        query = plain[0] if first else None
         prompt = await loop.run_in_executor(None, context_prompt, host, mem, query)  # embeds: off the event loop
         r = (await host.decode(pid, m[None], [prompt]))[0]
+        if guard and prompt and not keep_prompted(query, r[0], prompt):
+            r = plain  # the prompted decode ran on or copied the prompt: the first pass stands
         if mem is not None:
             await loop.run_in_executor(None, mem.add, r[0])
         results.append(r)

@@ -64,6 +64,7 @@ class ServerConfig:
     session_idle_s: float = 900.0  # a session idle this long is forgotten
     kb: str | None = None  # knowledge-base folder (semcom/kb.py): passages retrieved into every prompt
     kb_passages: int = 2  # passages per message
+    context_guard: bool = False  # answer the unprompted decode when the prompted one ran on or copied the prompt
     drain_s: float = 30.0  # on SIGTERM: how long accepted requests may take to finish before they are cut off
 
     def __post_init__(self):

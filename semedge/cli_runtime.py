@@ -269,6 +269,8 @@ def serve(
     memory_items: int = typer.Option(8, "--memory-items", help="items per session memory (with --memory)"),
     kb: Optional[Path] = typer.Option(None, "--kb", help="knowledge-base folder (`semedge kb add`): its best passages "
                                       "prompt the decoder; updates apply without a restart"),
+    context_guard: bool = typer.Option(False, "--context-guard", help="with --memory/--kb: decode each message without "
+                                       "the prompt too, and answer that when the prompted text ran on or copied the prompt"),
 ):
     """Serve every package under --packages: POST /v1/decode?package=ID[&session=S], GET /healthz, GET /metrics."""
     from semedge.runtime.server import ServerConfig
@@ -286,11 +288,12 @@ def serve(
     cfg = ServerConfig(max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_wait_ms=max_wait_ms,
                        max_new_tokens=max_new_tokens, backend=backend, compute_type=compute_type, workers=workers,
                        threads=max(1, threads or 1), memory=memory, memory_items=memory_items,
-                       kb=str(kb) if kb else None, drain_s=drain_s)
+                       kb=str(kb) if kb else None, context_guard=context_guard, drain_s=drain_s)
     if engine == "ray" or replicas or autoscale or address:
         return _serve_ray(packages, host, port, cfg, engine, trust=trust, replicas=replicas, autoscale=autoscale,
                           address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, auth=auth,
-                          unsupported={"--ssl-certfile": ssl_certfile, "--memory": memory, "--kb": kb})
+                          unsupported={"--ssl-certfile": ssl_certfile, "--memory": memory, "--kb": kb,
+                                       "--context-guard": context_guard or None})
     scheme = "https" if ssl_certfile else "http"
     typer.echo(f"serving {packages} on {scheme}://{host}:{port}" + (f" (auth: {auth})" if auth else ""), err=True)
     drained = run_server(packages, host=host, port=port, config=cfg, log_level=log_level, trust=trust, auth=auth,

@@ -104,3 +104,55 @@ def test_keep_prompted():
     prompt = "python lists hold many objects in order"
     assert not keep_prompted(plain, "python lists hold many objects", prompt)  # copied 5 words of the prompt
     assert keep_prompted("python lists hold many objects", "python lists hold many objects", prompt)  # heard, not copied
+
+
+class EchoHost:
+    """The decode API's host protocol with a decoder that echoes its prompt (as tests/test_memory.py's)."""
+
+    def __init__(self, guard):
+        from semedge.runtime.decode_api import ReplayCache
+        from semedge.runtime.server import Metrics, ServerConfig
+        from semedge.semcom.memory import MemoryConfig, Sessions
+
+        self.cfg, self.metrics, self.cache = ServerConfig(context_guard=guard), Metrics(), ReplayCache()
+        self.sessions = Sessions(MemoryConfig(rule="fifo", max_items=4), embed=toy_embed)
+        self.calls = []
+
+    def package_ids(self):
+        return {"p"}
+
+    async def limits(self, pid):
+        return 4, 64
+
+    async def decode(self, pid, arr, prompts=None):
+        self.calls.append(prompts)
+        return [(f"m{int(a[0, 0])}" + (f" after {prompts[i]}" if prompts and prompts[i] else ""), 0.0, 0.0, 1)
+                for i, a in enumerate(arr)]
+
+
+def _texts(guard):
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+
+    from semedge.runtime.client import to_npy
+    from semedge.runtime.decode_api import handle_decode
+
+    host, app = EchoHost(guard), FastAPI()
+
+    @app.post("/v1/decode")
+    async def decode(request: Request, package: str):
+        return await handle_decode(host, request, package)
+
+    c = TestClient(app)
+    out = [c.post("/v1/decode", params={"package": "p", "session": "s"},
+                  content=to_npy(np.full((1, 3, 4), n, np.float32))).json()["text"][0] for n in (1, 2, 3)]
+    return out, host
+
+
+def test_server_context_guard():
+    texts, host = _texts(False)
+    assert texts == ["m1", "m2 after m1", "m3 after m1 m2 after m1"]
+    texts, host = _texts(True)
+    assert texts == ["m1", "m2 after m1", "m3"]  # the third ran on past its first pass: the first pass answers
+    assert host.calls[:2] == [None, [""]] and host.calls[2:4] == [None, ["m1"]]  # a first pass before each prompt
+    assert host.sessions.get("p", "s").texts() == texts  # the memory holds the answers
