@@ -62,7 +62,9 @@ def train(cfg, out: Path, reuse: bool = False) -> tuple[dict, float]:
     done = out / "federated.json"
     if reuse and done.exists():
         res = json.loads(done.read_text())
-        if res["config"] != json.loads(cfg.to_json()):
+        now = json.loads(cfg.to_json())
+        if any(now.get(k) != v for k, v in res["config"].items()) or any(
+                now[k] != v for k, v in json.loads(type(cfg)().to_json()).items() if k not in res["config"]):
             raise SystemExit(f"{done} was run with another config: drop --reuse")
         return res, res["seconds"]
     t0 = time.perf_counter()
@@ -70,22 +72,28 @@ def train(cfg, out: Path, reuse: bool = False) -> tuple[dict, float]:
     return res, time.perf_counter() - t0
 
 
-def score(fed, arms: dict[str, str]) -> tuple[dict, dict]:
-    """(per-utterance pairs {arm: {client: {snr: [(errors, words)]}}}, seconds per arm) on the clients' test sets."""
+def score(fed, arms: dict[str, str], done: dict | None = None) -> tuple[dict, dict, dict]:
+    """(per-utterance pairs {arm: {client: {snr: [(errors, words)]}}}, seconds per arm, the unsplit model's
+    clean pairs) on the clients' test sets; arms in `done` (an earlier result's "pairs") are not scored again."""
     from semedge.semcom.federated.client import base_model
     from semedge.semcom.federated.data import client_data
     from semedge.semcom.federated.evaluate import arm_halves, score_arm
+    from semedge.semcom.split import identity_codec
 
     loaded = base_model(fed.model)
     tests = {i: client_data(loaded, fed, i, "test") for i in range(fed.clients)}
+    unsplit = score_arm(loaded, loaded.model.model.encoder, identity_codec(loaded), tests, fed.channel, ("inf",), fed.seed)
     pairs, secs = {}, {}
     for arm, jsc in arms.items():
+        if done and arm in done:
+            pairs[arm] = {int(k): {snr: [tuple(x) for x in v] for snr, v in per.items()} for k, per in done[arm].items()}
+            continue
         t0 = time.perf_counter()
         encoder, codec = arm_halves(loaded, jsc)
         pairs[arm] = score_arm(loaded, encoder, codec, tests, fed.channel, fed.eval_snrs, fed.seed)
         secs[arm] = time.perf_counter() - t0
         print(f"scored {arm} in {secs[arm]:.0f} s", flush=True)
-    return pairs, secs
+    return pairs, secs, unsplit
 
 
 def round_figures(res: dict) -> list[dict]:
@@ -94,6 +102,14 @@ def round_figures(res: dict) -> list[dict]:
              "clients": {p: {"up_mb": c["total_up"] / 1e6, "down_mb": c["total_down"] / 1e6, "up": c["up"], "down": c["down"]}
                          for p, c in sorted(r["clients"].items())}}
             for r in res["accounting"]["phases"].get("train", [])]
+
+
+def unsplit_summary(unsplit: dict) -> dict:
+    """The unsplit model's clean WER per client and pooled (identity codec: the encoder's content frames, no channel)."""
+    from semedge.semcom.stats import wer_ci
+
+    per = {str(p): wer_ci(v["inf"]) for p, v in unsplit.items()}
+    return {**per, "all": wer_ci([x for p in sorted(unsplit) for x in unsplit[p]["inf"]])}
 
 
 def print_table(summary: dict, labels: dict, snrs) -> None:
@@ -119,6 +135,7 @@ def main(argv=None) -> int:
         p.add_argument("--" + opt.replace("_", "-"), dest=opt, type=int, default=None)
     p.add_argument("--engine", default="local", choices=("simulation", "local"), help="local: one process, no Ray")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/federated.json)")
+    p.add_argument("--each", action="store_true", help="also a federated arm whose server steps once per client's uplink")
     p.add_argument("--reuse", action="store_true", help="take finished arms from runs/<out's name>/ instead of training")
     a = p.parse_args(argv)
 
@@ -129,22 +146,27 @@ def main(argv=None) -> int:
     fed, central = configs(a)
     out = a.out or RESULTS / "federated.json"
     work = Path("runs") / out.stem
-    fed_res, fed_s = train(fed, work / "federated", a.reuse)
-    cen_res, cen_s = train(central, work / "centralised", a.reuse)
-    arms = {"start": fed.jsc, "federated": fed_res["checkpoint"], "centralised": cen_res["checkpoint"]}
-    pairs, eval_s = score(fed, arms)
+    runs = {"federated": (fed, "federated"), "centralised": (central, "centralised")}
+    if a.each:
+        runs["federated_each"] = (dataclasses.replace(fed, server_update="each"), "federated-each")
+    trained = {arm: train(cfg, work / sub, a.reuse) for arm, (cfg, sub) in runs.items()}
+    arms = {"start": fed.jsc, **{arm: res["checkpoint"] for arm, (res, _) in trained.items()}}
+    done = json.loads(out.read_text()).get("pairs") if a.reuse and out.exists() else None
+    pairs, eval_s, unsplit = score(fed, arms, done)
     labels = {str(i): client_label(fed.non_iid, i) for i in range(fed.clients)} | {"all": "pooled"}
     summary = summarise(pairs, references=("start", "centralised"))
-    res = {"config": {"federated": json.loads(fed.to_json()), "centralised": json.loads(central.to_json())},
+    fed_res = trained["federated"][0]
+    res = {"config": {arm: json.loads(cfg.to_json()) for arm, (cfg, _) in runs.items()},
            "equal": EQUAL, "not_equal": NOT_EQUAL, "clients": labels, "decoder": "ctranslate2 int8",
            "wer": summary, "pairs": {a: {str(k): v for k, v in per.items()} for a, per in pairs.items()},
-           "rounds": {"federated": round_figures(fed_res), "centralised": round_figures(cen_res)},
-           "loss_per_step": {"federated": [r["loss_per_step"] for r in fed_res["rounds"]],
-                             "centralised": [r["loss_per_step"] for r in cen_res["rounds"]]},
-           "seconds": {"federated": fed_s, "centralised": cen_s, "eval": eval_s}}
+           "unsplit_clean": unsplit_summary(unsplit),
+           "rounds": {arm: round_figures(r) for arm, (r, _) in trained.items()},
+           "loss_per_step": {arm: [x["loss_per_step"] for x in r["rounds"]] for arm, (r, _) in trained.items()},
+           "seconds": {**{arm: sec for arm, (_, sec) in trained.items()}, "eval": eval_s}}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(res, indent=1) + "\n")
     print_table(summary, labels, fed.eval_snrs)
+    print("unsplit, clean: " + ", ".join(f"{p}: {v['value']:.3f}" for p, v in res["unsplit_clean"].items()))
     for r in res["rounds"]["federated"]:
         print(f"round {r['round']}: {r['seconds']:.0f} s; " + ", ".join(
             f"client {p}: up {c['up_mb']:.2f} MB / down {c['down_mb']:.2f} MB" for p, c in r["clients"].items()))

@@ -140,3 +140,23 @@ def test_summarise_pairs_each_arm_with_the_start_and_pools_the_clients():
     assert s["centralised"]["all"]["inf"]["vs_start"]["delta"] == 0.0
     assert "vs_start" not in s["start"]["0"]["inf"] and "vs_centralised" in s["federated"]["1"]["inf"]
     assert np.isfinite(s["federated"]["all"]["inf"]["vs_centralised"]["delta"])
+
+
+@pytest.mark.parametrize("update,steps", [("mean", 1), ("each", 2)])
+def test_the_server_steps_once_per_local_step_or_once_per_client(update, steps):
+    from semedge.semcom.federated import client as C
+    from semedge.semcom.federated.server import SplitServer
+
+    cfg = FederateConfig(clients=2, non_iid="speeds", server_update=update, **TINY).validate()
+    srv = SplitServer(cfg)
+    rt = C.runtime(cfg, srv.jsc_config)
+    ups = {part: C.begin(rt, part, 1, srv.global_arrays, False)[1] for part in range(2)}
+    downs, losses = srv.step(ups)
+    assert set(downs) == set(losses) == {0, 1}
+    p = next(iter(srv.side.jsc.parameters()))
+    assert int(srv.opt.state[p]["step"]) == steps
+
+
+def test_an_unknown_server_update_names_the_field():
+    with pytest.raises(UserError, match="server_update"):
+        FederateConfig(server_update="sum").validate()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from semedge.core.errors import UserError
 
 NON_IID = ("none", "voices", "corpora", "speeds")
+SERVER_UPDATES = ("mean", "each")  # the server's JSC decoder steps per local step (FederateConfig.server_update)
 ENGINES = ("simulation", "local", "deployment")  # local: one process, no Ray (local_grid.py)
 SPEED_FACTORS = (0.9, 1.0, 1.1)  # --non-iid speeds: client i speaks at SPEED_FACTORS[i % 3] (sox tempo)
 
@@ -45,6 +46,7 @@ class FederateConfig:
     port: int = 0  # deployment: the SuperLink's port on 127.0.0.1 (0: a free one)
     pool: int = 0  # > 0: the centralised arm: one client holding the data of `pool` non-IID clients (data.py)
     evaluate: bool = True  # False: no WER inside the run (a benchmark scores the checkpoints itself)
+    server_update: str = "mean"  # the JSC decoder per local step: one step on the clients' mean loss, or "each": one per client
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -85,6 +87,8 @@ class FederateConfig:
             raise UserError(f"--port {self.port} is not a TCP port", "give 1024-65535, or leave --port out to pick a free one")
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"--fraction {self.fraction} must lie in (0, 1]", "give the share of clients per round, e.g. --fraction 0.5")
+        if self.server_update not in SERVER_UPDATES:
+            raise UserError(f"server_update {self.server_update!r} is unknown", f"use one of {', '.join(SERVER_UPDATES)}")
         if self.non_iid not in NON_IID:
             raise UserError(f"--non-iid {self.non_iid!r} is unknown", f"use one of {', '.join(NON_IID)}")
         if self.engine not in ENGINES:

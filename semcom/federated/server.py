@@ -53,16 +53,31 @@ class SplitServer:
 
     def step(self, uplinks: dict[int, dict], train: bool = True) -> tuple[dict[int, dict], dict[int, float]]:
         """One local step for every client heard from: dL/dy back to each; the JSC decoder takes one
-        AdamW step on the mean of their losses (train=False: frozen, e.g. while clients personalise)."""
+        AdamW step on the mean of their losses, or (server_update "each") one step per client's uplink,
+        in turn (train=False: frozen, e.g. while clients personalise)."""
+        if train and self.cfg.server_update == "each":
+            return self._step_each(uplinks)
         self.opt.zero_grad(set_to_none=True)
         downs, losses = {}, {}
         for node, up in uplinks.items():
             losses[node], downs[node] = self.side.step(up, weight=1.0 / len(uplinks))
         if train and uplinks:
-            torch.nn.utils.clip_grad_norm_(list(self.side.jsc.parameters()), 1.0)
-            self.opt.step()
+            self._opt_step()
         self.opt.zero_grad(set_to_none=True)
         return downs, losses
+
+    def _step_each(self, uplinks: dict[int, dict]) -> tuple[dict[int, dict], dict[int, float]]:
+        downs, losses = {}, {}
+        for node, up in uplinks.items():
+            self.opt.zero_grad(set_to_none=True)
+            losses[node], downs[node] = self.side.step(up)
+            self._opt_step()
+        self.opt.zero_grad(set_to_none=True)
+        return downs, losses
+
+    def _opt_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(list(self.side.jsc.parameters()), 1.0)
+        self.opt.step()
 
     def update_global(self, aggregated: dict[str, np.ndarray]) -> None:
         unknown = set(aggregated) - set(self.global_arrays)
