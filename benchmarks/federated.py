@@ -6,11 +6,15 @@ Three arms from the same start codec (--jsc), scored on the same test speech:
                (`semedge federate`'s ServerApp and ClientApp, --engine local or simulation);
 - centralised: one client holding the union of the N clients' training data, the same split step,
                R rounds x (N x F x S) steps x batch B: the same number of split steps and examples.
+Two optional arms: --each, federated with the server's JSC decoder stepping once per client's uplink
+(as many server steps as the centralised arm); --short, centralised with R x S steps (as many
+sequential steps as the federated run, 1/N of the examples).
 WER clean / 10 dB per client and pooled over the clients (the common test set), 95% bootstrap
-intervals, paired differences to the start (and federated - centralised); bytes and time per round.
+intervals, paired differences to the start and to the centralised arm; the unsplit model's clean
+WER as a reference; bytes and time per round. --reuse takes finished arms from runs/<out's name>/.
 
     python benchmarks/federated.py --quick --out runs/fed-quick.json   # a few minutes: 4 x 2 x 2, 8 test utterances
-    python benchmarks/federated.py                                     # writes benchmarks/results/federated.json
+    python benchmarks/federated.py --each --short                      # writes benchmarks/results/federated.json
 """
 
 from __future__ import annotations
@@ -136,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="local", choices=("simulation", "local"), help="local: one process, no Ray")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/federated.json)")
     p.add_argument("--each", action="store_true", help="also a federated arm whose server steps once per client's uplink")
+    p.add_argument("--short", action="store_true",
+                   help="also a centralised arm with the federated run's sequential steps (R x S, 1/N of the examples)")
     p.add_argument("--reuse", action="store_true", help="take finished arms from runs/<out's name>/ instead of training")
     a = p.parse_args(argv)
 
@@ -149,12 +155,14 @@ def main(argv=None) -> int:
     runs = {"federated": (fed, "federated"), "centralised": (central, "centralised")}
     if a.each:
         runs["federated_each"] = (dataclasses.replace(fed, server_update="each"), "federated-each")
+    if a.short:
+        runs["centralised_short"] = (dataclasses.replace(central, local_steps=fed.local_steps), "centralised-short")
     trained = {arm: train(cfg, work / sub, a.reuse) for arm, (cfg, sub) in runs.items()}
     arms = {"start": fed.jsc, **{arm: res["checkpoint"] for arm, (res, _) in trained.items()}}
     done = json.loads(out.read_text()).get("pairs") if a.reuse and out.exists() else None
     pairs, eval_s, unsplit = score(fed, arms, done)
     labels = {str(i): client_label(fed.non_iid, i) for i in range(fed.clients)} | {"all": "pooled"}
-    summary = summarise(pairs, references=("start", "centralised"))
+    summary = summarise(pairs, references=("start", "centralised", "centralised_short"))
     fed_res = trained["federated"][0]
     res = {"config": {arm: json.loads(cfg.to_json()) for arm, (cfg, _) in runs.items()},
            "equal": EQUAL, "not_equal": NOT_EQUAL, "clients": labels, "decoder": "ctranslate2 int8",
