@@ -42,6 +42,10 @@ PRESETS = {
     "jsc": [r"(^|[/.])jsc[/.]"],
     "frontend": [r"(^|[/.])conv[12][/.]", r"embed_positions"],
     "first_last": [r"layers\.0[./]", r"layers\.{last}[./]"],
+    # what 8-bit activations cannot hold in Whisper (outliers): attention's activation x activation
+    # MatMuls (QK^T, AV) and the FFN output projections' inputs
+    "attention_matmuls": [r"self_attn/MatMul"],
+    "ffn_out": [r"(^|[/.])fc2[/.]"],
 }
 PRESETS["critical"] = PRESETS["jsc"] + PRESETS["frontend"] + PRESETS["first_last"]
 
