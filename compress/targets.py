@@ -33,7 +33,7 @@ FORMATS: dict[str, dict | None] = {
     "fp16": {"mode": "fp16"},
     # A8W8 where 8 bits hold: weight MatMuls/Gemms and convs; what Whisper's activation outliers
     # pass through stays fp32 (whisper-base, default codec, 6 held-out val utterances, cosine to
-    # fp32: every op quantized 0.45, this mix 0.997; benchmarks/results/nnapi_a8w8.json)
+    # fp32: every op quantized 0.45, this mix 0.997; benchmarks/a8w8.py)
     "qdq_a8w8": {"mode": "int8_static", "activations": "uint8", "op_types": ["MatMul", "Gemm", "Conv"],
                  "keep_fp32": ["jsc", "frontend", r"layers\.0[./]", "attention_matmuls", "ffn_out"]},
     "qdq_a16w8": {"mode": "int8_static", "activations": "uint16", "keep_fp32": ["jsc"]},
