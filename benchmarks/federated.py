@@ -35,6 +35,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = dict(clients=4, rounds=2, local_steps=2, batch_size=2, n_train=8, n_test=8)
 FULL = dict(clients=4, rounds=5, local_steps=10, batch_size=4, n_train=100, n_test=50)
 START = "runs/msg512-lofo-piper"  # trained without Piper voices: the Piper client brings a voice it never heard
+# how START was trained (runs/ is not in git; ~30 min on 2 cores)
+START_COMMAND = ("semedge train --model whisper-base --k 512 --init pca --power message --lr 5e-4 --channel awgn,rayleigh "
+                 "--snr-range -5 20 --rate-min 128 --batch-size 8 --mse-warmup 100 --n-train 1200 --n-val 40 --threads 1 "
+                 "--save-every 100 --kl-weight 1 --ce-weight 0.1 --feature-loss 0.1 --augment 0.5 --fp16 --steps 800 "
+                 "--max-minutes 70 --voices mix-piper --out " + START)
 LR = 1e-4  # every side: JSC encoder, encoder LoRA, JSC decoder
 EQUAL = ("start codec, loss (CE on the transcript, split step), optimiser (AdamW, clip 1, moments reset each round), "
          "learning rates, channel and SNR draws' distribution, batch size, number of split steps and of training "
@@ -144,6 +149,9 @@ def main(argv=None) -> int:
                    help="also a centralised arm with the federated run's sequential steps (R x S, 1/N of the examples)")
     p.add_argument("--reuse", action="store_true", help="take finished arms from runs/<out's name>/ instead of training")
     a = p.parse_args(argv)
+    if a.jsc == START and not Path(START).is_dir():
+        p.error(f"the start codec {START} is not here (runs/ is not in git); build it with:\n  {START_COMMAND}\n"
+                "or pass another checkpoint (or default) with --jsc")
 
     from semedge.core.files import write_atomic
     from semedge.semcom.federated.data import client_label
