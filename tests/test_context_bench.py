@@ -9,6 +9,7 @@ import numpy as np
 
 from semedge.semcom.kb import KnowledgeBase
 from semedge.semcom.memory import keep_prompted
+from test_memory import EchoHost  # the decode API's host with a decoder that echoes its prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ["python", "weather", "pasta", "quantum"]
@@ -106,30 +107,6 @@ def test_keep_prompted():
     assert keep_prompted("python lists hold many objects", "python lists hold many objects", prompt)  # heard, not copied
 
 
-class EchoHost:
-    """The decode API's host protocol with a decoder that echoes its prompt (as tests/test_memory.py's)."""
-
-    def __init__(self, guard):
-        from semedge.runtime.decode_api import ReplayCache
-        from semedge.runtime.server import Metrics, ServerConfig
-        from semedge.semcom.memory import MemoryConfig, Sessions
-
-        self.cfg, self.metrics, self.cache = ServerConfig(context_guard=guard), Metrics(), ReplayCache()
-        self.sessions = Sessions(MemoryConfig(rule="fifo", max_items=4), embed=toy_embed)
-        self.calls = []
-
-    def package_ids(self):
-        return {"p"}
-
-    async def limits(self, pid):
-        return 4, 64
-
-    async def decode(self, pid, arr, prompts=None):
-        self.calls.append(prompts)
-        return [(f"m{int(a[0, 0])}" + (f" after {prompts[i]}" if prompts and prompts[i] else ""), 0.0, 0.0, 1)
-                for i, a in enumerate(arr)]
-
-
 def _texts(guard):
     from fastapi import FastAPI, Request
     from fastapi.testclient import TestClient
@@ -137,7 +114,7 @@ def _texts(guard):
     from semedge.runtime.client import to_npy
     from semedge.runtime.decode_api import handle_decode
 
-    host, app = EchoHost(guard), FastAPI()
+    host, app = EchoHost(max_items=4, guard=guard, embed=toy_embed), FastAPI()
 
     @app.post("/v1/decode")
     async def decode(request: Request, package: str):

@@ -104,12 +104,12 @@ def test_sessions_are_isolated_and_expire():
 class EchoHost:
     """The decode API's host protocol (runtime/decode_api.py) with a decoder that echoes its prompt."""
 
-    def __init__(self, rule="fifo"):
+    def __init__(self, rule="fifo", max_items=2, guard=False, embed=toy_embed):
         from semedge.runtime.decode_api import ReplayCache
         from semedge.runtime.server import Metrics, ServerConfig
 
-        self.cfg, self.metrics, self.cache = ServerConfig(), Metrics(), ReplayCache()
-        self.sessions = Sessions(MemoryConfig(rule=rule, max_items=2), embed=toy_embed)
+        self.cfg, self.metrics, self.cache = ServerConfig(context_guard=guard), Metrics(), ReplayCache()
+        self.sessions = Sessions(MemoryConfig(rule=rule, max_items=max_items), embed=embed)
         self.calls = []
 
     def package_ids(self):
