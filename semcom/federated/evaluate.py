@@ -40,16 +40,6 @@ def received(codec, feats: list[torch.Tensor], channel, snr_db: float, seed: int
     return [channel(codec.encoder(h.unsqueeze(0)), snr_db, generator=g)[0] for h in feats]
 
 
-def make_server(loaded, codec, threads: int = 1):
-    """The server half: the arm's JSC decoder, Whisper's decoder on CTranslate2 int8."""
-    from semedge.semcom.ct2_backend import engine_for
-    from semedge.semcom.split import ServerHalf, silence_encoding
-
-    server = ServerHalf(loaded, codec.decoder, silence_encoding(loaded)).eval()
-    server.ct2 = engine_for(loaded, "int8", threads=threads)
-    return server
-
-
 def transcribe(server, msgs: list[torch.Tensor]) -> list[str]:
     out = []
     for b in range(0, len(msgs), DECODE_BATCH):
@@ -64,7 +54,11 @@ def score_arm(loaded, encoder, codec, tests: dict[int, ClientData], channel: str
     from semedge.semcom.channels import make_channel
     from semedge.semcom.metrics import word_errors_per_utt
 
-    ch, server, out = make_channel(channel), make_server(loaded, codec, threads), {}
+    from semedge.semcom.split import silence_encoding
+    from semedge.semcom.training.evaluate import server_half
+
+    ch, out = make_channel(channel), {}
+    server = server_half(loaded, codec, silence_encoding(loaded), "ct2", threads)  # the arm's JSC decoder, Whisper on ct2 int8
     for part, data in tests.items():
         feats = encoder_features(encoder, data)
         out[part] = {}

@@ -19,15 +19,15 @@ from semedge.semcom.training.data import Example, speech_examples
 from semedge.semcom.training.feature_cache import cached_speech_features
 
 
-def _server(loaded, codec, silence, backend: str):
-    """The server half that decodes: PyTorch, or CTranslate2 ('ct2' int8, 'ct2-float32')."""
+def server_half(loaded, codec, silence, backend: str, threads: int = 0):
+    """The server half that decodes: PyTorch, or CTranslate2 ('ct2' int8, 'ct2-float32'; threads 0: its default)."""
     from semedge.semcom.split import ServerHalf
 
     server = ServerHalf(loaded, codec.decoder, silence).eval()
     if backend.startswith("ct2"):
         from semedge.semcom.ct2_backend import engine_for
 
-        server.ct2 = engine_for(loaded, "float32" if backend == "ct2-float32" else "int8")
+        server.ct2 = engine_for(loaded, "float32" if backend == "ct2-float32" else "int8", threads=threads)
     elif backend != "torch":
         raise UserError(f"backend {backend!r} is unknown", "use torch, ct2 or ct2-float32")
     return server
@@ -46,7 +46,7 @@ def transmit_examples(loaded, codec, examples: list[Example], channel: str, snr_
 
     if silence is None and loaded.task.fills_silence:
         silence = silence_encoding(loaded)
-    server = _server(loaded, codec, silence, backend)
+    server = server_half(loaded, codec, silence, backend)
     ch = make_channel(channel)
     gen = torch.Generator().manual_seed(seed)
     hyps, sent = [], []
