@@ -279,6 +279,9 @@ def serve(
     if max_batch < 1 or max_wait_ms < 0 or max_body_mb <= 0 or max_new_tokens < 1:
         raise UserError("--max-batch, --max-new-tokens and --max-body-mb must be positive, --max-wait-ms >= 0",
                         "e.g. --max-batch 8 --max-wait-ms 8 --max-body-mb 8")
+    if context_guard and not (memory or kb):
+        raise UserError("--context-guard guards a prompt, and without --memory or --kb there is none",
+                        "add --memory fifo or --kb DIR, or leave out --context-guard")
     import torch
 
     if threads is not None:

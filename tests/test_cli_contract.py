@@ -226,3 +226,9 @@ def test_export_json(tmp_path):
 def test_ray_options_bad_input_exit_2_nothing_written(args, words, tmp_path):
     one_line_error(run(*args, cwd=tmp_path), 2, *words)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_context_guard_needs_a_prompt(tmp_path):
+    """--context-guard without --memory or --kb would guard nothing: exit 2, one line, before anything loads."""
+    r = run("serve", "--packages", str(tmp_path), "--context-guard")
+    one_line_error(r, 2, "--context-guard", "--memory")
