@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semedge.compress.plan import Plan
+from semedge.compress.targets import FORMATS
 
-# Precisions of the device half (quantize_onnx configs; None = fp32).
+# Precisions of the device half (quantize_onnx configs; None = fp32), and the package format each makes
+# (compress/targets.py): a device is offered only those its first EP runs (runtime.partition.formats_for).
 PRECISIONS: dict[str, dict | None] = {
     "fp32": None,
     "fp16": {"mode": "fp16"},
@@ -15,8 +17,12 @@ PRECISIONS: dict[str, dict | None] = {
     "int4-b128": {"mode": "int4", "block_size": 128, "other_weights": "int8"},
     "int4-b32": {"mode": "int4", "block_size": 32, "other_weights": "int8"},
     "int4-mixed": {"mode": "int4", "block_size": 64, "keep_fp32": ["critical"]},
+    "qdq-a8w8": FORMATS["qdq_a8w8"],  # NNAPI, QNN: static QDQ, the mix `semedge export --device` builds
+    "qdq-a16w8": FORMATS["qdq_a16w8"],  # QNN
 }
-QUICK_PRECISIONS = ("fp32", "fp16", "int8", "int4-b32", "int4-mixed")
+FORMAT_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8_dynamic", "int4-b128": "int4", "int4-b32": "int4",
+             "int4-mixed": "int4", "qdq-a8w8": "qdq_a8w8", "qdq-a16w8": "qdq_a16w8"}
+QUICK_PRECISIONS = ("fp32", "fp16", "int8", "int4-b32", "int4-mixed", "qdq-a8w8", "qdq-a16w8")
 
 
 def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
@@ -27,14 +33,22 @@ def _prunings(n_layers: int, quick: bool) -> dict[str, dict | None]:
     return p
 
 
-def candidate_space(loaded, quick: bool = False, students=None) -> list[Plan]:
+def precisions(quick: bool, formats=None) -> tuple[str, ...]:
+    """The precisions in the space: those making a format in `formats` (None: every format)."""
+    precs = QUICK_PRECISIONS if quick else tuple(PRECISIONS)
+    return tuple(q for q in precs if formats is None or FORMAT_OF[q] in formats)
+
+
+def candidate_space(loaded, quick: bool = False, students=None, formats=None) -> list[Plan]:
     """pruning {dense, heads+ffn 25%, 50%, drop 2 layers} x precision {fp32, fp16, int8, int4 b128/b32,
-    int4 with fp32 critical parts}: 24 plans for a 6-layer encoder; quick: 15. Then each student
-    (compress/students.py) x the same precisions, unpruned: the shipped students of `loaded` and the
-    folders in `students`. Training a new student is not in the space (give `candidates=` with a distill step)."""
+    int4 with fp32 critical parts, static QDQ A8W8 / A16W8}: 32 plans for a 6-layer encoder; quick: 21.
+    Then each student (compress/students.py) x the same precisions, unpruned: the shipped students of
+    `loaded` and the folders in `students`. formats: keep only precisions making one of these package
+    formats (the planner gives those some device's first EP runs). Training a new student is not in the
+    space (give `candidates=` with a distill step)."""
     from semedge.compress.students import check_students, shipped_students, student_plans
 
-    precs = QUICK_PRECISIONS if quick else tuple(PRECISIONS)
+    precs = precisions(quick, formats)
     folders = list(dict.fromkeys(shipped_students(loaded) + check_students(students or [], loaded)))  # each once
     return _base_space(loaded, precs, quick) + student_plans(folders, {q: PRECISIONS[q] for q in precs})
 
@@ -60,12 +74,20 @@ class Cand:
 
     cid: str
     plan: Plan
-    path: Path | None = None
+    path: Path | None = None  # the graph evaluated: fused (CPU EPs) when built, else `plain`
+    plain: Path | None = None  # the unfused graph accelerator EPs compile (built when a device's first EP is one)
     bytes: int = 0
     optimized: bool = True
     predicted: dict = field(default_factory=dict)  # device -> {"latency_ms", "memory_mb"}
     accuracy: dict = field(default_factory=dict)  # "channel@snr" -> {"wer", ..., "level"}
     host: dict | None = None
+
+    @property
+    def format(self) -> str:
+        """The package format its plan makes (compress/targets.py FORMATS)."""
+        from semedge.compress.targets import plan_format
+
+        return plan_format(self.plan)
 
 
 def make_candidates(plans: list[Plan]) -> list[Cand]:

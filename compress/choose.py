@@ -23,8 +23,14 @@ def mean(xs) -> float:
 
 
 def fits(c: Cand, d: str, b: dict) -> bool:
-    p = c.predicted[d]
-    return p["memory_mb"] <= b["memory_mb"] and p["latency_ms"] <= b["latency_ms"]
+    """Predicted within both budgets; False for a candidate the device's first EP does not run (no prediction)."""
+    p = c.predicted.get(d)
+    return p is not None and p["memory_mb"] <= b["memory_mb"] and p["latency_ms"] <= b["latency_ms"]
+
+
+def runs_on(cands: list[Cand], d: str) -> list[Cand]:
+    """The candidates device `d`'s first EP runs (the planner predicts only those: compress/workspace.py)."""
+    return [c for c in cands if d in c.predicted]
 
 
 def tie_diffs(errors: dict[str, list], wers: dict[str, float]) -> dict[str, dict]:
@@ -100,7 +106,10 @@ def eligible(cands: list[Cand], d: str, info: dict, ranked: list[Cand], n_cheap:
     lo = cond_key(info["channel"], info["eval_snrs"][0])
     ok, rejected = [], {}
     for c in cands:
-        p = c.predicted[d]
+        p = c.predicted.get(d)
+        if p is None:
+            rejected[c.cid] = f"format {c.format}: {info.get('ep', 'its first EP')} runs {', '.join(info.get('formats', []))}"
+            continue
         why = []
         if p["memory_mb"] > b["memory_mb"]:
             why.append(f"memory {p['memory_mb']:.0f} MB > budget {b['memory_mb']:g} MB")
@@ -139,7 +148,10 @@ def pick(ok: list[tuple], by_id: dict[str, Cand], info: dict, rejected: dict) ->
 
 
 def nearest(cands: list[Cand], d: str, info: dict) -> dict:
-    """No plan fits: the closest one and the budget that fails."""
+    """No plan fits: the closest one and the budget that fails ("format": the first EP runs none of them)."""
+    cands = runs_on(cands, d)
+    if not cands:
+        return dict(fits=False, chosen=None, closest=None, failing_budget="format")
     feasible = [c for c in cands if fits(c, d, info["budgets"])]
     if feasible:  # memory and latency are met, the accuracy budget is not
         near = min(feasible, key=lambda c: (full_wer(c, info) if full_wer(c, info) is not None else 9e9, c.bytes))
@@ -161,6 +173,7 @@ def choose_device(d: str, info: dict, cands: list[Cand], ranked: list[Cand], sho
     out["pareto_accuracy"] = f"WER at {info['channel']} {snr_key(info['eval_snrs'][0])} dB (n={n_cheap}, feasible plans)"
     out["shortlist"] = short
     out["rejected"] = rejected
-    out["predicted"] = dict(by_id[out["chosen"] or out["closest"]].predicted[d])
+    shown = out["chosen"] or out["closest"]
+    out["predicted"] = dict(by_id[shown].predicted[d]) if shown else None
     out["realised"] = None
     return out

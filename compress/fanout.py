@@ -77,7 +77,7 @@ class PlanWorker:
         """(the candidate built and predicted, 1 if its file was built, the new cost entries, seconds)."""
         t, ws = time.time(), self.ctx.ws
         built, before = ws.built, set(ws.costs)
-        ws.build(cand)
+        ws.build(cand, profiles)
         ws.predict(cand, profiles)
         return cand, ws.built - built, {k: v for k, v in ws.costs.items() if k not in before}, time.time() - t
 
@@ -154,6 +154,7 @@ class RayFanout:
         for done, built, costs, secs in self.pool.map_unordered(lambda a, c: a.build.remote(c, profiles), cands):
             c = by_id[done.cid]
             c.path, c.bytes, c.optimized, c.predicted = self.dir / done.path.name, done.bytes, done.optimized, done.predicted
+            c.plain = self.dir / done.plain.name if done.plain is not None else None
             if not c.path.is_file():
                 raise UserError(f"a Ray worker wrote {done.path}, which this machine does not see",
                                 "put --workdir on a filesystem every node mounts, or plan without --ray")

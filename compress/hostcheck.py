@@ -30,7 +30,7 @@ def host_prediction(ws: Workspace, c: Cand) -> dict | None:
     except UserError:
         return None
     probe = Cand(c.cid, c.plan, c.path, c.bytes)  # a copy: a device may itself be named "host"
-    ws.predict(probe, [host])
+    ws.predict(probe, [host], all_formats=True)
     return probe.predicted["host"]
 
 

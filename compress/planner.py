@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Callable
 
 from semedge.compress.accuracy import Evaluator, cheap_pass, full_pass, rank, shortlists
-from semedge.compress.candidates import PRECISIONS, QUICK_PRECISIONS, Cand, candidate_space, make_candidates
+from semedge.compress.candidates import PRECISIONS, QUICK_PRECISIONS, Cand, candidate_space, make_candidates, precisions
 from semedge.compress.choose import TIE_RULE, choose_device, fits, tie_diffs
 from semedge.compress.plan import Plan, describe, write_atomic
 from semedge.compress.students import check_students, plan_codec, read_student, student_plans
 from semedge.core.files import json_default
 from semedge.compress.workspace import Workspace, codec_hash
 from semedge.core.errors import UserError
+from semedge.runtime.partition import formats_for
 
 __all__ = ["FORMAT", "PRECISIONS", "QUICK_PRECISIONS", "TIE_RULE", "NoPlanFits", "PlannerConfig", "candidate_space",
            "codec_hash", "eval_snrs", "plan_devices", "run_planner", "tie_diffs"]
@@ -138,6 +139,7 @@ def device_entries(profiles, budgets: Budgets, quick: bool) -> dict[str, dict]:
         if budgets.max_wer is not None:
             b["wer"] = float(budgets.max_wer)
         devs[prof.name] = {"profile": prof.name, "device_class": prof.device_class, "budgets": b,
+                           "ep": prof.first_ep.name, "formats": formats_for(prof),
                            "snr_db": [float(prof.link.snr_db[0]), float(prof.link.snr_db[1])],
                            "eval_snrs": eval_snrs(prof.link.snr_db, quick), "channel": prof.link.channel}
     return devs
@@ -183,14 +185,14 @@ def load_context(model_source, cfg: PlannerConfig, say) -> Context:
     return Context(loaded, split, ckpt, calib_utts, ws, AccuracyCache(cfg.workdir / "accuracy.json"), segment_s)
 
 
-def space(loaded, cfg: PlannerConfig, plans: list[Plan] | None) -> list[Plan]:
+def space(loaded, cfg: PlannerConfig, plans: list[Plan] | None, profiles=()) -> list[Plan]:
     """The default candidate space (shipped students and cfg.students included), or the given plans
-    with cfg.students' plans added."""
+    with cfg.students' plans added; precisions only of the formats some profile's first EP runs."""
+    formats = {f for p in profiles for f in formats_for(p)} or None
     if plans is None:
-        return candidate_space(loaded, cfg.quick, cfg.students)
-    precs = QUICK_PRECISIONS if cfg.quick else tuple(PRECISIONS)
+        return candidate_space(loaded, cfg.quick, cfg.students, formats)
     folders = list(dict.fromkeys(check_students(cfg.students, loaded)))
-    return list(plans) + student_plans(folders, {q: PRECISIONS[q] for q in precs})
+    return list(plans) + student_plans(folders, {q: PRECISIONS[q] for q in precisions(cfg.quick, formats)})
 
 
 def build_candidates(builder, cands: list[Cand], profiles, devs: dict, say, on_candidate=None) -> None:
@@ -235,14 +237,20 @@ def raise_if_unfit(result: dict, cands: list[Cand], out) -> None:
     bad = [d for d, info in devs.items() if not info["fits"]]
     if not bad:
         return
-    parts = [f"{d}: {devs[d]['failing_budget']} budget fails; closest plan {devs[d]['closest']} "
-             f"({describe(by_id[devs[d]['closest']].plan)}: {_pred_str(by_id[devs[d]['closest']].predicted[d])})"
-             for d in bad]
+    parts = [_unfit_line(d, devs[d], by_id) for d in bad]
     err = NoPlanFits("no plan fits " + "; ".join(parts),
                      "raise the budget (--memory-mb / --latency-ms or the profile), or add smaller candidates"
                      + (f"; plans.json with the closest plans: {out}" if out else ""))
     err.result = result
     raise err
+
+
+def _unfit_line(d: str, info: dict, by_id: dict[str, Cand]) -> str:
+    near = info["closest"]
+    if near is None:  # failing_budget "format"
+        return f"{d}: no candidate is in a format {info['ep']} runs ({', '.join(info['formats'])})"
+    return (f"{d}: {info['failing_budget']} budget fails; closest plan {near} "
+            f"({describe(by_id[near].plan)}: {_pred_str(by_id[near].predicted[d])})")
 
 
 # ---------------------------------------------------------------- the planner
@@ -261,7 +269,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
     profiles = check_profiles(profiles)
     torch.set_num_threads(max(1, cfg.threads))
     ctx = load_context(model_source, cfg, say)
-    plans = space(ctx.loaded, cfg, plans)
+    plans = space(ctx.loaded, cfg, plans, profiles)
     if not plans:
         raise UserError("the candidate space is empty", "give at least one plan")
     cands = make_candidates(plans)
@@ -376,7 +384,8 @@ def _cand_dict(c: Cand, k: int) -> dict:
     codec = plan_codec(c.plan)
     return {"plan": c.plan.to_dict(), "describe": describe(c.plan), "plan_hash": c.plan.hash(),
             "k": codec["k"] if codec else k, "codec": codec,
-            "bytes": c.bytes, "onnx": str(c.path), "optimized": c.optimized, "host": c.host,
+            "bytes": c.bytes, "onnx": str(c.path), "optimized": c.optimized, "host": c.host, "format": c.format,
+            "plain": str(c.plain) if c.plain else None,
             "predicted": c.predicted, "accuracy": acc,
             "accuracy_by_channel": {key: _public(v) for key, v in sorted(c.accuracy.items())}}
 

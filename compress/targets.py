@@ -74,6 +74,17 @@ class Kind:
         return FORMATS.get(self.format)
 
 
+def plan_format(plan) -> str:
+    """The package format (a FORMATS key) a plan's ONNX steps make: its last quantize_onnx step's mode."""
+    steps = plan.ops(("quantize_onnx",))
+    if not steps:
+        return "fp32"
+    c = steps[-1].config
+    if c.mode == "int8_static":
+        return "qdq_a16w8" if c.activations == "uint16" else "qdq_a8w8"
+    return {"fp16": "fp16", "int8_dynamic": "int8_dynamic", "int4": "int4"}.get(c.mode, c.mode)
+
+
 def _plan_sets_precision(plan) -> bool:
     return plan is not None and bool(plan.ops(("quantize_onnx",)))
 
@@ -258,8 +269,9 @@ def _opset(path: Path) -> int:
     return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
-def _target_record(kind: Kind, tg: TargetGraph, ort_rec: dict | None) -> dict:
-    return {"format": kind.format, "first_ep": kind.first_ep, "fused": kind.fused, "fixed_shapes": kind.fixed_shapes,
+def _target_record(kind: Kind, tg: TargetGraph, ort_rec: dict | None, plan=None) -> dict:
+    fmt = plan_format(plan) if kind.format == "plan" else kind.format  # a plan's steps name their format
+    return {"format": fmt, "first_ep": kind.first_ep, "fused": kind.fused, "fixed_shapes": kind.fixed_shapes,
             "calibration": tg.calibration, "ort_format": ort_rec, "frontend": kind.frontend}
 
 
@@ -295,7 +307,7 @@ def build_target_package(split, profile, kind: Kind, out: str | Path, *, opset: 
             say(f"converting to ORT format ({kind.ort_style} optimisations)")
             ort_rec = to_ort_format(tg.path, tmp, kind.ort_style)
             files = {ORT_FILE: tmp / ORT_FILE, ORT_OPS_CONFIG: tmp / ORT_OPS_CONFIG}
-        extra = {"target": _target_record(kind, tg, ort_rec), "node_assignment": assignment,
+        extra = {"target": _target_record(kind, tg, ort_rec, plan), "node_assignment": assignment,
                  "onnx": {"parity": asdict(tg.parity)}, "frontend": _frontend_record(split, kind, tg)}
         own = getattr(split, "jsc_path", None)  # a student plan's split carries its own codec (compress/students.py)
         return build_package(split, out, onnx_path=tg.path, plan=plan, profile=profile.name,

@@ -82,6 +82,7 @@ class NodeCost:
     outputs: tuple[str, ...] = ()
     dtypes: tuple[int, ...] = ()  # onnx element types of its inputs and outputs (EPs without float64)
     dequant: float = 0.0  # packed weight elements unpacked per run (MatMulNBits: K x N)
+    qdq_bits: int = 0  # static QDQ: bits of the activation a DequantizeLinear feeds this matmul/conv (8 or 16)
 
 
 @dataclass
@@ -154,6 +155,7 @@ def concrete_input_shapes(model: onnx.ModelProto, length: int | None = None, bat
     return out
 
 
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _UNARY_CONTRIB = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
                   "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "MultiHeadAttention"}
 
@@ -166,6 +168,9 @@ def _standardize(m: onnx.ModelProto, shapes_of_inits: dict[str, list[int]]) -> N
             continue
         attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
         op = node.op_type
+        if op in _QDQ_OPS:  # ORT writes 16-bit Q/DQ in its own domain; the standard ops (opset 21) infer the same
+            node.domain = ""
+            continue
         if op in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"):
             a = node.input[0]
             if op == "MatMulNBits":
@@ -275,13 +280,26 @@ def _matmul_class(dtype: int) -> str:
     return {TensorProto.FLOAT16: "matmul_fp16", TensorProto.BFLOAT16: "matmul_fp16"}.get(dtype, "matmul_fp32")
 
 
-def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
+def _dequantized(model: onnx.ModelProto) -> dict[str, str]:
+    """Static QDQ: each DequantizeLinear output, and views of it, -> the quantized tensor it reads."""
+    out: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            out[n.output[0]] = n.input[0]
+        elif n.op_type in _VIEW_OPS and n.input and n.input[0] in out:
+            out[n.output[0]] = out[n.input[0]]
+    return out
+
+
+def _node_cost(node, shapes, types, consts: set[str], dq: dict[str, str] | None = None) -> NodeCost:
     op = node.op_type
     ins = [i for i in node.input if i]
     outs = [o for o in node.output if o]
     out_shape = shapes.get(outs[0]) if outs else None
-    w_bytes = sum(_nbytes(i, shapes, types) for i in ins if i in consts)
-    io_bytes = sum(_nbytes(i, shapes, types) for i in ins) + sum(_nbytes(o, shapes, types) for o in outs)
+    dq = dq or {}
+    stored = lambda t: _nbytes(dq.get(t, t), shapes, types)  # noqa: E731  QDQ inputs at their quantized width
+    w_bytes = sum(stored(i) for i in ins if i in consts)
+    io_bytes = sum(stored(i) for i in ins) + sum(_nbytes(o, shapes, types) for o in outs)
     if all(i in consts for i in ins) or op in _VIEW_OPS:
         return NodeCost(node.name, op, "free", 0.0, 0.0, 0.0, node.domain)
     attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
@@ -289,6 +307,8 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
         io_bytes = 2 * sum(_nbytes(o, shapes, types) for o in outs) + sum(_nbytes(i, shapes, types) for i in ins[1:])
     flops, cls, dequant = 0.0, "memory", 0.0
     a = shapes.get(ins[0]) if ins else None
+    src = dq.get(ins[0]) if ins else None
+    qdq_bits = int(8 * _DTYPE_BYTES.get(types.get(src, 0), 0)) if src else 0
     if op in ("MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
               "MatMulNBits", "Gemm") and a is not None and out_shape is not None:
         k = int(attrs["K"]) if op == "MatMulNBits" else (a[-2] if op == "Gemm" and attrs.get("transA") else a[-1])
@@ -313,10 +333,12 @@ def _node_cost(node, shapes, types, consts: set[str]) -> NodeCost:
         cls = "conv"
     else:
         flops = _numel(out_shape) * _ELEM_FLOPS.get(op, 1)
+    if cls in COMPUTE_CLASSES and qdq_bits == 8:  # 8-bit QDQ: QLinear* kernels on a CPU, int8 units on an NPU
+        cls = "matmul_int8"
     edges = tuple((i, _nbytes(i, shapes, types)) for i in ins if i not in consts)
     dtypes = tuple(sorted({types[t] for t in ins + outs if t in types}))
     return NodeCost(node.name or op, op, cls, flops, io_bytes, w_bytes, node.domain, edges, tuple(outs), dtypes,
-                    dequant)
+                    dequant, qdq_bits if cls in COMPUTE_CLASSES else 0)
 
 
 def _const_names(model: onnx.ModelProto) -> set[str]:
@@ -352,23 +374,30 @@ def _peak_activation(model, shapes, types, consts) -> float:
 
 
 def analyze(model, length: int | None = None, batch: int = 1,
-            shapes: dict[str, list[int]] | None = None, fold: bool = True) -> GraphCost:
+            shapes: dict[str, list[int]] | None = None, fold: bool = True, as_written: bool = False) -> GraphCost:
     """Cost of every node of `model` (path or ModelProto) for one input length.
 
-    With `fold` (and onnxruntime installed) the graph analysed is the one ORT runs
+    With `fold` (and onnxruntime installed) the graph analysed is the one ORT's CPU EP runs
     after its basic optimisations (constant folding), not the file's raw nodes.
+    as_written: the file's own nodes and types, as an accelerator EP compiles them (TensorRT keeps fp16
+    where ORT's CPU EP casts to fp32; an NPU keeps QDQ), with the folded graph's shapes where the
+    file's own shape inference leaves a tensor unknown.
     """
     m = _load(model)
     dynamic = any(not d.HasField("dim_value") for i in m.graph.input for d in i.type.tensor_type.shape.dim
                   if i.name not in {t.name for t in m.graph.initializer})
     inputs = concrete_input_shapes(m, length, batch, shapes)
-    if fold:
-        m = ort_folded(model, inputs) or m
+    folded = ort_folded(model, inputs) if fold else None
+    if folded is not None and not as_written:
+        m = folded
     all_shapes, types = infer_shapes(m, inputs)
+    if as_written and folded is not None:
+        all_shapes = {**infer_shapes(folded, inputs)[0], **all_shapes}
     consts = _const_names(m)
+    dq = _dequantized(m)
     nodes, unresolved = [], []
     for node in m.graph.node:
-        nc = _node_cost(node, all_shapes, types, consts)
+        nc = _node_cost(node, all_shapes, types, consts, dq)
         if nc.cls != "free" and any(o and o not in all_shapes for o in node.output[:1]):
             unresolved.append(node.name or node.op_type)
         nodes.append(nc)
@@ -394,6 +423,14 @@ def _peak(peaks, cls: str) -> float:
     return g * 1e9
 
 
+def unit_class(n: NodeCost, unit: str) -> str:
+    """A node's compute class on a unit. 16-bit QDQ activations: fp32 on a CPU (ORT has no 16-bit integer
+    matmul; it dequantizes) and the fp16 peak on an accelerator (assumed: profiles state no 16 x 8 peak)."""
+    if n.qdq_bits == 16 and unit != "cpu":
+        return "matmul_fp16"
+    return n.cls
+
+
 def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | None = None,
                unit: str | None = None) -> list[tuple[str, float]]:
     """(bound class, seconds) per non-free node: the roofline max of compute and memory time, each
@@ -402,14 +439,17 @@ def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | 
     out = []
     for n, ep in partition(cost, profile):
         u = unit or _modelled_unit(profile, ep)
+        if u != "cpu" and n.op_type in _QDQ_OPS:
+            continue  # an accelerator EP folds Q/DQ into the quantized op it feeds (assumed; no NPU here)
         peaks, bw_gbs = profile.unit_peaks(u) or profile.unit_peaks("cpu")
         e = eff if (eff is not None and (unit or u == "cpu")) else _eff(profile, u)
         t_mem = n.bytes / (bw_gbs * 1e9 * e["memory"])
-        if n.cls == "memory":
+        cls = unit_class(n, u)
+        if cls == "memory":
             out.append(("memory", t_mem))
             continue
-        t_comp = n.flops / (_peak(peaks, n.cls) * e[n.cls])
-        out.append((n.cls, t_comp) if t_comp >= t_mem else ("memory", t_mem))
+        t_comp = n.flops / (_peak(peaks, cls) * e[cls])
+        out.append((cls, t_comp) if t_comp >= t_mem else ("memory", t_mem))
         if n.dequant and "dequant" in e:
             out.append(("dequant", n.dequant / (_peak(peaks, "dequant") * e["dequant"])))
         if n.weight_bytes and "weights" in e and n.cls in COMPUTE_CLASSES:

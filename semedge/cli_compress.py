@@ -163,9 +163,10 @@ def _summary(res: dict, to_stderr: bool = False) -> None:
     typer.echo(f"{'device':18} {'mem MB':>7} {'ms':>6}  {'plan':22} {col:>6}  {'pred MB':>7} {'pred ms':>7}  note",
                err=to_stderr)
     for d, info in res["devices"].items():
-        cid = info["chosen"] or info["closest"]
+        cid = info["chosen"] or info["closest"] or "-"
         p = info.get("predicted") or {}
         w = info.get("wer") if metric == "wer" else info.get("score")
         note = "" if info["fits"] else f"NO PLAN FITS ({info['failing_budget']}); closest shown"
+        note += f"  [{info['ep']}]" if info.get("ep") else ""
         typer.echo(f"{d:18} {info['budgets']['memory_mb']:7.0f} {info['budgets']['latency_ms']:6.0f}  {cid:22} "
                    f"{'-' if w is None else f'{w:.3f}':>6}  {p.get('memory_mb', 0):7.0f} {p.get('latency_ms', 0):7.0f}  {note}", err=to_stderr)

@@ -71,19 +71,34 @@ def _codec_folder(ws: Workspace, sp):
 
 
 def _package_one(ws: Workspace, device: str, profile, cid: str, cand: dict) -> dict:
+    from semedge.compress.targets import CPU_EPS
     from semedge.export.package import build_package, package_bytes
 
-    onnx = ws.onnx_for(cid, cand)
     sp, plan = ws.realise(cand.get("plan") or {})
     dst = ws.out / "packages" / device
-    build_package(sp, dst, onnx_path=onnx, plan=plan, profile=profile.name, jsc_ckpt=_codec_folder(ws, sp),
-                  measured={"candidate": cid, "planner": {k: cand.get(k) for k in ("bytes", "host") if k in cand}})
+    if profile.first_ep.name in CPU_EPS:  # the planner's fused graph, as the CPU EP runs it
+        build_package(sp, dst, onnx_path=ws.onnx_for(cid, cand), plan=plan, profile=profile.name,
+                      jsc_ckpt=_codec_folder(ws, sp),
+                      measured={"candidate": cid, "planner": {k: cand.get(k) for k in ("bytes", "host") if k in cand}})
+    else:
+        _accelerator_package(ws, sp, plan, profile, dst)
     man = json.loads((dst / "manifest.json").read_text())
     return {"path": str(dst.relative_to(ws.out)), "zip": str(dst.with_suffix(".zip").relative_to(ws.out)),
             "package_id": man["package_id"], "bytes": package_bytes(dst),
             "zip_bytes": dst.with_suffix(".zip").stat().st_size, "onnx_bytes": (dst / "device.onnx").stat().st_size,
             "onnx_sha256": man["files"]["device.onnx"], "jsc_sha256": man["jsc"]["sha256"],
             "precision": man["onnx"].get("precision"), "plan_hash": plan.hash()}
+
+
+def _accelerator_package(ws: Workspace, sp, plan, profile, dst: Path) -> None:
+    """The plan as `semedge export --device` packages it for an accelerator EP (compress/targets.py): the
+    plain graph, fixed shapes where the EP needs them, .ort for ORT Mobile, node assignment per EP."""
+    from semedge.compress.targets import build_target_package, package_kind
+
+    fmt = None if plan.ops(("quantize_onnx",)) else "fp32"  # the plan's precision is the planner's choice
+    kind = package_kind(profile, fmt, plan)
+    build_target_package(sp, profile, kind, dst, calib=ws.calib, calib_source="built-in train split (the planner's)",
+                         plan=plan, jsc_ckpt=_codec_folder(ws, sp))
 
 
 # ---------------------------------------------------------------- stage 3: profile
@@ -300,6 +315,21 @@ def check_plans(plans_doc: dict, profs: dict) -> None:
         if d in profs and entry.get("fits") and entry.get("chosen") not in cands:
             raise UserError(f"plans.json: device {d} chose {entry.get('chosen')!r}, which is not a candidate",
                             "re-run the planner")
+        if d in profs and entry.get("fits"):
+            _check_runs(d, profs[d], entry["chosen"], cands[entry["chosen"]])
+
+
+def _check_runs(d: str, profile, cid: str, cand: dict) -> None:
+    """The chosen plan makes a format the device's first EP runs (the planner offers only those)."""
+    from semedge.compress.plan import Plan
+    from semedge.compress.targets import plan_format
+    from semedge.runtime.partition import formats_for
+
+    pd = cand.get("plan") or {}
+    fmt, runs = plan_format(Plan.make(pd.get("steps", []), pd.get("name", ""))), formats_for(profile)
+    if fmt not in runs:
+        raise UserError(f"plans.json: device {d} chose {cid!r}, a {fmt} plan, which {profile.first_ep.name} "
+                        f"(its first EP) does not run ({', '.join(runs)})", "re-run `semedge plan` for this device")
 
 
 def fitting_devices(plans_doc: dict, profs: dict) -> tuple[list[str], list[str]]:

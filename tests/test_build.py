@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 
+from semedge.compress.targets import FORMATS
 from semedge.runtime.package import Package
 from semedge.core.errors import UserError
 
@@ -33,6 +34,8 @@ def _plans(devices: dict) -> dict:
                  "describe": "int8", "k": 64, "bytes": 400_000},
         "prune": {"plan": {"name": "prune", "steps": [{"op": "prune", "config": {"heads": 0.5, "ffn": 0.5}}]},
                   "describe": "prune(h=0.5,f=0.5)", "k": 64, "bytes": 600_000},
+        "qdq": {"plan": {"name": "qdq", "steps": [{"op": "quantize_onnx", "config": FORMATS["qdq_a8w8"]}]},
+                "describe": "qdq a8w8", "k": 64, "bytes": 500_000},
     }
     for i, c in enumerate(cands.values()):
         c["predicted"] = {d: {"latency_ms": 10.0 + i, "memory_mb": 70.0 + 5 * i} for d in devices}
@@ -262,6 +265,10 @@ def test_plan_checks_and_fitting_devices(setup):
     assert rec["package"] is None and not rec["fits"] and rec["closest"] == "int8"
     assert set(rec["accuracy"]) == {"0", "10"} and rec["predicted"]["memory_mb"] == 75.0
     bad = json.loads(plans.read_text())
+    bad["devices"]["phone-b"]["chosen"] = "int8"  # TensorRT runs no MatMulInteger
+    with pytest.raises(UserError, match="a int8_dynamic plan, which TensorRT .its first EP. does not run"):
+        check_plans(bad, profs)
+    bad["devices"]["phone-b"]["chosen"] = "prune"
     bad["devices"]["phone-a"]["chosen"] = "nope"
     with pytest.raises(UserError, match="not a candidate"):
         check_plans(bad, profs)
@@ -269,6 +276,27 @@ def test_plan_checks_and_fitting_devices(setup):
     with pytest.raises(UserError, match="no entry"):
         check_plans(bad, profs)
 
+
+
+def test_build_packages_an_nnapi_device_as_export_device_does(tmp_path):
+    """An NNAPI phone's chosen QDQ plan is packaged as `semedge export --device` packages it: plain graph,
+    fixed input shapes, .ort for ORT Mobile, node assignment; then profiled and evaluated like any other."""
+    from semedge.pipeline import build
+
+    prof = tmp_path / "profiles"
+    prof.mkdir()
+    (prof / "phone-n.yaml").write_text(_profile("phone-n", 200, "awgn", (0, 20), eps="NNAPI, CPU"))
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps(_plans({"phone-n": ("qdq", [0.0], "awgn")})))
+    rec = build(MODEL, prof, tmp_path / "out", quick=True, progress=False, plans=plans, n_eval=2, sweep=[0], runs=2)
+    pkg = Package.load(tmp_path / "out" / "packages" / "phone-n")
+    man = pkg.manifest
+    assert man["target"]["format"] == "qdq_a8w8" and man["target"]["fixed_shapes"] and not man["target"]["fused"]
+    assert man["onnx"]["inputs"][0]["shape"] == [1, 80, 3000] and "NNAPI" in man["node_assignment"]
+    assert (pkg.path / "device.ort").is_file()
+    dev = rec["devices"]["phone-n"]
+    assert dev["predicted"]["ep"] == "NNAPI" and dev["predicted"]["node_share"] > 0.5
+    assert dev["accuracy"]["0"]["n"] == 2 and dev["host"]["latency_ms_p50"] > 0
 
 
 def test_build_on_user_data_segments_long_recordings(first, setup, tmp_path):

@@ -138,8 +138,11 @@ def test_cli_plan_exit_code_3(first, loaded, tmp_path, monkeypatch):
 
 def test_candidate_space_and_snrs(loaded):
     space = candidate_space(loaded)
-    assert len(space) == 18 and len({p.hash() for p in space}) == 18  # 2-layer encoder: no layer drop
-    assert len(candidate_space(loaded, quick=True)) == 15
+    assert len(space) == 24 and len({p.hash() for p in space}) == 24  # 2-layer encoder: no layer drop; 3 x 8
+    assert len(candidate_space(loaded, quick=True)) == 21
+    cpu = candidate_space(loaded, formats={"fp32", "int8_dynamic", "int4"})  # a CPU-only device set: no fp16, no QDQ
+    assert len(cpu) == 15 and not any("fp16" in p.name or "qdq" in p.name for p in cpu)
+    assert {p.name.split(".")[1] for p in candidate_space(loaded, formats={"qdq_a8w8", "qdq_a16w8"})} == {"qdq-a8w8", "qdq-a16w8"}
     assert eval_snrs((5, 20)) == [5.0, 10.0] and eval_snrs((20, 30)) == [20.0, 25.0] and eval_snrs((0, 10), quick=True) == [0.0]
 
 
