@@ -24,6 +24,7 @@ from pathlib import Path
 
 from semedge.compress.plan import TORCH_OPS, Plan, write_atomic
 from semedge.core.errors import UserError
+from semedge.compress.workspace import variants
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class RayFanout:
 
     def each_built(self, cands: list, profiles):
         """Shared exports first, then each candidate's ONNX steps and costs; yields (candidate, seconds)."""
-        bases = {Plan.make(c.plan.ops(TORCH_OPS)).hash(): c.plan for c in cands if not self._cached(c)}
+        bases = {Plan.make(c.plan.ops(TORCH_OPS)).hash(): c.plan for c in cands
+                 if variants(c, profiles)[0] and not self._cached(c)}  # the fused exports; plain ones build in the task
         list(self.pool.map_unordered(lambda a, p: a.export_base.remote(p), list(bases.values())))
         by_id, ws = {c.cid: c for c in cands}, self.ctx.ws
         for done, built, costs, secs in self.pool.map_unordered(lambda a, c: a.build.remote(c, profiles), cands):

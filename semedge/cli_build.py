@@ -120,7 +120,7 @@ def demo(
 ):
     """`semedge build` on whisper-base and the shipped device profiles; prints where the report is.
 
-    The planner runs its quick candidate space (15 plans, small samples) so the demo fits in
+    The planner runs its quick candidate space (28 plans, each device offered those its first EP runs; small samples) so the demo fits in
     about half an hour on 2 cores; evaluation of the chosen packages uses the full settings."""
     _run(DEMO_MODEL, _shipped_profiles(), out, None, False, None, None, None, progress, strict=False, plan_quick=True)
 
