@@ -128,6 +128,26 @@ def test_qdq_package_static_shapes_parity_and_ort(packages, split, feats):
     assert pkg.file("required_operators.config").read_text().count("QuantizeLinear") >= 1
 
 
+def test_cost_model_resolves_qdq_and_fp16_graphs_as_an_accelerator_runs_them(packages):
+    """A16W8 (opset 21, ORT's com.microsoft Q/DQ after folding) resolves; as written, 8-bit QDQ MatMuls are
+    int8 with 8-bit weights, 16-bit ones run at the unit's fp16 peak, and fp16 stays fp16."""
+    from semedge.runtime import costmodel
+
+    nnapi = costmodel.analyze(Package.load(packages("android-mid")).onnx_path, as_written=True)
+    assert not nnapi.unresolved and not nnapi.dynamic
+    k_proj = next(n for n in nnapi.nodes if n.name == "/layers.1/self_attn/k_proj/MatMul")
+    assert (k_proj.cls, k_proj.qdq_bits) == ("matmul_int8", 8) and k_proj.weight_bytes == 64 * 64  # int8 weights
+    a16 = Package.load(packages("android-flagship")).onnx_path
+    for as_written in (False, True):
+        assert not costmodel.analyze(a16, as_written=as_written).unresolved
+    mm = [n for n in costmodel.analyze(a16, as_written=True).nodes if n.qdq_bits == 16]
+    assert mm and {costmodel.unit_class(n, "npu") for n in mm} == {"matmul_fp16"}
+    assert {costmodel.unit_class(n, "cpu") for n in mm} <= {"matmul_fp32", "attention", "conv"}
+    fp16 = costmodel.analyze(Package.load(packages("jetson-orin-nano")).onnx_path, as_written=True)
+    assert "matmul_fp16" in {n.cls for n in fp16.nodes}  # ORT's CPU EP would cast these to fp32 (fold, not as written)
+    assert "matmul_fp16" not in {n.cls for n in costmodel.analyze(Package.load(packages("jetson-orin-nano")).onnx_path).nodes}
+
+
 @pytest.mark.parametrize("device, precision, style", [("iphone", "fp16", "Runtime"), ("watch", "int8", "Fixed")])
 def test_ort_mobile_packages_carry_a_runnable_ort_model(packages, feats, device, precision, style):
     """CoreML (fp16, fixed shapes) and XNNPACK watch (int8) packages: the .ort model runs like device.onnx."""
