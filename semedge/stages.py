@@ -361,6 +361,8 @@ def stage_package(run: BuildRun, plans_doc: dict, fitting: list[str]) -> dict[st
 def stage_profile(run: BuildRun, pkgs: dict, fitting: list[str]) -> dict[str, dict]:
     """Per fitting device: host timing and peak RSS (once per ONNX file), the device prediction
     (EP, its share, calibration) and the predictor's error on the host."""
+    from semedge.compress.targets import CPU_EPS
+    from semedge.compress.workspace import COSTS_VERSION
     from semedge.runtime import costmodel
 
     prof_res: dict[str, dict] = {}
@@ -370,13 +372,15 @@ def stage_profile(run: BuildRun, pkgs: dict, fitting: list[str]) -> dict[str, di
         for d in fitting:
             pkg = pkgs[d]
             inputs = {"onnx": pkg["onnx_sha256"], "profile": run.prof_files.get(d), "runs": run.settings["runs"],
-                      "host_profile": host_sha}
+                      "host_profile": host_sha, "cost_model": COSTS_VERSION}
 
             def do_prof(d=d, pkg=pkg):
                 onnx = run.out / pkg["path"] / "device.onnx"
                 host = host_memo.get(pkg["onnx_sha256"]) or _measure_host(onnx, run.settings["runs"])
-                cost = costmodel.analyze(onnx)
-                return {"host": host, "predicted": _predicted(run.profs[d], cost),
+                cost = costmodel.analyze(onnx)  # as the host's CPU EP runs it
+                accel = run.profs[d].first_ep.name not in CPU_EPS  # as the device's accelerator compiles it
+                dev_cost = costmodel.analyze(onnx, as_written=True) if accel else cost
+                return {"host": host, "predicted": _predicted(run.profs[d], dev_cost),
                         "host_check": _host_check(host_prof, cost, host["latency_ms_p50"])}
 
             prof_res[d] = run.st.run(f"profile-{d}", inputs, do_prof)
