@@ -439,12 +439,13 @@ def node_times(cost: GraphCost, profile: DeviceProfile, eff: dict[str, float] | 
     out = []
     for n, ep in partition(cost, profile):
         u = unit or _modelled_unit(profile, ep)
-        if u != "cpu" and n.op_type in _QDQ_OPS:
+        runs_on = unit or ep.unit  # how the EP runs the node, on its unit's peaks (else the CPU's)
+        if runs_on != "cpu" and n.op_type in _QDQ_OPS:
             continue  # an accelerator EP folds Q/DQ into the quantized op it feeds (assumed; no NPU here)
         peaks, bw_gbs = profile.unit_peaks(u) or profile.unit_peaks("cpu")
         e = eff if (eff is not None and (unit or u == "cpu")) else _eff(profile, u)
         t_mem = n.bytes / (bw_gbs * 1e9 * e["memory"])
-        cls = unit_class(n, u)
+        cls = unit_class(n, runs_on)
         if cls == "memory":
             out.append(("memory", t_mem))
             continue
