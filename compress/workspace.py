@@ -29,7 +29,7 @@ def codec_hash(codec) -> str:
     return h.hexdigest()
 
 
-COSTS_VERSION = "qdq-2"  # in each cost cache key: bump when the cost model's figures change
+COSTS_VERSION = "qdq-3"  # in each cost cache key: bump when the cost model's figures change
 
 
 def variants(cand: Cand, profiles) -> tuple[bool, bool]:

@@ -222,6 +222,31 @@ def ort_folded(model, input_shapes: dict[str, list[int]]) -> onnx.ModelProto | N
             return None
 
 
+def _topological(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its nodes in an order where each follows its inputs' producers (the fp16 converter
+    appends its input Casts last; shape inference and the liveness scan walk the node list)."""
+    nodes = list(model.graph.node)
+    made = {o for n in nodes for o in n.output}
+    ready: set[str] = set()  # tensors produced so far
+    order, left = [], nodes
+    while left:
+        rest = [n for n in left if any(i in made and i not in ready for i in n.input)]
+        step = [n for n in left if not any(i in made and i not in ready for i in n.input)]
+        if not step:  # a cycle, or a subgraph reference: leave the rest as written
+            order += rest
+            break
+        order += step
+        ready.update(o for n in step for o in n.output)
+        left = rest
+    if order == nodes:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(order)
+    return out
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]
                  ) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Concrete shapes and element types of every tensor (name -> dims, name -> onnx dtype)."""
@@ -390,6 +415,7 @@ def analyze(model, length: int | None = None, batch: int = 1,
     folded = ort_folded(model, inputs) if fold else None
     if folded is not None and not as_written:
         m = folded
+    m = _topological(m)
     all_shapes, types = infer_shapes(m, inputs)
     if as_written and folded is not None:
         all_shapes = {**infer_shapes(folded, inputs)[0], **all_shapes}

@@ -79,6 +79,24 @@ def test_gather_reads_rows_not_table(tmp_path):
     assert n.weight_bytes == pytest.approx(50000 * 64 * 4)  # the table still counts as weights
 
 
+def test_nodes_out_of_order_are_costed_in_order(tmp_path):
+    """fp16 conversion appends its input Cast last: the graph as written still resolves, in fp16."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((64, 32), np.float16), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x16", "w"], ["y16"]), helper.make_node("Relu", ["y16"], ["y"]),
+                           helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], [w])
+    p = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    c = costmodel.analyze(p, as_written=True)
+    assert not c.unresolved and [n.op_type for n in c.nodes] == ["Cast", "MatMul", "Relu"]
+    (mm,) = [n for n in c.nodes if n.op_type == "MatMul"]
+    assert mm.cls == "matmul_fp16" and mm.flops == 2 * 10 * 64 * 32
+
+
 def test_prediction_scales_with_device(tiny):
     c = costmodel.analyze(tiny, length=64)
     watch = costmodel.predict_latency_ms(c, load_profile("watch"))
