@@ -349,6 +349,7 @@ def stage_package(run: BuildRun, plans_doc: dict, fitting: list[str]) -> dict[st
             inputs = {"model": run.model, "plan": cands[cid].get("plan"), "cid": cid, "profile": run.prof_files.get(d),
                       "jsc": run.jsc, "codec": run.ws.codec_id, "calib": CALIB, "onnx": cands[cid].get("onnx")}
             inputs["weights"] = run.weights()
+            inputs["packager"] = "cpu" if run.profs[d].first_ep.name in ("CPU", "XNNPACK") else "target-1"
             given = Path(cands[cid].get("onnx") or "")
             inputs["onnx_sha256"] = sha256_file(given) if given.is_file() else None
             pkgs[d] = run.st.run(f"package-{d}", inputs, lambda d=d, cid=cid: _package_one(run.ws, d, run.profs[d], cid, cands[cid]),
