@@ -20,14 +20,16 @@ from semedge.semcom import ct2
 from semedge.core.errors import UserError
 from semedge.core.files import cached
 
-BUILTIN_NAMES = tuple(ct2.BUILTINS)
-TINY_ARCHS = ("whisper", "bart", "t5", "marian")
+BUILTIN_NAMES = tuple(ct2.BUILTINS)  # speech models (compress.task_subjects reads them so)
+PAIR_SOURCE = "minilm-whisper-base"  # the text task's pair (semcom/text_pair.py)
+_NAMED = (*BUILTIN_NAMES, PAIR_SOURCE)  # every source known by name, for the error messages
+TINY_ARCHS = ("whisper", "bart", "t5", "marian", "minilm-whisper")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_URL = "https://huggingface.co/api/models"
 _PROBE_TIMEOUT_S = 2.0
 
 _cache: dict[str, "LoadedModel"] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: the text pair loads whisper-base inside its own load
 
 
 @dataclass
@@ -51,7 +53,7 @@ class LoadedModel:
 def load_model(source: str) -> LoadedModel:
     """Load `source`: a built-in name, a local HF checkpoint directory, or a hub id."""
     if not isinstance(source, str) or not source.strip():
-        raise UserError(f"model source {source!r} is empty", f"use one of the built-ins ({', '.join(BUILTIN_NAMES)}) or a local path")
+        raise UserError(f"model source {source!r} is empty", f"use one of the built-ins ({', '.join(_NAMED)}) or a local path")
     source = source.strip()
     key = source if source in ct2.BUILTINS else _local_key(source)
     with _lock:
@@ -72,6 +74,10 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load_uncached(source: str) -> LoadedModel:
+    if source == PAIR_SOURCE:
+        from semedge.semcom.text_pair import load_pair
+
+        return load_pair()
     if source in ct2.BUILTINS:
         return _load_builtin(source)
     path = Path(source).expanduser()
@@ -80,12 +86,12 @@ def _load_uncached(source: str) -> LoadedModel:
     if path.exists():
         raise UserError(f"model source {source!r} is a file, not a checkpoint directory", "give the directory that holds config.json")
     if _looks_like_path(source):
-        raise UserError(f"model source {source!r}: no such directory", f"give an existing checkpoint directory or a built-in ({', '.join(BUILTIN_NAMES)})")
+        raise UserError(f"model source {source!r}: no such directory", f"give an existing checkpoint directory or a built-in ({', '.join(_NAMED)})")
     if _HUB_ID.match(source):
         return _load_hub(source)
     raise UserError(
         f"unknown model source {source!r}",
-        f"use a built-in ({', '.join(BUILTIN_NAMES)}), a local Hugging Face checkpoint directory, or a hub id org/name",
+        f"use a built-in ({', '.join(_NAMED)}), a local Hugging Face checkpoint directory, or a hub id org/name",
     )
 
 
@@ -184,7 +190,7 @@ def _hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
 
 
 def _load_hub(repo_id: str) -> LoadedModel:
-    fix = f"use a built-in ({', '.join(BUILTIN_NAMES)}) or download the checkpoint elsewhere and give its local directory"
+    fix = f"use a built-in ({', '.join(_NAMED)}) or download the checkpoint elsewhere and give its local directory"
     if not _hub_reachable():
         raise UserError(f"model source {repo_id!r} looks like a Hugging Face hub id, but the hub is not reachable from here (offline)", fix)
     try:
@@ -256,6 +262,10 @@ def tiny_model(arch: str, seed: int = 0, d_model: int = 64) -> LoadedModel:
 
     if arch not in TINY_ARCHS:
         raise UserError(f"tiny_model arch {arch!r} is unknown", f"use one of {', '.join(TINY_ARCHS)}")
+    if arch == "minilm-whisper":
+        from semedge.semcom.text_pair import tiny_pair
+
+        return tiny_pair(seed, d_model)
     torch.manual_seed(seed)
     d, layers, heads, ffn = d_model, 2, 4, 2 * d_model
     if arch == "whisper":

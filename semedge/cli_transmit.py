@@ -137,7 +137,7 @@ def _print(out: dict, snr: str) -> None:
 
 
 def transmit(
-    model: str = typer.Option("whisper-base", help="model source: whisper-base, whisper-tiny.en, a local HF checkpoint dir, or a hub id"),
+    model: Optional[str] = typer.Option(None, help="model source: whisper-base (default), whisper-tiny.en, minilm-whisper-base (default of --task text), a local HF checkpoint dir, or a hub id"),
     channel: str = typer.Option("awgn", help="none, awgn, rayleigh, rayleigh-fast, rician[:K=4], rician-fast[:K=4]"),
     snr: str = typer.Option("10", help="SNR in dB (Es/N0 per real symbol), or 'inf'"),
     text: Optional[str] = typer.Option(None, help="text to speak with espeak-ng (speech models) or to send (text models)"),
@@ -145,12 +145,12 @@ def transmit(
     reference: Optional[str] = typer.Option(None, help="reference transcript for --wav (default: the unsplit model's own output)"),
     k: Optional[str] = typer.Option(None, help="symbols per token to send: up to the codec's k (down to its --rate-min), 'auto' (rate policy by SNR), or "
                                                   "'importance[:N]' (per-frame k on a nested codec's ladder, N per frame on average incl. signalling; default N: auto's)"),
-    jsc: Optional[Path] = typer.Option(None, help="a JSC checkpoint (safetensors + manifest) from `semedge train`"),
+    jsc: Optional[Path] = typer.Option(None, help="a JSC checkpoint (safetensors + manifest) from `semedge train` (--task text: from python -m semedge.semcom.text_codec; default the shipped text codec)"),
     frames: str = typer.Option("content", help="speech: 'content' (utterance frames + shared silence fill) or 'all' (the padded 30 s window)"),
     segment_s: Optional[float] = typer.Option(None, "--segment-s", help="speech longer than this is cut at quiet points into segments, each sent as its own message (1-30; default 30 for --jsc identity, 6 for a trained codec)"),
     seed: int = typer.Option(0, help="channel noise seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    task: str = typer.Option("speech", "--task", help="speech (by --model: speech or text models) or image (--image)"),
+    task: str = typer.Option("speech", "--task", help="speech (by --model: speech or text models), text (--text through the shipped MiniLM + Whisper-decoder codec) or image (--image)"),
     image: Optional[Path] = typer.Option(None, "--image", help="--task image: a PNG/JPEG to send; the reconstruction is written beside it (<stem>.semedge.png)"),
 ):
     """Send one message (a long recording: one per segment) through device half -> channel -> server half; print the output and metrics."""
@@ -160,6 +160,7 @@ def transmit(
     parse_channel(channel)
     if task == "image" or image is not None:
         return _transmit_image(task, image, channel, snr_db, seed, jsc, as_json)
+    model, jsc = _task_defaults(task, model, jsc, wav)
     k_opt = _parse_k(k)
     if frames not in ("content", "all"):
         raise UserError(f"--frames must be 'content' or 'all', got {frames!r}", "use --frames content")
@@ -168,11 +169,13 @@ def transmit(
 
     from semedge.core.segment import default_segment_s, join_texts, new_tokens_for
     from semedge.semcom.checkpoint import device_encoder, load_for_inference
-    from semedge.semcom.models import load_model
+    from semedge.semcom.models import load_source
     from semedge.semcom.split import build_split
     from semedge.semcom.system import run_link
 
-    loaded = load_model(model)
+    loaded = load_source(model)
+    if task == "text" and loaded.task.modality != "text":
+        raise UserError(f"--task text: --model {model} is a {loaded.kind} model", "drop --model (minilm-whisper-base) or give a text model")
     receiver, ckpt = load_for_inference(loaded, None if jsc is None else str(jsc))
     per_frame = isinstance(k_opt, str) and k_opt.startswith("importance")
     rate = _importance_rate(k_opt, ckpt, snr_db) if per_frame else None
@@ -186,11 +189,12 @@ def transmit(
     ref, ref_source = _reference(split, inputs, text, reference, tokens)
 
     from semedge.semcom.metrics import score
+    from semedge.semcom.text_baseline import exact_match
 
     m = score([ref], [hyp])
     out = {
         "transcript": hyp, "reference": ref, "reference_source": ref_source,
-        "wer": m["wer"], "bleu": m["bleu"], "similarity": m["similarity"],
+        "wer": m["wer"], "bleu": m["bleu"], "similarity": m["similarity"], "exact_match": exact_match([ref], [hyp])[0],
         "snr_db": snr_db if math.isfinite(snr_db) else "inf", "channel": channel,
         "symbols_sent": sum(res.symbols_sent), "tokens_sent": sum(res.tokens_sent),
         "channel_uses": sum((x + 1) // 2 for x in res.symbols_sent), "messages": len(inputs),
@@ -205,6 +209,26 @@ def transmit(
         typer.echo(json.dumps(out))
         return
     _print(out, snr)
+
+
+def _task_defaults(task: str, model: Optional[str], jsc: Optional[Path], wav) -> tuple[str, Optional[Path]]:
+    """(model, jsc) for `task`: speech -> whisper-base; text -> minilm-whisper-base with the shipped text codec."""
+    from semedge.semcom.models import PAIR_SOURCE
+    from semedge.semcom.tasks.text import DEFAULT_CODEC
+
+    if task not in ("speech", "text"):
+        raise UserError(f"--task {task!r} is unknown", "use --task speech, --task text or --task image")
+    if task == "speech":
+        return model or "whisper-base", jsc
+    if wav is not None:
+        raise UserError("--task text sends --text, not --wav", 'e.g. --task text --text "the boy threw the ball"')
+    model = model or PAIR_SOURCE
+    if jsc is None and model == PAIR_SOURCE:
+        if not (DEFAULT_CODEC / "manifest.json").is_file():
+            raise UserError(f"the shipped text codec is missing ({DEFAULT_CODEC})",
+                            "reinstall semedge, or train one: python -m semedge.semcom.text_codec --out DIR, and pass --jsc DIR")
+        jsc = DEFAULT_CODEC
+    return model, jsc
 
 
 def _transmit_image(task: str, image: Optional[Path], channel: str, snr_db: float, seed: int, jsc: Optional[Path],

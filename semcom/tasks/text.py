@@ -1,5 +1,9 @@
-"""Text (BART, T5, Marian): the device encodes token ids, the server decodes the received
-token features (padding masked, no silence fill). Data: the speech corpus's sentences."""
+"""Text: the device encodes token ids, the server decodes the received token features
+(padding masked, no silence fill). Data: the speech corpus's sentences (tasks.corpus).
+
+Models: BART, T5, Marian (one seq2seq model split at the link), and the text task's own
+pair `minilm-whisper-base` (semcom/text_pair.py): all-MiniLM-L6-v2 on the device, Whisper's
+decoder with LoRA on the server; its trained codec ships in semcom/assets/ (DEFAULT_CODEC)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ _EXPORT = ExportSpec(
                   "symbols": {0: "batch", 1: "tokens"}},
     computes="the text encoder on (input_ids, attention_mask) [batch, tokens] + JSC encoder -> symbols [batch, tokens, k]",
 )
+# The shipped codec of the text task's own pair (minilm-whisper-base): codec + LoRA, a JSC checkpoint.
+DEFAULT_CODEC = Path(__file__).resolve().parent.parent / "assets" / "minilm-whisper-base-jsc"
 # Parity-check sentences of different lengths.
 _CALIBRATION = ("the radio link carries only the symbols", "a short one",
                 "semantic communication sends meaning rather than bits over a noisy channel", "hello")
@@ -90,6 +96,16 @@ class TextTask(Task):
     def unsplit_ids(self, loaded, raw: Sequence, max_new_tokens: int):
         enc = loaded.tokenizer(list(raw), return_tensors="pt", padding=True, truncation=True)
         return loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **self.generate_kwargs(loaded))
+
+    def target_ids(self, loaded, text: str) -> list[int]:
+        """The decoder's tokens for `text`: the pair's Whisper prefix + BPE + end; else the tokenizer's ids."""
+        own = getattr(loaded.tokenizer, "target_ids", None)
+        return own(text) if own is not None else list(loaded.tokenizer(text).input_ids)
+
+    def prefix_length(self, loaded) -> int:
+        from semedge.semcom.text_pair import PREFIX_TOKENS, is_pair
+
+        return len(PREFIX_TOKENS) if is_pair(loaded) else 1
 
 
 TEXT = TextTask()
