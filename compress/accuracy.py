@@ -100,13 +100,15 @@ def cheap_pass(ev: Evaluator, cands: list[Cand], devs: dict, n_cheap: int, say: 
 
 def rank(cands: list[Cand], devs: dict) -> dict[str, list[Cand]]:
     """Per device, the fitting candidates by cheap WER at its lowest SNR. Cheap WER on a few utterances
-    is noisy: plans tied with the best (TIE_RULE) come first, less compressed first; then the rest by WER."""
+    is noisy: plans tied with the best (TIE_RULE) come first, in the first EP's preferred format first
+    (devs[d]["formats"], best first), less compressed first; then the rest by WER."""
     ranked = {}
     for d, info in devs.items():
         lo = cond_key(info["channel"], info["eval_snrs"][0])
         feas = [c for c in cands if fits(c, d, info["budgets"])]
         diffs = tie_diffs({c.cid: c.accuracy[lo]["word_errors"] for c in feas}, {c.cid: c.accuracy[lo]["wer"] for c in feas})
-        ranked[d] = sorted(feas, key=lambda c: (0, -c.bytes, 0.0) if not diffs[c.cid]["worse"]
+        pref = {f: i for i, f in enumerate(info.get("formats") or [])}
+        ranked[d] = sorted(feas, key=lambda c: (0, pref.get(c.format, len(pref)), -c.bytes) if not diffs[c.cid]["worse"]
                            else (1, c.accuracy[lo]["wer"], c.predicted[d]["latency_ms"]))
     return ranked
 

@@ -8,7 +8,9 @@ from semedge.semcom.stats import fmt_ci, paired_wer_diff, wer_ci
 
 # Ties: a plan whose WER is not significantly worse than the best plan's at 95% (paired
 # bootstrap over the same utterances and channel noise) is tied with it, and among tied
-# plans the less compressed (a priori no less accurate) wins. Replaces fixed thresholds.
+# plans the one in the format its device's first EP prefers wins (runtime.partition.formats_for order:
+# fp16 on TensorRT, QDQ on an NPU, fp32 on a CPU), then the less compressed (a priori no less accurate).
+# Replaces fixed thresholds.
 TIE_RULE = "not significantly worse than the best at 95% (paired bootstrap over the same utterances and noise)"
 
 
@@ -86,7 +88,8 @@ def summed_errors(c: Cand, keys: list[str]) -> list[list[int]]:
 
 def _tie_reason(w: float, w_chosen: float, diff: dict, snrs) -> str:
     verdict = ("significantly worse than the best at 95%" if diff["worse"]
-               else "tied with the best (not significantly worse at 95%); the least compressed tied plan is chosen")
+               else "tied with the best (not significantly worse at 95%); the tied plan in the EP's preferred "
+               "format, then the least compressed, is chosen")
     return (f"accuracy: WER {w:.3f} vs chosen {w_chosen:.3f} (full, mean over {snrs} dB); "
             f"minus the best: {fmt_ci(diff)}, {verdict}")
 
@@ -133,11 +136,14 @@ def eligible(cands: list[Cand], d: str, info: dict, ranked: list[Cand], n_cheap:
 
 
 def pick(ok: list[tuple], by_id: dict[str, Cand], info: dict, rejected: dict) -> dict:
-    """Among the eligible plans, those tied with the most accurate (TIE_RULE): the least compressed (largest file)."""
+    """Among the eligible plans, those tied with the most accurate (TIE_RULE): the one in the format the
+    device's first EP prefers (info["formats"], best first), then the least compressed (largest file)."""
     ks = [cond_key(info["channel"], s) for s in info["eval_snrs"]]
     errs = {o[3]: summed_errors(by_id[o[3]], ks) for o in ok}
     diffs = tie_diffs(errs, {o[3]: o[0] for o in ok})
-    best = max((o for o in ok if not diffs[o[3]]["worse"]), key=lambda o: (o[2], -o[0]))
+    pref = {f: i for i, f in enumerate(info.get("formats") or [])}
+    best = max((o for o in ok if not diffs[o[3]]["worse"]),
+               key=lambda o: (-pref.get(by_id[o[3]].format, len(pref)), o[2], -o[0]))
     chosen = best[3]
     for w, _, _, cid in ok:
         if cid != chosen:

@@ -61,6 +61,10 @@ def test_each_device_gets_only_what_its_first_ep_runs(planned):
         assert info["fits"] and info["chosen"] in offered[d]
     assert {d: i["ep"] for d, i in res["devices"].items()} == {"cpu": "CPU", "nnapi": "NNAPI", "trt": "TensorRT"}
     assert "format int8_dynamic: NNAPI runs qdq_a8w8, fp32" in res["devices"]["nnapi"]["rejected"]["dense.int8"]
+    # 2 utterances: every plan ties, and the tie goes to the format the first EP prefers (formats_for order)
+    assert all(not v["worse"] for i in res["devices"].values() for v in i["vs_best_by_plan"].values())
+    assert {d: i["chosen"] for d, i in res["devices"].items()} == {
+        "cpu": "dense.fp32", "nnapi": "dense.qdq-a8w8", "trt": "dense.fp16"}
 
 
 def test_accelerators_are_costed_on_the_plain_graph_as_written(planned):
