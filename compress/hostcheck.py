@@ -49,7 +49,7 @@ def check_on_host(ws: Workspace, by_id: dict[str, Cand], devs: dict, test_split:
             c.host = measure_host(c, threads, runs)
         res = evaluate_onnx(c.path, LazySplit(ws, c.plan), test, info["channel"], info["eval_snrs"], threads=threads,
                             cache=acc_cache, key_parts={**base_parts, "plan": c.plan.hash()}, segment_s=segment_s)
-        p = c.predicted[d]
+        p = info["predicted"]  # for its first EP, or the fallback EP it was planned for
         info["realised"] = {
             "plan": c.cid, "bytes": c.bytes, "host_latency_ms_p50": c.host["latency_ms_p50"],
             "host_cpu_ms_p50": c.host["cpu_ms_p50"], "peak_rss_mb": c.host["peak_rss_mb"],

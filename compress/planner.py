@@ -41,6 +41,7 @@ from typing import Callable
 from semedge.compress.accuracy import Evaluator, cheap_pass, full_pass, rank, shortlists
 from semedge.compress.candidates import PRECISIONS, QUICK_PRECISIONS, Cand, candidate_space, make_candidates, precisions
 from semedge.compress.choose import TIE_RULE, choose_device, fits, tie_diffs
+from semedge.compress.fallback import apply_fallbacks, with_fallbacks
 from semedge.compress.plan import Plan, describe, write_atomic
 from semedge.compress.students import check_students, plan_codec, read_student, student_plans
 from semedge.core.files import json_default
@@ -266,7 +267,7 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
 
     t0 = time.time()
     _quiet()
-    profiles = check_profiles(profiles)
+    profiles, alts = with_fallbacks(check_profiles(profiles))
     torch.set_num_threads(max(1, cfg.threads))
     ctx = load_context(model_source, cfg, say)
     plans = space(ctx.loaded, cfg, plans, profiles)
@@ -283,6 +284,10 @@ def run_planner(model_source, profiles, cfg: PlannerConfig, plans: list[Plan] | 
         short, full = shortlists(ranked, len(cands), s.full_share, s.shortlist)
         full_pass(ev, cands, devs, short, full, s.n_full, say, on_candidate)
     choose(cands, devs, ranked, short, s.n_cheap, say)
+    apply_fallbacks(devs, alts)
+    for d, info in devs.items():
+        if info.get("fallback"):
+            say(f"device {d}: {info['chosen']} for {info['ep']} ({info['fallback']['reason']})")
     timing = {"plan_seconds": round(time.time() - t0, 1), "full_evaluations": ev.counts["full"],
               "cheap_evaluations": ev.counts["cheap"], "candidates": len(cands), "fully_evaluated": len(full),
               "fully_evaluated_share": round(len(full) / len(cands), 3), "built": ctx.ws.built,

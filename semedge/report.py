@@ -153,7 +153,8 @@ def target_figures(d: dict) -> dict:
     return {"ep": pred.get("ep"), "ep_unit": pred.get("unit"), "ep_node_share": pred.get("node_share"),
             "ep_flop_share": pred.get("flop_share"), "ep_boundaries": pred.get("boundaries"),
             "calibrated_on": pred.get("calibrated_on"), "host_check": d.get("host_check"),
-            "device_check": _check(pred.get("latency_ms"), host.get("latency_ms_p50")) if on_host else None}
+            "device_check": _check(pred.get("latency_ms"), host.get("latency_ms_p50")) if on_host else None,
+            "fallback_from": (d.get("fallback") or {}).get("from_ep")}
 
 
 # ---------------------------------------------------------------- plots
@@ -458,6 +459,8 @@ def _check_cell(name: str, c: dict | None) -> str:
 
 def _target_cells(r: dict) -> list[str]:
     ep = f"{r['ep']} ({r['ep_unit']})" if r["ep"] else "–"
+    if r.get("fallback_from"):  # compress/fallback.py: the first EP ran no plan that fits
+        ep += f", fallback: {r['fallback_from']} ran no plan that fits"
     cal = f"calibrated: {r['calibrated_on']}" if r["calibrated_on"] else ("uncalibrated (cost-model defaults)"
                                                                          if r["ep"] else "–")
     host = r["host_check"]

@@ -287,11 +287,21 @@ def stage_plan(run: BuildRun, quick: bool, plan_quick: bool | None, plans_in: Pa
     plan_inputs = {"model": run.model, "profiles": run.prof_files, "devices": sorted(run.profs), "quick": quick,
                    "plan_quick": plan_quick, "codec": run.ws.codec_id, "metrics": METRICS_VERSION,
                    "plans_in": sha256_file(plans_in) if plans_in else None, "students": _student_ids(run.ws),
-                   "voices": run.settings.get("voices"), "data": _data_id(run.settings.get("data"))}
+                   "voices": run.settings.get("voices"), "data": _data_id(run.settings.get("data")),
+                   "planner": "per-ep-1"}  # bump when the planner's choices change for the same inputs
     plan_res = run.st.run("plan", plan_inputs, do_plan, lambda r: [out / "plans.json"])
     plans_doc = _read_plans(out / "plans.json")
     check_plans(plans_doc, run.profs)
+    run.profs.update({d: planned_profile(p, plans_doc["devices"][d]) for d, p in run.profs.items()})
     return plan_res, plans_doc
+
+
+def planned_profile(profile, entry: dict):
+    """The profile as the plan was made for it: from its fallback EP on where the planner fell back
+    (compress/fallback.py: its first EP ran no plan that fits)."""
+    from semedge.compress.fallback import from_ep
+
+    return from_ep(profile, entry["ep"]) if entry.get("fallback") else profile
 
 
 def _student_ids(ws) -> dict[str, str]:
@@ -316,7 +326,7 @@ def check_plans(plans_doc: dict, profs: dict) -> None:
             raise UserError(f"plans.json: device {d} chose {entry.get('chosen')!r}, which is not a candidate",
                             "re-run the planner")
         if d in profs and entry.get("fits"):
-            _check_runs(d, profs[d], entry["chosen"], cands[entry["chosen"]])
+            _check_runs(d, planned_profile(profs[d], entry), entry["chosen"], cands[entry["chosen"]])
 
 
 def _check_runs(d: str, profile, cid: str, cand: dict) -> None:
@@ -450,7 +460,8 @@ def device_record(d: str, prof, plans_doc: dict, fitting: list[str], sweep: list
            "eval_snrs": entry.get("eval_snrs") or list(prof.link.snr_db), "uplink_mbps": prof.link.uplink_mbps,
            "fits": d in fitting, "chosen": cid, "closest": entry.get("closest"),
            "failing_budget": entry.get("failing_budget"), "describe": cand.get("describe"),
-           "rejected": entry.get("rejected") or {}, "pareto": entry.get("pareto") or []}
+           "rejected": entry.get("rejected") or {}, "pareto": entry.get("pareto") or [],
+           "fallback": entry.get("fallback")}
     if d in fitting:
         rec.update(_measured(prof, sweep, pkgs[d], prof_res[d], eval_res[d]))
     else:

@@ -17,7 +17,8 @@ import yaml
 
 from semedge.compress.candidates import PRECISIONS
 from semedge.compress.plan import Plan
-from semedge.compress.planner import NoPlanFits, plan_devices
+from semedge.compress.planner import plan_devices
+from semedge.core.errors import UserError
 from semedge.runtime.profiles import DeviceProfile
 from semedge.semcom.models import tiny_model
 
@@ -85,7 +86,7 @@ def test_no_candidate_in_a_runnable_format_exits_3_naming_the_formats(planned, t
     _, work = planned
     prof = tmp_path / "profiles"
     prof.mkdir()
-    (prof / "nnapi.yaml").write_text(yaml.safe_dump(PROFILES["nnapi"]))
+    (prof / "nnapi.yaml").write_text(yaml.safe_dump(_profile("nnapi", [{"name": "NNAPI"}], NPU)))  # no CPU EP to fall back to
     plans = tmp_path / "cands.json"
     plans.write_text(json.dumps([p.to_dict() for p in PLANS if p.name == "dense.int8"]))
     out = tmp_path / "plans.json"
@@ -96,3 +97,28 @@ def test_no_candidate_in_a_runnable_format_exits_3_naming_the_formats(planned, t
     assert r.returncode == 3, r.stderr[-2000:]
     assert "nnapi: no candidate is in a format NNAPI runs (qdq_a8w8, fp32)" in r.stderr
     assert json.loads(out.read_text())["devices"]["nnapi"]["failing_budget"] == "format"
+
+
+def test_fallback_to_the_first_cpu_ep_when_the_accelerator_runs_nothing_that_fits(planned):
+    """An NNAPI phone whose memory budget only an int8 plan meets is planned for XNNPACK, the next EP
+    in its profile (recorded as a fallback); `semedge build` then checks and packages it for XNNPACK."""
+    from semedge.stages import check_plans, planned_profile
+
+    res, work = planned
+    c = res["candidates"]
+    int8 = c["dense.int8"]["predicted"]["cpu"]["memory_mb"]
+    nnapi_min = min(c[k]["predicted"]["nnapi"]["memory_mb"] for k in ("dense.fp32", "dense.qdq-a8w8"))
+    assert int8 < nnapi_min
+    small = _profile("small", [{"name": "NNAPI"}, {"name": "XNNPACK"}, "CPU"], NPU, memory_mb=(int8 + nnapi_min) / 2)
+    prof = DeviceProfile.model_validate(small)
+    out = plan_devices(tiny_model("whisper", seed=0), [prof], candidates=PLANS, n_cheap=2, n_full=2,
+                       workdir=work / "cache", progress=False, realise=False, full_share=1.0)
+    info = out["devices"]["small"]
+    assert set(out["devices"]) == {"small"} and info["fits"] and info["chosen"] == "dense.int8"
+    assert info["ep"] == "XNNPACK" and info["fallback"]["from_ep"] == "NNAPI"
+    assert "NNAPI (first EP) runs no plan that fits (memory budget" in info["fallback"]["reason"]
+    check_plans(out, {"small": prof})  # the int8 plan is checked against XNNPACK, the EP it was planned for
+    assert planned_profile(prof, info).first_ep.name == "XNNPACK"
+    del info["fallback"]
+    with pytest.raises(UserError, match="a int8_dynamic plan, which NNAPI .its first EP. does not run"):
+        check_plans(out, {"small": prof})
