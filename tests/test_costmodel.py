@@ -111,7 +111,7 @@ def test_calibration_recovers_factors(tiny):
     conv share matmul_fp32's factor: costmodel.TIED)."""
     prof = load_profile("raspberry-pi-5")
     truth = prof.efficiency.model_copy(update=dict(matmul_fp32=0.3, attention=0.3, conv=0.3, memory=0.4,
-                                                   weights=2.0, overhead_us_per_node=20.0, fixed_ms=0.5))
+                                                   weights=2.0, overhead_us_per_node=20.0, fixed_ms=0.0))
     true_prof = prof.model_copy(update={"efficiency": truth})
     costs = []
     for seed, (d, f) in enumerate([(64, 256), (128, 512), (96, 128)]):
