@@ -24,7 +24,9 @@ regexes (or preset names, see PRESETS) matched against each node's name and its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -352,10 +354,23 @@ def quantize(model, mode: OnnxMode, filter_fn: NodeFilter | None = None, calib=N
     """Quantize the ModelProto `model` with `mode`, touching only the nodes `filter_fn(node, name)` accepts."""
     _check_names(model)
     exclude = [] if filter_fn is None else [n.name for n in model.graph.node if not filter_fn(n, n.name)]
-    with tempfile.TemporaryDirectory(dir=tmp_dir) as td:
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as td, _ort_quantizer_quiet():
         model = mode.quantize(model, exclude, calib, Path(td))
     _strip_nondeterminism(model)
     return model
+
+
+@contextlib.contextmanager
+def _ort_quantizer_quiet():
+    """ORT's quantizers log advice per call on the root logger ("consider pre-processing", per-weight axis
+    notes): kept to errors while they run."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def apply(onnx_in: str | Path, onnx_out: str | Path, config: OnnxQuantConfig | dict, calib=None) -> Path:
