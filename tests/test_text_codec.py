@@ -210,3 +210,18 @@ def test_transmit_task_text_refuses_wav_and_speech_models(tmp_path):
     assert r.returncode == 2 and "--task text sends --text" in r.stderr and "Traceback" not in r.stderr
     r = _semedge("transmit", "--task", "text", "--model", "tiny:whisper", "--text", "hello there")
     assert r.returncode == 2 and "is a speech model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_shipped_codec_is_the_default_of_transmit_task_text():
+    from semedge.semcom.checkpoint import load_checkpoint
+    from semedge.semcom.models import PAIR_SOURCE
+    from semedge.semcom.tasks.text import DEFAULT_CODEC
+    from semedge.cli_transmit import _task_defaults
+
+    assert _task_defaults("text", None, None, None) == (PAIR_SOURCE, DEFAULT_CODEC)
+    assert _task_defaults("speech", None, None, None) == ("whisper-base", None)
+    ck = load_checkpoint(DEFAULT_CODEC)  # every file's sha256 checked against the manifest
+    man = ck.manifest
+    assert man["model"]["source"] == PAIR_SOURCE and man["task"] == "text" and ck.k == 64 and ck.adapters
+    assert man["data"]["train"] == "tasks.corpus.sentences('train')" and set(man["licences"]) == {"all-MiniLM-L6-v2", "whisper-base"}
+    assert sum(f.stat().st_size for f in DEFAULT_CODEC.iterdir()) < 4_000_000  # codec + LoRA, fp16
