@@ -217,7 +217,7 @@ def build_target_graph(split, kind: Kind, workdir: Path, *, opset: int = 17, cal
         raise UserError(f"--frontend graph is Whisper's log-mel front end; {split.loaded.source} is a {split.loaded.kind} model",
                         "leave out --frontend (or use --frontend numpy)")
     tg = _encoder_graph(split, kind, workdir, opset, calib, calib_source, plan, say)
-    return _with_frontend(tg, split, kind, workdir, say) if kind.frontend == "graph" else tg
+    return _with_frontend(tg, split, kind, workdir, say, plan) if kind.frontend == "graph" else tg
 
 
 def _encoder_graph(split, kind: Kind, workdir: Path, opset, calib, calib_source, plan, say) -> TargetGraph:
@@ -236,13 +236,13 @@ def _encoder_graph(split, kind: Kind, workdir: Path, opset, calib, calib_source,
     if kind.quant is None and kind.format != "plan":
         return TargetGraph(src, rep, rep.parity if src == base else _parity(src, split, "fp32", "fp32"), None)
     out = workdir / "device.onnx"
-    say(f"quantizing to {kind.format}")
+    say(f"quantizing to {_format(kind, plan)}")
     cal = _quantize(src, out, kind, plan, calib, calib_source)
     say("checking parity against PyTorch")
-    return TargetGraph(out, rep, _parity(out, split, graph_precision(out), kind.format), cal)
+    return TargetGraph(out, rep, _parity(out, split, graph_precision(out), _format(kind, plan)), cal)
 
 
-def _with_frontend(tg: TargetGraph, split, kind: Kind, workdir: Path, say) -> TargetGraph:
+def _with_frontend(tg: TargetGraph, split, kind: Kind, workdir: Path, say, plan=None) -> TargetGraph:
     """`tg` with the log-mel front end in front (export/frontend.py): PCM in; parity from PCM."""
     import dataclasses
 
@@ -258,7 +258,7 @@ def _with_frontend(tg: TargetGraph, split, kind: Kind, workdir: Path, say) -> Ta
                             split.loaded.feature_extractor)
     say(f"log-mel: graph vs numpy max|Δ| {rec['max_abs']['numpy']:.2e}")
     feeds = [{fe.INPUT: a[None]} for a in audios]
-    parity = _parity(path, split, graph_precision(path), kind.format, inputs=feeds, frontend=True)
+    parity = _parity(path, split, graph_precision(path), _format(kind, plan), inputs=feeds, frontend=True)
     return dataclasses.replace(tg, path=path, parity=parity, frontend=rec)
 
 
@@ -269,9 +269,13 @@ def _opset(path: Path) -> int:
     return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
+def _format(kind: Kind, plan) -> str:
+    """The package's format: the kind's, or for a plan kind the one its steps make."""
+    return plan_format(plan) if kind.format == "plan" else kind.format
+
+
 def _target_record(kind: Kind, tg: TargetGraph, ort_rec: dict | None, plan=None) -> dict:
-    fmt = plan_format(plan) if kind.format == "plan" else kind.format  # a plan's steps name their format
-    return {"format": fmt, "first_ep": kind.first_ep, "fused": kind.fused, "fixed_shapes": kind.fixed_shapes,
+    return {"format": _format(kind, plan), "first_ep": kind.first_ep, "fused": kind.fused, "fixed_shapes": kind.fixed_shapes,
             "calibration": tg.calibration, "ort_format": ort_rec, "frontend": kind.frontend}
 
 

@@ -186,6 +186,15 @@ def test_parity_limits_fail_float_and_record_integer(split, tmp_path, monkeypatc
         targets.build_target_graph(split, fp16, tmp_path)
     int8 = dataclasses.replace(package_kind(load_profile("host")), fused=False)
     assert targets.build_target_graph(split, int8, tmp_path).parity.ok is False
+    # a plan's fp16 step is judged by fp16's limits too (`semedge build` packages planned fp16 this way)
+    from semedge.compress.plan import Plan
+
+    plan = Plan.make([{"op": "quantize_onnx", "config": {"mode": "fp16"}}], "fp16")
+    planned = package_kind(load_profile("jetson-orin-nano"), plan=plan)
+    with pytest.raises(ExportParityError, match="fp16 package"):
+        targets.build_target_graph(split, planned, tmp_path, plan=plan)
+    monkeypatch.setitem(targets.TOLERANCE, "fp16", (0.05, 0.9999))
+    assert targets.build_target_graph(split, planned, tmp_path, plan=plan).parity.ok
 
 
 def run_cli(*args, cwd) -> subprocess.CompletedProcess:
