@@ -12,12 +12,14 @@ benchmarks/results/tasks_image.json and tasks_image.png, and prints a table.
 text: BLEU (sacrebleu, corpus, Whisper's English normaliser), semantic similarity
 (all-MiniLM-L6-v2, per sentence) and exact match (normalised) with bootstrap 95% CIs of the
 conventional link UTF-8 -> zstd (dictionary trained on the train split) -> 5G LDPC -> QAM
-(semcom/text_baseline.py) on the test sentences, AWGN and Rayleigh block fading, SNR
-{-5, ..., 20} dB. No trained text JSC codec ships offline, so the semedge rows are not run.
-Writes benchmarks/results/tasks_text.json and tasks_text.png, and prints a table.
+(semcom/text_baseline.py) and of semedge's trained text codec (semcom/assets/minilm-whisper-base-jsc:
+all-MiniLM-L6-v2 + JSC on the device, JSC decoder + whisper-base's decoder with LoRA on the server,
+semcom/text_pair.py) on the test sentences (never seen in training), AWGN and Rayleigh block fading,
+SNR {-5, ..., 20} dB. Writes benchmarks/results/tasks_text.json and tasks_text.png, and prints a table.
 
-  python benchmarks/tasks.py --task text             # 300 test sentences, 3 links
-  python benchmarks/tasks.py --task text --quick     # 40 sentences, the dictionary link
+  python benchmarks/tasks.py --task text             # 300 test sentences, semedge + 3 links
+  python benchmarks/tasks.py --task text --quick     # 40 sentences, semedge + the dictionary link
+  python benchmarks/tasks.py --task text --jsc DIR   # another text codec (python -m semedge.semcom.text_codec)
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def minilm_tokens(texts: list[str]) -> float | None:
     return sum(len(e.ids) for e in tok.encode_batch(texts)) / len(texts)
 
 
-def text_row(system: str, ch: str, snr: float, refs: list[str], hyps: list[str], stats: dict) -> dict:
+def text_row(system: str, ch: str, snr: float, refs: list[str], hyps: list[str], uses: list[int], extra: dict) -> dict:
+    """One (system, channel, SNR) row: BLEU, WER, similarity and exact match with 95% CIs, mean channel uses."""
     import numpy as np
 
     from semedge.semcom.metrics import score, similarity_per_utt
@@ -203,8 +206,38 @@ def text_row(system: str, ch: str, snr: float, refs: list[str], hyps: list[str],
     s = score(refs, hyps, with_similarity=False)
     return {"system": system, "channel": ch, "snr_db": snr, "bleu": s["bleu_ci95"], "wer": s["wer_ci95"],
             "similarity": mean_ci(similarity_per_utt(refs, hyps)), "exact_match": mean_ci(exact_match(refs, hyps)),
-            "channel_uses_mean": float(np.mean(stats["channel_uses"])), "payload_bytes_mean": float(np.mean(stats["payload_bytes"])),
-            "decoded": stats["decoded"], "intact": stats["intact"], "ber": stats["ber"], "n": len(refs)}
+            "channel_uses_mean": float(np.mean(uses)), **extra, "n": len(refs)}
+
+
+def baseline_extra(stats: dict) -> dict:
+    import numpy as np
+
+    return {"payload_bytes_mean": float(np.mean(stats["payload_bytes"])), "decoded": stats["decoded"],
+            "intact": stats["intact"], "ber": stats["ber"]}
+
+
+def semedge_text_rows(refs: list[str], jsc: Path, seed: int, log) -> tuple[list[dict], dict]:
+    """The trained text codec's rows (one link run per channel and SNR, all sentences at once: the
+    server decodes equal-length messages together) and what the JSON says about the codec."""
+    from semedge.semcom.checkpoint import load_for_inference, read_manifest
+    from semedge.semcom.models import load_source
+    from semedge.semcom.split import build_split
+    from semedge.semcom.system import run_link
+
+    man = read_manifest(jsc)
+    receiver, ckpt = load_for_inference(load_source(man["model"]["source"]), str(jsc))
+    split = build_split(receiver, ckpt.codec)
+    system, rows = f"semedge-jsc-k{ckpt.k}", []
+    for ch in CHANNELS:
+        for snr in SNRS:
+            res = run_link(split, refs, channel=ch, snr_db=snr, seed=seed, batch_size=len(refs), max_new_tokens=48)
+            uses = [(x + 1) // 2 for x in res.symbols_sent]
+            rows.append(text_row(system, ch, snr, refs, res.hyps, uses, {"k": ckpt.k, "tokens_mean": sum(res.tokens_sent) / len(refs)}))
+            log(rows[-1], res.hyps)
+    info = {"path": str(jsc), "k": ckpt.k, "jsc": man["jsc"], "lora": man.get("lora"), "command": man.get("command"),
+            "metrics": man.get("metrics"), "licences": man.get("licences"), "data": man.get("data"),
+            "model": man["model"]["source"], "dtype": man.get("dtype")}
+    return rows, info
 
 
 def plot_text(rows: list[dict], path: Path) -> None:
@@ -222,7 +255,7 @@ def plot_text(rows: list[dict], path: Path) -> None:
                 _ci_errorbar(ax, rs, metric, f"{system} ({rs[0]['channel_uses_mean']:.0f} uses)")
             _panel(ax, f"{name} on {ch}", name)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"text task, conventional baseline: {rows[0]['n']} test sentences (95% CI; no semedge text codec ships)")
+    fig.suptitle(f"text task: {rows[0]['n']} test sentences, semedge vs separate coding (95% CI)")
     _save(fig, path)
 
 
@@ -239,44 +272,73 @@ def print_text(rows: list[dict]) -> None:
                 print(f"{system:<26} {ch:<9} {uses:>5.0f} " + " ".join(f"{fmt_ci(rs[s][metric], digits):>20}" for s in SNRS))
 
 
-def run_text(args) -> int:
-    import torch
+def _print_row(r: dict) -> None:
+    more = f"  decoded {r['decoded']:.3f}" if "decoded" in r else f"  uses {r['channel_uses_mean']:.0f}"
+    print(f"{r['system']:<26} {r['channel']:<9} {r['snr_db']:>5g} dB  BLEU {r['bleu']['value']:.1f}  sim "
+          f"{r['similarity']['value']:.3f}  exact {r['exact_match']['value']:.3f}{more}", flush=True)
 
-    from semedge.semcom.tasks.corpus import sentences
-    from semedge.semcom.text_baseline import (DICT_SIZE, LEVEL, TextLinkConfig, corpus_dictionary,
-                                              dictionary_sha256, encode_texts, send_texts)
-    from semedge.semcom.training.artifacts import write_json
 
-    if args.jsc is not None:
-        print("error: --jsc with --task text: no text JSC system is wired into this benchmark yet "
-              "(no trained text codec ships offline) — fix: drop --jsc", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
-    n = args.n if args.n is not None else (40 if args.quick else 300)
-    links = TEXT_LINKS[:1] if args.quick else TEXT_LINKS
-    refs = sentences("test")[:n]
-    t0 = time.perf_counter()
-    d = corpus_dictionary()
+def baseline_text_rows(refs: list[str], links, d: bytes, seed: int) -> list[dict]:
+    """The separate-coding rows: each link at every channel and SNR."""
+    from semedge.semcom.text_baseline import TextLinkConfig, encode_texts, send_texts
+
     rows = []
     for dictionary, bps, rate in links:
         cfg = TextLinkConfig(bits_per_symbol=bps, rate=rate, dictionary=dictionary)
         payloads = encode_texts(refs, cfg, d)
         for ch in CHANNELS:
             for snr in SNRS:
-                hyps, stats = send_texts(refs, cfg, ch, snr, args.seed, d, payloads)
-                rows.append(text_row(cfg.label, ch, snr, refs, hyps, stats))
-                r = rows[-1]
-                print(f"{cfg.label:<26} {ch:<9} {snr:>5g} dB  BLEU {r['bleu']['value']:.1f}  sim {r['similarity']['value']:.3f}"
-                      f"  exact {r['exact_match']['value']:.3f}  decoded {r['decoded']:.3f}", flush=True)
+                hyps, stats = send_texts(refs, cfg, ch, snr, seed, d, payloads)
+                rows.append(text_row(cfg.label, ch, snr, refs, hyps, stats["channel_uses"], baseline_extra(stats)))
+                _print_row(rows[-1])
+    return rows
+
+
+def _semedge_text(refs: list[str], args) -> tuple[list[dict], dict, dict]:
+    """(rows, codec info, sample outputs "channel snr" -> first 5 hypotheses) of the text codec."""
+    from semedge.core.errors import UserError
+    from semedge.semcom.tasks.text import DEFAULT_CODEC
+
+    jsc = args.jsc or DEFAULT_CODEC
+    if not (Path(jsc) / "manifest.json").is_file():
+        raise UserError(f"the text codec {jsc} is missing", "train one (python -m semedge.semcom.text_codec --out DIR) and pass --jsc DIR")
+    samples = {}
+
+    def log(row, hyps):
+        _print_row(row)
+        samples[f"{row['channel']} {row['snr_db']:g}"] = hyps[:5]
+
+    rows, info = semedge_text_rows(refs, Path(jsc), args.seed, log)
+    return rows, info, samples
+
+
+def run_text(args) -> int:
+    import torch
+
+    from semedge.semcom.tasks.corpus import sentences
+    from semedge.semcom.text_baseline import DICT_SIZE, LEVEL, corpus_dictionary, dictionary_sha256
+    from semedge.semcom.training.artifacts import write_json
+
+    torch.set_num_threads(args.threads)
+    n = args.n if args.n is not None else (40 if args.quick else 300)
+    links = TEXT_LINKS[:1] if args.quick else TEXT_LINKS
+    refs = sentences("test")[:n]
+    t0 = time.perf_counter()
+    semedge, codec, samples = _semedge_text(refs, args)
+    d = corpus_dictionary()
+    rows = semedge + baseline_text_rows(refs, links, d, args.seed)
     tokens = minilm_tokens(refs)
     out = {
         "benchmark": "tasks", "task": "text", "quick": args.quick, "n_sentences": len(refs),
-        "semedge_rows": "not run: no trained text JSC codec ships offline (issue 16 item 1's MiniLM + JSC + Whisper decoder "
-                        "is not trained); the rows are the conventional baseline alone",
+        "test_split": "tasks.corpus.sentences('test')[:n]: disjoint from the train split the codec and the zstd dictionary saw",
+        "codec": codec, "semedge_samples": {"references": refs[:5], **samples},
+        "semedge": "all-MiniLM-L6-v2 (frozen) token features -> JSC encoder (k real symbols per token, unit power per token) "
+                   "-> channel (semcom.channels: MMSE; Rayleigh: one block-fading gain per sentence) -> JSC decoder -> "
+                   "whisper-base decoder with LoRA, greedy; channel uses per sentence: tokens x k / 2",
         "source_sizes": text_source_sizes(refs, d),
         "minilm_tokens_mean": tokens,
-        "equal_uses_k": ({r["system"]: 2 * r["channel_uses_mean"] / tokens for r in rows if r["channel"] == "awgn" and r["snr_db"] == SNRS[0]}
-                         if tokens else None),
+        "equal_uses_k": ({r["system"]: 2 * r["channel_uses_mean"] / tokens for r in rows
+                          if r["channel"] == "awgn" and r["snr_db"] == SNRS[0] and "decoded" in r} if tokens else None),
         "dictionary": {"split": "train", "bytes": len(d), "sha256": dictionary_sha256(d), "size_asked": DICT_SIZE,
                        "trainer": "zstandard.train_dictionary (libzstd COVER)", "level": LEVEL},
         "baseline": "UTF-8 -> zstd level 19 (magicless frame, no dict id / content size / checksum: both ends know the "
@@ -284,7 +346,8 @@ def run_text(args) -> int:
                     "last zero-padded -> Gray QAM; ZF with perfect CSI, APP demapping (the receiver of "
                     "semcom.baseline.transmit_bits, batched over sentences; Rayleigh: one block-fading gain per sentence). A "
                     "stream that does not decompress yields the empty string; invalid UTF-8 in one that does is replaced (U+FFFD)",
-        "channel_uses": "per sentence: ceil(payload bits / 256) codewords x code bits / bits per symbol (complex uses)",
+        "channel_uses": "per sentence, complex uses. Baseline: ceil(payload bits / 256) codewords x code bits / bits per "
+                        "symbol; semedge: MiniLM tokens x k / 2",
         "metrics": "sacrebleu corpus BLEU and per-sentence exact match on Whisper-English-normalised text; similarity: cosine of "
                    "all-MiniLM-L6-v2 embeddings (semcom.metrics.similarity_per_utt); percentile-bootstrap 95% CIs "
                    "(semcom.stats.bleu_ci / mean_ci, 1000 resamples)",
@@ -311,12 +374,18 @@ def main(argv=None) -> int:
     ap.add_argument("--task", required=True, choices=sorted(TASK_RUNNERS))
     ap.add_argument("--quick", action="store_true", help="a smoke run: fewer test items")
     ap.add_argument("--n", type=int, default=None, help="test items (image: patches, default 240, --quick 30; text: sentences, default 300, --quick 40)")
-    ap.add_argument("--jsc", type=Path, default=None, help="codec folder (default: the task's shipped codec; image only)")
+    ap.add_argument("--jsc", type=Path, default=None, help="codec folder (default: the task's shipped codec)")
     ap.add_argument("--seed", type=int, default=0, help="channel draws")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/tasks_<task>[_quick].json)")
     args = ap.parse_args(argv)
-    return TASK_RUNNERS[args.task](args)
+    from semedge.core.errors import UserError
+
+    try:
+        return TASK_RUNNERS[args.task](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
