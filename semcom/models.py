@@ -23,7 +23,8 @@ from semedge.core.files import cached
 BUILTIN_NAMES = tuple(ct2.BUILTINS)  # speech models (compress.task_subjects reads them so)
 PAIR_SOURCE = "minilm-whisper-base"  # the text task's pair (semcom/text_pair.py)
 _NAMED = (*BUILTIN_NAMES, PAIR_SOURCE)  # every source known by name, for the error messages
-TINY_ARCHS = ("whisper", "bart", "t5", "marian", "minilm-whisper")
+TINY_ARCHS = ("whisper", "bart", "t5", "marian")  # Hugging Face encoder-decoders (tests run each one's forward)
+TINY_PAIR = "minilm-whisper"  # tiny:minilm-whisper, the text pair's random-init twin (semcom/text_pair.py)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_URL = "https://huggingface.co/api/models"
 _PROBE_TIMEOUT_S = 2.0
@@ -260,12 +261,12 @@ def tiny_model(arch: str, seed: int = 0, d_model: int = 64) -> LoadedModel:
     """
     import torch
 
-    if arch not in TINY_ARCHS:
-        raise UserError(f"tiny_model arch {arch!r} is unknown", f"use one of {', '.join(TINY_ARCHS)}")
-    if arch == "minilm-whisper":
+    if arch == TINY_PAIR:
         from semedge.semcom.text_pair import tiny_pair
 
         return tiny_pair(seed, d_model)
+    if arch not in TINY_ARCHS:
+        raise UserError(f"tiny_model arch {arch!r} is unknown", f"use one of {', '.join((*TINY_ARCHS, TINY_PAIR))}")
     torch.manual_seed(seed)
     d, layers, heads, ffn = d_model, 2, 4, 2 * d_model
     if arch == "whisper":
