@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from semedge.compress.candidates import Cand
-from semedge.compress.choose import cond_key, fits, tie_diffs
+from semedge.compress.choose import cond_key, fits, format_rank, tie_diffs
 from semedge.compress.workspace import LazySplit, Workspace
 
 
@@ -107,8 +107,7 @@ def rank(cands: list[Cand], devs: dict) -> dict[str, list[Cand]]:
         lo = cond_key(info["channel"], info["eval_snrs"][0])
         feas = [c for c in cands if fits(c, d, info["budgets"])]
         diffs = tie_diffs({c.cid: c.accuracy[lo]["word_errors"] for c in feas}, {c.cid: c.accuracy[lo]["wer"] for c in feas})
-        pref = {f: i for i, f in enumerate(info.get("formats") or [])}
-        ranked[d] = sorted(feas, key=lambda c: (0, pref.get(c.format, len(pref)), -c.bytes) if not diffs[c.cid]["worse"]
+        ranked[d] = sorted(feas, key=lambda c: (0, format_rank(c, info), -c.bytes) if not diffs[c.cid]["worse"]
                            else (1, c.accuracy[lo]["wer"], c.predicted[d]["latency_ms"]))
     return ranked
 

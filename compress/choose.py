@@ -30,6 +30,12 @@ def fits(c: Cand, d: str, b: dict) -> bool:
     return p is not None and p["memory_mb"] <= b["memory_mb"] and p["latency_ms"] <= b["latency_ms"]
 
 
+def format_rank(c: Cand, info: dict) -> int:
+    """Where the candidate's format stands in the device's first-EP preference (info["formats"], best first)."""
+    prefs = info.get("formats") or []
+    return prefs.index(c.format) if c.format in prefs else len(prefs)
+
+
 def runs_on(cands: list[Cand], d: str) -> list[Cand]:
     """The candidates device `d`'s first EP runs (the planner predicts only those: compress/workspace.py)."""
     return [c for c in cands if d in c.predicted]
@@ -141,9 +147,8 @@ def pick(ok: list[tuple], by_id: dict[str, Cand], info: dict, rejected: dict) ->
     ks = [cond_key(info["channel"], s) for s in info["eval_snrs"]]
     errs = {o[3]: summed_errors(by_id[o[3]], ks) for o in ok}
     diffs = tie_diffs(errs, {o[3]: o[0] for o in ok})
-    pref = {f: i for i, f in enumerate(info.get("formats") or [])}
     best = max((o for o in ok if not diffs[o[3]]["worse"]),
-               key=lambda o: (-pref.get(by_id[o[3]].format, len(pref)), o[2], -o[0]))
+               key=lambda o: (-format_rank(by_id[o[3]], info), o[2], -o[0]))
     chosen = best[3]
     for w, _, _, cid in ok:
         if cid != chosen:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semedge.build_workspace import CALIB, Workspace, stamped_weights
+from semedge.compress.targets import CPU_EPS
 from semedge.core.channel_spec import snr_key
 from semedge.core.errors import UserError
 from semedge.core.files import sha256_file, write_atomic
@@ -71,7 +72,6 @@ def _codec_folder(ws: Workspace, sp):
 
 
 def _package_one(ws: Workspace, device: str, profile, cid: str, cand: dict) -> dict:
-    from semedge.compress.targets import CPU_EPS
     from semedge.export.package import build_package, package_bytes
 
     sp, plan = ws.realise(cand.get("plan") or {})
@@ -359,7 +359,7 @@ def stage_package(run: BuildRun, plans_doc: dict, fitting: list[str]) -> dict[st
             inputs = {"model": run.model, "plan": cands[cid].get("plan"), "cid": cid, "profile": run.prof_files.get(d),
                       "jsc": run.jsc, "codec": run.ws.codec_id, "calib": CALIB, "onnx": cands[cid].get("onnx")}
             inputs["weights"] = run.weights()
-            inputs["packager"] = "cpu" if run.profs[d].first_ep.name in ("CPU", "XNNPACK") else "target-1"
+            inputs["packager"] = "cpu" if run.profs[d].first_ep.name in CPU_EPS else "target-1"
             given = Path(cands[cid].get("onnx") or "")
             inputs["onnx_sha256"] = sha256_file(given) if given.is_file() else None
             pkgs[d] = run.st.run(f"package-{d}", inputs, lambda d=d, cid=cid: _package_one(run.ws, d, run.profs[d], cid, cands[cid]),
@@ -372,7 +372,6 @@ def stage_package(run: BuildRun, plans_doc: dict, fitting: list[str]) -> dict[st
 def stage_profile(run: BuildRun, pkgs: dict, fitting: list[str]) -> dict[str, dict]:
     """Per fitting device: host timing and peak RSS (once per ONNX file), the device prediction
     (EP, its share, calibration) and the predictor's error on the host."""
-    from semedge.compress.targets import CPU_EPS
     from semedge.compress.workspace import COSTS_VERSION
     from semedge.runtime import costmodel
 
