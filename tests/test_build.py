@@ -202,6 +202,26 @@ def test_cli_build_exit_3_and_summary(setup, tmp_path):
     assert (tmp_path / "o" / "report" / "index.html").is_file()
 
 
+def test_semedge_build_refuses_a_plan_the_first_ep_cannot_run_exit_2(setup, tmp_path):
+    """Through the `semedge` script: phone-b (TensorRT) given an int8 plan is one line, exit 2, no package."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, prof, plans = setup
+    bad = json.loads(plans.read_text())
+    bad["devices"]["phone-b"]["chosen"] = "int8"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = subprocess.run([str(Path(sys.executable).parent / "semedge"), "build", "--model", MODEL, "--profiles", str(prof),
+                        "--out", str(tmp_path / "o"), "--devices", "phone-b", "--plans", str(tmp_path / "bad.json"),
+                        "--quick", "--no-progress"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="200"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "a int8_dynamic plan, which TensorRT (its first EP) does not run" in r.stderr
+    assert not (tmp_path / "o" / "packages").exists()
+
+
 @pytest.mark.slow
 def test_index_html_loads_every_plot_in_chromium(first, tmp_path):
     import shutil
